@@ -1,0 +1,224 @@
+"""`SamMed2DPredictor`: the official `SammedPredictor` semantics with input validation.
+
+SAM users know this interface: `set_image` once per slice (the expensive encoder call), then any number of
+cheap `predict` calls with points, a box and/or the previous mask. Inputs are validated so that a bad prompt
+raises `ValueError` instead of silently producing a wrong mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model.sam import SamMed2D
+from .preprocessing import as_rgb_uint8, model_input
+
+LOW_RES = 64
+
+
+@dataclass
+class DecoderOutput:
+    """Everything one decoder call produced, for callers that need more than the selected mask."""
+
+    low_res_all: torch.Tensor  # 1×4×64×64 logits, token 0 = single-mask output
+    iou_all: torch.Tensor  # 1×4
+    sparse: torch.Tensor
+    dense: torch.Tensor
+
+
+class SamMed2DPredictor:
+    def __init__(self, model: SamMed2D) -> None:
+        self.model = model
+        self.reset_image()
+
+    # -- image ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    def reset_image(self) -> None:
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_image: torch.Tensor | None = None
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """Validated image → normalised, resized 1×3×256×256 float32 tensor (on the CPU)."""
+        return torch.from_numpy(model_input(as_rgb_uint8(image), self.image_size))
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode an H×W or H×W×3 uint8 image and keep its embedding for `predict`."""
+        rgb = as_rgb_uint8(image)
+        x = torch.from_numpy(model_input(rgb, self.image_size))
+        with torch.inference_mode():
+            features = self.model.image_encoder(x.to(self.device, self.dtype))
+        self.input_image = x
+        self.set_embedding(features, rgb.shape[:2])
+
+    def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:
+        """Reuse an embedding computed earlier (e.g. from a cache) for an image of `original_size` (H, W)."""
+        expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"embedding must have shape {expected}, got {tuple(features.shape)}")
+        h, w = (int(v) for v in original_size)
+        if h < 1 or w < 1:
+            raise ValueError(f"original size must be positive, got {original_size}")
+        self.features = features.to(self.device, self.dtype)
+        self.original_size = (h, w)
+
+    def get_image_embedding(self) -> torch.Tensor:
+        if self.features is None:
+            raise RuntimeError("no image set: call set_image() first")
+        return self.features
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def transform_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Original (x, y) pixels → the 256 frame, per axis, in float64 as the official code does."""
+        assert self.original_size is not None
+        h, w = self.original_size
+        out = np.array(coords, dtype=np.float64, copy=True)
+        out[..., 0] = out[..., 0] * (self.image_size / w)
+        out[..., 1] = out[..., 1] * (self.image_size / h)
+        return out
+
+    def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        return self.transform_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+
+    def _validate_prompts(
+        self,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | torch.Tensor | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, torch.Tensor | None]:
+        assert self.original_size is not None
+        h, w = self.original_size
+        coords = labels = box_arr = mask = None
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None:
+            coords = np.asarray(point_coords, dtype=np.float64)
+            labels = np.asarray(point_labels)
+            if coords.ndim != 2 or coords.shape[1] != 2:
+                raise ValueError(f"point_coords must be N×2 (x, y), got shape {coords.shape}")
+            if coords.shape[0] == 0:
+                raise ValueError("point_coords is empty; pass None for no points")
+            if labels.shape != (coords.shape[0],):
+                raise ValueError(f"point_labels must have shape ({coords.shape[0]},), got {labels.shape}")
+            if not np.isfinite(coords).all():
+                raise ValueError("point_coords contains NaN or infinite values")
+            if not np.isin(labels, (0, 1)).all():
+                raise ValueError(f"point_labels must be 1 (include) or 0 (exclude), got {np.unique(labels)}")
+            outside = (
+                (coords[:, 0] < -0.5)
+                | (coords[:, 0] > w - 0.5)
+                | (coords[:, 1] < -0.5)
+                | (coords[:, 1] > h - 0.5)
+            )
+            if outside.any():
+                raise ValueError(
+                    f"point(s) {coords[outside].tolist()} lie outside the {w}×{h} image (x in [0, {w - 1}], "
+                    f"y in [0, {h - 1}])"
+                )
+            labels = labels.astype(np.int64)
+        if box is not None:
+            box_arr = np.asarray(box, dtype=np.float64).reshape(-1)
+            if box_arr.shape != (4,):
+                raise ValueError(f"box must be [x0, y0, x1, y1], got shape {np.shape(box)}")
+            if not np.isfinite(box_arr).all():
+                raise ValueError("box contains NaN or infinite values")
+            x0, y0, x1, y1 = box_arr
+            if x1 < x0 or y1 < y0:
+                raise ValueError(f"degenerate box {box_arr.tolist()}: need x0 ≤ x1 and y0 ≤ y1")
+            if x1 < -0.5 or y1 < -0.5 or x0 > w - 0.5 or y0 > h - 0.5:
+                raise ValueError(f"box {box_arr.tolist()} does not overlap the {w}×{h} image")
+        if mask_input is not None:
+            mask = torch.as_tensor(mask_input)
+            if mask.ndim == 3:
+                mask = mask[None]
+            if tuple(mask.shape) != (1, 1, LOW_RES, LOW_RES):
+                raise ValueError(f"mask_input must be 1×64×64 or 1×1×64×64, got {tuple(mask.shape)}")
+            if not mask.is_floating_point():
+                raise ValueError(f"mask_input must be floating point (probabilities), got {mask.dtype}")
+            if not torch.isfinite(mask).all():
+                raise ValueError("mask_input contains NaN or infinite values")
+        if coords is None and box_arr is None and mask is None:
+            raise ValueError("no prompt given: pass points, a box and/or mask_input")
+        return coords, labels, box_arr, mask
+
+    # -- prediction -------------------------------------------------------------------------------
+    def decode(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Prompt encoder + mask decoder for all four mask tokens (prompts in original pixels)."""
+        if self.features is None:
+            raise RuntimeError("no image set: call set_image() first")
+        coords, labels, box_arr, mask = self._validate_prompts(point_coords, point_labels, box, mask_input)
+        device, dtype = self.device, self.dtype
+        points_t = box_t = mask_t = None
+        if coords is not None:
+            c = torch.as_tensor(self.transform_coords(coords), dtype=torch.float32, device=device)
+            lab = torch.as_tensor(labels, dtype=torch.int32, device=device)
+            points_t = (c[None].to(dtype), lab[None])
+        if box_arr is not None:
+            box_t = torch.as_tensor(self.transform_boxes(box_arr), dtype=torch.float32, device=device)[None]
+            box_t = box_t.to(dtype)
+        if mask is not None:
+            mask_t = mask.to(device, dtype)
+        with torch.inference_mode():
+            sparse, dense = self.model.prompt_encoder(points_t, box_t, mask_t)
+            low_res, iou = self.model.mask_decoder.predict_masks(
+                self.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense
+            )
+        return DecoderOutput(low_res_all=low_res, iou_all=iou, sparse=sparse, dense=dense)
+
+    def postprocess_masks(self, low_res: torch.Tensor) -> torch.Tensor:
+        """64×64 logits → 256×256 → original H×W, bilinear both times (the official two-step rule)."""
+        assert self.original_size is not None
+        size = self.image_size
+        with torch.inference_mode():
+            x = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
+            return F.interpolate(x, self.original_size, mode="bilinear", align_corners=False)
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment the current image → (masks 1×H×W, iou_predictions (1,), low_res_logits 1×64×64).
+
+        With `multimask_output` the best of tokens 1..3 by predicted IoU is returned (the official default;
+        the single-mask token 0 of the released checkpoint is likely untrained, see the spec).
+        """
+        out = self.decode(point_coords, point_labels, box, mask_input)
+        if multimask_output:
+            iou, best = torch.max(out.iou_all[:, 1:], dim=1)
+            low_res = out.low_res_all[:, 1:][torch.arange(best.shape[0]), best][:, None]
+        else:
+            iou = out.iou_all[:, 0]
+            low_res = out.low_res_all[:, :1]
+        logits = self.postprocess_masks(low_res)[0]
+        if return_logits:
+            masks = logits.cpu().numpy()
+        else:
+            # The official predictor thresholds sigmoid(logits) > 0.5; kept for bit-identical masks.
+            masks = (torch.sigmoid(logits) > 0.5).cpu().numpy()
+        return masks, iou.float().cpu().numpy(), low_res[0].float().cpu().numpy()
