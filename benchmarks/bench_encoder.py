@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,6 +28,14 @@ from SAMMed2DSegmentLib.model import build_sam_med2d  # noqa: E402
 from SAMMed2DSegmentLib.predictor import SamMed2DPredictor  # noqa: E402
 
 from Testing.synthetic_weights import REFERENCE, synthetic_state_dict  # noqa: E402
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's counter has no formula for the fused CPU attention kernel; count it like the unfused q·k and attn·v.
+SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def timed(fn, runs: int, warmup: int = 2, sync=lambda: None) -> list[float]:
@@ -51,8 +59,9 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, sync) -> float:
 
 
 def padding_flops(model) -> int:
-    """Work the official formulation spends on window-padding tokens (q/k/v and output projection of
-    zero tokens), which this implementation skips exactly. Added to give the official-equivalent count."""
+    """Work the official formulation spends on window-padding tokens, which this implementation skips
+    exactly: their q/k/v and output projections (the tokens are zero after norm1) and the attention of
+    padding queries (whose outputs are cropped away). Added to give the official-equivalent count."""
     enc = model.image_encoder
     grid = enc.img_size // 16
     extra = 0
@@ -62,7 +71,10 @@ def padding_flops(model) -> int:
             padded = -(-grid // ws) * ws
             tokens = padded * padded - grid * grid
             dim = block.norm1.normalized_shape[0]
-            extra += 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim
+            heads = block.attn.num_heads
+            head_dim = dim // heads
+            extra += 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim  # qkv, proj
+            extra += tokens * heads * (4 * ws * ws * head_dim + 4 * ws * head_dim)  # q·k, attn·v, rel. pos.
     return extra
 
 
@@ -97,7 +109,7 @@ def main() -> None:
     mm_before = matmul_gflops(device, dtype, sync)
 
     with torch.inference_mode():
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS)
         with counter:
             model.image_encoder(x)
         flops = counter.get_total_flops()

@@ -53,27 +53,29 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention over grids of already projected q/k/v (B×S×S×3C) → B×S×S×C, before `proj`."""
+    def attend(self, qkv: torch.Tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+        """Attention on a B×S×S grid of projected q/k/v (B×S×S×3C) → B×rows×cols×C, before `proj`.
+
+        Only the queries of the top-left rows×cols sub-grid are computed (all S×S tokens stay keys and
+        values): in a zero-padded window the padding tokens' outputs are discarded anyway.
+        """
         batch, size, _, three_c = qkv.shape
+        rows = size if rows is None else rows
+        cols = size if cols is None else cols
         heads = self.num_heads
         head_dim = three_c // (3 * heads)
-        tokens = size * size
-        qkv = qkv.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, batch * heads, tokens, head_dim).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        # Relative positions use the unscaled q (as in the official model).
-        rh = relative_position_table(size, self.rel_pos_h)
-        rw = relative_position_table(size, self.rel_pos_w)
-        r_q = q.reshape(batch * heads, size, size, head_dim)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-        attn = attn.view(batch * heads, size, size, size, size) + rel_h[..., :, None] + rel_w[..., None, :]
-        attn = attn.view(batch * heads, tokens, tokens).softmax(dim=-1)
-        out = attn @ v
-        return (
-            out.view(batch, heads, size, size, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, size, size, -1)
-        )
+        qkv = qkv.reshape(batch, size, size, 3, heads, head_dim)
+        q = qkv[:, :rows, :cols, 0].permute(0, 3, 1, 2, 4)  # B, heads, rows, cols, d
+        k, v = qkv.reshape(batch, size * size, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[1:]
+        # Decomposed relative positions, computed with the unscaled q (as in the official model).
+        rh = relative_position_table(size, self.rel_pos_h)[:rows]
+        rw = relative_position_table(size, self.rel_pos_w)[:cols]
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, rw)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, rows * cols, size * size)
+        q = q.reshape(batch, heads, rows * cols, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, rows, cols, heads * head_dim)
 
 
 class Adapter(nn.Module):
@@ -111,15 +113,10 @@ class Adapter(nn.Module):
 
 def _conv3x3_s2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Conv2d(kernel 3, stride 2, padding 1, no bias) on B×H×W×C → B×H/2×W/2×C_out."""
-    batch, height, width, channels = x.shape
-    out_h, out_w = (height + 1) // 2, (width + 1) // 2
-    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
-    sb, sh, sw, sc = padded.stride()
-    # patches[b, i, j, c, ki, kj] = padded[b, 2i + ki, 2j + kj, c]; columns in the weight's (c, ki, kj) order.
-    patches = padded.as_strided((batch, out_h, out_w, channels, 3, 3), (sb, 2 * sh, 2 * sw, sc, sh, sw))
-    cols = patches.reshape(batch * out_h * out_w, channels * 9)
-    out = cols @ weight.reshape(weight.shape[0], -1).t()
-    return out.view(batch, out_h, out_w, -1)
+    batch, height, width, _ = x.shape
+    cols = F.unfold(x.permute(0, 3, 1, 2), kernel_size=3, padding=1, stride=2)  # B × C·9 × L
+    out = weight.reshape(weight.shape[0], -1) @ cols  # B × C_out × L
+    return out.transpose(1, 2).reshape(batch, (height + 1) // 2, (width + 1) // 2, -1)
 
 
 def _conv_transpose4x4_s2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -163,21 +160,24 @@ class Block(nn.Module):
         return x + self.mlp(n) + self.Adapter(n)
 
     def _windowed(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Zero-padded windows without an attention mask: padding tokens take part as keys and values."""
+        """Zero-padded windows without an attention mask: padding tokens take part as keys and values.
+
+        After `norm1` a padding token is all zeros, so its q/k/v are exactly the qkv bias.
+        """
         batch, height, width, channels = qkv.shape
         ws = self.window_size
-        pad_h = (ws - height % ws) % ws
-        pad_w = (ws - width % ws) % ws
-        if pad_h or pad_w:
-            padded = self.attn.qkv.bias.to(qkv.dtype).expand(batch, height + pad_h, width + pad_w, channels)
-            padded = padded.clone()
+        hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
+        if (hp, wp) != (height, width):
+            padded = self.attn.qkv.bias.to(qkv.dtype).expand(batch, hp, wp, channels).clone()
             padded[:, :height, :width] = qkv
             qkv = padded
-        hp, wp = height + pad_h, width + pad_w
-        windows = qkv.view(batch, hp // ws, ws, wp // ws, ws, channels).permute(0, 1, 3, 2, 4, 5)
-        out = self.attn.attend(windows.reshape(-1, ws, ws, channels))
-        out = out.view(batch, hp // ws, wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
-        return out.reshape(batch, hp, wp, -1)[:, :height, :width]
+        out = qkv.new_empty(batch, height, width, channels // 3)
+        for y in range(0, height, ws):
+            for x in range(0, width, ws):
+                rows, cols = min(ws, height - y), min(ws, width - x)
+                window = qkv[:, y : y + ws, x : x + ws]
+                out[:, y : y + rows, x : x + cols] = self.attn.attend(window, rows, cols)
+        return out
 
 
 class ImageEncoderViT(nn.Module):
