@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from SAMMed2DSegmentLib.model import SamMed2D, build_sam_med2d
 
 from .synthetic_weights import REFERENCE, synthetic_state_dict

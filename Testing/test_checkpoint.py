@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from SAMMed2DSegmentLib import checkpoint as ck
 from SAMMed2DSegmentLib.checkpoint import (
     CheckpointError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.preprocessing import opencv_nearest_indices
 

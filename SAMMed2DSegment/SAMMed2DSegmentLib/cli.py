@@ -1,0 +1,271 @@
+"""The headless command line (`python -m SAMMed2DSegmentLib segment …`), for batch work and `make demo`.
+
+Everything is validated before anything is written; outputs are written atomically, and an existing
+`OUT.seg.nrrd` is updated (other segments and untouched slices kept), never replaced. On bad input the
+command exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import AXES
+from .propagation import DIRECTIONS, PropagationSettings
+
+EXIT_BAD_INPUT = 2
+
+
+class CommandError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m SAMMed2DSegmentLib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="segment a structure in a volume from markups prompts")
+    seg.add_argument(
+        "--volume", required=True, help=".nrrd/.nii(.gz)/.mha file, or a folder with one DICOM series"
+    )
+    seg.add_argument("--include", action="append", default=[], help="Slicer markups JSON of include points")
+    seg.add_argument("--exclude", action="append", default=[], help="Slicer markups JSON of exclude points")
+    seg.add_argument("--roi", action="append", default=[], help="Slicer markups JSON of an ROI (box)")
+    model = seg.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="checkpoint file (official .pth, state dict, or .safetensors)")
+    model.add_argument("--model", help="model name from the registry (default: the bundled demo model)")
+    seg.add_argument("--axis", default="axial", choices=AXES)
+    seg.add_argument("--propagate", default="both", choices=DIRECTIONS)
+    seg.add_argument("--segment-name", default="SAM-Med2D")
+    seg.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
+    seg.add_argument(
+        "--window",
+        default="auto",
+        help="intensity window: 'auto', a preset name, or LEVEL,WIDTH (e.g. 40,400)",
+    )
+    seg.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=PropagationSettings.iou_threshold,
+        help="stop propagating below this predicted IoU",
+    )
+    seg.add_argument("--cache-mb", type=int, default=1024, help="embedding cache bound in MB")
+    seg.add_argument("--out", required=True, help="output .seg.nrrd (updated if it exists)")
+    seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
+    seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
+    seg.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if not out.name.endswith(".seg.nrrd"):
+        raise CommandError(f"--out must end in .seg.nrrd, got {out.name}")
+    for path in filter(None, [args.out, args.report, args.dicom_seg]):
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise CommandError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise CommandError(f"output folder is not writable: {parent}")
+    if args.dicom_seg:
+        raise CommandError("--dicom-seg: DICOM-SEG export is not available yet in this version")
+    if not 0.0 <= args.iou_threshold <= 1.0:
+        raise CommandError(f"--iou-threshold must be within 0..1, got {args.iou_threshold}")
+    if args.cache_mb < 0:
+        raise CommandError(f"--cache-mb must be ≥ 0, got {args.cache_mb}")
+
+
+def _window(spec: str, volume: np.ndarray, modality: str | None):
+    from .intensity import PRESETS, IntensityWindow, default_window
+
+    if spec == "auto":
+        return default_window(volume, modality if modality in ("CT", "MR", "PT") else None)
+    if spec in PRESETS:
+        level, width = PRESETS[spec]
+        return IntensityWindow.from_level_width(level, width, method=f"preset {spec}")
+    try:
+        level, width = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise CommandError(
+            f"--window: expected 'auto', a preset ({', '.join(PRESETS)}) or LEVEL,WIDTH; got {spec!r}"
+        ) from None
+    return IntensityWindow.from_level_width(level, width)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the report the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_prompts(hs, args: argparse.Namespace):
+    from .mrml import markups
+
+    points, rois = [], []
+    for files, label in ((args.include, 1), (args.exclude, 0)):
+        for f in files:
+            for node in markups.load_markups(hs, f):
+                points += markups.points_from_markups(node, label)
+    for f in args.roi:
+        nodes = [n for n in markups.load_markups(hs, f) if n.IsA("vtkMRMLMarkupsROINode")]
+        if not nodes:
+            raise CommandError(f"--roi {f}: the file holds no ROI")
+        rois += [markups.roi_from_node(n) for n in nodes]
+    if not points and not rois:
+        raise CommandError("no prompt: give --include points and/or an --roi (empty or unplaced markups?)")
+    return points, rois
+
+
+def _model(args: argparse.Namespace):
+    from .checkpoint import load_model
+
+    if args.model:
+        raise CommandError(f"--model {args.model}: the model registry is not available yet; use --checkpoint")
+    if not args.checkpoint:
+        raise CommandError("no model: pass --checkpoint FILE (the bundled demo model is not available yet)")
+    if not Path(args.checkpoint).is_file():
+        raise CommandError(f"--checkpoint: no such file: {args.checkpoint}")
+    return load_model(args.checkpoint, device=args.device)
+
+
+def run_segment(args: argparse.Namespace) -> dict:
+    from .checkpoint import CheckpointError
+    from .embedding_cache import EmbeddingCache
+    from .geometry import GeometryError
+    from .mrml import scene, segmentations, volumes
+    from .predictor import SamMed2DPredictor
+    from .prompts import PromptError
+    from .segmenter import segment_volume
+    from .volume_io import VolumeReadError, read_volume
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    _check_outputs(args)
+    try:
+        volume = read_volume(args.volume)
+        timings["read_volume_s"] = time.perf_counter() - t0
+        hs = scene.create_headless_scene()
+        points, rois = _load_prompts(hs, args)
+        window = _window(args.window, volume.array_kji, volume.modality)
+        t = time.perf_counter()
+        model, info = _model(args)
+        timings["load_model_s"] = time.perf_counter() - t
+        settings = PropagationSettings(iou_threshold=args.iou_threshold)
+        progress = None
+        if not args.quiet:
+
+            def progress(n: int, outcome) -> None:  # noqa: E306
+                print(
+                    f"slice {outcome.index}: {outcome.status} IoU {outcome.predicted_iou:.2f} "
+                    f"area {outcome.area_px} px {outcome.reason}",
+                    file=sys.stderr,
+                )
+
+        t = time.perf_counter()
+        seg = segment_volume(
+            SamMed2DPredictor(model),
+            volume.array_kji,
+            volume.ijk_to_ras,
+            window,
+            points,
+            rois,
+            axis=args.axis,
+            direction=args.propagate,
+            settings=settings,
+            cache=EmbeddingCache(args.cache_mb << 20),
+            progress=progress,
+        )
+        timings["propagation_s"] = time.perf_counter() - t
+    except (VolumeReadError, PromptError, GeometryError, CheckpointError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from exc
+    result = seg.result
+    masks = result.masks()
+    if not masks:
+        raise CommandError("the model found nothing at the prompts (no slice accepted); nothing written")
+
+    t = time.perf_counter()
+    volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
+    out = Path(args.out)
+    seg_node = segmentations.load_segmentation(hs, out) if out.exists() else None
+    seg_node = segmentations.ensure_segmentation(hs, volume_node, seg_node)
+    segment_id = segmentations.ensure_segment(seg_node, args.segment_name)
+    segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
+    segmentations.save_segmentation(seg_node, out)
+    timings["write_s"] = time.perf_counter() - t
+    timings["encode_s"] = result.encode_seconds
+    timings["decode_s"] = result.decode_seconds
+    timings["total_s"] = time.perf_counter() - t0
+
+    area_mm2 = seg.geometry.pixel_spacing[0] * seg.geometry.pixel_spacing[1]
+    report = {
+        "volume": str(args.volume),
+        "axis": args.axis,
+        "propagate": args.propagate,
+        "segment_name": args.segment_name,
+        "segment_id": segment_id,
+        "output": str(out),
+        "model": {"build": info.build, "source": info.source, "sha256": info.sha256},
+        "window": {"low": window.low, "high": window.high, "method": window.method},
+        "seed_slices": sorted(seg.seeds),
+        "slices": [
+            {
+                "index": o.index,
+                "status": o.status,
+                "predicted_iou": round(o.predicted_iou, 4),
+                "confidence": round(o.confidence, 4),
+                "area_px": o.area_px,
+                "area_mm2": round(o.area_px * area_mm2, 2),
+                "reason": o.reason,
+            }
+            for _, o in sorted(result.slices.items())
+        ],
+        "walks": [
+            {
+                "seed": w.seed,
+                "direction": "up" if w.step == seg.geometry.normal_sign else "down",
+                "last_slice": w.last_accepted,
+                "stopped_because": w.reason,
+            }
+            for w in result.walks
+        ],
+        "slices_written": sorted(masks),
+        "encoded_slices": result.encoded_slices,
+        "cancelled": result.cancelled,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+    if args.report:
+        _write_json_atomic(Path(args.report), report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        report = run_segment(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        print(
+            f"wrote {len(report['slices_written'])} slice(s) of segment '{report['segment_name']}' to "
+            f"{report['output']} in {report['timings']['total_s']:.1f} s",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,90 @@
+"""Reading volumes for the command line: image files and DICOM series through SimpleITK (ITK's readers,
+GDCM for DICOM), converted from ITK's LPS to Slicer's RAS convention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+class VolumeReadError(ValueError):
+    """The volume cannot be read or is not a 3-D scalar volume."""
+
+
+@dataclass
+class Volume:
+    array_kji: np.ndarray
+    ijk_to_ras: np.ndarray
+    source: str
+    modality: str | None = None
+    dicom_files: list[str] = field(default_factory=list)
+
+
+def _ijk_to_ras(image) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(
+        image.GetSpacing()
+    )
+    m[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ m
+
+
+def _check(image, source: str) -> None:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeReadError(
+            f"{source}: {image.GetNumberOfComponentsPerPixel()}-component (e.g. RGB) volumes are not "
+            "supported; convert to a scalar volume"
+        )
+    if image.GetDimension() != 3:
+        raise VolumeReadError(f"{source}: expected a 3-D volume, got {image.GetDimension()}-D")
+    if min(image.GetSize()) < 2:
+        raise VolumeReadError(
+            f"{source}: a single-slice volume ({'×'.join(map(str, image.GetSize()))}) cannot be propagated; "
+            "segment 2-D images with the predictor API"
+        )
+
+
+def _read_dicom_folder(folder: Path):
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise VolumeReadError(f"{folder}: no DICOM series found in this folder")
+    if len(series) > 1:
+        raise VolumeReadError(f"{folder}: {len(series)} DICOM series found; put one series per folder")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
+    return image, modality, files
+
+
+def read_volume(path: str | Path) -> Volume:
+    """A volume file or a folder holding one DICOM series → KJI array + IJK→RAS (the file is not changed)."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise VolumeReadError(f"{p}: no such file or folder")
+    modality, files = None, []
+    try:
+        if p.is_dir():
+            image, modality, files = _read_dicom_folder(p)
+        else:
+            if not p.name.lower().endswith(FILE_SUFFIXES):
+                raise VolumeReadError(
+                    f"{p}: unsupported file type; use {', '.join(FILE_SUFFIXES)} or a DICOM folder"
+                )
+            image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:  # ITK's readers raise RuntimeError with a long trace
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise VolumeReadError(f"{p}: cannot read volume ({first})") from exc
+    _check(image, str(p))
+    return Volume(sitk.GetArrayFromImage(image), _ijk_to_ras(image), str(p), modality, files)
