@@ -144,24 +144,45 @@ def _model(args: argparse.Namespace):
     return load_model(args.checkpoint, device=args.device)
 
 
+def _provenance(points, rois, info, args: argparse.Namespace) -> dict[str, str]:
+    """What a reviewer needs to re-run the case, kept in the .seg.nrrd header."""
+    return {
+        "Model": f"SAM-Med2D {info.build}",
+        "ModelSHA256": info.sha256,
+        "Axis": args.axis,
+        "Propagate": args.propagate,
+        "Prompts": json.dumps(
+            {
+                "points_ras": [
+                    {"position": list(p.position), "label": p.label, "name": p.name} for p in points
+                ],
+                "rois_ras": [
+                    {"center": list(r.center), "axes": np.asarray(r.axes).tolist(), "size": list(r.size)}
+                    for r in rois
+                ],
+            }
+        ),
+    }
+
+
 def run_segment(args: argparse.Namespace) -> dict:
-    from .checkpoint import CheckpointError
     from .embedding_cache import EmbeddingCache
-    from .geometry import GeometryError
     from .mrml import scene, segmentations, volumes
     from .predictor import SamMed2DPredictor
-    from .prompts import PromptError
     from .segmenter import segment_volume
-    from .volume_io import VolumeReadError, read_volume
+    from .volume_io import read_volume
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _check_outputs(args)
+    out = Path(args.out)
     try:
+        # Everything is read and checked before the (slow) segmentation, and before anything is written.
         volume = read_volume(args.volume)
         timings["read_volume_s"] = time.perf_counter() - t0
         hs = scene.create_headless_scene()
         points, rois = _load_prompts(hs, args)
+        existing = segmentations.load_segmentation(hs, out) if out.exists() else None
         window = _window(args.window, volume.array_kji, volume.modality)
         t = time.perf_counter()
         model, info = _model(args)
@@ -170,7 +191,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         progress = None
         if not args.quiet:
 
-            def progress(n: int, outcome) -> None:  # noqa: E306
+            def progress(n: int, outcome) -> None:
                 print(
                     f"slice {outcome.index}: {outcome.status} IoU {outcome.predicted_iou:.2f} "
                     f"area {outcome.area_px} px {outcome.reason}",
@@ -179,20 +200,12 @@ def run_segment(args: argparse.Namespace) -> dict:
 
         t = time.perf_counter()
         seg = segment_volume(
-            SamMed2DPredictor(model),
-            volume.array_kji,
-            volume.ijk_to_ras,
-            window,
-            points,
-            rois,
-            axis=args.axis,
-            direction=args.propagate,
-            settings=settings,
-            cache=EmbeddingCache(args.cache_mb << 20),
-            progress=progress,
-        )
+            SamMed2DPredictor(model), volume.array_kji, volume.ijk_to_ras, window, points, rois,
+            axis=args.axis, direction=args.propagate, settings=settings,
+            cache=EmbeddingCache(args.cache_mb << 20), progress=progress,
+        )  # fmt: skip
         timings["propagation_s"] = time.perf_counter() - t
-    except (VolumeReadError, PromptError, GeometryError, CheckpointError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # every input check raises a ValueError subclass
         raise CommandError(str(exc)) from exc
     result = seg.result
     masks = result.masks()
@@ -201,12 +214,10 @@ def run_segment(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
-    out = Path(args.out)
-    seg_node = segmentations.load_segmentation(hs, out) if out.exists() else None
-    seg_node = segmentations.ensure_segmentation(hs, volume_node, seg_node)
+    seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
     segment_id = segmentations.ensure_segment(seg_node, args.segment_name)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
-    segmentations.save_segmentation(seg_node, out)
+    segmentations.save_segmentation(seg_node, out, _provenance(points, rois, info, args))
     timings["write_s"] = time.perf_counter() - t
     timings["encode_s"] = result.encode_seconds
     timings["decode_s"] = result.decode_seconds

@@ -260,6 +260,8 @@ class PropagationEngine:
                 prompt = seeds[index]
                 include = prompt.points[prompt.labels == INCLUDE] if prompt.has_points else np.zeros((0, 2))
                 mask, iou, low_res = self.segment(index, prompt, seeds=include)
+                if roi_boxes and index in roi_boxes:  # the ROI bounds the result on every slice it crosses
+                    mask = mask & _box_mask(mask.shape, roi_boxes[index])
                 outcome = SliceOutcome(
                     index,
                     "prompted",

@@ -1,0 +1,346 @@
+"""The headless command line end to end on the real CT with the real (small, synthetic-weight) network:
+outputs, updating an existing file, invariance to voxel storage order, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+
+from .synthetic_weights import synthetic_state_dict
+
+CT = Path(__file__).parent / "Data" / "totalseg-example-ct"
+DICOM = CT / "ct"
+LABELS = CT / "labels" / "labels_on_ct_grid.nrrd"
+LIVER = 5
+SCHEMA = "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#"
+
+
+def write_points(path: Path, points_lps: list, system: str = "LPS", status: str = "defined") -> Path:
+    cps = [
+        {
+            "id": str(n),
+            "label": f"p{n}",
+            "position": list(map(float, p)),
+            "positionStatus": status,
+            "visibility": True,
+        }
+        for n, p in enumerate(points_lps)
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "@schema": SCHEMA,
+                "markups": [{"type": "Fiducial", "coordinateSystem": system, "controlPoints": cps}],
+            }
+        )
+    )
+    return path
+
+
+def write_roi(path: Path, center_lps, size) -> Path:
+    """An axis-aligned ROI as Slicer saves it (the centre is also its one control point)."""
+    identity = [1.0, 0, 0, 0, 1, 0, 0, 0, 1]
+    point = {
+        "id": "1",
+        "label": "R-1",
+        "position": list(center_lps),
+        "positionStatus": "defined",
+        "orientation": identity,
+    }
+    roi = {
+        "type": "ROI",
+        "roiType": "Box",
+        "coordinateSystem": "LPS",
+        "center": list(center_lps),
+        "size": list(size),
+        "orientation": identity,
+        "controlPoints": [point],
+    }
+    path.write_text(json.dumps({"@schema": SCHEMA, "markups": [roi]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = root / "small.pth"
+    torch.save(synthetic_state_dict("small"), ckpt)
+    labels = sitk.ReadImage(str(LABELS))
+    arr = sitk.GetArrayFromImage(labels)
+    k = 10
+    ys, xs = np.nonzero(arr[k] == LIVER)
+    order = np.argsort((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
+    i, j = int(xs[order[0]]), int(ys[order[0]])
+    liver_lps = labels.TransformIndexToPhysicalPoint((i, j, k))
+    include = write_points(root / "include.mrk.json", [liver_lps])
+    return {"root": root, "ckpt": ckpt, "include": include, "liver_lps": liver_lps, "voxel": (i, j, k)}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMMED2D_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run(args: list[str]) -> int:
+    return cli.main(["segment", "--quiet", *args])
+
+
+def base_args(env, volume=DICOM, **extra) -> list[str]:
+    args = [
+        "--volume",
+        str(volume),
+        "--include",
+        str(env["include"]),
+        "--checkpoint",
+        str(env["ckpt"]),
+        "--iou-threshold",
+        "0",
+    ]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def read_segment(path: Path, volume_path: Path, name: str) -> np.ndarray:
+    """A segment of a .seg.nrrd on a volume's grid, through Slicer's own classes."""
+    hs = scene.create_headless_scene()
+    node = volumes.load_volume(hs, volume_path) if volume_path.is_file() else None
+    if node is None:
+        from SAMMed2DSegmentLib.volume_io import read_volume
+
+        v = read_volume(volume_path)
+        node = volumes.add_volume_from_array(hs, v.array_kji, v.ijk_to_ras, "v")
+    seg = segmentations.load_segmentation(hs, path)
+    segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName(name)
+    assert segment_id, f"no segment {name!r}"
+    return segmentations.segment_array(seg, segment_id, node)
+
+
+def test_segment_writes_seg_nrrd_and_report(env, tmp_path):
+    out, report = tmp_path / "out.seg.nrrd", tmp_path / "report.json"
+    assert run(base_args(env, out=out, report=report, segment_name="liver")) == 0
+    rep = json.loads(report.read_text())
+    assert rep["seed_slices"] and rep["slices"] and rep["walks"]
+    for entry in rep["slices"]:
+        assert {"index", "status", "predicted_iou", "area_px", "reason"} <= set(entry)
+    assert all(w["stopped_because"] for w in rep["walks"])
+    assert {"read_volume_s", "load_model_s", "propagation_s", "write_s", "total_s"} <= set(rep["timings"])
+    assert rep["model"]["build"] == "small" and len(rep["model"]["sha256"]) == 64
+    mask = read_segment(out, DICOM, "liver")
+    assert mask.shape == (20, 512, 512)
+    written = sorted(set(np.nonzero(mask.any(axis=(1, 2)))[0].tolist()))
+    assert written == rep["slices_written"] or set(written) <= set(rep["slices_written"])
+    meta = segmentations.read_segmentation_metadata(out)
+    assert meta["ModelSHA256"] == rep["model"]["sha256"] and "points_ras" in meta["Prompts"]
+
+
+def test_existing_file_is_updated_not_replaced(env, tmp_path):
+    out = tmp_path / "case.seg.nrrd"
+    hs = scene.create_headless_scene()
+    from SAMMed2DSegmentLib.volume_io import read_volume
+
+    v = read_volume(DICOM)
+    node = volumes.add_volume_from_array(hs, v.array_kji, v.ijk_to_ras, "ct")
+    seg = segmentations.ensure_segmentation(hs, node)
+    other = segmentations.ensure_segment(seg, "Other")
+    liver = segmentations.ensure_segment(seg, "SAM-Med2D")
+    from SAMMed2DSegmentLib.geometry import SliceGeometry
+
+    g = SliceGeometry.create(v.array_kji.shape, v.ijk_to_ras, "axial")
+    block = np.zeros(g.slice_shape, bool)
+    block[10:40, 10:40] = True
+    segmentations.write_segment_slices(seg, other, node, g, {i: block for i in range(g.num_slices)})
+    segmentations.write_segment_slices(seg, liver, node, g, {0: block, 19: block})  # far from the prompt
+    segmentations.save_segmentation(seg, out)
+    before_other = read_segment(out, DICOM, "Other")
+    before_liver = read_segment(out, DICOM, "SAM-Med2D")
+
+    report = tmp_path / "r.json"
+    assert run(base_args(env, out=out, report=report, propagate="none")) == 0
+    after_other = read_segment(out, DICOM, "Other")
+    after_liver = read_segment(out, DICOM, "SAM-Med2D")
+    np.testing.assert_array_equal(after_other, before_other)
+    written = json.loads(report.read_text())["slices_written"]
+    assert written == [10]
+    untouched = [k for k in range(20) if k not in written]
+    np.testing.assert_array_equal(after_liver[untouched], before_liver[untouched])
+    assert after_liver[10].any()
+
+
+def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch):
+    out = tmp_path / "keep.seg.nrrd"
+    assert run(base_args(env, out=out, propagate="none")) == 0
+    before = out.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    # Fails after Slicer has written the new file's data, while its header is being completed.
+    monkeypatch.setattr(segmentations, "_add_header_fields", broken)
+    with pytest.raises(OSError, match="simulated"):
+        run(base_args(env, out=out, propagate="none", segment_name="second"))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "keep" in p.name) == ["keep.seg.nrrd"]
+
+
+def _physical_mask(seg_path: Path, reference: sitk.Image) -> np.ndarray:
+    """The output segmentation resampled (nearest, exact on a shared lattice) onto a reference grid."""
+    hs = scene.create_headless_scene()
+    node = volumes.add_volume_from_array(hs, sitk.GetArrayFromImage(reference), _ras(reference), "ref")
+    seg = segmentations.load_segmentation(hs, seg_path)
+    segment_id = seg.GetSegmentation().GetNthSegmentID(0)
+    return segmentations.segment_array(seg, segment_id, node)
+
+
+def _ras(image: sitk.Image) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1, 1, 1]) @ m
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_voxel_order_does_not_change_the_segmentation(env, tmp_path, axis):
+    """Flipping/permuting the voxel axes of the volume file, with the same physical geometry, gives the same
+    segmentation in physical space, exactly, whatever the weights."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DICOM)))
+    ct = reader.Execute()
+    variants = {
+        "plain": ct,
+        "flipped": sitk.Flip(ct, [True, False, True]),
+        "permuted": sitk.PermuteAxes(sitk.Flip(ct, [False, True, False]), [2, 0, 1]),
+    }
+    masks = {}
+    for name, image in variants.items():
+        path = tmp_path / f"{name}.nrrd"
+        sitk.WriteImage(image, str(path))
+        out = tmp_path / f"{name}.seg.nrrd"
+        assert run(base_args(env, volume=path, out=out, axis=axis)) == 0
+        masks[name] = _physical_mask(out, ct)
+    assert masks["plain"].any()
+    np.testing.assert_array_equal(masks["flipped"], masks["plain"])
+    np.testing.assert_array_equal(masks["permuted"], masks["plain"])
+
+
+def test_python_dash_m_entry_point(env, tmp_path):
+    out = tmp_path / "m.seg.nrrd"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "SAMMed2DSegmentLib",
+            "segment",
+            "--quiet",
+            *base_args(env, out=out, propagate="none"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SAMMED2D_CACHE_DIR": str(tmp_path / "c")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+
+
+# -- bad input: exit status ≠ 0, one clear line, nothing written ------------------------------------------
+
+
+def _bad_volumes(tmp: Path) -> dict[str, Path]:
+    garbage = tmp / "garbage.nrrd"
+    garbage.write_bytes(b"NRRD0004\nthis is not a volume\n")
+    four_d = tmp / "fourd.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkInt16), str(four_d))
+    rgb = tmp / "rgb.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(rgb))
+    single = tmp / "single.nrrd"
+    sitk.WriteImage(sitk.Image([16, 16, 1], sitk.sitkInt16), str(single))
+    return {"missing": tmp / "nope.nrrd", "garbage": garbage, "4-D": four_d, "RGB": rgb, "single": single}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("garbage", "cannot read"),
+        ("4-D", "3-D"),
+        ("RGB", "RGB"),
+        ("single", "single-slice"),
+        ("empty markups", "no prompt"),
+        ("unplaced markups", "no prompt"),
+        ("point outside", "outside the volume"),
+        ("roi outside", "outside the volume"),
+        ("missing checkpoint", "no such file"),
+        ("bad out name", ".seg.nrrd"),
+        ("missing out folder", "does not exist"),
+    ],
+)
+def test_bad_input(env, tmp_path, capsys, case, message):
+    out = tmp_path / "bad.seg.nrrd"
+    report = tmp_path / "bad.json"
+    args = base_args(env, out=out, report=report)
+    volumes_ = _bad_volumes(tmp_path)
+    if case in volumes_:
+        args[1] = str(volumes_[case])
+    elif case == "empty markups":
+        args[3] = str(write_points(tmp_path / "empty.mrk.json", []))
+    elif case == "unplaced markups":
+        args[3] = str(write_points(tmp_path / "unplaced.mrk.json", [env["liver_lps"]], status="undefined"))
+    elif case == "point outside":
+        args[3] = str(write_points(tmp_path / "far.mrk.json", [(0.0, 0.0, 500.0)]))
+    elif case == "roi outside":
+        args += ["--roi", str(write_roi(tmp_path / "roi.mrk.json", (0.0, 0.0, 900.0), (10, 10, 10)))]
+    elif case == "missing checkpoint":
+        args[5] = str(tmp_path / "none.pth")
+    elif case == "bad out name":
+        out = tmp_path / "bad.nrrd"
+        args[args.index("--out") + 1] = str(out)
+    elif case == "missing out folder":
+        out = tmp_path / "no" / "such" / "out.seg.nrrd"
+        args[args.index("--out") + 1] = str(out)
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists() and not report.exists()
+
+
+def test_unknown_axis_is_refused(env, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(base_args(env, out=tmp_path / "x.seg.nrrd", axis="oblique"))
+    assert exc.value.code != 0
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_roi_alone_prompts_and_bounds_the_result(env, tmp_path):
+    out, report = tmp_path / "roi.seg.nrrd", tmp_path / "roi.json"
+    center = env["liver_lps"]
+    roi = write_roi(tmp_path / "box.mrk.json", center, (60.0, 50.0, 9.0))  # 9 mm: slices 8..12 at 2 mm
+    args = [
+        "--volume",
+        str(DICOM),
+        "--roi",
+        str(roi),
+        "--checkpoint",
+        str(env["ckpt"]),
+        "--iou-threshold",
+        "0",
+    ]
+    assert run([*args, "--out", str(out), "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["seed_slices"] == [10]
+    assert set(rep["slices_written"]) <= set(range(8, 13))
+    mask = read_segment(out, DICOM, "SAM-Med2D")
+    i, j, _ = env["voxel"]
+    ys, xs = np.nonzero(mask.any(axis=0))
+    # Inside the ROI's in-plane extent (60 × 50 mm at 0.977 mm pixels), give or take a pixel.
+    assert xs.min() >= i - 31.5 and xs.max() <= i + 31.5 and ys.min() >= j - 26.5 and ys.max() <= j + 26.5
