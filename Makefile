@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench bench-volume lint clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_encoder.py
+
+bench-volume: $(STAMP)
+	$(PY) benchmarks/bench_volume.py
 
 demo: $(STAMP)
 	@echo "make demo: not yet available (the demo model and case land with the demo-model issue)."

@@ -14,7 +14,9 @@ import SimpleITK as sitk
 import torch
 
 from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib.geometry import SliceGeometry
 from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+from SAMMed2DSegmentLib.volume_io import ijk_to_ras_from_itk, read_volume
 
 from .synthetic_weights import synthetic_state_dict
 
@@ -116,8 +118,6 @@ def read_segment(path: Path, volume_path: Path, name: str) -> np.ndarray:
     hs = scene.create_headless_scene()
     node = volumes.load_volume(hs, volume_path) if volume_path.is_file() else None
     if node is None:
-        from SAMMed2DSegmentLib.volume_io import read_volume
-
         v = read_volume(volume_path)
         node = volumes.add_volume_from_array(hs, v.array_kji, v.ijk_to_ras, "v")
     seg = segmentations.load_segmentation(hs, path)
@@ -147,15 +147,11 @@ def test_segment_writes_seg_nrrd_and_report(env, tmp_path):
 def test_existing_file_is_updated_not_replaced(env, tmp_path):
     out = tmp_path / "case.seg.nrrd"
     hs = scene.create_headless_scene()
-    from SAMMed2DSegmentLib.volume_io import read_volume
-
     v = read_volume(DICOM)
     node = volumes.add_volume_from_array(hs, v.array_kji, v.ijk_to_ras, "ct")
     seg = segmentations.ensure_segmentation(hs, node)
     other = segmentations.ensure_segment(seg, "Other")
     liver = segmentations.ensure_segment(seg, "SAM-Med2D")
-    from SAMMed2DSegmentLib.geometry import SliceGeometry
-
     g = SliceGeometry.create(v.array_kji.shape, v.ijk_to_ras, "axial")
     block = np.zeros(g.slice_shape, bool)
     block[10:40, 10:40] = True
@@ -196,17 +192,12 @@ def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch):
 def _physical_mask(seg_path: Path, reference: sitk.Image) -> np.ndarray:
     """The output segmentation resampled (nearest, exact on a shared lattice) onto a reference grid."""
     hs = scene.create_headless_scene()
-    node = volumes.add_volume_from_array(hs, sitk.GetArrayFromImage(reference), _ras(reference), "ref")
+    node = volumes.add_volume_from_array(
+        hs, sitk.GetArrayFromImage(reference), ijk_to_ras_from_itk(reference), "ref"
+    )
     seg = segmentations.load_segmentation(hs, seg_path)
     segment_id = seg.GetSegmentation().GetNthSegmentID(0)
     return segmentations.segment_array(seg, segment_id, node)
-
-
-def _ras(image: sitk.Image) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    m[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1, 1, 1]) @ m
 
 
 @pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])

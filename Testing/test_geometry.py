@@ -158,3 +158,13 @@ def test_rotated_roi_boxes_per_slice():
 def test_bad_geometry(shape, matrix, axis, message):
     with pytest.raises(GeometryError, match=message):
         SliceGeometry.create(shape, matrix, axis)
+
+
+def test_obliquity_is_measured():
+    vol, m = reference_volume()
+    assert SliceGeometry.create(vol.shape, m, "axial").obliquity_degrees < 1e-6
+    theta = np.deg2rad(12)
+    tilt = np.eye(4)
+    tilt[1:3, 1:3] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    g = SliceGeometry.create(vol.shape, tilt @ m, "axial")
+    assert abs(g.obliquity_degrees - 12) < 1e-6

@@ -25,16 +25,7 @@ from SAMMed2DSegmentLib.mrml import (
 )
 from SAMMed2DSegmentLib.prompts import prompts_by_slice
 
-SHAPE_KJI = (5, 6, 7)
-#: Columns (0,0,-2.5), (-0.7,0,0), (0,1.2,0): I runs inferior, J runs right-to-left, K runs anterior.
-IJK_TO_RAS = np.array(
-    [
-        [0.0, -0.7, 0.0, 12.3],
-        [0.0, 0.0, 1.2, -40.0],
-        [-2.5, 0.0, 0.0, 7.5],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
-)
+from .oblique_volume import IJK_TO_RAS, SHAPE_KJI
 
 
 @pytest.fixture

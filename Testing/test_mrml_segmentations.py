@@ -24,15 +24,7 @@ from SAMMed2DSegmentLib.mrml import (
     write_segment_slices,
 )
 
-SHAPE_KJI = (5, 6, 7)
-IJK_TO_RAS = np.array(
-    [
-        [0.0, -0.7, 0.0, 12.3],
-        [0.0, 0.0, 1.2, -40.0],
-        [-2.5, 0.0, 0.0, 7.5],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
-)
+from .oblique_volume import IJK_TO_RAS, SHAPE_KJI
 
 
 def _rigid(hs, angle: float, shift: tuple[float, float, float]):

@@ -16,22 +16,16 @@ from SAMMed2DSegmentLib.masks import components_touching, interior_point
 from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.prompts import SlicePrompt
 from SAMMed2DSegmentLib.propagation import PropagationEngine, PropagationSettings
+from SAMMed2DSegmentLib.volume_io import ijk_to_ras_from_itk
 
 DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
 LIVER, PANCREAS, T11, SPLEEN = 5, 7, 33, 1
 
 
-def lps_to_ras_matrix(image: sitk.Image) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    m[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
-
-
 @pytest.fixture(scope="module")
 def labels():
     image = sitk.ReadImage(str(DATA / "labels" / "labels_on_ct_grid.nrrd"))
-    return sitk.GetArrayFromImage(image), lps_to_ras_matrix(image)
+    return sitk.GetArrayFromImage(image), ijk_to_ras_from_itk(image)
 
 
 class OraclePredictor:

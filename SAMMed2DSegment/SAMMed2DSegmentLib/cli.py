@@ -207,6 +207,12 @@ def run_segment(args: argparse.Namespace) -> dict:
         timings["propagation_s"] = time.perf_counter() - t
     except (ValueError, FileNotFoundError) as exc:  # every input check raises a ValueError subclass
         raise CommandError(str(exc)) from exc
+    if seg.geometry.obliquity_degrees > 1.0:
+        print(
+            f"warning: the volume is tilted {seg.geometry.obliquity_degrees:.1f}° from the {args.axis} view; "
+            "slices follow the voxel grid",
+            file=sys.stderr,
+        )
     result = seg.result
     masks = result.masks()
     if not masks:
@@ -234,6 +240,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         "model": {"build": info.build, "source": info.source, "sha256": info.sha256},
         "window": {"low": window.low, "high": window.high, "method": window.method},
         "seed_slices": sorted(seg.seeds),
+        "obliquity_deg": round(seg.geometry.obliquity_degrees, 3),
         "slices": [
             {
                 "index": o.index,

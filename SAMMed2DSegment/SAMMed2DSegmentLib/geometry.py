@@ -104,6 +104,14 @@ class SliceGeometry:
         spacing = np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
         return float(spacing[self.row_axis]), float(spacing[self.col_axis])
 
+    @property
+    def obliquity_degrees(self) -> float:
+        """Angle between the slice axis and the view's normal: above ~1° the model sees voxel-aligned slices
+        that are tilted against the Slicer view of the same name (Slicer would reslice instead)."""
+        column = self.ijk_to_ras[:3, self.slice_axis]
+        cosine = abs(float(column @ VIEW_ORIENTATIONS[self.axis][:, 2]) / np.linalg.norm(column))
+        return float(np.degrees(np.arccos(min(1.0, cosine))))
+
     # -- pixels ------------------------------------------------------------------------------------
     def view(self, volume_kji: np.ndarray, index: int) -> np.ndarray:
         """Slice `index` of a KJI array in display orientation: a numpy *view*, so writing into it writes

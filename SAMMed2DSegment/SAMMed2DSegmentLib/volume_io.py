@@ -25,7 +25,8 @@ class Volume:
     dicom_files: list[str] = field(default_factory=list)
 
 
-def _ijk_to_ras(image) -> np.ndarray:
+def ijk_to_ras_from_itk(image) -> np.ndarray:
+    """IJK→RAS of a SimpleITK image (ITK works in LPS)."""
     m = np.eye(4)
     m[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(
         image.GetSpacing()
@@ -87,4 +88,4 @@ def read_volume(path: str | Path) -> Volume:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise VolumeReadError(f"{p}: cannot read volume ({first})") from exc
     _check(image, str(p))
-    return Volume(sitk.GetArrayFromImage(image), _ijk_to_ras(image), str(p), modality, files)
+    return Volume(sitk.GetArrayFromImage(image), ijk_to_ras_from_itk(image), str(p), modality, files)
