@@ -46,7 +46,7 @@ def test_component_labels_on_a_long_snake():
         snake[row : row + 4, -1] = True
         snake[row + 4 : row + 8, 0] = True
     labels = component_labels(snake)
-    assert len(np.unique(labels[snake])) == 1 and (labels[~snake] == -1).all()
+    assert len(np.unique(labels[snake])) == 1 and (labels[~snake] == 0).all()
     np.testing.assert_array_equal(components_touching(snake, [[0, 0]]), flood_fill(snake, [(0, 0)]))
 
 

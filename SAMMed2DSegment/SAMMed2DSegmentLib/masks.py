@@ -1,7 +1,5 @@
-"""Small mask operations for propagation (numpy only): boxes, interior points, connected pieces.
-
-Kept free of SciPy/OpenCV: each is a few array operations on the mask's bounding box.
-"""
+"""Small mask operations for propagation: boxes, interior points, connected pieces (numpy, and ITK's
+connected-component filter through SimpleITK; no SciPy or OpenCV)."""
 
 from __future__ import annotations
 
@@ -67,34 +65,19 @@ def components_touching(mask: np.ndarray, seeds_xy: np.ndarray) -> np.ndarray:
     inside = seeds[mask[seeds[:, 1], seeds[:, 0]]] if len(seeds) else seeds
     if len(inside) == 0:
         return mask.copy()
-    x0, y0, x1, y1 = bounding_box(mask)
-    labels = component_labels(mask[y0 : y1 + 1, x0 : x1 + 1])
-    keep = np.unique(labels[inside[:, 1] - y0, inside[:, 0] - x0])
-    out = np.zeros_like(mask)
-    out[y0 : y1 + 1, x0 : x1 + 1] = np.isin(labels, keep) & mask[y0 : y1 + 1, x0 : x1 + 1]
-    return out
+    labels = component_labels(mask)
+    keep = np.unique(labels[inside[:, 1], inside[:, 0]])
+    return np.isin(labels, keep)
 
 
 def component_labels(mask: np.ndarray) -> np.ndarray:
-    """8-connected component labels (each pixel labelled with the smallest flat index in its piece; −1 off
-    the mask). Minimum-label propagation with pointer jumping: a few dozen whole-array passes even for
-    large organs, instead of one pass per pixel of the piece's diameter. Labels only decrease and always
-    name a pixel of the same piece, and at the fixed point every pixel holds its 3×3 minimum, so each piece
-    ends up with its smallest index."""
-    h, w = mask.shape
-    big = h * w
-    labels = np.where(mask, np.arange(big, dtype=np.int32).reshape(h, w), np.int32(big))
-    while True:
-        # 3×3 minimum, separable: along rows, then along columns.
-        p = np.pad(labels, ((0, 0), (1, 1)), constant_values=big)
-        low = np.minimum(np.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
-        p = np.pad(low, ((1, 1), (0, 0)), constant_values=big)
-        low = np.minimum(np.minimum(p[:-2], p[1:-1]), p[2:])
-        low[~mask] = big
-        flat = np.append(low.ravel(), np.int32(big))  # index `big` points to itself
-        for _ in range(2):  # pointer jumping: take the label of the pixel one's label names
-            flat = flat[flat]
-        low = flat[:-1].reshape(h, w)
-        if np.array_equal(low, labels):
-            return np.where(mask, labels, -1)
-        labels = low
+    """8-connected component labels (1, 2, …; 0 off the mask).
+
+    ITK's linear-time labelling (SimpleITK, a dependency of the engine and part of Slicer): array-level
+    label propagation in numpy needs one pass per step of a piece's geodesic diameter, which took up to a
+    second on the speckled masks a weak prompt can produce.
+    """
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True))
