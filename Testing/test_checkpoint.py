@@ -525,3 +525,29 @@ def test_resolve_device():
 def test_load_model_rejects_unknown_device(tmp_path):
     with pytest.raises(ValueError, match="unknown device"):
         load_model(tmp_path / "whatever.pth", device="gpu")
+
+
+def test_load_model_assigns_weights_without_a_second_copy(tmp_path):
+    """load_model builds on the meta device and assigns the checkpoint's tensors: nothing is left on meta,
+    the constants are back, results equal a plain copy-load, and editing the model never edits the file."""
+    from safetensors.torch import save_file
+
+    from Testing.synthetic_weights import synthetic_state_dict
+
+    sd = synthetic_state_dict("small")
+    path = tmp_path / "small.safetensors"
+    save_file(sd, str(path))
+    model, _ = load_model(path, use_cache=False)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert not any(t.is_meta for t in tensors)
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    reference = build_sam_med2d("small")
+    reference.load_state_dict(sd)
+    torch.testing.assert_close(model.pixel_mean, reference.pixel_mean, rtol=0, atol=0)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.image_encoder(x), reference.image_encoder(x), rtol=0, atol=0)
+    with torch.no_grad():
+        model.image_encoder.pos_embed.add_(1.0)
+    again, _ = load_model(path, use_cache=False)
+    torch.testing.assert_close(again.image_encoder.pos_embed, sd["image_encoder.pos_embed"], rtol=0, atol=0)

@@ -241,10 +241,12 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in shown) + more
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
     """Strictly load `state_dict` into `model`, listing every missing, unexpected and mis-shaped key.
 
-    Floating tensors of another dtype (fp16/bf16 checkpoints) are cast to the model's dtype.
+    Floating tensors of another dtype (fp16/bf16 checkpoints) are cast to the model's dtype. With `assign`
+    the tensors become the model's parameters instead of being copied into them (for a model built on the
+    meta device: no random initialisation, no second copy of the weights).
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -277,7 +279,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         if wrong_dtype:
             parts.append(_listing("keys with an incompatible dtype", wrong_dtype))
         raise CheckpointError("\n".join(parts))
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=True, assign=assign)
 
 
 def infer_build(state_dict: Mapping[str, Any]) -> str:
@@ -505,9 +507,11 @@ def load_model(
         raise CheckpointError(f"checkpoint file not found: {path}")
     sd, info = _read_source(path, cache_dir, use_cache, build)
     chosen = build or infer_build(sd)
-    model = build_sam_med2d(chosen)
-    load_into(model, sd)
+    with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters below
+        model = build_sam_med2d(chosen)
+    load_into(model, sd, assign=True)
     del sd
+    model.reset_constants()
     model.eval().to(target)
     return model, dataclasses.replace(info, build=chosen)
 

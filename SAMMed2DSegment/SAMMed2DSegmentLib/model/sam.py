@@ -26,9 +26,17 @@ class SamMed2D(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        # Not in the checkpoint (non-persistent), as in the official model.
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        self.reset_constants()
+
+    def reset_constants(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the buffers that are not in the checkpoint (non-persistent, as in the official model);
+        needed after building on the meta device and loading the weights with `assign=True`."""
+        self.register_buffer(
+            "pixel_mean", torch.tensor(PIXEL_MEAN, device=device).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(PIXEL_STD, device=device).view(-1, 1, 1), persistent=False
+        )
 
     @property
     def image_size(self) -> int:
