@@ -1,0 +1,566 @@
+"""DICOM-SEG export and import (pure layer: numpy + pydicom + highdicom; no Slicer, no VTK).
+
+Mask convention ("KJI"): a mask is a numpy array indexed ``[k, j, i]`` on the source series' own voxel grid:
+
+* ``k`` follows the source datasets as sorted by :func:`read_series_datasets` / :func:`sort_series_datasets`:
+  ascending position along the slice normal ``row_cosines x column_cosines`` (for an axial LPS series
+  with ImageOrientationPatient ``[1,0,0, 0,1,0]`` this is ascending z, inferior to superior);
+* ``j`` is the row and ``i`` the column of the DICOM pixel array.
+
+So ``mask_kji[k]`` lies exactly on ``source_datasets[k].pixel_array``. :func:`series_affine` gives the
+matching 4x4 matrix from ``(i, j, k, 1)`` to LPS millimetres; callers that resample from another grid
+(Slicer's RAS labelmaps) can pass it as ``mask_affine`` so a geometry mismatch is refused, not written.
+
+Real-world headers are often defective. Missing or malformed *optional* patient/study attributes (Type 2/3:
+PatientName, PatientSex, StudyDate, ...) are written empty instead of crashing highdicom; attributes without
+which a correct SEG cannot be made (UIDs, ImagePositionPatient, ImageOrientationPatient, FrameOfReferenceUID,
+PixelSpacing) raise :class:`ValueError` naming the problem.
+
+Writes are atomic: the file is written to a temporary name in the destination folder and moved into place
+with :func:`os.replace`; on any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+Code3 = tuple[str, str, str]
+"""A coded concept as ``(code value, coding scheme designator, code meaning)``, e.g. ``("10200004", "SCT",
+"Liver")``."""
+
+DEFAULT_CATEGORY: Code3 = ("91723000", "SCT", "Anatomical Structure")
+DEFAULT_TYPE: Code3 = ("85756007", "SCT", "Tissue")
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+MAX_LABEL_LENGTH = 64  # SegmentLabel is LO
+ORIENTATION_TOL = 1e-4  # direction cosines
+SPACING_REL_TOL = 0.01  # slice steps may deviate from the median step by 1 %
+AFFINE_TOL_MM = 1e-3
+
+# Used when a segment has no colour (RGB 0..1), in the spirit of Slicer's generic anatomy colours.
+DEFAULT_COLORS: tuple[tuple[float, float, float], ...] = (
+    (0.502, 0.682, 0.502),
+    (0.945, 0.839, 0.569),
+    (0.694, 0.478, 0.396),
+    (0.435, 0.722, 0.824),
+    (0.847, 0.396, 0.310),
+    (0.867, 0.510, 0.396),
+    (0.565, 0.933, 0.565),
+    (0.753, 0.408, 0.690),
+)
+
+_DUPLICATES = "the source images contain several slices at the same position (duplicates?)"
+_REQUIRED_PER_IMAGE = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+)
+
+
+@dataclass
+class SegmentSpec:
+    """One segment to export.
+
+    ``mask_kji``: bool (or 0/1 integer) array for BINARY, float probabilities in [0, 1] for FRACTIONAL; shape
+    ``(slices, rows, columns)`` of the source series in the KJI convention of this module.
+    ``color_rgb``: display colour, components in 0..1; None picks a default.
+    ``category`` / ``type``: ``(code value, scheme, meaning)`` from Slicer's terminology; None gives SCT
+    91723000 "Anatomical Structure" / SCT 85756007 "Tissue".
+    """
+
+    label: str
+    mask_kji: np.ndarray
+    color_rgb: tuple[float, float, float] | None = None
+    category: Code3 | None = None
+    type: Code3 | None = None
+
+
+# -------------------------------------------------------------------------------------- series reading
+
+
+def read_series_datasets(folder: str | os.PathLike, *, load_pixels: bool = False) -> list[Dataset]:
+    """Read one single-frame DICOM series from ``folder`` (not recursive), sorted along the slice normal.
+
+    Files that are not DICOM, and DICOM-SEG objects (e.g. an earlier export saved next to the series), are
+    skipped. Pixel data is not read unless ``load_pixels``. Raises FileNotFoundError when the folder does not
+    exist and ValueError when it holds no images, several series, or a series that is not a regular stack
+    (see :func:`sort_series_datasets`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"DICOM series folder not found: {folder}")
+    datasets = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not load_pixels)
+        except (InvalidDicomError, OSError) as exc:
+            log.debug("skipping %s: %s", path, exc)
+            continue
+        if ds.get("SOPClassUID") == SEG_SOP_CLASS_UID or "Rows" not in ds:
+            log.debug("skipping %s: not an image", path)
+            continue
+        datasets.append(ds)
+    if not datasets:
+        raise ValueError(f"no DICOM images found in {folder}")
+    return sort_series_datasets(datasets)
+
+
+def sort_series_datasets(datasets: Iterable[Dataset]) -> list[Dataset]:
+    """Validate that ``datasets`` form one regular stack of slices and sort them along the slice normal."""
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("no source datasets given")
+    positions = _validate_stack(datasets)
+    order = np.argsort(positions, kind="stable")
+    ordered = [datasets[n] for n in order]
+    _check_regular_steps(ordered)
+    return ordered
+
+
+def series_affine(datasets: Sequence[Dataset]) -> np.ndarray:
+    """4x4 matrix mapping ``(i, j, k, 1)`` of the KJI grid of the sorted ``datasets`` to LPS millimetres."""
+    first = datasets[0]
+    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    origin = _ipp(first)
+    if len(datasets) > 1:
+        step = (_ipp(datasets[-1]) - origin) / (len(datasets) - 1)
+    else:
+        normal = np.cross(iop[:3], iop[3:])
+        thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        step = normal * thickness
+    affine = np.eye(4)
+    affine[:3, 0] = iop[:3] * col_spacing  # i: along a row (next column)
+    affine[:3, 1] = iop[3:] * row_spacing  # j: down a column (next row)
+    affine[:3, 2] = step
+    affine[:3, 3] = origin
+    return affine
+
+
+def _ipp(ds: Dataset) -> np.ndarray:
+    return np.asarray([float(v) for v in ds.ImagePositionPatient])
+
+
+def _validate_stack(datasets: Sequence[Dataset]) -> np.ndarray:
+    """Check the attributes a SEG needs and the stack's consistency; return each slice's normal position."""
+    for attr in _REQUIRED_PER_IMAGE:
+        missing = sum(1 for ds in datasets if ds.get(attr) in (None, "", []))
+        if missing:
+            raise ValueError(
+                f"{missing} of {len(datasets)} source images lack {attr} (or it is empty); "
+                "a DICOM-SEG cannot be referenced to this series"
+            )
+    for attr in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        values = {str(ds.get(attr)) for ds in datasets}
+        if len(values) > 1:
+            raise ValueError(f"the source images belong to {len(values)} different {attr}s; pass one series")
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if len(set(uids)) != len(uids):
+        raise ValueError("the source images contain duplicate SOPInstanceUIDs")
+    multiframe = [ds for ds in datasets if int(ds.get("NumberOfFrames") or 1) > 1]
+    if multiframe:
+        raise ValueError(
+            "multi-frame source images are not supported; the series must be single-frame images"
+        )
+    if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) > 1:
+        raise ValueError("the source images have different sizes (Rows x Columns)")
+    spacing = np.asarray([[float(v) for v in ds.PixelSpacing] for ds in datasets])
+    if len(spacing[0]) != 2 or not np.allclose(spacing, spacing[0], rtol=1e-4, atol=1e-6):
+        raise ValueError("the source images have different (or malformed) PixelSpacing")
+    iops = np.asarray([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+    if iops.shape[1] != 6:
+        raise ValueError("malformed ImageOrientationPatient (needs 6 values)")
+    if not np.allclose(iops, iops[0], atol=ORIENTATION_TOL):
+        raise ValueError("the source images have mixed orientations (ImageOrientationPatient differs)")
+    normal = np.cross(iops[0, :3], iops[0, 3:])
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise ValueError("malformed ImageOrientationPatient: direction cosines are not orthonormal")
+    return np.asarray([_ipp(ds) @ normal for ds in datasets])
+
+
+def _check_regular_steps(ordered: Sequence[Dataset]) -> None:
+    if len(ordered) < 2:
+        return
+    ipps = np.asarray([_ipp(ds) for ds in ordered])
+    steps = np.diff(ipps, axis=0)
+    lengths = np.linalg.norm(steps, axis=1)
+    median = float(np.median(lengths))
+    if median <= 1e-6 or lengths.min() <= 1e-6 * max(median, 1.0):
+        raise ValueError(_DUPLICATES)
+    deviation = np.linalg.norm(steps - np.median(steps, axis=0), axis=1)
+    worst = int(np.argmax(deviation))
+    if deviation[worst] > SPACING_REL_TOL * median:
+        raise ValueError(
+            f"uneven slice spacing: step {worst}->{worst + 1} is {lengths[worst]:.4g} mm while the median is "
+            f"{median:.4g} mm (missing slices or a gap?)"
+        )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_dicom_seg(
+    source_datasets: Sequence[Dataset],
+    segments: Sequence[SegmentSpec],
+    out_path: str | os.PathLike,
+    *,
+    model_hash: str,
+    algorithm_name: str = "SAM-Med2D",
+    algorithm_version: str = __version__,
+    fractional: bool = False,
+    series_description: str = "SAM-Med2D segmentation",
+    content_label: str = "SAMMED2D",
+    content_description: str | None = None,
+    series_number: int | None = None,
+    mask_affine: np.ndarray | None = None,
+) -> Path:
+    """Write ``segments`` as one DICOM-SEG instance referencing ``source_datasets``; return the written path.
+
+    ``source_datasets`` must be sorted as :func:`sort_series_datasets` does (the masks' k order). BINARY by
+    default, FRACTIONAL (probability, 8 bit) with ``fractional=True``. Frames empty for a segment are omitted.
+    Algorithm type is SEMIAUTOMATIC with ``algorithm_name``/``algorithm_version``; ``model_hash`` (the
+    checkpoint's SHA-256) goes into AlgorithmParameters. Study, patient and frame of reference come from the
+    source; series and SOP instance UIDs are new. ``mask_affine`` (optional, ijk -> LPS of the masks) is
+    compared with :func:`series_affine` of the source.
+    """
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {out_path.parent}")
+    if out_path.is_dir():
+        raise IsADirectoryError(f"output path is a folder, expected a file name: {out_path}")
+    if not model_hash:
+        raise ValueError("model_hash (the checkpoint's SHA-256) is required")
+
+    datasets = list(source_datasets)
+    if not datasets:
+        raise ValueError("no source datasets given")
+    positions = _validate_stack(datasets)
+    steps = np.diff(positions)
+    if np.any(np.abs(steps) <= 1e-6):
+        raise ValueError(_DUPLICATES)
+    if np.any(steps < 0):
+        raise ValueError("source datasets are not sorted along the slice normal; use sort_series_datasets()")
+    _check_regular_steps(datasets)
+    if mask_affine is not None:
+        expected = series_affine(datasets)
+        if np.shape(mask_affine) != (4, 4) or not np.allclose(mask_affine, expected, atol=AFFINE_TOL_MM):
+            raise ValueError(
+                "the segmentation's geometry does not match the source series "
+                f"(mask ijk->LPS\n{np.asarray(mask_affine)}\nseries ijk->LPS\n{expected})"
+            )
+
+    shape = (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
+    pixel_array = _stack_masks(segments, shape, fractional)
+
+    measures = _pixel_measures(datasets)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_lo(algorithm_name),
+        family=codes.cid7162.ArtificialIntelligence,
+        version=_lo(algorithm_version),
+        source="SAMMed2D 3D Slicer extension",
+        parameters={"checkpoint_sha256": str(model_hash)},
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=_clean_label(spec.label, number),
+            segmented_property_category=_coded(spec.category or DEFAULT_CATEGORY),
+            segmented_property_type=_coded(spec.type or DEFAULT_TYPE),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=_color(spec.color_rgb, number),
+        )
+        for number, spec in enumerate(segments, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[_sanitized_header(datasets[0], measures), *datasets[1:]],
+        pixel_array=pixel_array,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+        ),
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number if series_number is not None else _default_series_number(datasets[0]),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="SAMMed2D",
+        manufacturer_model_name="SAMMed2D 3D Slicer extension",
+        software_versions=f"sammed2d-slicer {__version__}",
+        device_serial_number="0",
+        content_label=_content_label(content_label),
+        content_description=_lo(content_description) if content_description else None,
+        series_description=_lo(series_description),
+        pixel_measures=measures,
+        omit_empty_frames=True,
+    )
+    _atomic_save(seg, out_path)
+    return out_path
+
+
+def _stack_masks(
+    segments: Sequence[SegmentSpec], shape: tuple[int, int, int], fractional: bool
+) -> np.ndarray:
+    """The pixel array for highdicom.
+
+    Non-overlapping binary segments become one label map (``uint8``/``uint16``, 0 = background): highdicom
+    then checks them with a single ``max`` instead of summing a 4D stack in int64 (8 bytes per voxel and
+    segment; 1.6 GB for two 512x512x200 segments). Overlapping or fractional segments are stacked as
+    ``(slices, rows, columns, segments)``.
+    """
+    if not segments:
+        raise ValueError("the segmentation has no segments; nothing to export")
+    masks = [_checked_mask(spec, shape, fractional) for spec in segments]
+    nonempty = [bool(np.any(mask)) for mask in masks]
+    for spec, filled in zip(segments, nonempty, strict=True):
+        if not filled:
+            log.warning("segment %r is empty; it is described but has no frames", spec.label)
+    if not any(nonempty):
+        raise ValueError("the segmentation is empty (all segments are empty); nothing to export")
+    if not fractional:
+        labelmap = np.zeros(shape, dtype=np.uint8 if len(masks) < 256 else np.uint16)
+        for number, mask in enumerate(masks, start=1):
+            if np.any(labelmap[mask]):
+                break  # overlap: fall back to the 4D stack
+            np.putmask(labelmap, mask, number)
+        else:
+            return labelmap
+    stacked = np.empty((*shape, len(masks)), dtype=np.float32 if fractional else np.bool_)
+    for n, mask in enumerate(masks):
+        stacked[..., n] = mask
+    return stacked
+
+
+def _checked_mask(spec: SegmentSpec, shape: tuple[int, int, int], fractional: bool) -> np.ndarray:
+    mask = np.asarray(spec.mask_kji)
+    if mask.shape != shape:
+        raise ValueError(
+            f"segment {spec.label!r}: mask shape {mask.shape} does not match the source series "
+            f"(slices, rows, columns) = {shape}; the segmentation's geometry does not match the series"
+        )
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(f"segment {spec.label!r}: unsupported mask dtype {mask.dtype}")
+    if fractional:
+        values = mask.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+            raise ValueError(f"segment {spec.label!r}: probabilities must be finite and in [0, 1]")
+        return values
+    if mask.dtype.kind == "f":
+        raise ValueError(
+            f"segment {spec.label!r}: a BINARY export needs a boolean mask "
+            "(pass fractional=True to export probabilities)"
+        )
+    return mask if mask.dtype == np.bool_ else mask != 0
+
+
+def _pixel_measures(datasets: Sequence[Dataset]) -> hd.PixelMeasuresSequence:
+    """Pixel measures from the series, with SliceThickness falling back to the slice spacing when the source
+    lacks it (it is Type 1 in a SEG's Pixel Measures)."""
+    first = datasets[0]
+    spacing = float(np.linalg.norm(series_affine(datasets)[:3, 2]))
+    try:
+        thickness = float(first.get("SliceThickness"))
+    except (TypeError, ValueError):
+        thickness = 0.0
+    if not np.isfinite(thickness) or thickness <= 0:
+        thickness = spacing
+    return hd.PixelMeasuresSequence(
+        pixel_spacing=[float(v) for v in first.PixelSpacing],
+        slice_thickness=thickness,
+        spacing_between_slices=spacing if len(datasets) > 1 else None,
+    )
+
+
+def _sanitized_header(ds: Dataset, measures: hd.PixelMeasuresSequence) -> Dataset:
+    """A copy of ``ds`` whose optional patient/study attributes highdicom copies are present and valid, and
+    whose SliceThickness (which highdicom copies into the SEG, where it is Type 1) is set."""
+    header = Dataset()
+    for elem in ds:
+        if elem.keyword != "PixelData":
+            header.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        header.file_meta = copy.deepcopy(ds.file_meta)
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+    ):
+        value = header.get(keyword)
+        if value is None or value == "":
+            _set(header, keyword, None)
+            continue
+        try:
+            if keyword in ("PatientBirthDate", "StudyDate"):
+                DA(str(value))
+            elif keyword == "StudyTime":
+                TM(str(value))
+            elif keyword == "PatientSex":
+                sex = str(value).strip().upper()[:1]
+                if sex not in ("M", "F", "O"):
+                    raise ValueError(value)
+                _set(header, keyword, sex)
+            elif keyword in ("AccessionNumber", "StudyID") and len(str(value)) > 16:
+                raise ValueError(value)
+        except (ValueError, TypeError):
+            log.warning("source %s %r is malformed; written empty", keyword, value)
+            _set(header, keyword, None)
+    _set(header, "SliceThickness", measures[0].SliceThickness)
+    if not header.get("Modality"):
+        _set(header, "Modality", "OT")
+    return header
+
+
+def _set(ds: Dataset, keyword: str, value) -> None:
+    if keyword in ds:
+        del ds[keyword]
+    setattr(ds, keyword, value)
+
+
+def _default_series_number(ds: Dataset) -> int:
+    try:
+        return int(ds.get("SeriesNumber")) + 1000
+    except (TypeError, ValueError):
+        return 1000
+
+
+def _lo(text: str) -> str:
+    """A valid LO value: no backslash or control characters, at most 64 characters."""
+    cleaned = re.sub(r"[\\\x00-\x1f\x7f]", " ", str(text)).strip()
+    return cleaned[:MAX_LABEL_LENGTH]
+
+
+def _clean_label(label: str, number: int) -> str:
+    cleaned = _lo(label)
+    return cleaned.rstrip() or f"Segment {number}"
+
+
+def _content_label(label: str) -> str:
+    """ContentLabel is CS: upper case, digits, space and underscore, at most 16 characters."""
+    cleaned = re.sub(r"[^A-Z0-9_ ]", "_", str(label).upper()).strip()[:16]
+    return cleaned or "SAMMED2D"
+
+
+def _coded(code: Code3) -> hd.sr.CodedConcept:
+    value, scheme, meaning = (str(part).strip() for part in code)
+    if not value or not scheme or not meaning:
+        raise ValueError(f"incomplete code {code!r}: need (value, scheme, meaning)")
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:MAX_LABEL_LENGTH])
+
+
+def _color(rgb: tuple[float, float, float] | None, number: int) -> hd.color.CIELabColor:
+    if rgb is None:
+        rgb = DEFAULT_COLORS[(number - 1) % len(DEFAULT_COLORS)]
+    components = np.clip(np.asarray(rgb, dtype=float), 0.0, 1.0) * 255.0
+    if components.shape != (3,):
+        raise ValueError(f"color_rgb must have 3 components, got {rgb!r}")
+    return hd.color.CIELabColor.from_rgb(*(float(c) for c in components))
+
+
+def _atomic_save(dataset: Dataset, out_path: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            dataset.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:
+    """Category and type from a Slicer ``TerminologyEntry`` tag.
+
+    Slicer stores ``context~SCHEME^value^meaning~SCHEME^value^meaning~modifier~...``; returns
+    ``(category, type)`` as ``(value, scheme, meaning)`` tuples, None where a part is missing.
+    """
+    parts = (entry or "").split("~")
+
+    def code(index: int) -> Code3 | None:
+        if len(parts) <= index:
+            return None
+        fields = parts[index].split("^")
+        if len(fields) < 3 or not all(f.strip() for f in fields[:3]):
+            return None
+        scheme, value, meaning = (f.strip() for f in fields[:3])
+        return (value, scheme, meaning)
+
+    return code(1), code(2)
+
+
+def read_dicom_seg(
+    path: str | os.PathLike, source_datasets: Sequence[Dataset], *, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Read a DICOM-SEG back onto the KJI grid of ``source_datasets`` (sorted as for writing).
+
+    Returns ``{segment label: bool mask}``; FRACTIONAL segments are thresholded at ``threshold``. A repeated
+    label gets its segment number appended. Raises ValueError when the SEG is not a segmentation of this
+    series (other frame of reference, or none of the series' instances referenced).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DICOM-SEG file not found: {path}")
+    datasets = list(source_datasets)
+    try:
+        seg = hd.seg.segread(path)
+    except (InvalidDicomError, AttributeError, KeyError) as exc:
+        raise ValueError(f"{path} is not a readable DICOM-SEG: {exc}") from exc
+    if str(seg.get("FrameOfReferenceUID")) != str(datasets[0].get("FrameOfReferenceUID")):
+        raise ValueError("the DICOM-SEG has a different FrameOfReferenceUID than the source series")
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    referenced = {uid for _study, _series, uid in seg.get_source_image_uids()}
+    if not referenced.intersection(uids):
+        raise ValueError("the DICOM-SEG does not reference any instance of the source series")
+    numbers = list(seg.get_segment_numbers())
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=numbers,
+        assert_missing_frames_are_empty=True,
+        rescale_fractional=True,
+        dtype=np.float32 if seg.SegmentationType == "FRACTIONAL" else np.uint8,
+    )
+    result: dict[str, np.ndarray] = {}
+    for index, number in enumerate(numbers):
+        label = str(seg.get_segment_description(number).SegmentLabel)
+        if label in result:
+            label = f"{label} [{number}]"
+        plane = pixels[..., index]
+        result[label] = plane >= threshold if plane.dtype.kind == "f" else plane != 0
+    return result

@@ -1,0 +1,560 @@
+"""DICOM-SEG export/import on the real 20-slice CT (Testing/Data/totalseg-example-ct).
+
+Checked by three readers (our own, highdicom's frame positions, dcmqi's segimage2itkimage) and by dciodvfy
+(dicom3tools) for conformance."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from SAMMed2DSegmentLib import dicom_seg
+from SAMMed2DSegmentLib.dicom_seg import SegmentSpec
+
+DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
+CT = DATA / "ct"
+LABELS = DATA / "labels" / "labels_on_ct_grid.nrrd"
+BIN = Path(sys.executable).parent
+HASH = "0123456789abcdef" * 4
+LIVER, SPLEEN, PANCREAS = 5, 1, 7
+
+
+@pytest.fixture(scope="module")
+def series() -> list[pydicom.Dataset]:
+    return dicom_seg.read_series_datasets(CT)
+
+
+@pytest.fixture(scope="module")
+def labels_image() -> sitk.Image:
+    return sitk.ReadImage(str(LABELS))
+
+
+@pytest.fixture(scope="module")
+def labels_kji(labels_image, series) -> np.ndarray:
+    """The label map as [k, j, i] on the sorted series; the geometry is checked, not assumed."""
+    array = sitk.GetArrayFromImage(labels_image)  # SimpleITK arrays are [z, y, x] = [k, j, i]
+    assert array.shape == (len(series), series[0].Rows, series[0].Columns)
+    assert labels_image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    for k, ds in enumerate(series):
+        corner = labels_image.TransformIndexToPhysicalPoint((0, 0, k))
+        assert corner == pytest.approx([float(v) for v in ds.ImagePositionPatient], abs=1e-4)
+    affine = dicom_seg.series_affine(series)
+    index = np.array([7, 11, 3, 1.0])
+    assert affine @ index == pytest.approx(
+        [*labels_image.TransformContinuousIndexToPhysicalPoint((7, 11, 3)), 1]
+    )
+    return array
+
+
+@pytest.fixture(scope="module")
+def segments(labels_kji) -> list[SegmentSpec]:
+    return [
+        SegmentSpec(
+            "liver",
+            labels_kji == LIVER,
+            color_rgb=(0.87, 0.51, 0.40),
+            category=("123037004", "SCT", "Anatomical Structure"),
+            type=("10200004", "SCT", "Liver"),
+        ),
+        SegmentSpec("spleen", labels_kji == SPLEEN),
+        SegmentSpec("pancreas", labels_kji == PANCREAS, color_rgb=(0.98, 0.84, 0.6)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def seg_path(tmp_path_factory, series, segments) -> Path:
+    out = tmp_path_factory.mktemp("seg") / "seg.dcm"
+    assert dicom_seg.write_dicom_seg(series, segments, out, model_hash=HASH) == out
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run([str(BIN / "dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert any(lines), "dciodvfy printed nothing"
+    return [line for line in lines if line.startswith("Error")]
+
+
+def only_file(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- series reading
+
+
+def test_series_is_sorted_along_the_normal(series):
+    z = [float(ds.ImagePositionPatient[2]) for ds in series]
+    assert len(series) == 20
+    assert z == sorted(z) and z[0] == -804.5 and z[-1] == -766.5
+    assert "PixelData" not in series[0]
+
+
+def test_labels_fixture_has_a_structure_on_few_slices(labels_kji):
+    assert np.flatnonzero((labels_kji == PANCREAS).any(axis=(1, 2))).tolist() == [0, 1, 2, 3]
+    assert (labels_kji == LIVER).any(axis=(1, 2)).all()
+
+
+def test_mask_convention_matches_pixel_array(series, labels_kji):
+    """mask_kji[k] is on source_datasets[k].pixel_array: the liver is soft tissue, the outside is air."""
+    with_pixels = dicom_seg.read_series_datasets(CT, load_pixels=True)
+    assert [ds.SOPInstanceUID for ds in with_pixels] == [ds.SOPInstanceUID for ds in series]
+    k = 10
+    ds = with_pixels[k]
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert 20 < np.median(hu[labels_kji[k] == LIVER]) < 200
+    assert np.median(hu[:20, :20]) < -900
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_exact(seg_path, series, segments):
+    back = dicom_seg.read_dicom_seg(seg_path, series)
+    assert list(back) == [s.label for s in segments]
+    for spec in segments:
+        assert back[spec.label].dtype == np.bool_
+        np.testing.assert_array_equal(back[spec.label], spec.mask_kji, err_msg=spec.label)
+
+
+def test_header_contents(seg_path, series, segments):
+    seg = pydicom.dcmread(seg_path)
+    src = series[0]
+    assert seg.SOPClassUID == dicom_seg.SEG_SOP_CLASS_UID and seg.Modality == "SEG"
+    assert seg.SegmentationType == "BINARY"
+    for attr in ("StudyInstanceUID", "PatientID", "PatientName", "FrameOfReferenceUID"):
+        assert seg[attr].value == src[attr].value, attr
+    assert seg.SeriesInstanceUID != src.SeriesInstanceUID
+    assert seg.SOPInstanceUID not in {ds.SOPInstanceUID for ds in series}
+    labels = [item.SegmentLabel for item in seg.SegmentSequence]
+    assert labels == ["liver", "spleen", "pancreas"]
+    liver, spleen, _ = seg.SegmentSequence
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert spleen.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert spleen.SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"
+    for item in seg.SegmentSequence:
+        assert item.SegmentAlgorithmType == "SEMIAUTOMATIC"
+        assert item.SegmentAlgorithmName == "SAM-Med2D"
+        algo = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algo.AlgorithmName == "SAM-Med2D" and algo.AlgorithmVersion
+        assert f"checkpoint_sha256={HASH}" in algo.AlgorithmParameters
+        assert len(item.RecommendedDisplayCIELabValue) == 3
+    rgb = hd.color.CIELabColor.from_dicom_value(liver.RecommendedDisplayCIELabValue).to_rgb()
+    assert np.allclose(rgb, (0.87 * 255, 0.51 * 255, 0.40 * 255), atol=2)
+
+
+def test_empty_frames_are_omitted(seg_path, segments):
+    seg = pydicom.dcmread(seg_path)
+    expected = sum(int(s.mask_kji.any(axis=(1, 2)).sum()) for s in segments)
+    assert int(seg.NumberOfFrames) == expected
+    pancreas_frames = [
+        f
+        for f in seg.PerFrameFunctionalGroupsSequence
+        if f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 3
+    ]
+    assert len(pancreas_frames) == 4
+
+
+def test_every_frame_references_its_source_at_its_position(seg_path, series):
+    by_uid = {ds.SOPInstanceUID: ds for ds in series}
+    seg = hd.seg.segread(seg_path)
+    assert seg.number_of_frames > 0
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        refs = frame.DerivationImageSequence[0].SourceImageSequence
+        assert len(refs) == 1
+        source = by_uid[refs[0].ReferencedSOPInstanceUID]
+        assert refs[0].ReferencedSOPClassUID == source.SOPClassUID
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx([float(v) for v in source.ImagePositionPatient], abs=1e-6)
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    assert referenced == set(by_uid)
+
+
+def test_dciodvfy_reports_no_errors(seg_path):
+    assert dciodvfy_errors(seg_path) == []
+
+
+def test_dcmqi_reads_the_same_voxels_on_the_ct_grid(seg_path, tmp_path, labels_image, segments):
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    subprocess.run(
+        [
+            str(BIN / "segimage2itkimage"),
+            "--inputDICOM",
+            str(seg_path),
+            "--outputDirectory",
+            str(out),
+            "-t",
+            "nrrd",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    labels = [group[0]["SegmentLabel"] for group in meta["segmentAttributes"]]
+    assert labels == [s.label for s in segments]
+    for number, spec in enumerate(segments, start=1):
+        image = sitk.ReadImage(str(out / f"{number}.nrrd"))
+        assert image.GetSize() == labels_image.GetSize()
+        assert image.GetOrigin() == pytest.approx(labels_image.GetOrigin(), abs=1e-4)
+        assert image.GetSpacing() == pytest.approx(labels_image.GetSpacing(), abs=1e-6)
+        assert image.GetDirection() == pytest.approx(labels_image.GetDirection(), abs=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image) != 0, spec.mask_kji, err_msg=spec.label)
+
+
+def test_fractional_round_trip(tmp_path, series, segments):
+    rng = np.random.default_rng(0)
+    shape = segments[0].mask_kji.shape
+    probabilities = [
+        SegmentSpec(
+            spec.label, np.where(spec.mask_kji, rng.uniform(0.6, 1, shape), rng.uniform(0, 0.4, shape))
+        )
+        for spec in segments[:2]
+    ]
+    for spec in probabilities:  # zero outside a band of slices, so some frames are empty
+        spec.mask_kji = spec.mask_kji.astype(np.float32)
+        spec.mask_kji[:2] = 0
+    out = dicom_seg.write_dicom_seg(
+        series, probabilities, tmp_path / "frac.dcm", model_hash=HASH, fractional=True
+    )
+    seg = pydicom.dcmread(out)
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    back = dicom_seg.read_dicom_seg(out, series)
+    for spec in segments[:2]:
+        expected = spec.mask_kji.copy()
+        expected[:2] = False
+        np.testing.assert_array_equal(back[spec.label], expected, err_msg=spec.label)
+    assert int(seg.NumberOfFrames) == 2 * (len(series) - 2)
+    assert dciodvfy_errors(out) == []
+    values = hd.seg.segread(out).get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in series], segment_numbers=[1], assert_missing_frames_are_empty=True
+    )[..., 0]
+    np.testing.assert_allclose(values, probabilities[0].mask_kji, atol=1 / 255 / 2 + 1e-6)
+
+
+def test_overlapping_segments_round_trip(tmp_path, series, segments):
+    body = SegmentSpec("liver and spleen", segments[0].mask_kji | segments[1].mask_kji)
+    out = dicom_seg.write_dicom_seg(series, [segments[0], body], tmp_path / "overlap.dcm", model_hash=HASH)
+    back = dicom_seg.read_dicom_seg(out, series)
+    np.testing.assert_array_equal(back["liver"], segments[0].mask_kji)
+    np.testing.assert_array_equal(back["liver and spleen"], body.mask_kji)
+    assert pydicom.dcmread(out).SegmentsOverlap == "YES"
+
+
+def test_label_is_sanitised_and_truncated(tmp_path, series, segments):
+    long = "x" * 70 + "\\y"
+    out = dicom_seg.write_dicom_seg(
+        series, [SegmentSpec(long, segments[2].mask_kji)], tmp_path / "s.dcm", model_hash=HASH
+    )
+    label = pydicom.dcmread(out).SegmentSequence[0].SegmentLabel
+    assert label == "x" * 64
+    assert list(dicom_seg.read_dicom_seg(out, series)) == ["x" * 64]
+
+
+def test_an_empty_segment_among_others_is_kept_without_frames(tmp_path, series, segments):
+    empty = SegmentSpec("nothing", np.zeros_like(segments[2].mask_kji))
+    out = dicom_seg.write_dicom_seg(series, [segments[2], empty], tmp_path / "s.dcm", model_hash=HASH)
+    back = dicom_seg.read_dicom_seg(out, series)
+    assert not back["nothing"].any()
+    np.testing.assert_array_equal(back["pancreas"], segments[2].mask_kji)
+
+
+def test_parse_slicer_terminology():
+    entry = (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
+    assert dicom_seg.parse_slicer_terminology(entry) == (
+        ("123037004", "SCT", "Anatomical Structure"),
+        ("10200004", "SCT", "Liver"),
+    )
+    assert dicom_seg.parse_slicer_terminology("") == (None, None)
+    assert dicom_seg.parse_slicer_terminology("ctx~^^~^^") == (None, None)
+
+
+# ------------------------------------------------------------------------------------------- header defects
+
+OPTIONAL = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "Manufacturer",
+    "SeriesNumber",
+    "ReferringPhysicianName",
+    "PatientID",
+    "SliceThickness",
+    "InstanceNumber",
+    "Modality",
+)
+
+
+def _defective_copy(tmp_path: Path, edit, shuffle: bool = False) -> Path:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    files = sorted(CT.iterdir())
+    names = [f"IM{n:04d}" for n in range(len(files))]
+    if shuffle:
+        random.Random(4).shuffle(names)
+    for path, name in zip(files, names, strict=True):
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(folder / name)
+    return folder
+
+
+def _remove(*keywords):
+    def edit(ds):
+        for keyword in keywords:
+            if keyword in ds:
+                del ds[keyword]
+
+    return edit
+
+
+def _blank(*keywords):
+    def edit(ds):
+        for keyword in keywords:
+            setattr(ds, keyword, None)
+
+    return edit
+
+
+def _malformed(ds):
+    ds.PatientSex = "Male"
+    ds.StudyDate = "2022-12-08"
+    ds.PatientBirthDate = "19700231"
+    ds.StudyTime = "25:99"
+    ds.AccessionNumber = "A" * 20
+
+
+HEADER_VARIANTS = {
+    "optional-removed": _remove(*OPTIONAL),
+    "optional-blank": _blank(*OPTIONAL),
+    "patient-removed": _remove("PatientName", "PatientBirthDate", "PatientSex", "PatientID"),
+    "study-removed": _remove(
+        "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"
+    ),
+    "malformed-values": _malformed,
+    "shuffled-names": lambda ds: None,
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+@pytest.mark.parametrize("variant", sorted(HEADER_VARIANTS))
+def test_header_defects_still_export(variant, tmp_path, segments):
+    folder = _defective_copy(tmp_path, HEADER_VARIANTS[variant], shuffle=True)
+    datasets = dicom_seg.read_series_datasets(folder)
+    z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
+    assert z == sorted(z)
+    out = dicom_seg.write_dicom_seg(datasets, segments, tmp_path / "seg.dcm", model_hash=HASH)
+    back = dicom_seg.read_dicom_seg(out, datasets)
+    for spec in segments:
+        np.testing.assert_array_equal(back[spec.label], spec.mask_kji, err_msg=spec.label)
+    if variant in ("optional-removed", "malformed-values"):
+        assert dciodvfy_errors(out) == []
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _series_copy(tmp_path: Path, edit_by_index) -> Path:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for n, path in enumerate(sorted(CT.iterdir())):
+        ds = pydicom.dcmread(path)
+        if edit_by_index(n, ds) is not False:
+            ds.save_as(folder / path.name)
+    return folder
+
+
+def _assert_nothing_written(folder: Path, before: list[str]) -> None:
+    assert only_file(folder) == before
+
+
+def test_geometry_mismatch_is_refused_and_leaves_nothing(tmp_path, series, segments):
+    before = only_file(tmp_path)
+    wrong = SegmentSpec("liver", segments[0].mask_kji[:, :, :-1])
+    with pytest.raises(ValueError, match="does not match the source series"):
+        dicom_seg.write_dicom_seg(series, [segments[1], wrong], tmp_path / "seg.dcm", model_hash=HASH)
+    _assert_nothing_written(tmp_path, before)
+    shifted = dicom_seg.series_affine(series)
+    shifted[2, 3] += 2.0
+    with pytest.raises(ValueError, match="geometry does not match"):
+        dicom_seg.write_dicom_seg(
+            series, segments, tmp_path / "seg.dcm", model_hash=HASH, mask_affine=shifted
+        )
+    _assert_nothing_written(tmp_path, before)
+    out = dicom_seg.write_dicom_seg(
+        series,
+        segments[2:],
+        tmp_path / "ok.dcm",
+        model_hash=HASH,
+        mask_affine=dicom_seg.series_affine(series),
+    )
+    assert out.is_file()
+
+
+def test_empty_segmentation_is_refused(tmp_path, series, segments):
+    empty = np.zeros_like(segments[0].mask_kji)
+    with pytest.raises(ValueError, match="empty"):
+        dicom_seg.write_dicom_seg(series, [SegmentSpec("a", empty)], tmp_path / "seg.dcm", model_hash=HASH)
+    with pytest.raises(ValueError, match="no segments"):
+        dicom_seg.write_dicom_seg(series, [], tmp_path / "seg.dcm", model_hash=HASH)
+    assert only_file(tmp_path) == []
+
+
+def test_missing_output_folder_is_refused(tmp_path, series, segments):
+    with pytest.raises(FileNotFoundError, match="output folder does not exist"):
+        dicom_seg.write_dicom_seg(series, segments, tmp_path / "nope" / "seg.dcm", model_hash=HASH)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_float_mask_needs_fractional(tmp_path, series, segments):
+    with pytest.raises(ValueError, match="fractional=True"):
+        dicom_seg.write_dicom_seg(
+            series,
+            [SegmentSpec("p", segments[0].mask_kji.astype(float))],
+            tmp_path / "s.dcm",
+            model_hash=HASH,
+        )
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        dicom_seg.write_dicom_seg(
+            series,
+            [SegmentSpec("p", segments[0].mask_kji * 2.0)],
+            tmp_path / "s.dcm",
+            model_hash=HASH,
+            fractional=True,
+        )
+    assert only_file(tmp_path) == []
+
+
+def test_failure_during_write_leaves_no_partial_file(tmp_path, series, segments, monkeypatch):
+    target = tmp_path / "seg.dcm"
+    target.write_bytes(b"previous export")
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", explode)
+    with pytest.raises(OSError, match="disk full"):
+        dicom_seg.write_dicom_seg(series, segments, target, model_hash=HASH)
+    assert only_file(tmp_path) == ["seg.dcm"]
+    assert target.read_bytes() == b"previous export"
+
+
+def test_unsorted_datasets_are_refused(tmp_path, series, segments):
+    with pytest.raises(ValueError, match="not sorted"):
+        dicom_seg.write_dicom_seg(series[::-1], segments, tmp_path / "s.dcm", model_hash=HASH)
+    assert only_file(tmp_path) == []
+
+
+def _tilt(n, ds):
+    if n == 5:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9805807, -0.1961161]
+
+
+def _gap(n, ds):
+    return n != 7
+
+
+def _other_series(n, ds):
+    if n == 3:
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+
+
+def _no_position(n, ds):
+    if n == 2:
+        del ds.ImagePositionPatient
+
+
+def _no_orientation(n, ds):
+    if n == 2:
+        del ds.ImageOrientationPatient
+
+
+def _no_frame_of_reference(n, ds):
+    del ds.FrameOfReferenceUID
+
+
+def _blank_study_uid(n, ds):
+    ds.StudyInstanceUID = ""
+
+
+def _duplicate_position(n, ds):
+    if n == 4:
+        ds.ImagePositionPatient = [-249.51171875, -437.51171875, -804.5 + 2.0 * 3]
+
+
+BAD_SERIES = {
+    "mixed orientations": (_tilt, "mixed orientations"),
+    "gap": (_gap, "uneven slice spacing"),
+    "several series": (_other_series, "different SeriesInstanceUIDs"),
+    "no position": (_no_position, "ImagePositionPatient"),
+    "no orientation": (_no_orientation, "ImageOrientationPatient"),
+    "no frame of reference": (_no_frame_of_reference, "FrameOfReferenceUID"),
+    "blank study uid": (_blank_study_uid, "StudyInstanceUID"),
+    "duplicate position": (_duplicate_position, "same position"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SERIES))
+def test_bad_series_is_refused_with_a_clear_error(name, tmp_path, segments):
+    edit, message = BAD_SERIES[name]
+    folder = _series_copy(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        dicom_seg.read_series_datasets(folder)
+    # the writer checks the same when handed the datasets directly (e.g. from Slicer's DICOM database)
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir())]
+    datasets.sort(key=lambda ds: float(ds.get("ImagePositionPatient", [0, 0, 0])[2]))
+    masks = [SegmentSpec(s.label, s.mask_kji[: len(datasets)]) for s in segments]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ValueError, match=message):
+        dicom_seg.write_dicom_seg(datasets, masks, out_dir / "seg.dcm", model_hash=HASH)
+    assert only_file(out_dir) == []
+
+
+def test_missing_series_folder_and_non_dicom_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        dicom_seg.read_series_datasets(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("not dicom")
+    with pytest.raises(ValueError, match="no DICOM images"):
+        dicom_seg.read_series_datasets(tmp_path)
+
+
+def test_seg_next_to_the_series_is_ignored_and_other_files_skipped(tmp_path, seg_path, series):
+    folder = tmp_path / "series"
+    shutil.copytree(CT, folder)
+    shutil.copy(seg_path, folder / "seg.dcm")
+    (folder / "README").write_text("hello")
+    datasets = dicom_seg.read_series_datasets(folder)
+    assert [ds.SOPInstanceUID for ds in datasets] == [ds.SOPInstanceUID for ds in series]
+
+
+def test_read_refuses_a_seg_of_another_series(seg_path, series):
+    other = [copy.deepcopy(ds) for ds in series]
+    for ds in other:
+        ds.FrameOfReferenceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match="FrameOfReferenceUID"):
+        dicom_seg.read_dicom_seg(seg_path, other)
+    for ds in other:
+        ds.FrameOfReferenceUID = series[0].FrameOfReferenceUID
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    with pytest.raises(ValueError, match="does not reference"):
+        dicom_seg.read_dicom_seg(seg_path, other)
