@@ -335,3 +335,27 @@ def test_roi_alone_prompts_and_bounds_the_result(env, tmp_path):
     ys, xs = np.nonzero(mask.any(axis=0))
     # Inside the ROI's in-plane extent (60 × 50 mm at 0.977 mm pixels), give or take a pixel.
     assert xs.min() >= i - 31.5 and xs.max() <= i + 31.5 and ys.min() >= j - 26.5 and ys.max() <= j + 26.5
+
+
+def test_dicom_seg_output_matches_the_seg_nrrd(env, tmp_path):
+    from SAMMed2DSegmentLib.dicom_seg import read_dicom_seg, read_series_datasets
+
+    out, dcm = tmp_path / "case.seg.nrrd", tmp_path / "case.dcm"
+    assert run(base_args(env, out=out, dicom_seg=dcm, segment_name="Liver")) == 0
+    masks = read_dicom_seg(dcm, read_series_datasets(DICOM))
+    np.testing.assert_array_equal(masks["Liver"], read_segment(out, DICOM, "Liver"))
+    errors = subprocess.run(
+        [str(Path(sys.executable).parent / "dciodvfy"), str(dcm)], capture_output=True, text=True
+    )
+    assert not [line for line in (errors.stdout + errors.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_dicom_seg_needs_a_dicom_source(env, tmp_path, capsys):
+    volume = tmp_path / "ct.nrrd"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DICOM)))
+    sitk.WriteImage(reader.Execute(), str(volume))
+    out, dcm = tmp_path / "x.seg.nrrd", tmp_path / "x.dcm"
+    assert run(base_args(env, volume=volume, out=out, dicom_seg=dcm)) == 2
+    assert "DICOM series" in capsys.readouterr().err
+    assert not out.exists() and not dcm.exists()

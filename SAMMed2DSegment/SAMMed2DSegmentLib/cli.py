@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .atomic_file import atomic_path
 from .geometry import AXES
 from .propagation import DIRECTIONS, PropagationSettings
 
@@ -75,8 +75,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise CommandError(f"output folder does not exist: {parent}")
         if not os.access(parent, os.W_OK):
             raise CommandError(f"output folder is not writable: {parent}")
-    if args.dicom_seg:
-        raise CommandError("--dicom-seg: DICOM-SEG export is not available yet in this version")
+    if args.dicom_seg and not args.dicom_seg.lower().endswith(".dcm"):
+        raise CommandError(f"--dicom-seg must end in .dcm, got {Path(args.dicom_seg).name}")
     if not 0.0 <= args.iou_threshold <= 1.0:
         raise CommandError(f"--iou-threshold must be within 0..1, got {args.iou_threshold}")
     if args.cache_mb < 0:
@@ -101,17 +101,8 @@ def _window(spec: str, volume: np.ndarray, modality: str | None):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the report the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2))
 
 
 def _load_prompts(hs, args: argparse.Namespace):
@@ -142,6 +133,56 @@ def _model(args: argparse.Namespace):
     if not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint: no such file: {args.checkpoint}")
     return load_model(args.checkpoint, device=args.device)
+
+
+def _dicom_source(args: argparse.Namespace, volume) -> list:
+    """The source series for --dicom-seg, checked against the volume before any work is done."""
+    from .dicom_seg import read_series_datasets, series_affine
+    from .volume_io import LPS_TO_RAS
+
+    if not volume.dicom_files:
+        raise CommandError(
+            "--dicom-seg needs --volume to be a folder holding the DICOM series the SEG will reference "
+            f"({args.volume} is not one)"
+        )
+    datasets = read_series_datasets(args.volume)
+    if len(datasets) != volume.array_kji.shape[0] or not np.allclose(
+        LPS_TO_RAS @ series_affine(datasets), volume.ijk_to_ras, atol=1e-3
+    ):
+        raise CommandError(
+            f"{args.volume}: the DICOM headers and the decoded volume disagree on the geometry"
+        )
+    return datasets
+
+
+def _write_dicom_seg(path: Path, datasets: list, seg_node, volume_node, info) -> None:
+    """Every segment of the segmentation (not only the one just written), on the series' own grid."""
+    import vtk
+
+    from .dicom_seg import SegmentSpec, parse_slicer_terminology, series_affine, write_dicom_seg
+    from .mrml import segmentations
+
+    segmentation = seg_node.GetSegmentation()
+    specs = []
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(n)
+        segment = segmentation.GetSegment(segment_id)
+        tag = vtk.reference("")
+        segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        category, kind = parse_slicer_terminology(str(tag))
+        specs.append(
+            SegmentSpec(
+                label=segment.GetName(),
+                mask_kji=segmentations.segment_array(seg_node, segment_id, volume_node),
+                color_rgb=tuple(segment.GetColor()),
+                category=category,
+                type=kind,
+            )
+        )
+    write_dicom_seg(
+        datasets, specs, path, model_hash=info.sha256, algorithm_name=f"SAM-Med2D {info.build}",
+        mask_affine=series_affine(datasets),
+    )  # fmt: skip
 
 
 def _provenance(points, rois, info, args: argparse.Namespace) -> dict[str, str]:
@@ -183,6 +224,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         hs = scene.create_headless_scene()
         points, rois = _load_prompts(hs, args)
         existing = segmentations.load_segmentation(hs, out) if out.exists() else None
+        datasets = _dicom_source(args, volume) if args.dicom_seg else None
         window = _window(args.window, volume.array_kji, volume.modality)
         t = time.perf_counter()
         model, info = _model(args)
@@ -223,6 +265,11 @@ def run_segment(args: argparse.Namespace) -> dict:
     seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
     segment_id = segmentations.ensure_segment(seg_node, args.segment_name)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
+    if datasets is not None:
+        try:
+            _write_dicom_seg(Path(args.dicom_seg), datasets, seg_node, volume_node, info)
+        except ValueError as exc:
+            raise CommandError(f"--dicom-seg: {exc}") from exc
     segmentations.save_segmentation(seg_node, out, _provenance(points, rois, info, args))
     timings["write_s"] = time.perf_counter() - t
     timings["encode_s"] = result.encode_seconds
@@ -237,6 +284,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         "segment_name": args.segment_name,
         "segment_id": segment_id,
         "output": str(out),
+        "dicom_seg": args.dicom_seg,
         "model": {"build": info.build, "source": info.source, "sha256": info.sha256},
         "window": {"low": window.low, "high": window.high, "method": window.method},
         "seed_slices": sorted(seg.seeds),

@@ -22,12 +22,10 @@ with :func:`os.replace`; on any failure nothing is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from . import __version__
+from .atomic_file import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -489,20 +488,8 @@ def _color(rgb: tuple[float, float, float] | None, number: int) -> hd.color.CIEL
 
 
 def _atomic_save(dataset: Dataset, out_path: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            dataset.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-
-
-# --------------------------------------------------------------------------------------------- reading
+    with atomic_path(out_path) as temporary:
+        dataset.save_as(temporary, enforce_file_format=True)
 
 
 def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:

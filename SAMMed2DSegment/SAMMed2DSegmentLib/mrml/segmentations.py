@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ..atomic_file import atomic_path
 from ..geometry import SliceGeometry
 from .scene import HeadlessScene, captured_vtk_messages
 from .volumes import node_to_world_matrix, volume_ijk_to_world, vtk_matrix_from_array
@@ -299,11 +298,8 @@ def save_segmentation(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder does not exist: {path.parent}")
     fields = _check_metadata(metadata or {})
-    stem = path.name[: -len(SEG_NRRD)]
-    temporary = path.with_name(f".{stem}.{secrets.token_hex(6)}.tmp{SEG_NRRD}")
-    # Created with O_EXCL and the usual permissions (umask applies), unlike mkstemp's 0600.
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    # Slicer's storage node picks the format from the extension, so the temporary name ends in .seg.nrrd.
+    with atomic_path(path, suffix=f".tmp{SEG_NRRD}") as temporary:
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(str(temporary))
         storage.UseCompressionOn()
@@ -313,14 +309,6 @@ def save_segmentation(
             raise OSError(f"cannot write segmentation to {path}: {messages.summary()}")
         if fields:
             _add_header_fields(temporary, fields)
-        if path.exists():
-            shutil.copymode(path, temporary)
-        with temporary.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path
 
 
