@@ -155,36 +155,6 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
     return datasets
 
 
-def _write_dicom_seg(path: Path, datasets: list, seg_node, volume_node, info) -> None:
-    """Every segment of the segmentation (not only the one just written), on the series' own grid."""
-    import vtk
-
-    from .dicom_seg import SegmentSpec, parse_slicer_terminology, series_affine, write_dicom_seg
-    from .mrml import segmentations
-
-    segmentation = seg_node.GetSegmentation()
-    specs = []
-    for n in range(segmentation.GetNumberOfSegments()):
-        segment_id = segmentation.GetNthSegmentID(n)
-        segment = segmentation.GetSegment(segment_id)
-        tag = vtk.reference("")
-        segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
-        category, kind = parse_slicer_terminology(str(tag))
-        specs.append(
-            SegmentSpec(
-                label=segment.GetName(),
-                mask_kji=segmentations.segment_array(seg_node, segment_id, volume_node),
-                color_rgb=tuple(segment.GetColor()),
-                category=category,
-                type=kind,
-            )
-        )
-    write_dicom_seg(
-        datasets, specs, path, model_hash=info.sha256, algorithm_name=f"SAM-Med2D {info.build}",
-        mask_affine=series_affine(datasets),
-    )  # fmt: skip
-
-
 def _provenance(points, rois, info, args: argparse.Namespace) -> dict[str, str]:
     """What a reviewer needs to re-run the case, kept in the .seg.nrrd header."""
     return {
@@ -209,6 +179,7 @@ def _provenance(points, rois, info, args: argparse.Namespace) -> dict[str, str]:
 def run_segment(args: argparse.Namespace) -> dict:
     from .embedding_cache import EmbeddingCache
     from .mrml import scene, segmentations, volumes
+    from .mrml.dicom_segmentations import export_dicom_seg
     from .predictor import SamMed2DPredictor
     from .segmenter import segment_volume
     from .volume_io import read_volume
@@ -267,7 +238,9 @@ def run_segment(args: argparse.Namespace) -> dict:
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
     if datasets is not None:
         try:
-            _write_dicom_seg(Path(args.dicom_seg), datasets, seg_node, volume_node, info)
+            export_dicom_seg(
+                seg_node, volume_node, datasets, args.dicom_seg, info.sha256, f"SAM-Med2D {info.build}"
+            )
         except ValueError as exc:
             raise CommandError(f"--dicom-seg: {exc}") from exc
     segmentations.save_segmentation(seg_node, out, _provenance(points, rois, info, args))

@@ -1,0 +1,92 @@
+"""Segmentation nodes ↔ DICOM-SEG files: what the command line's `--dicom-seg` and the module's
+"Export DICOM-SEG" / reopen actions call. The DICOM work itself is the pure layer's `dicom_seg`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import vtk
+
+from ..dicom_seg import SegmentSpec, parse_slicer_terminology, read_dicom_seg, series_affine, write_dicom_seg
+from ..geometry import SliceGeometry
+from .scene import HeadlessScene
+from .segmentations import ensure_segment, ensure_segmentation, segment_array, write_segment_slices
+from .volumes import volume_ijk_to_world
+
+LPS_TO_RAS = ((-1.0, 0.0, 0.0, 0.0), (0.0, -1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def _check_volume_matches_series(volume_node: vtk.vtkObject, datasets: Sequence) -> None:
+    """The volume's voxel grid must be the series' own ([k, j, i] = sorted instance, row, column)."""
+    import numpy as np
+
+    expected = np.asarray(LPS_TO_RAS) @ series_affine(datasets)
+    image = volume_node.GetImageData()
+    dims = image.GetDimensions() if image is not None else (0, 0, 0)
+    if dims[2] != len(datasets) or not np.allclose(volume_ijk_to_world(volume_node), expected, atol=1e-3):
+        raise ValueError(
+            f"volume {volume_node.GetName()!r} is not on the voxel grid of the DICOM series "
+            "(a DICOM-SEG must reference the series the volume was loaded from)"
+        )
+
+
+def export_dicom_seg(
+    seg_node: vtk.vtkObject,
+    volume_node: vtk.vtkObject,
+    datasets: Sequence,
+    path: str | os.PathLike[str],
+    model_hash: str,
+    algorithm_name: str = "SAM-Med2D",
+    segment_ids: Sequence[str] | None = None,
+) -> Path:
+    """Write the segments (all by default) as a DICOM-SEG referencing `datasets` (sorted source series),
+    with their names, colors and terminology. Atomic; raises ValueError on any mismatch."""
+    _check_volume_matches_series(volume_node, datasets)
+    segmentation = seg_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else list(segmentation.GetSegmentIDs())
+    specs = []
+    for segment_id in ids:
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise ValueError(f"no segment {segment_id!r} in {seg_node.GetName()!r}")
+        tag = vtk.reference("")
+        segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        category, kind = parse_slicer_terminology(str(tag))
+        specs.append(
+            SegmentSpec(
+                label=segment.GetName(),
+                mask_kji=segment_array(seg_node, segment_id, volume_node),
+                color_rgb=tuple(segment.GetColor()),
+                category=category,
+                type=kind,
+            )
+        )
+    return write_dicom_seg(
+        datasets, specs, path, model_hash=model_hash, algorithm_name=algorithm_name,
+        mask_affine=series_affine(datasets),
+    )  # fmt: skip
+
+
+def import_dicom_seg(
+    hs: HeadlessScene,
+    path: str | os.PathLike[str],
+    volume_node: vtk.vtkObject,
+    datasets: Sequence,
+    seg_node: vtk.vtkObject | None = None,
+) -> vtk.vtkObject:
+    """Read a DICOM-SEG of `datasets` back into a segmentation node on `volume_node`'s grid (one segment per
+    SEG segment, by name), so a user can reopen a case and continue."""
+    _check_volume_matches_series(volume_node, datasets)
+    masks = read_dicom_seg(path, datasets)
+    seg_node = ensure_segmentation(hs, volume_node, seg_node, name=Path(path).stem)
+    geometry = SliceGeometry.create(
+        tuple(reversed(volume_node.GetImageData().GetDimensions())), volume_ijk_to_world(volume_node), "axial"
+    )
+    for label, mask in masks.items():
+        segment_id = ensure_segment(seg_node, label)
+        # Put the [k, j, i] mask in through the slice views, so every slice of it is written exactly.
+        slices = {index: geometry.extract(mask, index) for index in range(geometry.num_slices)}
+        write_segment_slices(seg_node, segment_id, volume_node, geometry, slices)
+    return seg_node
