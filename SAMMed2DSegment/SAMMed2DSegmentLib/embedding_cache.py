@@ -45,7 +45,10 @@ class EmbeddingCache:
     def get(self, key: Hashable) -> torch.Tensor | None:
         with self._lock:
             value = self._items.get(key)
-            if value is not None:
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
                 self._items.move_to_end(key)
             return value
 

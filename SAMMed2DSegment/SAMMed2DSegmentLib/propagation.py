@@ -149,10 +149,8 @@ class PropagationEngine:
         key = (self.cache_key, index)
         cached = self.cache.get(key)
         if cached is None:
-            self.cache.misses += 1
             self.cache.put(key, self._encode(index))
         else:
-            self.cache.hits += 1
             self.predictor.set_embedding(cached, self.slice_shape)
 
     def segment(
