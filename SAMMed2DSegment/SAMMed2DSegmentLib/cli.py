@@ -137,8 +137,7 @@ def _model(args: argparse.Namespace):
 
 def _dicom_source(args: argparse.Namespace, volume) -> list:
     """The source series for --dicom-seg, checked against the volume before any work is done."""
-    from .dicom_seg import read_series_datasets, series_affine
-    from .volume_io import LPS_TO_RAS
+    from .dicom_seg import check_series_grid, read_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(
@@ -146,12 +145,7 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
             f"({args.volume} is not one)"
         )
     datasets = read_series_datasets(args.volume)
-    if len(datasets) != volume.array_kji.shape[0] or not np.allclose(
-        LPS_TO_RAS @ series_affine(datasets), volume.ijk_to_ras, atol=1e-3
-    ):
-        raise CommandError(
-            f"{args.volume}: the DICOM headers and the decoded volume disagree on the geometry"
-        )
+    check_series_grid(datasets, volume.array_kji.shape, volume.ijk_to_ras)
     return datasets
 
 

@@ -40,6 +40,7 @@ from pydicom.valuerep import DA, TM
 
 from . import __version__
 from .atomic_file import atomic_path
+from .geometry import LPS_TO_RAS
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,17 @@ def series_affine(datasets: Sequence[Dataset]) -> np.ndarray:
     affine[:3, 2] = step
     affine[:3, 3] = origin
     return affine
+
+
+def check_series_grid(datasets: Sequence[Dataset], shape_kji: Sequence[int], ijk_to_ras: np.ndarray) -> None:
+    """Raise ValueError unless a volume (KJI shape, IJK→RAS) lies on the sorted series' own voxel grid, as a
+    DICOM-SEG referencing that series requires."""
+    expected = LPS_TO_RAS @ series_affine(datasets)
+    if int(shape_kji[0]) != len(datasets) or not np.allclose(expected, ijk_to_ras, atol=1e-3):
+        raise ValueError(
+            "the volume is not on the voxel grid of the DICOM series (a DICOM-SEG must reference the series "
+            "the volume was loaded from)"
+        )
 
 
 def _ipp(ds: Dataset) -> np.ndarray:

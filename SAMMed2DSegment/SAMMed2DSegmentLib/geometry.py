@@ -22,6 +22,8 @@ VIEW_ORIENTATIONS: dict[str, np.ndarray] = {
     "sagittal": np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
 }
 AXES = tuple(VIEW_ORIENTATIONS)
+#: DICOM/ITK patient coordinates (LPS) → Slicer's RAS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class GeometryError(ValueError):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from .geometry import LPS_TO_RAS
+
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 

@@ -9,27 +9,24 @@ from pathlib import Path
 
 import vtk
 
-from ..dicom_seg import SegmentSpec, parse_slicer_terminology, read_dicom_seg, series_affine, write_dicom_seg
+from ..dicom_seg import (
+    SegmentSpec,
+    check_series_grid,
+    parse_slicer_terminology,
+    read_dicom_seg,
+    series_affine,
+    write_dicom_seg,
+)
 from ..geometry import SliceGeometry
 from .scene import HeadlessScene
 from .segmentations import ensure_segment, ensure_segmentation, segment_array, write_segment_slices
 from .volumes import volume_ijk_to_world
 
-LPS_TO_RAS = ((-1.0, 0.0, 0.0, 0.0), (0.0, -1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
-
 
 def _check_volume_matches_series(volume_node: vtk.vtkObject, datasets: Sequence) -> None:
-    """The volume's voxel grid must be the series' own ([k, j, i] = sorted instance, row, column)."""
-    import numpy as np
-
-    expected = np.asarray(LPS_TO_RAS) @ series_affine(datasets)
     image = volume_node.GetImageData()
-    dims = image.GetDimensions() if image is not None else (0, 0, 0)
-    if dims[2] != len(datasets) or not np.allclose(volume_ijk_to_world(volume_node), expected, atol=1e-3):
-        raise ValueError(
-            f"volume {volume_node.GetName()!r} is not on the voxel grid of the DICOM series "
-            "(a DICOM-SEG must reference the series the volume was loaded from)"
-        )
+    shape = tuple(reversed(image.GetDimensions())) if image is not None else (0, 0, 0)
+    check_series_grid(datasets, shape, volume_ijk_to_world(volume_node))
 
 
 def export_dicom_seg(
