@@ -52,6 +52,29 @@ def make_slice_source(
     return slice_image
 
 
+def make_engine(
+    predictor: SamMed2DPredictor,
+    volume_kji: np.ndarray,
+    geometry: SliceGeometry,
+    window: IntensityWindow,
+    settings: PropagationSettings | None = None,
+    cache: EmbeddingCache | None = None,
+    cache_key: object = None,
+) -> PropagationEngine:
+    """The engine for one volume, view and window; engines made with the same `cache` and `cache_key` share
+    embeddings (the module pre-computes slices near the one the user looks at with one)."""
+    return PropagationEngine(
+        predictor,
+        make_slice_source(volume_kji, geometry, window),
+        geometry.num_slices,
+        geometry.slice_shape,
+        pixel_spacing=geometry.pixel_spacing,
+        cache=cache,
+        cache_key=(cache_key, geometry.axis, window.low, window.high),
+        settings=settings,
+    )
+
+
 def segment_volume(
     predictor: SamMed2DPredictor,
     volume_kji: np.ndarray,
@@ -71,16 +94,7 @@ def segment_volume(
     geometry = SliceGeometry.create(volume_kji.shape, ijk_to_ras, axis)
     prompts = prompts_by_slice(geometry, points, rois)
     seeds, roi_boxes = split_prompts(prompts, bool(rois))
-    engine = PropagationEngine(
-        predictor,
-        make_slice_source(volume_kji, geometry, window),
-        geometry.num_slices,
-        geometry.slice_shape,
-        pixel_spacing=geometry.pixel_spacing,
-        cache=cache,
-        cache_key=(cache_key, axis, window.low, window.high),
-        settings=settings,
-    )
+    engine = make_engine(predictor, volume_kji, geometry, window, settings, cache, cache_key)
     result = engine.run(
         seeds,
         direction=direction,

@@ -1,0 +1,110 @@
+"""The module's background session without Slicer: windows, prefetch sharing the cache with clicks,
+confidence ordering, the slice view a point was placed in (tier A)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SAMMed2DSegmentLib.geometry import VIEW_ORIENTATIONS
+from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.prompts import PointPrompt
+from SAMMed2DSegmentLib.propagation import PropagationResult, SliceOutcome
+from SAMMed2DSegmentLib.session import (
+    SegmentationSession,
+    VolumeSnapshot,
+    axis_from_views,
+    confidence_table,
+    slice_center_ras,
+    window_for,
+)
+
+IJK_TO_RAS = np.array([[-0.8, 0, 0, 10], [0, -0.8, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1.0]])
+
+
+@pytest.fixture
+def snapshot():
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 20, (6, 40, 48)).astype(np.int16) - 1000
+    volume[:, 10:30, 12:36] += 1060  # a soft-tissue block in air: looks like CT
+    return VolumeSnapshot("vtkMRMLScalarVolumeNode1:42", volume, IJK_TO_RAS, None)
+
+
+def test_window_choices(snapshot):
+    assert window_for(snapshot, "auto").method.endswith("(ct-soft-tissue)")
+    lung = window_for(snapshot, "ct-lung")
+    assert (lung.level, lung.width) == (-600, 1500)
+    custom = window_for(snapshot, "custom", level=10, width=100)
+    assert (custom.low, custom.high) == (-40, 60)
+    with pytest.raises(ValueError, match="level and a width"):
+        window_for(snapshot, "custom")
+    with pytest.raises(ValueError, match="unknown intensity window"):
+        window_for(snapshot, "bright")
+
+
+def test_prefetch_encodes_neighbours_once_and_clicks_reuse_them(small_model, snapshot):
+    session = SegmentationSession(SamMed2DPredictor(small_model))
+    window = window_for(snapshot, "auto")
+    assert session.prefetch(snapshot, window, "axial", center=2, radius=1) == [2, 3, 1]
+    assert session.prefetch(snapshot, window, "axial", center=2, radius=2) == [4, 0]
+    assert session.prefetch(snapshot, window, "axial", center=5, radius=1) == [5]  # 6 is off the volume
+    geometry = snapshot.geometry("axial")
+    point = geometry.continuous_to_ras([[2, 24, 20]])[0]
+    result = session.segment(snapshot, window, [PointPrompt(tuple(point), 1)], [], "axial", "none")
+    assert result.result.encoded_slices == 0  # the prompted slice was already encoded
+    assert set(result.result.slices) == {2}
+
+
+def test_prefetch_stops_when_cancelled(small_model, snapshot):
+    session = SegmentationSession(SamMed2DPredictor(small_model))
+    window = window_for(snapshot, "auto")
+    calls = []
+    encoded = session.prefetch(
+        snapshot, window, "axial", center=2, radius=2, should_cancel=lambda: calls.append(1) or len(calls) > 1
+    )
+    assert encoded == [2]
+
+
+def test_another_volume_state_does_not_reuse_embeddings(small_model, snapshot):
+    session = SegmentationSession(SamMed2DPredictor(small_model))
+    window = window_for(snapshot, "auto")
+    session.prefetch(snapshot, window, "axial", center=2, radius=0)
+    edited = VolumeSnapshot("vtkMRMLScalarVolumeNode1:43", snapshot.array_kji + 1, IJK_TO_RAS)
+    assert session.prefetch(edited, window, "axial", center=2, radius=0) == [2]
+
+
+def test_confidence_table_puts_the_least_certain_first():
+    result = PropagationResult()
+    for index, status, conf in [(3, "prompted", 0.9), (4, "propagated", 0.5), (5, "rejected", 0.0),
+                                (2, "propagated", 0.7)]:  # fmt: skip
+        result.slices[index] = SliceOutcome(index, status, conf, conf, 10)
+    assert [r.index for r in confidence_table(result)] == [5, 4, 2, 3]
+
+
+def test_slice_center_is_on_the_slice(snapshot):
+    geometry = snapshot.geometry("axial")
+    center = slice_center_ras(geometry, 4)
+    s, x, y = geometry.ras_to_continuous(center)[0]
+    assert s == pytest.approx(4) and x == pytest.approx(23.5) and y == pytest.approx(19.5)
+
+
+def _slice_to_ras(axis: str, offset: float) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = VIEW_ORIENTATIONS[axis]
+    m[:3, 3] = VIEW_ORIENTATIONS[axis][:, 2] * offset
+    return m
+
+
+def test_axis_follows_the_view_the_point_was_placed_in():
+    views = [("Axial", _slice_to_ras("axial", -12.0)), ("Coronal", _slice_to_ras("coronal", 5.0)),
+             ("Sagittal", _slice_to_ras("sagittal", 30.0))]  # fmt: skip
+    assert axis_from_views((1.0, 2.0, -12.0), views) == "axial"
+    assert axis_from_views((1.0, 5.0, 7.0), views) == "coronal"
+    assert axis_from_views((-30.0, 2.0, 7.0), views) == "sagittal"  # its normal is -x
+    assert axis_from_views((1.0, 2.0, 3.0), views) is None  # on no view
+    assert axis_from_views((-30.0, 5.0, 7.0), views) is None  # on two views: ambiguous
+    tilted = _slice_to_ras("axial", 0.0)
+    angle = np.radians(10)
+    tilted[:3, :3] = tilted[:3, :3] @ np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
+                                                [0, np.sin(angle), np.cos(angle)]])  # fmt: skip
+    assert axis_from_views((0.0, 0.0, 0.0), [("Reformat", tilted)]) == "axial"
