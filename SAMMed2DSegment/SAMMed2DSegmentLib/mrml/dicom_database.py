@@ -29,7 +29,7 @@ def instance_uids(volume_node: vtk.vtkObject) -> list[str]:
         raise ValueError(
             f"volume {volume_node.GetName()!r} was not loaded from DICOM, so a DICOM-SEG cannot "
             "reference it: import the CT/MR series into the DICOM database (DICOM module → Import), "
-            "load it from there, segment that volume, and export again (or save the segmentation as .seg.nrrd)"
+            "load it from there, segment that volume and export again (or save as .seg.nrrd)"
         )
     return uids
 
