@@ -359,3 +359,45 @@ def test_dicom_seg_needs_a_dicom_source(env, tmp_path, capsys):
     assert run(base_args(env, volume=volume, out=out, dicom_seg=dcm)) == 2
     assert "DICOM series" in capsys.readouterr().err
     assert not out.exists() and not dcm.exists()
+
+
+def test_provenance_in_the_seg_nrrd_and_the_dicom_seg(env, tmp_path):
+    """Per-slice confidence and the prompts go into both files; the SEG carries the points in LPS (the
+    markups file's own frame here); updating a file keeps the provenance of its other segments."""
+    import pydicom
+
+    from SAMMed2DSegmentLib.dicom_seg import parse_algorithm_parameters, read_dicom_seg_provenance
+
+    out, dcm, report = tmp_path / "case.seg.nrrd", tmp_path / "case.dcm", tmp_path / "r.json"
+    assert run(base_args(env, out=out, segment_name="Liver")) == 0
+    assert (
+        run(base_args(env, out=out, dicom_seg=dcm, report=report, segment_name="Liver 2", axis="coronal"))
+        == 0
+    )
+
+    first, second = segmentations.read_segmentation_provenance(out)
+    assert (first.segment, first.axis, second.segment, second.axis) == (
+        "Liver",
+        "axial",
+        "Liver 2",
+        "coronal",
+    )
+    rep = json.loads(report.read_text())
+    assert [(s.index, s.status, s.confidence, s.predicted_iou) for s in second.slices] == [
+        (s["index"], s["status"], s["confidence"], s["predicted_iou"]) for s in rep["slices"]
+    ]
+    assert second.model_sha256 == rep["model"]["sha256"]
+    assert second.window == (rep["window"]["low"], rep["window"]["high"])
+    x, y, z = env["liver_lps"]
+    assert second.points_ras[0].position == pytest.approx((-x, -y, z), abs=1e-9)
+
+    from_seg = read_dicom_seg_provenance(dcm)
+    assert set(from_seg) == {"Liver", "Liver 2"}
+    assert from_seg["Liver 2"].slices == second.slices and from_seg["Liver"].slices == first.slices
+    assert from_seg["Liver 2"].points_ras[0].position == pytest.approx((-x, -y, z), abs=1e-4)
+    items = {item.SegmentLabel: item for item in pydicom.dcmread(dcm).SegmentSequence}
+    params = parse_algorithm_parameters(
+        items["Liver 2"].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    )
+    sign, *lps = params["points_lps"].split()
+    assert sign == "+" and [float(v) for v in lps] == pytest.approx([x, y, z], abs=1e-4)

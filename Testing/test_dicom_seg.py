@@ -253,14 +253,15 @@ def test_overlapping_segments_round_trip(tmp_path, series, segments):
     assert pydicom.dcmread(out).SegmentsOverlap == "YES"
 
 
-def test_label_is_sanitised_and_truncated(tmp_path, series, segments):
+def test_label_is_sanitised_and_truncated_with_a_marker(tmp_path, series, segments):
     long = "x" * 70 + "\\y"
     out = dicom_seg.write_dicom_seg(
         series, [SegmentSpec(long, segments[2].mask_kji)], tmp_path / "s.dcm", model_hash=HASH
     )
     label = pydicom.dcmread(out).SegmentSequence[0].SegmentLabel
-    assert label == "x" * 64
-    assert list(dicom_seg.read_dicom_seg(out, series)) == ["x" * 64]
+    assert label == "x" * 61 + "..."  # cut, and the cut shows
+    assert list(dicom_seg.read_dicom_seg(out, series)) == [long]  # the full label is kept in the parameters
+    assert dciodvfy_errors(out) == []
 
 
 def test_an_empty_segment_among_others_is_kept_without_frames(tmp_path, series, segments):
@@ -558,3 +559,100 @@ def test_read_refuses_a_seg_of_another_series(seg_path, series):
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(ValueError, match="does not reference"):
         dicom_seg.read_dicom_seg(seg_path, other)
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") -> dicom_seg.Provenance:
+    """A run as the engine records it; coordinates with at most 4 decimals survive the SEG exactly."""
+    from types import SimpleNamespace as Ns
+
+    points = [
+        Ns(position=(10.25 + n, -20.5 - n, -790.0 + n / 8), label=int(n % 3 != 2)) for n in range(n_points)
+    ]
+    axes = np.array([[0.6, -0.8, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    rois = [Ns(center=(1.5, -2.0, -780.0), axes=axes, size=(60.0, 50.0, 12.5))]
+    statuses = ["prompted", "propagated", "rejected"]
+    outcomes = [
+        Ns(index=k, status=statuses[min(k, 2)], confidence=0.9 - k / 1e4, predicted_iou=0.81234 + k / 1e5)
+        for k in range(n_slices)
+    ]
+    return dicom_seg.build_provenance(
+        points, rois, outcomes, model="SAM-Med2D vit_b", model_sha256=HASH, axis="axial", propagate="both",
+        segment=segment, window=(-160.0, 240.0),
+    )  # fmt: skip
+
+
+def test_provenance_round_trips_through_the_seg_in_lps(tmp_path, series, segments):
+    prov = _provenance(segment="liver, left lobe = 1 ü")
+    spec = SegmentSpec("liver, left lobe = 1 ü", segments[0].mask_kji, provenance=prov)
+    out = dicom_seg.write_dicom_seg(series, [spec, segments[1]], tmp_path / "p.dcm", model_hash=HASH)
+
+    back = dicom_seg.read_dicom_seg_provenance(out)
+    assert back == {"liver, left lobe = 1 ü": prov}  # spleen has no provenance: left out
+    seg = pydicom.dcmread(out)
+    liver, spleen = seg.SegmentSequence
+    text = liver.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert text.isascii() and len(text) <= dicom_seg.MAX_LT_LENGTH
+    # An independent parser (highdicom's own) reads our parameters, and the points are in LPS there.
+    params = hd.AlgorithmIdentificationSequence.from_sequence(
+        liver.SegmentationAlgorithmIdentificationSequence
+    ).parameters
+    assert params["checkpoint_sha256"] == HASH and params["frame"] == "LPS mm"
+    first = prov.points_ras[0].position
+    assert params["points_lps"].split(";")[0] == f"+ {-first[0]:g} {-first[1]:g} {first[2]:g}"
+    assert params["slices"].startswith("0:P:0.9:0.8123;1:A:0.8999:0.8123;2:R:")
+    assert (
+        spleen.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+        == f"checkpoint_sha256={HASH}"
+    )
+    assert seg.SeriesDescription == f"SAM-Med2D segmentation, checkpoint {HASH[:12]}"
+    assert seg.ContentDescription == "axial both; 2 pt 1 ROI; 2 slices conf 0.90-0.90"
+    assert dciodvfy_errors(out) == []
+
+
+def test_long_prompt_lists_are_cut_with_a_marker_and_stay_valid(tmp_path, series, segments):
+    prov = _provenance(n_points=300, n_slices=900)
+    spec = SegmentSpec("liver", segments[0].mask_kji, provenance=prov)
+    out = dicom_seg.write_dicom_seg(series, [spec], tmp_path / "long.dcm", model_hash=HASH)
+
+    seg = pydicom.dcmread(out)
+    text = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert len(text) <= dicom_seg.MAX_LT_LENGTH
+    assert seg.ContentDescription.endswith("; parameters truncated") and len(seg.ContentDescription) <= 64
+    assert dciodvfy_errors(out) == []
+    back = dicom_seg.read_dicom_seg_provenance(out)["liver"]
+    assert back.truncated.startswith("kept points ") and back.truncated.endswith("...")
+    # The slice list goes first; what is kept is an exact prefix; the prompts are all there.
+    assert back.points_ras == prov.points_ras and back.rois_ras == prov.rois_ras
+    assert 0 < len(back.slices) < len(prov.slices) and back.slices == prov.slices[: len(back.slices)]
+    assert f"slices {len(back.slices)}/900" in back.truncated
+
+
+def test_prompts_are_cut_only_when_the_slices_are_gone(series, segments):
+    params = _provenance(n_points=2000, n_slices=50).to_algorithm_parameters()
+    assert params["slices"] == "" and 0 < len(params["points_lps"].split(";")) < 2000
+    assert dicom_seg.parameters_length(params) <= dicom_seg.MAX_LT_LENGTH
+    assert "slices 0/50" in params["truncated"] and "rois 1/1" in params["truncated"]
+
+
+def test_provenance_metadata_round_trip_and_history():
+    first, second = _provenance(segment="liver"), _provenance(n_points=1, segment="spleen")
+    meta = second.to_metadata([first])
+    assert all(isinstance(v, str) for v in meta.values()) and meta["CoordinateSystem"] == "RAS"
+    assert dicom_seg.Provenance.from_metadata(meta) == second
+    assert dicom_seg.provenance_history(meta) == [first, second]
+    assert dicom_seg.provenance_history({"something": "else"}) == []
+    with pytest.raises(ValueError, match="malformed"):
+        dicom_seg.provenance_history({**meta, "Prompts": "{not json"})
+    with pytest.raises(ValueError, match="malformed"):
+        dicom_seg.Provenance.from_metadata({**meta, "Slices": "3:Q:0.5:0.5"})
+
+
+def test_slice_list_format():
+    records = dicom_seg.parse_slices("10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1")
+    assert [r.status for r in records] == ["prompted", "propagated", "rejected"]
+    assert dicom_seg.format_slices(records) == "10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1"
+    with pytest.raises(ValueError, match="unknown slice status"):
+        dicom_seg.format_slices([dicom_seg.SliceRecord(1, "maybe", 0.5, 0.5)])

@@ -149,25 +149,25 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
     return datasets
 
 
-def _provenance(points, rois, info, args: argparse.Namespace) -> dict[str, str]:
-    """What a reviewer needs to re-run the case, kept in the .seg.nrrd header."""
-    return {
-        "Model": f"SAM-Med2D {info.build}",
-        "ModelSHA256": info.sha256,
-        "Axis": args.axis,
-        "Propagate": args.propagate,
-        "Prompts": json.dumps(
-            {
-                "points_ras": [
-                    {"position": list(p.position), "label": p.label, "name": p.name} for p in points
-                ],
-                "rois_ras": [
-                    {"center": list(r.center), "axes": np.asarray(r.axes).tolist(), "size": list(r.size)}
-                    for r in rois
-                ],
-            }
-        ),
-    }
+def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window):
+    """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window."""
+    from .dicom_seg import build_provenance
+
+    return build_provenance(
+        points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,
+        axis=args.axis, propagate=args.propagate, segment=args.segment_name, window=(window.low, window.high),
+    )  # fmt: skip
+
+
+def _earlier_provenance(out: Path) -> list:
+    """Runs recorded in the file being updated, so its other segments keep their provenance."""
+    from .mrml.segmentations import read_segmentation_provenance
+
+    try:
+        return read_segmentation_provenance(out)
+    except ValueError as exc:
+        print(f"warning: {out.name}: {exc}; its earlier provenance is not carried over", file=sys.stderr)
+        return []
 
 
 def run_segment(args: argparse.Namespace) -> dict:
@@ -189,6 +189,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         hs = scene.create_headless_scene()
         points, rois = _load_prompts(hs, args)
         existing = segmentations.load_segmentation(hs, out) if out.exists() else None
+        earlier = _earlier_provenance(out) if existing is not None else []
         datasets = _dicom_source(args, volume) if args.dicom_seg else None
         window = _window(args.window, volume.array_kji, volume.modality)
         t = time.perf_counter()
@@ -230,14 +231,17 @@ def run_segment(args: argparse.Namespace) -> dict:
     seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
     segment_id = segmentations.ensure_segment(seg_node, args.segment_name)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
+    provenance = _provenance(points, rois, info, args, result.slices.values(), window)
     if datasets is not None:
+        by_segment = {p.segment: p for p in [*earlier, provenance]}  # the latest run on each segment
         try:
             export_dicom_seg(
-                seg_node, volume_node, datasets, args.dicom_seg, info.sha256, f"SAM-Med2D {info.build}"
-            )
+                seg_node, volume_node, datasets, args.dicom_seg, info.sha256, f"SAM-Med2D {info.build}",
+                provenance=by_segment,
+            )  # fmt: skip
         except ValueError as exc:
             raise CommandError(f"--dicom-seg: {exc}") from exc
-    segmentations.save_segmentation(seg_node, out, _provenance(points, rois, info, args))
+    segmentations.save_segmentation(seg_node, out, provenance.to_metadata(earlier))
     timings["write_s"] = time.perf_counter() - t
     timings["encode_s"] = result.encode_seconds
     timings["decode_s"] = result.decode_seconds

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import vtk
 
 from ..dicom_seg import (
+    Provenance,
     SegmentSpec,
     check_series_grid,
     parse_slicer_terminology,
@@ -37,9 +38,12 @@ def export_dicom_seg(
     model_hash: str,
     algorithm_name: str = "SAM-Med2D",
     segment_ids: Sequence[str] | None = None,
+    provenance: Mapping[str, Provenance] | None = None,
 ) -> Path:
     """Write the segments (all by default) as a DICOM-SEG referencing `datasets` (sorted source series),
-    with their names, colors and terminology. Atomic; raises ValueError on any mismatch."""
+    with their names, colors and terminology. `provenance` ({segment name: record}, e.g. from
+    `build_provenance` or `read_segmentation_provenance`) goes, in LPS, into each segment's
+    AlgorithmParameters. Atomic; raises ValueError on any mismatch."""
     _check_volume_matches_series(volume_node, datasets)
     segmentation = seg_node.GetSegmentation()
     ids = list(segment_ids) if segment_ids is not None else list(segmentation.GetSegmentIDs())
@@ -58,6 +62,7 @@ def export_dicom_seg(
                 color_rgb=tuple(segment.GetColor()),
                 category=category,
                 type=kind,
+                provenance=(provenance or {}).get(segment.GetName()),
             )
         )
     return write_dicom_seg(

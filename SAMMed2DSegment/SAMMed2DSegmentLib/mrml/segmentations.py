@@ -286,12 +286,22 @@ def read_segmentation_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return result
 
 
+def read_segmentation_provenance(path: str | os.PathLike[str]) -> list:
+    """The SAM-Med2D runs recorded in a .seg.nrrd header as `dicom_seg.Provenance` records (prompts in RAS,
+    per-slice confidence, model and hash), oldest first, the latest last; empty when there are none.
+    ValueError when the fields are there but malformed."""
+    from ..dicom_seg import provenance_history  # imports highdicom: only when provenance is asked for
+
+    return provenance_history(read_segmentation_metadata(path))
+
+
 def save_segmentation(
     seg_node: vtk.vtkObject, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write a .seg.nrrd with Slicer's segmentation storage node, atomically: into a temporary file next to
     the target, then renamed over it, so a failure at any point leaves an existing file as it was.
-    `metadata` (provenance: prompts, model hash, …) goes into the NRRD header as `SAMMed2D_<key>:=value`."""
+    `metadata` (provenance: prompts, model hash, …) goes into the NRRD header as `SAMMed2D_<key>:=value`;
+    `dicom_seg.Provenance.to_metadata()` gives the fields `read_segmentation_provenance` reads back."""
     path = Path(path)
     if not path.name.lower().endswith(SEG_NRRD):
         raise ValueError(f"segmentation files are written as {SEG_NRRD}, got {path.name}")
@@ -348,6 +358,7 @@ __all__ = [
     "ensure_segmentation",
     "load_segmentation",
     "read_segmentation_metadata",
+    "read_segmentation_provenance",
     "save_segmentation",
     "segment_array",
     "write_segment_slices",
