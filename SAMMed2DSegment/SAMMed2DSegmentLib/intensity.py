@@ -12,22 +12,32 @@ Neither function modifies its input: the volume node's voxels are never touched 
 What SA-Med2D-20M did, and how sure we are
 -------------------------------------------
 Source: J. Ye, J. Cheng, J. Chen, Z. Deng, T. Li, H. Wang, et al., "SA-Med2D-20M Dataset: Segment Anything in
-2D Medical Imaging with 20 Million masks", arXiv:2311.11969 (2023): its section on how the collected datasets
-were processed (section number not confirmed here). SAM-Med2D (arXiv:2308.16184) was trained on this data.
+2D Medical Imaging with 20 Million masks", arXiv:2311.11969 (2023), https://arxiv.org/abs/2311.11969: its
+section on how the collected datasets were processed. SAM-Med2D (arXiv:2308.16184) was trained on this data.
 
-* Confirmed, from secondary sources only: the voxel values of the 3-D source volumes were normalised to one
-  unified range before the volumes were cut into 2-D slices (the released slices are 8-bit images, i.e.
-  0–255), and the slices were taken along all three axes. Sources: an automatic summary of the paper at
-  emergentmind.com/papers/2311.11969 ("normalizes voxel values"; "Voxel values are streamlined to a
-  unified" range), the paper's abstract ("details how to process these datasets"), and the SAM-Med2D
-  maintainers in OpenGVLab/SAM-Med2D issues #19, #26 and #57. They say to follow the paper's
-  preprocessing, that their conversion code is not published, and that CT scans were sliced along the X,
-  Y and Z axes.
-* **Not confirmed:** the exact rule. We could not check which percentiles or clipping limits were used,
-  whether background or air was left out, or whether CT got fixed HU windows instead of a data-driven
-  range. The paper's full text was not available to us; we only had the summary quoted above, and it breaks
-  off mid-sentence. Treat the "auto" rule below as an informed reconstruction, not a quotation. Replace this
-  paragraph once someone has read the section itself.
+**The paper's exact rule could not be found.** The full text was not available to us; every source we could
+read stops short of the numbers:
+
+* the abstract (arxiv.org/abs/2311.11969, huggingface.co/papers/2311.11969) only says the paper "details how
+  to process these datasets";
+* the summary at emergentmind.com/papers/2311.11969 says the preprocessing "normalizes voxel values" and,
+  under "Data Processing and Normalization", "Voxel values are streamlined to a unified" — where the stored
+  copy breaks off, before the range or the method;
+* the review at nubint.ai (SA-Med2D-20M 论文解读) only says the paper describes data collection,
+  normalisation and mask processing;
+* the maintainers, in OpenGVLab/SAM-Med2D issues #19 and #26, say to preprocess "as described in detail in
+  our paper" and that their conversion code "will be released in the next version" (we found no such
+  release); issue #1 of openmedlab/SAM-Med2D, which asked for the window level/width and the DICOM → RGB
+  steps, was answered only with an invitation to a chat group. Issue #57 says CT was sliced along the X, Y
+  and Z axes (from an earlier reading; not re-read for this revision);
+* the official repository's PyQt viewer demo (PyQt/BasePyQT.py) rescales each displayed slice by its own
+  min–max. That is a viewer, not the dataset pipeline, and is not used as evidence here.
+
+So what is confirmed is only this: the voxel values of each 3-D volume were normalised to one unified range
+before slicing (the released slices are 8-bit PNGs, 0–255), and slices were cut along all three axes. Which
+percentiles or clipping limits, whether background was excluded, and whether CT got fixed HU windows are
+**not known**. The defaults below are therefore kept as they were, a documented choice rather than the
+paper's rule; replace this section once someone has read the paper's processing section itself.
 
 The default rule ("auto") and why
 ---------------------------------
