@@ -340,3 +340,9 @@ def test_provenance_round_trips_through_the_seg_nrrd_header(setup, tmp_path):
     assert load_segmentation(setup.hs, path).GetSegmentation().GetNumberOfSegments() == 2
     plain = save_segmentation(setup.seg, tmp_path / "plain.seg.nrrd")
     assert read_segmentation_provenance(plain) == []
+
+
+def test_metadata_larger_than_a_mebibyte_is_read_whole(setup, tmp_path):
+    metadata = {"Big": "x" * (3 << 19), "After": "end"}  # 1.5 MiB, then one more field
+    path = save_segmentation(setup.seg, tmp_path / "big.seg.nrrd", metadata)
+    assert read_segmentation_metadata(path) == metadata

@@ -275,8 +275,10 @@ def _add_header_fields(path: Path, metadata: Mapping[str, str]) -> None:
 def read_segmentation_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The metadata `save_segmentation` stored in a .seg.nrrd header (empty when there is none)."""
     path = Path(path)
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
+    head = b""
+    with path.open("rb") as f:  # the header ends at the first blank line; long provenance can pass 1 MiB
+        while b"\n\n" not in head and (chunk := f.read(1 << 20)):
+            head += chunk
     header, _ = _split_header(head, path)
     result = {}
     for line in header.decode("utf-8", errors="replace").splitlines():
