@@ -1,0 +1,134 @@
+"""Static checks of SAMMed2DSegment.py, which needs the Slicer application to run: what the Widget calls
+exists on the Logic, what the Logic imports from the library exists, and the panel's choices are the
+library's (stdlib AST + the library; no Slicer)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from SAMMed2DSegmentLib.geometry import AXES
+from SAMMed2DSegmentLib.propagation import DIRECTIONS
+from SAMMed2DSegmentLib.session import WINDOW_CHOICES
+from SAMMed2DSegmentLib.weights import REGISTRY
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "SAMMed2DSegment"
+SCRIPT = MODULE_DIR / "SAMMed2DSegment.py"
+UI = MODULE_DIR / "Resources" / "UI" / "SAMMed2DSegment.ui"
+TREE = ast.parse(SCRIPT.read_text(encoding="utf-8"))
+
+
+def _constants() -> dict[str, object]:
+    """Top-level NAME = literal assignments, in order (a literal may name an earlier constant)."""
+    values: dict[str, object] = {}
+    for node in TREE.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                code = compile(ast.Expression(node.value), "<constant>", "eval")
+                values[node.targets[0].id] = eval(code, {}, values)
+            except Exception:
+                continue
+    return values
+
+
+def _constant(name: str):
+    values = _constants()
+    assert name in values, f"{name} not found"
+    return values[name]
+
+
+def _class(name: str) -> ast.ClassDef:
+    return next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _methods(cls: ast.ClassDef) -> set[str]:
+    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def _attribute_uses(cls: ast.ClassDef, owner: str) -> set[str]:
+    """Names X in `self.<owner>.X` (owner "logic") or `self.X(...)` calls (owner "")."""
+    found = set()
+    for node in ast.walk(cls):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        if owner and isinstance(value, ast.Attribute) and value.attr == owner:
+            if isinstance(value.value, ast.Name) and value.value.id == "self":
+                found.add(node.attr)
+        elif not owner and isinstance(value, ast.Name) and value.id == "self":
+            found.add(node.attr)
+    return found
+
+
+def test_panel_choices_are_the_library_choices():
+    assert _constant("AXES") == list(AXES)
+    assert _constant("WINDOWS") == list(WINDOW_CHOICES)
+    assert _constant("MODELS") == [*REGISTRY, _constant("LOCAL_MODEL")]
+    assert sorted(_constant("DIRECTIONS")) == sorted(DIRECTIONS)
+
+
+@pytest.mark.parametrize(
+    "widget, constant",
+    [
+        ("axisComboBox", "AXES"),
+        ("deviceComboBox", "DEVICES"),
+        ("modelComboBox", "MODELS"),
+        ("windowComboBox", "WINDOWS"),
+    ],  # fmt: skip
+)
+def test_ui_combo_items_are_the_choices(widget, constant):
+    root = ET.parse(UI).getroot()
+    combo = next(w for w in root.iter("widget") if w.get("name") == widget)
+    items = [item.find("property/string").text for item in combo.findall("item")]
+    assert items == _constant(constant)
+
+
+def _assigned_on_self(cls: ast.ClassDef) -> set[str]:
+    return {
+        t.attr
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
+
+
+def test_everything_the_widget_asks_of_the_logic_exists():
+    logic = _class("SAMMed2DSegmentLogic")
+    defined = _methods(logic) | _assigned_on_self(logic) | {"getParameterNode"}
+    used = _attribute_uses(_class("SAMMed2DSegmentWidget"), "logic")
+    assert used, "the widget calls no logic method; the AST walk is probably wrong"
+    assert sorted(used - defined) == []
+
+
+def test_everything_the_logic_uses_on_itself_exists():
+    logic = _class("SAMMed2DSegmentLogic")
+    assigned = _assigned_on_self(logic)
+    base = {"getParameterNode"}  # ScriptedLoadableModuleLogic
+    missing = _attribute_uses(logic, "") - _methods(logic) - assigned - base
+    assert sorted(missing) == []
+
+
+def test_every_library_import_in_the_module_resolves():
+    imports = [
+        (n.module, alias.name)
+        for n in ast.walk(TREE)
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("SAMMed2DSegmentLib")
+        for alias in n.names
+    ]
+    assert len(imports) > 10
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_module_defines_no_computation_the_library_has():
+    """The Widget has no numpy/torch code; it only calls the Logic."""
+    widget_source = ast.get_source_segment(
+        SCRIPT.read_text(encoding="utf-8"), _class("SAMMed2DSegmentWidget")
+    )
+    for forbidden in ("import numpy", "import torch", "np.", "torch."):
+        assert forbidden not in widget_source
