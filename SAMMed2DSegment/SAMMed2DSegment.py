@@ -609,6 +609,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         self._requestedModel = None  # (path, device) of the model loaded or being loaded
         self._snapshot = None
         self._histories = {}
+        self._provenance = {}  # (segmentation node ID, segment name) → dicom_seg.Provenance of its last run
 
     def getParameterNode(self):
         return SAMMed2DSegmentParameterNode(super().getParameterNode())
@@ -660,6 +661,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             self._worker.new_epoch()
         self._snapshot = None
         self._histories.clear()
+        self._provenance.clear()
         self.lastSegmentation = None
 
     def shutdown(self) -> None:
@@ -955,10 +957,14 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
                 should_cancel=lambda: context.cancelled,
             )
 
-        return snapshot, run
+        return snapshot, run, (points, rois, direction)
 
-    def _applySegmentation(self, segmentation, snapshotKey, volumeNode, segmentationNode, segmentId, history):
-        """Main-thread half: write the accepted slices as one undo step; returns a summary for the GUI."""
+    def _applySegmentation(
+        self, segmentation, snapshotKey, volumeNode, segmentationNode, segmentId, history, prompts
+    ):
+        """Main-thread half: write the accepted slices as one undo step, remember the run's provenance for
+        the DICOM-SEG export; returns a summary for the GUI."""
+        from SAMMed2DSegmentLib.dicom_seg import build_provenance
         from SAMMed2DSegmentLib.mrml.interaction import write_result
         from SAMMed2DSegmentLib.session import confidence_table
 
@@ -977,6 +983,20 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             )
         self.lastSegmentation = segmentation
         self.lastAxis = segmentation.geometry.axis
+        if written and self.checkpointInfo is not None:
+            points, rois, direction = prompts
+            name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+            self._provenance[(segmentationNode.GetID(), name)] = build_provenance(
+                points,
+                rois,
+                segmentation.result.slices.values(),
+                model=f"SAM-Med2D {self.checkpointInfo.build}",
+                model_sha256=self.checkpointInfo.sha256,
+                axis=self.lastAxis,
+                propagate=direction,
+                segment=name,
+                window=(segmentation.window.low, segmentation.window.high),
+            )
         rows = confidence_table(segmentation.result)
         if segmentation.result.cancelled:
             message = _("Stopped: {n} slice(s) written.").format(n=written)
@@ -1020,7 +1040,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         """
         if self.session is None:
             raise RuntimeError(_("Load a model first (loadModel)."))
-        snapshot, run = self._segmentationJob(
+        snapshot, run, prompts = self._segmentationJob(
             volumeNode,
             includePoints,
             excludePoints,
@@ -1044,6 +1064,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             segmentationNode,
             segmentId,
             self._historyArgument(segmentationNode, saveUndoState),
+            prompts,
         )
 
     def startSegmentation(
@@ -1069,7 +1090,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         """Like `segment`, in the background: results are written when `poll()` delivers them, after checking
         that the nodes still exist and the volume did not change. A `preview` (live update while points are
         placed) replaces a preview that has not started yet. Returns the worker job."""
-        snapshot, run = self._segmentationJob(
+        snapshot, run, prompts = self._segmentationJob(
             volumeNode,
             includePoints,
             excludePoints,
@@ -1088,7 +1109,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
             try:
                 summary = self._applySegmentation(
-                    result, snapshot.key, volumeNode, segmentationNode, segmentId, history
+                    result, snapshot.key, volumeNode, segmentationNode, segmentId, history, prompts
                 )
             except StaleResultError as error:
                 self.log(str(error))
@@ -1176,8 +1197,19 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             database = getattr(slicer, "dicomDatabase", None)
         datasets = source_datasets(volumeNode, database)
         build = self.checkpointInfo.build if self.checkpointInfo else "vit_b"
+        provenance = {
+            name: record
+            for (nodeId, name), record in self._provenance.items()
+            if nodeId == segmentationNode.GetID()
+        }
         written = export_dicom_seg(
-            segmentationNode, volumeNode, datasets, outputPath, modelHash, f"SAM-Med2D {build}"
+            segmentationNode,
+            volumeNode,
+            datasets,
+            outputPath,
+            modelHash,
+            f"SAM-Med2D {build}",
+            provenance=provenance,
         )
         self.log(_("DICOM-SEG written to {path}").format(path=written))
         return str(written)
