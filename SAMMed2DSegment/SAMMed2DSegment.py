@@ -231,6 +231,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called each time the user opens a different module."""
         self._toggleShortcut.setEnabled(False)
         self._observeSliceNodes(observe=False)
+        self.ui.segmentEditorWidget.setActiveEffect(None)  # stop painting when the module is left
         # Do not react to parameter node changes (GUI will be updated when the user enters into the module).
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -450,7 +451,8 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showBusy(_("Segmenting…") if direction == "none" else _("Propagating…"))
 
     def onLiveUpdate(self) -> None:
-        if self.logic.busy or not self.ui.segmentSliceButton.enabled:
+        # Never from a timer: installation dialogs. The first "Segment this slice" sets things up.
+        if not self.logic.requirementsReady or self.logic.busy or not self.ui.segmentSliceButton.enabled:
             return
         self.onSegment("none", interactive=False)
 
@@ -607,6 +609,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         self.logCallback = None
         self._worker = None
         self._requestedModel = None  # (path, device) of the model loaded or being loaded
+        self.requirementsReady = False  # set once torch and the requirements were found or installed
         self._snapshot = None
         self._histories = {}
         self._provenance = {}  # (segmentation node ID, segment name) → dicom_seg.Provenance of its last run
@@ -654,11 +657,18 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         """Stop the running job (propagation keeps the slices finished so far) and drop queued ones."""
         if self._worker is not None:
             self._worker.cancel_all()
+        self._forgetUnloadedModel()
+
+    def _forgetUnloadedModel(self) -> None:
+        """A model load dropped from the queue must be requested again by the next job."""
+        if self.session is None:
+            self._requestedModel = None
 
     def onSceneClosing(self) -> None:
         """Everything computed for the old scene is dropped, never written into the new one."""
         if self._worker is not None:
             self._worker.new_epoch()
+        self._forgetUnloadedModel()
         self._snapshot = None
         self._histories.clear()
         self._provenance.clear()
@@ -1227,8 +1237,11 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
         :raises RuntimeError: the PyTorch extension is missing, or the user declined an installation.
         """
+        if self.requirementsReady:
+            return
         self._setupTorch()
         self._setupPackages()
+        self.requirementsReady = True
 
     def _setupTorch(self) -> None:
         try:

@@ -227,3 +227,12 @@ def test_local_file_checks(tmp_path):
     with pytest.raises(WeightsError, match="SHA-256"):
         check_local_file(good, replace(entry, sha256="0" * 64))
     assert good.exists()  # the user's file is never deleted
+
+
+def test_weights_import_without_torch():
+    """The module asks about weights before the PyTorch extension has installed torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, SAMMed2DSegmentLib.weights; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

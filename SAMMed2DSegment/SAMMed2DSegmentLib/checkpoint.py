@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache_dir import CACHE_ENV, default_cache_dir
+
 log = logging.getLogger(__name__)
 
 FORMAT_TAG = "sammed2d-state-dict/1"
-CACHE_ENV = "SAMMED2D_CACHE_DIR"
 DATAPARALLEL_PREFIX = "module."
 
 # Signature of each build: (encoder width, number of encoder blocks); the 256-px builds have a 16×16 grid.
@@ -374,11 +375,6 @@ def convert_to_safetensors(
         save_file(_unshared(sd), str(tmp), metadata=metadata)
     return metadata
 
-
-def default_cache_dir() -> Path:
-    """`$SAMMED2D_CACHE_DIR`, else `~/.cache/sammed2d`."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sammed2d"
 
 
 def _source_key(src: Path) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import default_cache_dir
+from .cache_dir import default_cache_dir
 
 #: progress(bytes_done, bytes_total or None); called from the thread that downloads.
 DownloadProgress = Callable[[int, int | None], None]
