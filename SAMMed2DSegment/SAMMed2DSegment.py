@@ -226,12 +226,14 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self._toggleShortcut.setEnabled(True)
         self._observeSliceNodes()
+        _callIfPresent(self.ui.segmentEditorWidget, "installKeyboardShortcuts")  # Ctrl+Z / Ctrl+Y in views
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
         self._toggleShortcut.setEnabled(False)
         self._observeSliceNodes(observe=False)
         self.ui.segmentEditorWidget.setActiveEffect(None)  # stop painting when the module is left
+        _callIfPresent(self.ui.segmentEditorWidget, "uninstallKeyboardShortcuts")
         # Do not react to parameter node changes (GUI will be updated when the user enters into the module).
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
