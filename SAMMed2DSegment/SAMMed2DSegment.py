@@ -925,52 +925,6 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- segmentation ------------------------------------------------------------------------------------
 
-    def _segmentationJob(
-        self,
-        volumeNode,
-        includePoints,
-        excludePoints,
-        roiNode,
-        axis,
-        direction,
-        window,
-        windowLevel,
-        windowWidth,
-        iouThreshold,
-    ):
-        """Main-thread half: copy inputs out of the nodes; returns the function the worker runs."""
-        if volumeNode is None:
-            raise ValueError(_("Select the input volume first."))
-        if direction not in DIRECTIONS:
-            raise ValueError(_("Unknown direction {direction!r}.").format(direction=direction))
-        from SAMMed2DSegmentLib.mrml.interaction import prompts_from_nodes
-        from SAMMed2DSegmentLib.propagation import PropagationSettings
-        from SAMMed2DSegmentLib.session import window_for
-
-        snapshot = self.volumeSnapshot(volumeNode)
-        points, rois = prompts_from_nodes(includePoints, excludePoints, roiNode)
-        if not points and not rois:
-            raise ValueError(_("Place at least one include point (or a box) first."))
-        settings = PropagationSettings(iou_threshold=float(iouThreshold))
-
-        def run(context):
-            if self.session is None:
-                raise RuntimeError(_("No model is loaded (choose one under Model)."))
-            windowValue = window_for(snapshot, window, windowLevel, windowWidth)
-            return self.session.segment(
-                snapshot,
-                windowValue,
-                points,
-                rois,
-                axis,
-                direction,
-                settings,
-                progress=lambda count, outcome: context.progress(outcome),
-                should_cancel=lambda: context.cancelled,
-            )
-
-        return snapshot, run, (points, rois, direction)
-
     def _applySegmentation(
         self, segmentation, snapshotKey, volumeNode, segmentationNode, segmentId, history, prompts
     ):
@@ -1025,59 +979,25 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             return CallbackHistory(segmentationNode, saveUndoState)
         return self.historyFor(segmentationNode)
 
-    def segment(
-        self,
-        volumeNode,
-        includePoints,
-        excludePoints,
-        roiNode,
-        segmentationNode,
-        segmentId: str,
-        axis: str = "axial",
-        direction: str = "none",
-        window: str = "auto",
-        windowLevel: float = 40.0,
-        windowWidth: float = 400.0,
-        iouThreshold: float = 0.5,
-        saveUndoState=None,
-    ) -> dict:
+    def segment(self, *args, **kwargs) -> dict:
         """
-        Segment synchronously (console, self-test): the slice(s) holding the prompts, then propagate in
-        `direction` ("none", "up", "down", "both"). The written slices form one undo step.
+        Segment and wait (console, self-test): the same arguments as `startSegmentation` without the
+        callbacks. The work still runs on the worker thread (where the model lives); this call polls it.
 
-        :param saveUndoState: callable saving an undo state (e.g. a Segment Editor's saveStateForUndo);
-            by default the logic's own history (`undo(segmentationNode)`).
         :returns: {"written": slices written, "rows": per-slice confidence, least certain first, "message"}.
-        :raises ValueError: missing volume or prompts, prompts off the volume, bad options.
+        :raises ValueError: missing volume or prompts, prompts off the volume, bad options; the worker's
+            error when the model failed; RuntimeError when the result was dropped (scene closed, cancelled).
         """
-        if self.session is None:
-            raise RuntimeError(_("Load a model first (loadModel)."))
-        snapshot, run, prompts = self._segmentationJob(
-            volumeNode,
-            includePoints,
-            excludePoints,
-            roiNode,
-            axis,
-            direction,
-            window,
-            windowLevel,
-            windowWidth,
-            iouThreshold,
+        results, errors = [], []
+        self.startSegmentation(
+            *args, onDone=results.append, onError=lambda error, _: errors.append(error), **kwargs
         )
-        import threading
-
-        from SAMMed2DSegmentLib.worker import JobContext
-
-        result = run(JobContext(threading.Event(), lambda value: None))
-        return self._applySegmentation(
-            result,
-            snapshot.key,
-            volumeNode,
-            segmentationNode,
-            segmentId,
-            self._historyArgument(segmentationNode, saveUndoState),
-            prompts,
-        )
+        self.waitForWorker()
+        if errors:
+            raise errors[0]
+        if not results:
+            raise RuntimeError(_("The segmentation was cancelled or its inputs were removed."))
+        return results[0]
 
     def startSegmentation(
         self,
@@ -1099,21 +1019,44 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress=None,
         preview: bool = False,
     ):
-        """Like `segment`, in the background: results are written when `poll()` delivers them, after checking
+        """Segment the slice(s) holding the prompts, then propagate in `direction` ("none", "up", "down",
+        "both"), in the background: results are written when `poll()` delivers them, after checking
         that the nodes still exist and the volume did not change. A `preview` (live update while points are
-        placed) replaces a preview that has not started yet. Returns the worker job."""
-        snapshot, run, prompts = self._segmentationJob(
-            volumeNode,
-            includePoints,
-            excludePoints,
-            roiNode,
-            axis,
-            direction,
-            window,
-            windowLevel,
-            windowWidth,
-            iouThreshold,
-        )
+        placed) replaces a preview that has not started yet. The written slices are one undo step: through
+        `saveUndoState` (e.g. a Segment Editor's saveStateForUndo), else the logic's own history
+        (`undo(segmentationNode)`). Returns the worker job."""
+        # Main-thread half: copy what the worker needs out of the nodes.
+        if volumeNode is None:
+            raise ValueError(_("Select the input volume first."))
+        if direction not in DIRECTIONS:
+            raise ValueError(_("Unknown direction {direction!r}.").format(direction=direction))
+        from SAMMed2DSegmentLib.mrml.interaction import prompts_from_nodes
+        from SAMMed2DSegmentLib.propagation import PropagationSettings
+        from SAMMed2DSegmentLib.session import window_for
+
+        snapshot = self.volumeSnapshot(volumeNode)
+        points, rois = prompts_from_nodes(includePoints, excludePoints, roiNode)
+        if not points and not rois:
+            raise ValueError(_("Place at least one include point (or a box) first."))
+        settings = PropagationSettings(iou_threshold=float(iouThreshold))
+
+        def run(context):
+            if self.session is None:
+                raise RuntimeError(_("No model is loaded (choose one under Model)."))
+            windowValue = window_for(snapshot, window, windowLevel, windowWidth)
+            return self.session.segment(
+                snapshot,
+                windowValue,
+                points,
+                rois,
+                axis,
+                direction,
+                settings,
+                progress=lambda count, outcome: context.progress(outcome),
+                should_cancel=lambda: context.cancelled,
+            )
+
+        prompts = (points, rois, direction)
         history = self._historyArgument(segmentationNode, saveUndoState)
 
         def done(result):
