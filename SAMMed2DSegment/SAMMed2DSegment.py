@@ -256,8 +256,9 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         """Ensure parameter node exists and observed."""
-        self.setParameterNode(self.logic.getParameterNode())
+        # The editor needs its node before it is given a segmentation (setParameterNode does that).
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.setParameterNode(self.logic.getParameterNode())
 
         # Select a volume if nothing is selected yet: the one shown in the views, else the first one.
         if not self._parameterNode.inputVolume:
