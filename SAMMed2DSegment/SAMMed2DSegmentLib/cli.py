@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--roi", action="append", default=[], help="Slicer markups JSON of an ROI (box)")
     model = seg.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", help="checkpoint file (official .pth, state dict, or .safetensors)")
-    model.add_argument("--model", help="model name from the registry (default: the bundled demo model)")
+    model.add_argument(
+        "--model", help="model name from the registry: demo (bundled, the default) or sam-med2d_b"
+    )
+    seg.add_argument(
+        "--download", action="store_true", help="download a registry model that is not in the cache yet"
+    )
     seg.add_argument("--axis", default="axial", choices=AXES)
     seg.add_argument("--propagate", default="both", choices=DIRECTIONS)
     seg.add_argument("--segment-name", default="SAM-Med2D")
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
     seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
     seg.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from .finetune import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
     return parser
 
 
@@ -124,15 +132,21 @@ def _load_prompts(hs, args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace):
+    """--checkpoint FILE, else --model NAME from the weights registry, else the bundled demo model."""
     from .checkpoint import load_model
+    from .weights import REGISTRY, WeightsError, resolve_model
 
-    if args.model:
-        raise CommandError(f"--model {args.model}: the model registry is not available yet; use --checkpoint")
-    if not args.checkpoint:
-        raise CommandError("no model: pass --checkpoint FILE (the bundled demo model is not available yet)")
-    if not Path(args.checkpoint).is_file():
-        raise CommandError(f"--checkpoint: no such file: {args.checkpoint}")
-    return load_model(args.checkpoint, device=args.device)
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise CommandError(f"--checkpoint: no such file: {args.checkpoint}")
+        return load_model(args.checkpoint, device=args.device)
+    name = args.model or "demo"
+    try:
+        path = resolve_model(name, download=args.download)
+    except WeightsError as exc:
+        raise CommandError(f"--model {name}: {exc}") from exc
+    entry = REGISTRY.get(name)
+    return load_model(path, device=args.device, build=entry.build if entry else None)
 
 
 def _dicom_source(args: argparse.Namespace, volume) -> list:
@@ -291,9 +305,29 @@ def run_segment(args: argparse.Namespace) -> dict:
     return report
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneError, run_finetune
+
+    try:
+        result = run_finetune(args)
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        print(
+            f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+            f"({result.samples_per_second:.1f} samples/s); best validation at step {result.best_step}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result.best_score.items()),
+            file=sys.stderr,
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.command == "finetune":
+        return _finetune(args)
     try:
         report = run_segment(args)
     except CommandError as exc:

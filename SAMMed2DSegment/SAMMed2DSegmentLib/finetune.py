@@ -1,0 +1,755 @@
+"""Fine-tuning SAM-Med2D on one's own labelled volumes, with prompts simulated the way SAM-Med2D was trained.
+
+Why it looks like this:
+
+* Training samples are 2-D slices of labelled volumes in the three views, cut with the same `SliceGeometry`
+  the engine uses, so a model sees slices oriented and stretched exactly as it will at inference (the image
+  is resized to 256×256 without keeping the aspect ratio, as the official predictor does).
+* Prompts follow SAM-Med2D's recipe: random include points from the mask, boxes with jitter, and a second
+  round with a correction point from the error region and the previous logits as mask prompt.
+* All randomness comes from one numpy generator whose state is saved with the weights, so a run is
+  deterministic for a seed and an interrupted run resumes exactly where it stopped.
+* Training state is one safetensors file (tensors) with the run's JSON in its metadata: nothing is ever
+  unpickled, and a single atomic rename keeps weights, optimizer and counters consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic_file import atomic_path
+from .geometry import AXES, SliceGeometry
+from .masks import interior_point
+from .model import CONFIGS, SamMed2D, build_sam_med2d
+from .model.sam import PIXEL_MEAN, PIXEL_STD
+from .volume_io import read_volume
+
+STATE_FORMAT = "sammed2d-finetune-state/1"
+MODEL_FORMAT = "sammed2d-model/1"
+SIZE = 256
+LOW_RES = SIZE // 4
+
+
+class FinetuneError(ValueError):
+    """Bad training input or state: reported as one line by the command line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    build: str = "small"
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 6e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    seed: int = 0
+    #: Fraction of training steps per view; the rest of a volume's slices are seen through other views.
+    axis_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    min_pixels: int = 25
+    #: Axial slices held out for validation: a central band of this fraction of each volume.
+    val_fraction: float = 0.15
+    eval_every: int = 250
+    save_every: int = 100
+    #: Probability that a batch gets a second, corrective prompting round.
+    correction_probability: float = 0.5
+    freeze_encoder: bool = False
+    init_checkpoint: str | None = None
+
+    def check(self) -> None:
+        if self.build not in CONFIGS:
+            raise FinetuneError(f"unknown build {self.build!r}; known: {', '.join(CONFIGS)}")
+        for name in ("steps", "batch_size", "eval_every", "save_every", "min_pixels"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise FinetuneError(f"val-fraction must be within 0..0.5, got {self.val_fraction}")
+        if len(self.axis_weights) != 3 or min(self.axis_weights) < 0 or sum(self.axis_weights) <= 0:
+            raise FinetuneError(f"axis weights must be three non-negative numbers, got {self.axis_weights}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class LabelledSlice:
+    image: np.ndarray  # float32 intensities, display orientation
+    labels: np.ndarray  # integer label map of the same slice
+    label_values: tuple[int, ...]  # labels with ≥ min_pixels pixels here
+    axis: str
+    volume: int
+    index: int
+
+
+@dataclass
+class TrainingSet:
+    slices: list[list[LabelledSlice]]  # per axis (axial, coronal, sagittal)
+    validation: list[tuple[LabelledSlice, int]]  # (slice, label) pairs held out
+    windows: list[tuple[float, float]]  # per volume: percentile window (0.5–99.5 above the minimum)
+    samples_per_axis: list[int] = field(default_factory=list)
+
+
+def _read_labels(path: str | os.PathLike[str], shape: tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Label map on the image grid. A label map on another grid is refused: resampling labels silently
+    would train on shifted masks."""
+    labels = read_volume(path)
+    if labels.array_kji.dtype.kind not in "iub":
+        raise FinetuneError(f"{path}: label maps must hold integers, got {labels.array_kji.dtype}")
+    if labels.array_kji.shape != tuple(shape):
+        raise FinetuneError(
+            f"{path}: label map size {labels.array_kji.shape[::-1]} does not match the image "
+            f"{tuple(shape)[::-1]} (IJK); resample it onto the image grid first"
+        )
+    scale = np.abs(ijk_to_ras[:3, :3]).max()
+    if not np.allclose(labels.ijk_to_ras, ijk_to_ras, atol=1e-3 * max(scale, 1.0), rtol=0):
+        raise FinetuneError(
+            f"{path}: label map geometry (origin, spacing or direction) does not match the image; "
+            "resample it onto the image grid first"
+        )
+    if not labels.array_kji.any():
+        raise FinetuneError(f"{path}: the label map is empty (no labelled voxel)")
+    return labels.array_kji
+
+
+def percentile_window(volume: np.ndarray) -> tuple[float, float]:
+    """0.5–99.5 percentiles of the voxels above the volume minimum (air/padding excluded), the rule of the
+    engine's default window for non-CT volumes; one of the two intensity conversions seen in training."""
+    flat = volume.ravel()[:: max(1, volume.size // 2_000_000)]
+    above = flat[flat > flat.min()]
+    if above.size == 0:
+        above = flat
+    low, high = np.percentile(above.astype(np.float64), [0.5, 99.5])
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def load_training_set(
+    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]], config: FinetuneConfig
+) -> TrainingSet:
+    """Cut every labelled volume into slices of the three views; hold out a central axial band."""
+    if not pairs:
+        raise FinetuneError("no training data: give at least one --image/--labels pair")
+    per_axis: list[list[LabelledSlice]] = [[], [], []]
+    validation: list[tuple[LabelledSlice, int]] = []
+    windows = []
+    for number, (image_path, label_path) in enumerate(pairs):
+        try:
+            image = read_volume(image_path)
+        except ValueError as exc:
+            raise FinetuneError(str(exc)) from exc
+        try:
+            labels = _read_labels(label_path, image.array_kji.shape, image.ijk_to_ras)
+        except FinetuneError:
+            raise
+        except ValueError as exc:
+            raise FinetuneError(str(exc)) from exc
+        values = image.array_kji.astype(np.float32)
+        windows.append(percentile_window(values))
+        for a, axis in enumerate(AXES):
+            geometry = SliceGeometry.create(values.shape, image.ijk_to_ras, axis)
+            held = _held_out(geometry.num_slices, config.val_fraction) if a == 0 else range(0)
+            for index in range(geometry.num_slices):
+                lab = geometry.extract(labels, index)
+                present, counts = np.unique(lab[lab > 0], return_counts=True)
+                keep = tuple(int(v) for v, c in zip(present, counts, strict=True) if c >= config.min_pixels)
+                if not keep:
+                    continue
+                item = LabelledSlice(geometry.extract(values, index), lab, keep, axis, number, index)
+                if index in held:
+                    validation += [(item, v) for v in keep]
+                else:
+                    per_axis[a].append(item)
+    samples = [sum(len(s.label_values) for s in items) for items in per_axis]
+    if sum(samples) == 0:
+        raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
+    return TrainingSet(per_axis, validation, windows, samples)
+
+
+def _held_out(num_slices: int, fraction: float) -> range:
+    count = int(round(num_slices * fraction))
+    start = (num_slices - count) // 2
+    return range(start, start + count)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches: augmentation and intensity conversion
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # B×3×256×256, normalised like the predictor's input
+    masks: torch.Tensor  # B×256×256 bool
+
+
+def _resize(array: np.ndarray, smooth: bool) -> torch.Tensor:
+    """A slice → 256×256: nearest (the predictor's rule) or bilinear, so upsampled low-resolution training
+    slices do not all look blocky."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    mode = "bilinear" if smooth else "nearest"
+    kwargs = {"align_corners": False, "antialias": True} if smooth else {}
+    return F.interpolate(t, (SIZE, SIZE), mode=mode, **kwargs)[0, 0]
+
+
+def _affine(rng: np.random.Generator, mask: torch.Tensor) -> torch.Tensor:
+    """Zoom, aspect, rotation, flips and a shift that keeps the structure in view (2×3 theta)."""
+    zoom = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+    angle = math.radians(rng.uniform(-15, 15))
+    sx, sy = 1.0 / (zoom * aspect**0.5), aspect**0.5 / zoom
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = np.array([[cos * sx, -sin * sy, 0.0], [sin * sx, cos * sy, 0.0]])
+    if rng.random() < 0.5:
+        theta[:, 0] *= -1
+    if rng.random() < 0.2:
+        theta[:, 1] *= -1
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    centre = np.array([xs.float().mean().item(), ys.float().mean().item()]) / (SIZE / 2) - 1
+    # Output point p samples input theta[:, :2] @ p + t; send a random output point near the old centre's
+    # place to the structure's centre.
+    target = centre * rng.uniform(0.3, 1.0) + rng.uniform(-0.25, 0.25, 2)
+    theta[:, 2] = centre - theta[:, :2] @ target
+    return torch.from_numpy(theta).float()
+
+
+def _to_uint8_like(values: torch.Tensor, low: float, high: float, gamma: float) -> torch.Tensor:
+    """The engine's window → 0..255 rule (clip, scale, round), with a gamma for variety."""
+    x = ((values.clamp(low, high) - low) / (high - low)).clamp(0, 1) ** gamma
+    return torch.round(x * 255.0)
+
+
+def _normalise(gray255: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (gray255[None].expand(3, -1, -1) - mean) / std
+
+
+def make_batch(
+    data: TrainingSet, rng: np.random.Generator, batch_size: int, axis_weights: Sequence[float]
+) -> Batch:
+    weights = np.asarray([w if data.slices[a] else 0.0 for a, w in enumerate(axis_weights)], dtype=float)
+    weights /= weights.sum()
+    images, masks = [], []
+    while len(images) < batch_size:
+        a = int(rng.choice(3, p=weights))
+        item = data.slices[a][int(rng.integers(len(data.slices[a])))]
+        value = item.label_values[int(rng.integers(len(item.label_values)))]
+        smooth = bool(rng.random() < 0.7)
+        image = _resize(item.image, smooth)
+        mask = _resize((item.labels == value).astype(np.float32), False) > 0.5
+        if not mask.any():
+            continue
+        if rng.random() < 0.9:
+            theta = _affine(rng, mask)[None]
+            grid = F.affine_grid(theta, [1, 1, SIZE, SIZE], align_corners=False)
+            # Outside the slice the image is padded with its own minimum (air), like a scanner's field.
+            fill = float(image.min())
+            moved = F.grid_sample((image - fill)[None, None], grid, mode="bilinear", align_corners=False)
+            moved_mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=False)
+            if moved_mask.sum() >= 10:
+                image, mask = moved[0, 0] + fill, moved_mask[0, 0] > 0.5
+        noise = rng.uniform(0, 15)
+        if noise > 1:
+            image = image + torch.from_numpy(rng.normal(0, noise, (SIZE, SIZE)).astype(np.float32))
+        if rng.random() < 0.6:  # CT soft-tissue-like windows around the engine's CT default (L40/W400)
+            level, width = rng.uniform(0, 100), rng.uniform(250, 600)
+            low, high = level - width / 2, level + width / 2
+        else:  # the percentile rule, jittered
+            low, high = data.windows[item.volume]
+            span = high - low
+            low, high = low + rng.uniform(-0.1, 0.1) * span, high + rng.uniform(-0.1, 0.1) * span
+        gamma = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+        images.append(_normalise(_to_uint8_like(image, low, high, gamma)))
+        masks.append(mask)
+    return Batch(torch.stack(images), torch.stack(masks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompts:
+    coords: torch.Tensor | None  # B×N×2 in the 256 frame (x, y)
+    labels: torch.Tensor | None  # B×N (1 include, 0 exclude, −1 padding)
+    boxes: torch.Tensor | None  # B×4 (x0, y0, x1, y1)
+    mask_input: torch.Tensor | None = None  # B×1×64×64 logits
+
+    @property
+    def single_point(self) -> bool:
+        """One include point and nothing else: the ambiguous case where SAM trains only its best mask."""
+        return self.boxes is None and self.coords is not None and self.coords.shape[1] == 1
+
+
+def _random_pixels(mask: torch.Tensor, count: int, rng: np.random.Generator) -> torch.Tensor:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    pick = torch.from_numpy(rng.integers(len(xs), size=count))
+    return torch.stack([xs[pick], ys[pick]], dim=1).float()
+
+
+def _jittered_box(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The mask's box with each side moved by −5..+15 % of the box size and a few pixels, mostly outwards
+    (users draw loose boxes; propagation adds 10 %)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x0, x1, y0, y1 = xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    d = rng.uniform(-0.05, 0.15, 4) * np.array([w, h, w, h]) + rng.uniform(-2, 4, 4)
+    box = np.array([x0 - d[0], y0 - d[1], x1 + d[2], y1 + d[3]])
+    return torch.from_numpy(np.clip(box, 0, SIZE - 1)).float()
+
+
+def sample_prompts(masks: torch.Tensor, rng: np.random.Generator) -> Prompts:
+    """One prompt kind per batch (the prompt encoder takes a box for all samples or for none): 1–3 include
+    points (40 %), a jittered box (30 %), or a box with one include point, as propagation prompts (30 %)."""
+    kind = rng.choice(3, p=[0.4, 0.3, 0.3])
+    batch = masks.shape[0]
+    if kind == 0:
+        count = int(rng.integers(1, 4))
+        coords = torch.stack([_random_pixels(m, count, rng) for m in masks])
+        return Prompts(coords, torch.ones(batch, count, dtype=torch.int64), None)
+    boxes = torch.stack([_jittered_box(m, rng) for m in masks])
+    if kind == 1:
+        return Prompts(None, None, boxes)
+    coords = torch.stack([_random_pixels(m, 1, rng) for m in masks])
+    return Prompts(coords, torch.ones(batch, 1, dtype=torch.int64), boxes)
+
+
+def correction_prompts(
+    prompts: Prompts, predicted: torch.Tensor, masks: torch.Tensor, low_res: torch.Tensor,
+    rng: np.random.Generator,
+) -> Prompts:  # fmt: skip
+    """Second round: one point from each sample's error region (include where the mask was missed, exclude
+    where it spilled over) and, half of the time, the previous logits as mask prompt."""
+    points, labels = [], []
+    for pred, truth in zip(predicted, masks, strict=True):
+        error = pred ^ truth
+        if not error.any():  # already right: confirm with an include point
+            error = truth
+        xy = _random_pixels(error, 1, rng)[0]
+        points.append(xy)
+        labels.append(int(truth[int(xy[1]), int(xy[0])]))
+    new_xy = torch.stack(points)[:, None]
+    new_labels = torch.tensor(labels, dtype=torch.int64)[:, None]
+    if prompts.coords is None:
+        coords, point_labels = new_xy, new_labels
+    else:
+        coords = torch.cat([prompts.coords, new_xy], dim=1)
+        point_labels = torch.cat([prompts.labels, new_labels], dim=1)
+    mask_input = low_res.detach() if rng.random() < 0.5 else None
+    return Prompts(coords, point_labels, prompts.boxes, mask_input)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model step
+
+
+def decode(model: SamMed2D, features: torch.Tensor, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """All four mask tokens for a batch: (logits B×4×64×64, IoU B×4)."""
+    points = None if prompts.coords is None else (prompts.coords, prompts.labels)
+    sparse, dense = model.prompt_encoder(points, prompts.boxes, prompts.mask_input)
+    return model.mask_decoder.predict_masks(features, model.prompt_encoder.get_dense_pe(), sparse, dense)
+
+
+def _mask_losses(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and token: BCE + Dice on the 64×64 logits against the mask's area fractions, and the
+    actual IoU of the thresholded mask. The decoder's own resolution: upsampling every token to 256 for
+    the loss cost a third of each step."""
+    target = F.avg_pool2d(masks[:, None].float(), SIZE // LOW_RES).expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
+    with torch.no_grad():
+        hard, truth = logits > 0, target > 0.5
+        iou = (hard & truth).sum(dim=(2, 3)).float() / (hard | truth).sum(dim=(2, 3)).float().clamp(min=1)
+    return bce + dice, iou
+
+
+def round_loss(
+    logits: torch.Tensor, iou_pred: torch.Tensor, masks: torch.Tensor, single_point: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM's rule: the multimask tokens 1..3 learn by their best mask only; the single-mask token 0 is
+    trained too when the prompt is unambiguous. The IoU head learns every token's actual IoU.
+    Returns (loss, index of the best token 1..3 per sample, its low-res logits)."""
+    losses, iou = _mask_losses(logits, masks)
+    multi, best = losses[:, 1:].min(dim=1)
+    loss = multi.mean()
+    if not single_point:
+        loss = loss + losses[:, 0].mean()
+    loss = loss + F.mse_loss(iou_pred, iou)
+    best_logits = logits[:, 1:][torch.arange(logits.shape[0]), best][:, None]
+    return loss, best + 1, best_logits
+
+
+def training_step(
+    model: SamMed2D, batch: Batch, rng: np.random.Generator, correction_probability: float
+) -> torch.Tensor:
+    features = model.image_encoder(batch.images)
+    prompts = sample_prompts(batch.masks, rng)
+    logits, iou_pred = decode(model, features, prompts)
+    loss, _, best_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point)
+    if rng.random() < correction_probability:
+        with torch.no_grad():
+            predicted = (
+                F.interpolate(best_logits, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
+            )
+        prompts = correction_prompts(prompts, predicted, batch.masks, best_logits, rng)
+        logits, iou_pred = decode(model, features, prompts)
+        loss2, _, _ = round_loss(logits, iou_pred, batch.masks, single_point=False)
+        loss = (loss + loss2) / 2
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, list[tuple[float, float]]]]:
+    """Held-out (slice, label) pairs in the soft-tissue CT window and the percentile window, no
+    augmentation; with each mask's interior point for the point prompt."""
+    out = []
+    items = []
+    for item, value in data.validation:
+        image = _resize(item.image, smooth=False)
+        mask = _resize((item.labels == value).astype(np.float32), False) > 0.5
+        if mask.sum() < 10:
+            continue
+        x, y = interior_point(mask.numpy())
+        items.append((_normalise(_to_uint8_like(image, -160.0, 240.0, 1.0)), mask, (float(x), float(y))))
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        out.append((Batch(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])),
+                    [c[2] for c in chunk]))  # fmt: skip
+    return out
+
+
+def _dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    inter = (pred & truth).sum(dim=(1, 2)).float()
+    return 2 * inter / (pred.sum(dim=(1, 2)) + truth.sum(dim=(1, 2))).float().clamp(min=1)
+
+
+@torch.no_grad()
+def validate(model: SamMed2D, batches) -> dict[str, float]:
+    """Mean Dice with one interior include point and with the tight box; the selected mask is the best of
+    tokens 1..3 by predicted IoU, as the predictor picks it."""
+    if not batches:
+        return {}
+    model.eval()
+    scores: dict[str, list[float]] = {"point": [], "box": []}
+    for batch, points in batches:
+        features = model.image_encoder(batch.images)
+        coords = torch.tensor(points, dtype=torch.float32)[:, None]
+        ones = torch.ones(len(points), 1, dtype=torch.int64)
+        boxes = torch.stack([_jittered_box_exact(m) for m in batch.masks])
+        for name, prompts in (("point", Prompts(coords, ones, None)), ("box", Prompts(None, None, boxes))):
+            logits, iou = decode(model, features, prompts)
+            best = iou[:, 1:].argmax(dim=1) + 1
+            chosen = logits[torch.arange(len(best)), best][:, None]
+            pred = F.interpolate(chosen, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
+            scores[name] += _dice(pred, batch.masks).tolist()
+    model.train()
+    result = {name: float(np.mean(values)) for name, values in scores.items()}
+    result["mean"] = float(np.mean(list(result.values())))
+    return result
+
+
+def _jittered_box_exact(mask: torch.Tensor) -> torch.Tensor:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# State: weights + optimizer + counters + RNG in one safetensors file
+
+
+def learning_rate(config: FinetuneConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _optimizer(model: SamMed2D, config: FinetuneConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+
+
+def _freeze(model: SamMed2D, freeze_encoder: bool) -> None:
+    """With `freeze_encoder`, only the encoder's adapters (and the prompt encoder and decoder) learn:
+    SAM-Med2D's own recipe for adapting a large encoder cheaply."""
+    for name, param in model.image_encoder.named_parameters():
+        param.requires_grad = not freeze_encoder or ".Adapter." in name
+
+
+def save_state(path: Path, model: SamMed2D, optimizer: torch.optim.Optimizer, run: dict) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, entry in opt["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{pid}.{key}"] = value.detach().contiguous()
+    run = dict(run, param_groups=[{k: v for k, v in g.items()} for g in opt["param_groups"]])
+    with atomic_path(path, suffix=".tmp.safetensors") as temporary:
+        # Bytes written through the temporary file keep its umask permissions (save_file makes it 0600).
+        temporary.write_bytes(save(tensors, metadata={"format": STATE_FORMAT, "run": json.dumps(run)}))
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model state dict, optimizer tensors by 'pid.key', run JSON) of a training state file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise FinetuneError(f"cannot read training state {path}: {exc}") from exc
+    if metadata.get("format") != STATE_FORMAT:
+        raise FinetuneError(f"{path} is not a SAMMed2D training state")
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+    return model_sd, optim, json.loads(metadata["run"])
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], run: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = run["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def export_model(model: SamMed2D, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Inference weights as plain safetensors (what `checkpoint.load_model` reads), written atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(Path(path), suffix=".tmp.safetensors") as temporary:
+        temporary.write_bytes(save(tensors, metadata={"format": MODEL_FORMAT, **metadata}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    seconds: float
+    samples_per_second: float
+    best_step: int
+    best_score: dict[str, float]
+    history: list[dict]
+
+
+def _initial_model(config: FinetuneConfig) -> SamMed2D:
+    from .checkpoint import CheckpointError, load_model
+
+    if config.init_checkpoint is None:
+        if config.build != "small":
+            raise FinetuneError(
+                f"training the {config.build} build from scratch is not supported; pass --init CHECKPOINT"
+            )
+        return build_sam_med2d(config.build)
+    try:
+        model, info = load_model(config.init_checkpoint, device="cpu")
+    except CheckpointError as exc:
+        raise FinetuneError(str(exc)) from exc
+    if info.build != config.build:
+        raise FinetuneError(
+            f"--init {config.init_checkpoint} is a {info.build} checkpoint, but --build is {config.build}"
+        )
+    # load_model memory-maps the file read-only: train on owned copies of the tensors.
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return model
+
+
+def finetune(
+    config: FinetuneConfig,
+    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+) -> FinetuneResult:
+    """Train and keep `last.safetensors` (resumable state) and `best.safetensors` (inference weights of the
+    best validation score) in `out_dir`. `stop_after` ends the run at that step, like an interruption."""
+    config.check()
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FinetuneError(f"output folder does not exist: {out}")
+    state_path, best_path = out / "last.safetensors", out / "best.safetensors"
+    data = load_training_set(pairs, config)
+    torch.manual_seed(config.seed)  # the initial weights of a build trained from scratch
+    model = _initial_model(config)
+    _freeze(model, config.freeze_encoder)
+    optimizer = _optimizer(model, config)
+    rng = np.random.default_rng(config.seed)
+    run: dict = {"config": asdict(config), "step": 0, "seconds": 0.0, "best_step": -1, "best_score": {},
+                 "history": []}  # fmt: skip
+    if resume and state_path.is_file():
+        model_sd, optim_tensors, saved = load_state(state_path)
+        if saved["config"] != json.loads(json.dumps(asdict(config))):
+            raise FinetuneError(f"{state_path} was written with other settings; use them or a new folder")
+        model.load_state_dict(model_sd)
+        _restore_optimizer(optimizer, optim_tensors, saved)
+        rng.bit_generator.state = saved["rng"]
+        run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")}
+        running = run.pop("running_loss", None)
+    elif state_path.exists() and not resume:
+        raise FinetuneError(f"{state_path} exists: pass --resume to continue it, or use a new folder")
+    else:
+        running = None
+    val_batches = _validation_batches(data)
+    model.train()
+    start_step, t_start = run["step"], time.perf_counter()
+    elapsed_before = run["seconds"]
+    last = stop_after if stop_after is not None else config.steps
+    for step in range(start_step, min(last, config.steps)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        batch = make_batch(data, rng, config.batch_size, config.axis_weights)
+        loss = training_step(model, batch, rng, config.correction_probability)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        done = step + 1
+        seconds = elapsed_before + time.perf_counter() - t_start
+        if done % config.eval_every == 0 or done == config.steps:
+            score = validate(model, val_batches)
+            entry = {"step": done, "loss": round(running, 4), "seconds": round(seconds, 1),
+                     **{f"val_{k}": round(v, 4) for k, v in score.items()}}  # fmt: skip
+            run["history"].append(entry)
+            if score and score["mean"] > run["best_score"].get("mean", -1.0):
+                run["best_step"], run["best_score"] = done, score
+                export_model(model, best_path, _model_metadata(config, done, score))
+            if progress:
+                progress({"event": "eval", **entry})
+        if done % config.save_every == 0 or done == config.steps:
+            run.update(step=done, seconds=seconds, rng=rng.bit_generator.state, running_loss=running)
+            save_state(state_path, model, optimizer, run)
+            run.pop("rng"), run.pop("running_loss")
+        if progress:
+            progress({"event": "step", "step": done, "steps": config.steps, "loss": running,
+                      "seconds": seconds, "samples": (done - start_step) * config.batch_size,
+                      "session_seconds": time.perf_counter() - t_start})  # fmt: skip
+    if not val_batches and config.steps <= last:
+        export_model(model, best_path, _model_metadata(config, config.steps, {}))
+    seconds = elapsed_before + time.perf_counter() - t_start
+    session = time.perf_counter() - t_start
+    done_steps = min(last, config.steps)
+    return FinetuneResult(
+        steps=done_steps,
+        seconds=seconds,
+        samples_per_second=(done_steps - start_step) * config.batch_size / max(session, 1e-9),
+        best_step=run["best_step"],
+        best_score=run["best_score"],
+        history=run["history"],
+    )
+
+
+def _model_metadata(config: FinetuneConfig, step: int, score: dict[str, float]) -> dict[str, str]:
+    return {
+        "build": config.build,
+        "step": str(step),
+        "seed": str(config.seed),
+        "validation": json.dumps({k: round(v, 4) for k, v in score.items()}),
+        "config": json.dumps(asdict(config)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="train a SAM-Med2D build on labelled volumes")
+    p.add_argument("--image", action="append", default=[], required=True, help="image volume (repeatable)")
+    p.add_argument("--labels", action="append", default=[], required=True,
+                   help="label map on the image's grid, one per --image (same order)")  # fmt: skip
+    p.add_argument("--out-dir", required=True, help="folder for last.safetensors and best.safetensors")
+    p.add_argument("--build", default="small", choices=sorted(CONFIGS))
+    p.add_argument("--init", help="checkpoint to start from (required for vit_b)")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only the encoder's adapters")
+    p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
+    p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    p.add_argument("--seed", type=int, default=FinetuneConfig.seed)
+    p.add_argument("--eval-every", type=int, default=FinetuneConfig.eval_every)
+    p.add_argument("--save-every", type=int, default=FinetuneConfig.save_every)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue the state in --out-dir")
+    p.add_argument("--export", help="copy the best weights to this .safetensors file at the end")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_finetune(args) -> FinetuneResult:
+    if len(args.image) != len(args.labels):
+        raise FinetuneError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = replace(
+        FinetuneConfig(),
+        build=args.build, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        eval_every=args.eval_every, save_every=args.save_every, freeze_encoder=args.freeze_encoder,
+        init_checkpoint=args.init,
+    )  # fmt: skip
+    if args.export and not args.export.endswith(".safetensors"):
+        raise FinetuneError(f"--export must end in .safetensors, got {args.export}")
+    result = finetune(
+        config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
+        progress=None if args.quiet else _print_progress,
+    )  # fmt: skip
+    best = Path(args.out_dir) / "best.safetensors"
+    if args.export:
+        with atomic_path(Path(args.export), suffix=".tmp.safetensors") as temporary:
+            temporary.write_bytes(best.read_bytes())
+    return result
+
+
+def _print_progress(event: dict) -> None:
+    if event["event"] == "eval":
+        scores = " ".join(f"{k[4:]} {v:.3f}" for k, v in event.items() if k.startswith("val_"))
+        print(f"step {event['step']}: loss {event['loss']:.4f}, validation Dice {scores}", file=sys.stderr)
+        return
+    rate = event["samples"] / max(event["session_seconds"], 1e-9)
+    per_step = (
+        event["session_seconds"] / max(event["samples"], 1) * (event["samples"] / max(event["step"], 1))
+    )
+    remaining = (event["steps"] - event["step"]) * per_step
+    width = 30
+    filled = int(width * event["step"] / event["steps"])
+    end = "\r" if sys.stderr.isatty() else "\n"
+    if end == "\n" and event["step"] % 50:
+        return
+    print(
+        f"[{'#' * filled}{'.' * (width - filled)}] {event['step']}/{event['steps']} loss {event['loss']:.4f} "
+        f"{rate:.1f} samples/s, {remaining / 60:.1f} min left",
+        end=end, file=sys.stderr, flush=True,
+    )  # fmt: skip

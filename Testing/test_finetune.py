@@ -1,0 +1,210 @@
+"""Fine-tuning: a few steps on a tiny crop of the real CT learn something, the result loads as a model, an
+interrupted run resumes exactly, and bad training input is refused with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SAMMed2DSegmentLib import cli, finetune
+from SAMMed2DSegmentLib.checkpoint import load_model
+from SAMMed2DSegmentLib.finetune import FinetuneConfig, FinetuneError
+from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
+
+NIFTI = Path(__file__).parent / "Data" / "totalseg-example-ct" / "nifti"
+LIVER, SPLEEN = 5, 1
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory) -> tuple[Path, Path]:
+    """A 12×48×48 crop of the training CT around liver and spleen, with only those two labels."""
+    folder = tmp_path_factory.mktemp("crop")
+    image = sitk.ReadImage(str(NIFTI / "example_ct_sm.nii.gz"))
+    labels = sitk.ReadImage(str(NIFTI / "example_seg.nii.gz"))
+    lab = sitk.GetArrayFromImage(labels)
+    k, j, i = (int(np.mean(a)) for a in np.nonzero(lab == LIVER))
+    box = dict(index=[max(0, i - 24), max(0, j - 24), max(0, k - 6)], size=[48, 48, 12])
+    image_crop = sitk.RegionOfInterest(image, box["size"], box["index"])
+    label_crop = sitk.RegionOfInterest(labels, box["size"], box["index"])
+    arr = sitk.GetArrayFromImage(label_crop)
+    kept = sitk.GetImageFromArray(np.where(np.isin(arr, [LIVER, SPLEEN]), arr, 0).astype(np.uint8))
+    kept.CopyInformation(label_crop)
+    assert (sitk.GetArrayFromImage(kept) == LIVER).sum() > 1000
+    paths = folder / "image.nii.gz", folder / "labels.nii.gz"
+    sitk.WriteImage(image_crop, str(paths[0]))
+    sitk.WriteImage(kept, str(paths[1]))
+    return paths
+
+
+def tiny(**changes) -> FinetuneConfig:
+    base = FinetuneConfig(steps=4, batch_size=2, eval_every=2, save_every=1, warmup_steps=1, min_pixels=10)
+    return FinetuneConfig(**{**base.__dict__, **changes})
+
+
+def fixed_loss(model, data) -> float:
+    """Loss on one fixed batch with fixed prompts, so before/after are comparable."""
+    batch = finetune.make_batch(data, np.random.default_rng(123), 8, (1, 1, 1))
+    prompts = finetune.sample_prompts(batch.masks, np.random.default_rng(7))
+    with torch.no_grad():
+        features = model.image_encoder(batch.images)
+        logits, iou = finetune.decode(model, features, prompts)
+        return float(finetune.round_loss(logits, iou, batch.masks, prompts.single_point)[0])
+
+
+def test_a_few_steps_reduce_the_loss_and_give_a_loadable_model(crop, tmp_path):
+    config = tiny(steps=25, batch_size=4, lr=1e-3, eval_every=25, save_every=25)
+    data = finetune.load_training_set([crop], config)
+    torch.manual_seed(config.seed)
+    before = fixed_loss(finetune.build_sam_med2d("small").train(), data)
+    result = finetune.finetune(config, [crop], tmp_path)
+    assert result.steps == 25 and result.samples_per_second > 0
+    model, info = load_model(tmp_path / "best.safetensors")
+    assert info.build == "small"
+    after = fixed_loss(model, data)
+    assert after < 0.9 * before, (before, after)
+    # The exported weights run through the inference API.
+    predictor = SamMed2DPredictor(model)
+    image = np.zeros((48, 48), np.uint8)
+    predictor.set_image(image)
+    masks, iou, _ = predictor.predict(np.array([[24.0, 24.0]]), np.array([1]))
+    assert masks.shape == (1, 48, 48) and np.isfinite(iou).all()
+
+
+def test_an_interrupted_run_resumes_exactly(crop, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    straight.mkdir(), interrupted.mkdir()
+    config = tiny()
+    finetune.finetune(config, [crop], straight)
+    first = finetune.finetune(config, [crop], interrupted, stop_after=2)
+    assert first.steps == 2
+    finetune.finetune(config, [crop], interrupted, resume=True)
+    a, _, run_a = finetune.load_state(straight / "last.safetensors")
+    b, _, run_b = finetune.load_state(interrupted / "last.safetensors")
+    assert run_a["step"] == run_b["step"] == 4
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in run_a["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in run_b["history"]]
+
+
+def test_a_different_seed_trains_differently(crop, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    finetune.finetune(tiny(steps=2), [crop], tmp_path / "a")
+    finetune.finetune(tiny(steps=2, seed=1), [crop], tmp_path / "b")
+    a, _, _ = finetune.load_state(tmp_path / "a" / "last.safetensors")
+    b, _, _ = finetune.load_state(tmp_path / "b" / "last.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_state_is_not_overwritten_and_resume_checks_settings(crop, tmp_path):
+    finetune.finetune(tiny(steps=1), [crop], tmp_path)
+    before = (tmp_path / "last.safetensors").read_bytes()
+    with pytest.raises(FinetuneError, match="--resume"):
+        finetune.finetune(tiny(steps=1), [crop], tmp_path)
+    with pytest.raises(FinetuneError, match="other settings"):
+        finetune.finetune(tiny(steps=3, lr=1e-2), [crop], tmp_path, resume=True)
+    assert (tmp_path / "last.safetensors").read_bytes() == before
+
+
+def test_freezing_the_encoder_trains_only_its_adapters(crop, tmp_path):
+    model = finetune.build_sam_med2d("small")
+    finetune._freeze(model, True)
+    trainable = {n for n, p in model.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(".Adapter." in n for n in trainable)
+    assert all(p.requires_grad for p in model.mask_decoder.parameters())
+    # End to end from a checkpoint: frozen encoder weights do not move, adapters do.
+    start = tmp_path / "start"
+    start.mkdir()
+    finetune.finetune(tiny(steps=1), [crop], start)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = tiny(steps=3, freeze_encoder=True, init_checkpoint=str(start / "best.safetensors"))
+    finetune.finetune(config, [crop], run)
+    before, _ = load_model(start / "best.safetensors")
+    after, _, _ = finetune.load_state(run / "last.safetensors")
+    old = before.state_dict()
+    assert torch.equal(
+        old["image_encoder.blocks.0.attn.qkv.weight"], after["image_encoder.blocks.0.attn.qkv.weight"]
+    )
+    adapter = next(k for k in old if ".Adapter." in k and k.endswith("weight"))
+    assert not torch.equal(old[adapter], after[adapter])
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def _write_like(path: Path, array: np.ndarray, like: sitk.Image, **changes) -> Path:
+    img = sitk.GetImageFromArray(array)
+    img.CopyInformation(like) if array.shape == sitk.GetArrayFromImage(like).shape else None
+    for name, value in changes.items():
+        getattr(img, f"Set{name}")(value)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_label_maps_that_do_not_match_the_image_are_refused(crop, tmp_path):
+    image_path, label_path = crop
+    labels = sitk.ReadImage(str(label_path))
+    arr = sitk.GetArrayFromImage(labels)
+    shifted = _write_like(tmp_path / "shifted.nii.gz", arr, labels, Origin=(10.0, 0.0, 0.0))
+    with pytest.raises(FinetuneError, match="geometry .* does not match"):
+        finetune.load_training_set([(image_path, shifted)], tiny())
+    spaced = _write_like(tmp_path / "spaced.nii.gz", arr, labels, Spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(FinetuneError, match="geometry .* does not match"):
+        finetune.load_training_set([(image_path, spaced)], tiny())
+    smaller = _write_like(tmp_path / "small.nii.gz", arr[:, :, :40].copy(), labels)
+    with pytest.raises(FinetuneError, match="size .* does not match"):
+        finetune.load_training_set([(image_path, smaller)], tiny())
+    floats = _write_like(tmp_path / "float.nii.gz", arr.astype(np.float32), labels)
+    with pytest.raises(FinetuneError, match="integers"):
+        finetune.load_training_set([(image_path, floats)], tiny())
+
+
+def test_empty_label_maps_are_refused(crop, tmp_path):
+    image_path, label_path = crop
+    labels = sitk.ReadImage(str(label_path))
+    empty = _write_like(tmp_path / "empty.nii.gz", np.zeros_like(sitk.GetArrayFromImage(labels)), labels)
+    with pytest.raises(FinetuneError, match="empty"):
+        finetune.load_training_set([(image_path, empty)], tiny())
+    with pytest.raises(FinetuneError, match="no slice holds a label"):
+        finetune.load_training_set([crop], tiny(min_pixels=100_000))
+
+
+def test_a_checkpoint_of_another_build_is_refused(crop, tmp_path):
+    finetune.finetune(tiny(steps=1), [crop], tmp_path)
+    config = tiny(build="vit_b", init_checkpoint=str(tmp_path / "best.safetensors"))
+    out = tmp_path / "vit"
+    out.mkdir()
+    with pytest.raises(FinetuneError, match="is a small checkpoint, but --build is vit_b"):
+        finetune.finetune(config, [crop], out)
+    with pytest.raises(FinetuneError, match="from scratch"):
+        finetune.finetune(tiny(build="vit_b"), [crop], out)
+    assert not any(out.iterdir())
+
+
+def test_command_line_bad_input_is_one_line_and_exit_2(crop, tmp_path, capsys):
+    image_path, label_path = crop
+    argv = ["finetune", "--image", str(image_path), "--out-dir", str(tmp_path), "--steps", "1"]
+    assert cli.main([*argv, "--labels", str(label_path), "--labels", str(label_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in pairs" in err[0]
+    assert cli.main([*argv, "--labels", str(label_path), "--out-dir", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main([*argv, "--labels", str(tmp_path / "none.nii.gz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_command_line_trains_and_exports(crop, tmp_path, capsys):
+    image_path, label_path = crop
+    out = tmp_path / "model.safetensors"
+    argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--out-dir", str(tmp_path)]
+    code = cli.main([*argv, "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--export", str(out)])
+    assert code == 0
+    assert "trained 2 steps" in capsys.readouterr().err
+    model, info = load_model(out)
+    assert info.build == "small"
