@@ -74,7 +74,7 @@ REGISTRY: dict[str, ModelEntry] = {
         filename="sammed2d_demo_small.safetensors",
         description="small demonstration model shipped with the extension (CPU-friendly, limited accuracy)",
         bundled=_MODULE_DIR / "Resources" / "Models" / "sammed2d_demo_small.safetensors",
-        sha256=None,  # filled in when the trained file is added to the repository
+        sha256="3b6d8adde994991fb3a7b0565d76522175f4e970a194f73e18fee2f6289d43ea",  # see MODEL_CARD.md
     ),
     "sam-med2d_b": ModelEntry(
         name="sam-med2d_b",
@@ -274,6 +274,14 @@ def fetch_model(
 ) -> Path:
     """The model file, downloaded into the cache first when missing (each registry URL tried in turn)."""
     path = model_path(entry, cache_dir)
+    if path.is_file() and entry.bundled is not None and entry.sha256:
+        # 20 MB hash in ~40 ms: a damaged or replaced bundled model is refused rather than run.
+        if sha256_of(path).lower() != entry.sha256.lower():
+            raise WeightsError(
+                f"the bundled model {entry.name!r} ({path.name}) is altered or damaged (SHA-256 differs); "
+                "reinstall the extension"
+            )
+        return path
     if path.is_file():
         return path
     if entry.bundled is not None:
