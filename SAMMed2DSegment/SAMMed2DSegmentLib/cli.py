@@ -305,38 +305,35 @@ def run_segment(args: argparse.Namespace) -> dict:
     return report
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneError, run_finetune
+def _segment_summary(report: dict) -> str:
+    return (
+        f"wrote {len(report['slices_written'])} slice(s) of segment '{report['segment_name']}' to "
+        f"{report['output']} in {report['timings']['total_s']:.1f} s"
+    )
 
-    try:
-        result = run_finetune(args)
-    except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if not args.quiet:
-        print(
-            f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
-            f"({result.samples_per_second:.1f} samples/s); best validation at step {result.best_step}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in result.best_score.items()),
-            file=sys.stderr,
-        )
-    return 0
+
+def _finetune_summary(result) -> str:
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.best_score.items())
+    return (
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+        f"({result.samples_per_second:.1f} samples/s); best validation at step {result.best_step}: {scores}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .finetune import FinetuneError, run_finetune
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.command == "finetune":
-        return _finetune(args)
+        run, summary = run_finetune, _finetune_summary
+    else:
+        run, summary = run_segment, _segment_summary
     try:
-        report = run_segment(args)
-    except CommandError as exc:
+        outcome = run(args)
+    except (CommandError, FinetuneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.quiet:
-        print(
-            f"wrote {len(report['slices_written'])} slice(s) of segment '{report['segment_name']}' to "
-            f"{report['output']} in {report['timings']['total_s']:.1f} s",
-            file=sys.stderr,
-        )
+        print(summary(outcome), file=sys.stderr)
     return 0
