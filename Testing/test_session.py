@@ -3,6 +3,9 @@ confidence ordering, the slice view a point was placed in (tier A)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -108,3 +111,13 @@ def test_axis_follows_the_view_the_point_was_placed_in():
     tilted[:3, :3] = tilted[:3, :3] @ np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
                                                 [0, np.sin(angle), np.cos(angle)]])  # fmt: skip
     assert axis_from_views((0.0, 0.0, 0.0), [("Reformat", tilted)]) == "axial"
+
+
+def test_session_imports_without_torch():
+    """The Slicer module calls axis_from_views (and snapshots volumes) when a point is placed, possibly
+    before the PyTorch extension has installed torch: importing the session must not import torch."""
+    code = (
+        "import sys; import SAMMed2DSegmentLib.session; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

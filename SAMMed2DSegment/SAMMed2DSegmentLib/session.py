@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 from .geometry import AXES, VIEW_ORIENTATIONS, SliceGeometry
 from .intensity import PRESETS, IntensityWindow, default_window
-from .predictor import SamMed2DPredictor
 from .prompts import PointPrompt, RoiPrompt
-from .propagation import ProgressCallback, PropagationResult, PropagationSettings
-from .segmenter import VolumeSegmentation, make_engine, segment_volume
+
+if TYPE_CHECKING:  # torch-free at import: the Slicer module uses this file before torch is installed
+    from .predictor import SamMed2DPredictor
+    from .propagation import ProgressCallback, PropagationResult, PropagationSettings
+    from .segmenter import VolumeSegmentation
 
 #: Intensity window choices offered by the module: automatic, the named presets, or level/width by hand.
 WINDOW_CHOICES = ("auto", *PRESETS, "custom")
@@ -105,9 +107,11 @@ def axis_from_views(
 class SegmentationSession:
     """A predictor and its embedding cache; every method runs on the one worker thread."""
 
-    def __init__(self, predictor: SamMed2DPredictor, cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, predictor: SamMed2DPredictor, cache_bytes: int | None = None) -> None:
+        from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache  # torch
+
         self.predictor = predictor
-        self.cache = EmbeddingCache(cache_bytes)
+        self.cache = EmbeddingCache(DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes)
 
     def segment(
         self,
@@ -122,6 +126,8 @@ class SegmentationSession:
         should_cancel: Callable[[], bool] | None = None,
     ) -> VolumeSegmentation:
         """The prompted slice(s) only (`direction="none"`) or with propagation; cached embeddings reused."""
+        from .segmenter import segment_volume
+
         return segment_volume(
             self.predictor, snapshot.array_kji, snapshot.ijk_to_ras, window, points, rois,
             axis=axis, direction=direction, settings=settings, cache=self.cache, cache_key=snapshot.key,
@@ -139,6 +145,8 @@ class SegmentationSession:
     ) -> list[int]:
         """Encode the slices around `center` (nearest first) that are not cached yet, so the first click
         there does not wait for the encoder. Returns the slices encoded."""
+        from .segmenter import make_engine
+
         geometry = snapshot.geometry(axis)
         engine = make_engine(self.predictor, snapshot.array_kji, geometry, window, cache=self.cache,
                              cache_key=snapshot.key)  # fmt: skip

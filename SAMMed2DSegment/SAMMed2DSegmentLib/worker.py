@@ -49,7 +49,7 @@ class JobContext:
         self._report(value)
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: `in` / `remove` on the pending list must compare identity
 class Job:
     """Background work: `fn(context)` runs on the worker thread, the callbacks on the main thread."""
 

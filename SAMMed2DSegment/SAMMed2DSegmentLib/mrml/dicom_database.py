@@ -63,12 +63,20 @@ def source_datasets(volume_node: vtk.vtkObject, database: DicomDatabase | None) 
 
 
 def source_modality(volume_node: vtk.vtkObject, database: DicomDatabase | None) -> str | None:
-    """The series' modality (CT, MR, …) when the volume came from DICOM, else None (for the window)."""
-    try:
-        first = source_files(volume_node, database)[0]
-    except ValueError:
+    """The series' modality (CT, MR, …) when the volume came from DICOM, else None (for the window).
+
+    Runs on the main thread before each new volume snapshot, so it asks the database for one instance only
+    (not one query per slice), and it never fails: the modality only picks the automatic window."""
+    uids = (volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if not uids or database is None:
         return None
-    return pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality")
+    try:
+        path = database.fileForInstance(uids[0]) or ""
+        if not os.path.isfile(path):
+            return None
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality")
+    except Exception:  # unreadable file, closed database: fall back to the intensity-based window
+        return None
 
 
 __all__ = [
