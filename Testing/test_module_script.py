@@ -132,3 +132,16 @@ def test_module_defines_no_computation_the_library_has():
     )
     for forbidden in ("import numpy", "import torch", "np.", "torch."):
         assert forbidden not in widget_source
+
+
+def test_observer_callbacks_do_not_compare_event_ids():
+    """VTK passes Python observers the event *name* (custom MRML events arrive as "NoEvent"), so a callback
+    that compares `event` with an event id never matches: each event needs its own callback."""
+    source = SCRIPT.read_text(encoding="utf-8")
+    assert "event ==" not in source and "== event" not in source
+
+
+def test_worker_side_of_the_logic_leaves_qt_alone():
+    """_loadModel runs on the worker thread: it must not call self.log (whose callback updates a Qt label)."""
+    load = next(n for n in _class("SAMMed2DSegmentLogic").body if getattr(n, "name", "") == "_loadModel")
+    assert "log" not in _attribute_uses(load, "")
