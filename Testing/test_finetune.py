@@ -208,3 +208,21 @@ def test_command_line_trains_and_exports(crop, tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().err
     model, info = load_model(out)
     assert info.build == "small"
+
+
+def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp_path):
+    """An MR-like volume (no Hounsfield air) is shown to the model as inference will show it: the
+    percentile rule, never a CT window."""
+    image_path, label_path = crop
+    image = sitk.ReadImage(str(image_path))
+    shifted = sitk.Cast(image, sitk.sitkFloat32) + 2000.0
+    mr_path = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(shifted, str(mr_path))
+    data = finetune.load_training_set([(mr_path, label_path)], tiny())
+    assert data.defaults[0].method.startswith("auto")
+    assert data.defaults[0].low > 500
+    batch = finetune.make_batch(data, np.random.default_rng(0), 4, (1, 1, 1))
+    assert batch.images.shape == (4, 3, 256, 256) and torch.isfinite(batch.images).all()
+    full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
+    ct = finetune.load_training_set([full_ct], tiny())
+    assert ct.defaults[0].method.endswith("(ct-soft-tissue)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .atomic_file import atomic_path
 from .geometry import AXES, SliceGeometry
+from .intensity import IntensityWindow, compute_window, default_window
 from .masks import interior_point
 from .model import CONFIGS, SamMed2D, build_sam_med2d
 from .model.sam import PIXEL_MEAN, PIXEL_STD
@@ -102,7 +103,9 @@ class LabelledSlice:
 class TrainingSet:
     slices: list[list[LabelledSlice]]  # per axis (axial, coronal, sagittal)
     validation: list[tuple[LabelledSlice, int]]  # (slice, label) pairs held out
-    windows: list[tuple[float, float]]  # per volume: percentile window (0.5–99.5 above the minimum)
+    #: Per volume: the engine's "auto" percentile window and its default window (what inference will use).
+    windows: list[tuple[float, float]]
+    defaults: list[IntensityWindow] = field(default_factory=list)
     samples_per_axis: list[int] = field(default_factory=list)
 
 
@@ -128,19 +131,6 @@ def _read_labels(path: str | os.PathLike[str], shape: tuple[int, ...], ijk_to_ra
     return labels.array_kji
 
 
-def percentile_window(volume: np.ndarray) -> tuple[float, float]:
-    """0.5–99.5 percentiles of the voxels above the volume minimum (air/padding excluded), the rule of the
-    engine's default window for non-CT volumes; one of the two intensity conversions seen in training."""
-    flat = volume.ravel()[:: max(1, volume.size // 2_000_000)]
-    above = flat[flat > flat.min()]
-    if above.size == 0:
-        above = flat
-    low, high = np.percentile(above.astype(np.float64), [0.5, 99.5])
-    if high <= low:
-        high = low + 1.0
-    return float(low), float(high)
-
-
 def load_training_set(
     pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]], config: FinetuneConfig
 ) -> TrainingSet:
@@ -149,7 +139,7 @@ def load_training_set(
         raise FinetuneError("no training data: give at least one --image/--labels pair")
     per_axis: list[list[LabelledSlice]] = [[], [], []]
     validation: list[tuple[LabelledSlice, int]] = []
-    windows = []
+    windows, defaults = [], []
     for number, (image_path, label_path) in enumerate(pairs):
         try:
             image = read_volume(image_path)
@@ -162,7 +152,10 @@ def load_training_set(
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
         values = image.array_kji.astype(np.float32)
-        windows.append(percentile_window(values))
+        auto = compute_window(values, "auto")
+        windows.append((auto.low, auto.high))
+        modality = image.modality if image.modality in ("CT", "MR", "PT") else None
+        defaults.append(default_window(values, modality))
         for a, axis in enumerate(AXES):
             geometry = SliceGeometry.create(values.shape, image.ijk_to_ras, axis)
             held = _held_out(geometry.num_slices, config.val_fraction) if a == 0 else range(0)
@@ -180,7 +173,7 @@ def load_training_set(
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
-    return TrainingSet(per_axis, validation, windows, samples)
+    return TrainingSet(per_axis, validation, windows, defaults, samples)
 
 
 def _held_out(num_slices: int, fraction: float) -> range:
@@ -268,10 +261,11 @@ def make_batch(
         noise = rng.uniform(0, 15)
         if noise > 1:
             image = image + torch.from_numpy(rng.normal(0, noise, (SIZE, SIZE)).astype(np.float32))
-        if rng.random() < 0.6:  # CT soft-tissue-like windows around the engine's CT default (L40/W400)
+        is_ct = data.defaults[item.volume].method.endswith("(ct-soft-tissue)")
+        if rng.random() < 0.6 and is_ct:  # soft-tissue-like windows around the engine's CT default (L40/W400)
             level, width = rng.uniform(0, 100), rng.uniform(250, 600)
             low, high = level - width / 2, level + width / 2
-        else:  # the percentile rule, jittered
+        else:  # the percentile rule ("auto"), jittered
             low, high = data.windows[item.volume]
             span = high - low
             low, high = low + rng.uniform(-0.1, 0.1) * span, high + rng.uniform(-0.1, 0.1) * span
@@ -422,7 +416,7 @@ def training_step(
 
 
 def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, list[tuple[float, float]]]]:
-    """Held-out (slice, label) pairs in the soft-tissue CT window and the percentile window, no
+    """Held-out (slice, label) pairs in their volume's default window (what inference uses), no
     augmentation; with each mask's interior point for the point prompt."""
     out = []
     items = []
@@ -432,7 +426,9 @@ def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, 
         if mask.sum() < 10:
             continue
         x, y = interior_point(mask.numpy())
-        items.append((_normalise(_to_uint8_like(image, -160.0, 240.0, 1.0)), mask, (float(x), float(y))))
+        window = data.defaults[item.volume]
+        gray = _to_uint8_like(image, window.low, window.high, 1.0)
+        items.append((_normalise(gray), mask, (float(x), float(y))))
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
         out.append((Batch(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])),
@@ -457,7 +453,7 @@ def validate(model: SamMed2D, batches) -> dict[str, float]:
         features = model.image_encoder(batch.images)
         coords = torch.tensor(points, dtype=torch.float32)[:, None]
         ones = torch.ones(len(points), 1, dtype=torch.int64)
-        boxes = torch.stack([_jittered_box_exact(m) for m in batch.masks])
+        boxes = torch.stack([_tight_box(m) for m in batch.masks])
         for name, prompts in (("point", Prompts(coords, ones, None)), ("box", Prompts(None, None, boxes))):
             logits, iou = decode(model, features, prompts)
             best = iou[:, 1:].argmax(dim=1) + 1
@@ -470,7 +466,7 @@ def validate(model: SamMed2D, batches) -> dict[str, float]:
     return result
 
 
-def _jittered_box_exact(mask: torch.Tensor) -> torch.Tensor:
+def _tight_box(mask: torch.Tensor) -> torch.Tensor:
     ys, xs = torch.nonzero(mask, as_tuple=True)
     return torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
 
