@@ -9,6 +9,7 @@ removed. Sites without network access copy the file by hand and point the module
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -265,6 +266,17 @@ def download(
     return destination
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256_of_version(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_of(path)
+
+
+def _bundled_sha256(path: Path) -> str:
+    """The panel asks for the model's status on every parameter change: hash a file version only once."""
+    st = path.stat()
+    return _sha256_of_version(path, st.st_size, st.st_mtime_ns)
+
+
 def fetch_model(
     entry: ModelEntry,
     *,
@@ -275,8 +287,8 @@ def fetch_model(
     """The model file, downloaded into the cache first when missing (each registry URL tried in turn)."""
     path = model_path(entry, cache_dir)
     if path.is_file() and entry.bundled is not None and entry.sha256:
-        # 20 MB hash in ~40 ms: a damaged or replaced bundled model is refused rather than run.
-        if sha256_of(path).lower() != entry.sha256.lower():
+        # A damaged or replaced bundled model is refused rather than run; hashed once per file version.
+        if _bundled_sha256(path).lower() != entry.sha256.lower():
             raise WeightsError(
                 f"the bundled model {entry.name!r} ({path.name}) is altered or damaged (SHA-256 differs); "
                 "reinstall the extension"
