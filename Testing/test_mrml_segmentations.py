@@ -132,6 +132,54 @@ def test_each_call_is_one_undo_step(setup):
     np.testing.assert_array_equal(setup.array(setup.b), b)
 
 
+@pytest.mark.parametrize("axis", AXES)
+def test_slices_beside_other_segments_are_written_in_place(setup, axis, monkeypatch):
+    """Writes that cannot touch another segment go straight into the segment's labelmap (cost: the slices
+    written, not the volume), keep the shared layer shared, and tell the segmentation (displays follow)."""
+    from SAMMed2DSegmentLib.mrml import segmentations
+
+    geometry = setup.geometry(axis)
+    before_b = setup.array(setup.b)
+    segmentation = setup.seg.GetSegmentation()
+    layer = segmentation.GetSegment(setup.a).GetRepresentation("Binary labelmap")
+    events = []
+    segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified, lambda *_: events.append(1))
+
+    def no_full_read(*_args):
+        raise AssertionError("the whole segment was read: the in-place path was not taken")
+
+    monkeypatch.setattr(segmentations, "_read_on_grid", no_full_read)
+    index = geometry.num_slices - 1
+    mask = np.ones(geometry.slice_shape, bool) & ~geometry.extract(before_b, index)  # grows A's extent
+    write_segment_slices(setup.seg, setup.a, setup.volume, geometry, {index: mask})
+    monkeypatch.undo()
+
+    after = setup.array(setup.a)
+    np.testing.assert_array_equal(geometry.extract(after, index), mask)
+    np.testing.assert_array_equal(setup.array(setup.b), before_b)
+    assert segmentation.GetNumberOfLayers() == 1
+    assert segmentation.GetSegment(setup.b).GetRepresentation("Binary labelmap") is layer
+    assert events
+
+
+def test_a_write_over_another_segment_takes_the_general_path(setup, monkeypatch):
+    """Covering another segment of the shared layer must not overwrite it: Slicer separates the layers."""
+    from SAMMed2DSegmentLib.mrml import segmentations
+
+    geometry = setup.geometry("axial")
+    before_b = setup.array(setup.b)
+    calls = []
+    real = segmentations._read_on_grid
+    monkeypatch.setattr(segmentations, "_read_on_grid", lambda *a: calls.append(1) or real(*a))
+    index = next(i for i in range(geometry.num_slices) if geometry.extract(before_b, i).any())
+    mask = np.ones(geometry.slice_shape, bool)
+    write_segment_slices(setup.seg, setup.a, setup.volume, geometry, {index: mask})
+    assert calls
+    np.testing.assert_array_equal(geometry.extract(setup.array(setup.a), index), mask)
+    np.testing.assert_array_equal(setup.array(setup.b), before_b)
+    assert setup.seg.GetSegmentation().GetNumberOfLayers() == 2
+
+
 def test_bad_writes_are_refused_without_an_undo_state(setup):
     geometry = setup.geometry("axial")
     history = setup.history()

@@ -9,6 +9,7 @@ reader sees them (it aborts the whole process on some of them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -187,6 +188,67 @@ def _write_grid(
     return grid, inside
 
 
+def _write_in_place(
+    segment: vtk.vtkObject,
+    grid: vtk.vtkObject,
+    inside: tuple[slice, slice, slice],
+    geometry: SliceGeometry,
+    masks: Mapping[int, np.ndarray],
+) -> bool:
+    """Write the slices straight into the segment's own labelmap (shared with other segments of its layer or
+    not) when that is exactly equivalent to replacing the segment: same lattice, and no other segment under
+    the new voxels. Costs the slices written, not the volume (a click on a 300-slice CT: milliseconds
+    instead of most of a second). The labelmap grows in place to the written slices when needed, so
+    segments sharing it keep sharing it. Returns False to leave the general path to do the write."""
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    labelmap = segment.GetRepresentation(name)
+    if labelmap is None or _empty_extent(labelmap.GetExtent()) or labelmap.GetNumberOfScalarComponents() != 1:
+        return False
+    offset = _lattice_offset(labelmap, grid)
+    if offset is None:
+        return False
+    label = segment.GetLabelValue()
+    # The written slices' block, in the labelmap's (i, j, k) index space.
+    k_axis = 2 - geometry.slice_axis
+    written = sorted(masks)
+    ranges = [[s.start, s.stop - 1] for s in inside]  # [k, j, i] in grid indices
+    ranges[k_axis] = [inside[k_axis].start + written[0], inside[k_axis].start + written[-1]]
+    grid_low = np.array(grid.GetExtent()[0::2])
+    low = np.array([ranges[2][0], ranges[1][0], ranges[0][0]]) + grid_low + offset
+    high = np.array([ranges[2][1], ranges[1][1], ranges[0][1]]) + grid_low + offset
+    extent = np.array(labelmap.GetExtent())
+    if (low < extent[0::2]).any() or (high > extent[1::2]).any():
+        _grow(labelmap, np.minimum(low, extent[0::2]), np.maximum(high, extent[1::2]))
+        extent = np.array(labelmap.GetExtent())
+    array = _image_array(labelmap)
+    a, b = low - extent[0::2], high - extent[0::2] + 1
+    block = array[a[2] : b[2], a[1] : b[1], a[0] : b[0]]  # a view into the labelmap
+    block_geometry = dataclasses.replace(geometry, shape_kji=block.shape)
+    planes = {index: block_geometry.view(block, index - written[0]) for index in masks}
+    for index, plane in planes.items():
+        others = (plane != 0) & (plane != label)
+        if (others & masks[index]).any():
+            return False  # another segment of the layer is under the new voxels: Slicer separates layers
+    for index, plane in planes.items():
+        plane[(plane == label) & ~masks[index]] = 0
+        plane[masks[index]] = label
+    labelmap.Modified()  # the segmentation observes its source labelmaps: displays and undo follow
+    return True
+
+
+def _grow(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) -> None:
+    """Enlarge a labelmap's extent in place (same object, so a shared layer stays shared), keeping voxels."""
+    old_extent = np.array(labelmap.GetExtent())
+    old = _image_array(labelmap).copy()
+    scalar_type = labelmap.GetScalarType()
+    labelmap.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
+    labelmap.AllocateScalars(scalar_type, 1)
+    array = _image_array(labelmap)
+    array[...] = 0
+    a = old_extent[0::2] - low
+    array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
+
+
 def write_segment_slices(
     seg_node: vtk.vtkObject,
     segment_id: str,
@@ -211,6 +273,10 @@ def write_segment_slices(
     if history is not None and history.GetSegmentation() is not seg_node.GetSegmentation():
         raise ValueError("history belongs to another segmentation")
 
+    if history is not None:
+        history.SaveState()
+    if _write_in_place(segment, grid, inside, geometry, checked):
+        return
     voxels = _read_on_grid(seg_node, segment_id, grid).astype(np.uint8)
     on_volume = voxels[inside]  # a view: writing slices into it writes into `voxels`
     for index, mask in checked.items():
@@ -218,8 +284,6 @@ def write_segment_slices(
     grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     _image_array(grid)[...] = voxels
 
-    if history is not None:
-        history.SaveState()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     with captured_vtk_messages() as messages:
         ok = logic.SetBinaryLabelmapToSegment(grid, seg_node, segment_id, logic.MODE_REPLACE)
