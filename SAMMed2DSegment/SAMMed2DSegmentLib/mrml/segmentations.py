@@ -189,6 +189,7 @@ def _write_grid(
 
 
 def _write_in_place(
+    segmentation: vtk.vtkObject,
     segment: vtk.vtkObject,
     grid: vtk.vtkObject,
     inside: tuple[slice, slice, slice],
@@ -201,6 +202,8 @@ def _write_in_place(
     instead of most of a second). The labelmap grows in place to the written slices when needed, so
     segments sharing it keep sharing it. Returns False to leave the general path to do the write."""
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != name:
+        return False  # a derived labelmap: edits must go through the source representation
     labelmap = segment.GetRepresentation(name)
     if labelmap is None or _empty_extent(labelmap.GetExtent()) or labelmap.GetNumberOfScalarComponents() != 1:
         return False
@@ -275,7 +278,7 @@ def write_segment_slices(
 
     if history is not None:
         history.SaveState()
-    if _write_in_place(segment, grid, inside, geometry, checked):
+    if _write_in_place(seg_node.GetSegmentation(), segment, grid, inside, geometry, checked):
         return
     voxels = _read_on_grid(seg_node, segment_id, grid).astype(np.uint8)
     on_volume = voxels[inside]  # a view: writing slices into it writes into `voxels`
