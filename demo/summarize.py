@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from SAMMed2DSegmentLib.geometry import SliceGeometry
 from SAMMed2DSegmentLib.intensity import IntensityWindow, to_uint8
 from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+from SAMMed2DSegmentLib.preprocessing import opencv_nearest_indices
 from SAMMed2DSegmentLib.volume_io import read_volume
 
 TILE = 192
@@ -50,8 +51,8 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def _nearest(image: np.ndarray, size: int) -> np.ndarray:
-    rows = np.minimum((np.arange(size) * image.shape[0] / size).astype(int), image.shape[0] - 1)
-    cols = np.minimum((np.arange(size) * image.shape[1] / size).astype(int), image.shape[1] - 1)
+    rows = opencv_nearest_indices(image.shape[0], size)
+    cols = opencv_nearest_indices(image.shape[1], size)
     return image[rows[:, None], cols[None, :]]
 
 

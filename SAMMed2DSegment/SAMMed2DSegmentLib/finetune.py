@@ -34,6 +34,7 @@ from .intensity import IntensityWindow, compute_window, default_window
 from .masks import interior_point
 from .model import CONFIGS, SamMed2D, build_sam_med2d
 from .model.sam import PIXEL_MEAN, PIXEL_STD
+from .preprocessing import opencv_nearest_indices
 from .volume_io import read_volume
 
 STATE_FORMAT = "sammed2d-finetune-state/1"
@@ -193,12 +194,15 @@ class Batch:
 
 
 def _resize(array: np.ndarray, smooth: bool) -> torch.Tensor:
-    """A slice → 256×256: nearest (the predictor's rule) or bilinear, so upsampled low-resolution training
-    slices do not all look blocky."""
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    mode = "bilinear" if smooth else "nearest"
-    kwargs = {"align_corners": False, "antialias": True} if smooth else {}
-    return F.interpolate(t, (SIZE, SIZE), mode=mode, **kwargs)[0, 0]
+    """A slice → 256×256: the predictor's nearest-neighbour rule (OpenCV's, as the official code resizes), or
+    bilinear, so upsampled low-resolution training slices do not all look blocky."""
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    if not smooth:
+        rows = opencv_nearest_indices(values.shape[0], SIZE)
+        cols = opencv_nearest_indices(values.shape[1], SIZE)
+        return torch.from_numpy(np.ascontiguousarray(values[rows[:, None], cols[None, :]]))
+    t = torch.from_numpy(values)[None, None]
+    return F.interpolate(t, (SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)[0, 0]
 
 
 def _affine(rng: np.random.Generator, mask: torch.Tensor) -> torch.Tensor:
