@@ -314,9 +314,10 @@ def _segment_summary(report: dict) -> str:
 
 def _finetune_summary(result) -> str:
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.best_score.items())
+    best = f"best validation at step {result.best_step}: {scores}" if scores else "no validation slices"
     return (
         f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
-        f"({result.samples_per_second:.1f} samples/s); best validation at step {result.best_step}: {scores}"
+        f"({result.samples_per_second:.1f} samples/s); {best}"
     )
 
 

@@ -107,6 +107,7 @@ class TrainingSet:
     #: Per volume: the engine's "auto" percentile window and its default window (what inference will use).
     windows: list[tuple[float, float]]
     defaults: list[IntensityWindow] = field(default_factory=list)
+    is_ct: list[bool] = field(default_factory=list)
     samples_per_axis: list[int] = field(default_factory=list)
 
 
@@ -140,14 +141,17 @@ def load_training_set(
         raise FinetuneError("no training data: give at least one --image/--labels pair")
     per_axis: list[list[LabelledSlice]] = [[], [], []]
     validation: list[tuple[LabelledSlice, int]] = []
-    windows, defaults = [], []
+    windows, defaults, is_ct = [], [], []
     for number, (image_path, label_path) in enumerate(pairs):
         try:
             image = read_volume(image_path)
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
         try:
-            labels = _read_labels(label_path, image.array_kji.shape, image.ijk_to_ras)
+            if str(label_path).lower().endswith(".seg.nrrd"):
+                labels = _read_segmentation(label_path, image.array_kji, image.ijk_to_ras)
+            else:
+                labels = _read_labels(label_path, image.array_kji.shape, image.ijk_to_ras)
         except FinetuneError:
             raise
         except ValueError as exc:
@@ -157,24 +161,51 @@ def load_training_set(
         windows.append((auto.low, auto.high))
         modality = image.modality if image.modality in ("CT", "MR", "PT") else None
         defaults.append(default_window(values, modality))
+        is_ct.append(defaults[-1].method.endswith("(ct-soft-tissue)"))
+        # The held-out axial band is also blanked out of the other views' labels, so no held-out voxel is
+        # ever trained on.
+        axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
+        held = _held_out(axial.num_slices, config.val_fraction)
+        training_labels = labels.copy()
+        selector: list[object] = [slice(None)] * 3
+        selector[2 - axial.slice_axis] = slice(held.start, held.stop)
+        training_labels[tuple(selector)] = 0
         for a, axis in enumerate(AXES):
             geometry = SliceGeometry.create(values.shape, image.ijk_to_ras, axis)
-            held = _held_out(geometry.num_slices, config.val_fraction) if a == 0 else range(0)
+            source = labels if a == 0 else training_labels
             for index in range(geometry.num_slices):
-                lab = geometry.extract(labels, index)
+                lab = geometry.extract(source, index)
                 present, counts = np.unique(lab[lab > 0], return_counts=True)
                 keep = tuple(int(v) for v, c in zip(present, counts, strict=True) if c >= config.min_pixels)
                 if not keep:
                     continue
                 item = LabelledSlice(geometry.extract(values, index), lab, keep, axis, number, index)
-                if index in held:
+                if a == 0 and index in held:
                     validation += [(item, v) for v in keep]
                 else:
                     per_axis[a].append(item)
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
-    return TrainingSet(per_axis, validation, windows, defaults, samples)
+    return TrainingSet(per_axis, validation, windows, defaults, is_ct, samples)
+
+
+def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """A Slicer .seg.nrrd (any extent, shared or separate layers) → label map on the image grid, segment n →
+    label n (a later segment wins where two overlap), through Slicer's own segmentation classes."""
+    from .mrml import scene, segmentations, volumes
+
+    hs = scene.create_headless_scene()
+    node = volumes.add_volume_from_array(hs, image, ijk_to_ras, "image")
+    seg = segmentations.load_segmentation(hs, path)
+    segmentation = seg.GetSegmentation()
+    labels = np.zeros(image.shape, np.uint16)
+    for number in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(number)
+        labels[segmentations.segment_array(seg, segment_id, node)] = number + 1
+    if not labels.any():
+        raise FinetuneError(f"{path}: the segmentation is empty (no segment has voxels on the image grid)")
+    return labels
 
 
 def _held_out(num_slices: int, fraction: float) -> range:
@@ -262,17 +293,17 @@ def make_batch(
             moved_mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=False)
             if moved_mask.sum() >= 10:
                 image, mask = moved[0, 0] + fill, moved_mask[0, 0] > 0.5
-        noise = rng.uniform(0, 15)
-        if noise > 1:
-            image = image + torch.from_numpy(rng.normal(0, noise, (SIZE, SIZE)).astype(np.float32))
-        is_ct = data.defaults[item.volume].method.endswith("(ct-soft-tissue)")
-        if rng.random() < 0.6 and is_ct:  # soft-tissue-like windows around the engine's CT default (L40/W400)
+        if rng.random() < 0.6 and data.is_ct[item.volume]:  # soft-tissue-like, around the CT default L40/W400
             level, width = rng.uniform(0, 100), rng.uniform(250, 600)
             low, high = level - width / 2, level + width / 2
         else:  # the percentile rule ("auto"), jittered
             low, high = data.windows[item.volume]
             span = high - low
             low, high = low + rng.uniform(-0.1, 0.1) * span, high + rng.uniform(-0.1, 0.1) * span
+        # Noise in proportion to the window (0–15 HU on the CT default): the same meaning for any modality.
+        noise = rng.uniform(0, 0.0375) * (high - low)
+        if noise > 0.0025 * (high - low):
+            image = image + torch.from_numpy(rng.normal(0, noise, (SIZE, SIZE)).astype(np.float32))
         gamma = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
         images.append(_normalise(_to_uint8_like(image, low, high, gamma)))
         masks.append(mask)
@@ -288,7 +319,7 @@ class Prompts:
     coords: torch.Tensor | None  # B×N×2 in the 256 frame (x, y)
     labels: torch.Tensor | None  # B×N (1 include, 0 exclude, −1 padding)
     boxes: torch.Tensor | None  # B×4 (x0, y0, x1, y1)
-    mask_input: torch.Tensor | None = None  # B×1×64×64 logits
+    mask_input: torch.Tensor | None = None  # B×1×64×64 probabilities: sigmoid of previous logits
 
     @property
     def single_point(self) -> bool:
@@ -334,7 +365,8 @@ def correction_prompts(
     rng: np.random.Generator,
 ) -> Prompts:  # fmt: skip
     """Second round: one point from each sample's error region (include where the mask was missed, exclude
-    where it spilled over) and, half of the time, the previous logits as mask prompt."""
+    where it spilled over) and, half of the time, the previous prediction as mask prompt: sigmoid of its
+    logits, as SAM-Med2D trains and as the engine feeds it (`PropagationSettings.use_mask_prompt`)."""
     points, labels = [], []
     for pred, truth in zip(predicted, masks, strict=True):
         error = pred ^ truth
@@ -350,7 +382,7 @@ def correction_prompts(
     else:
         coords = torch.cat([prompts.coords, new_xy], dim=1)
         point_labels = torch.cat([prompts.labels, new_labels], dim=1)
-    mask_input = low_res.detach() if rng.random() < 0.5 else None
+    mask_input = torch.sigmoid(low_res.detach()) if rng.random() < 0.5 else None
     return Prompts(coords, point_labels, prompts.boxes, mask_input)
 
 
@@ -385,15 +417,14 @@ def round_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAM's rule: the multimask tokens 1..3 learn by their best mask only; the single-mask token 0 is
     trained too when the prompt is unambiguous. The IoU head learns every token's actual IoU.
-    Returns (loss, index of the best token 1..3 per sample, its low-res logits)."""
+    Returns (loss, the low-res logits of the token the predictor would pick: highest predicted IoU)."""
     losses, iou = _mask_losses(logits, masks)
-    multi, best = losses[:, 1:].min(dim=1)
-    loss = multi.mean()
+    loss = losses[:, 1:].min(dim=1).values.mean()
     if not single_point:
         loss = loss + losses[:, 0].mean()
     loss = loss + F.mse_loss(iou_pred, iou)
-    best_logits = logits[:, 1:][torch.arange(logits.shape[0]), best][:, None]
-    return loss, best + 1, best_logits
+    chosen = iou_pred[:, 1:].detach().argmax(dim=1) + 1
+    return loss, logits[torch.arange(logits.shape[0]), chosen][:, None]
 
 
 def training_step(
@@ -402,15 +433,15 @@ def training_step(
     features = model.image_encoder(batch.images)
     prompts = sample_prompts(batch.masks, rng)
     logits, iou_pred = decode(model, features, prompts)
-    loss, _, best_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point)
+    loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point)
     if rng.random() < correction_probability:
         with torch.no_grad():
             predicted = (
-                F.interpolate(best_logits, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
+                F.interpolate(chosen_logits, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
             )
-        prompts = correction_prompts(prompts, predicted, batch.masks, best_logits, rng)
+        prompts = correction_prompts(prompts, predicted, batch.masks, chosen_logits, rng)
         logits, iou_pred = decode(model, features, prompts)
-        loss2, _, _ = round_loss(logits, iou_pred, batch.masks, single_point=False)
+        loss2, _ = round_loss(logits, iou_pred, batch.masks, single_point=False)
         loss = (loss + loss2) / 2
     return loss
 
@@ -658,6 +689,7 @@ def finetune(
         if progress:
             progress({"event": "step", "step": done, "steps": config.steps, "loss": running,
                       "seconds": seconds, "samples": (done - start_step) * config.batch_size,
+                      "session_steps": done - start_step,
                       "session_seconds": time.perf_counter() - t_start})  # fmt: skip
     if not val_batches and config.steps <= last:
         export_model(model, best_path, _model_metadata(config, config.steps, {}))
@@ -712,6 +744,8 @@ def add_parser(subparsers) -> None:
 def run_finetune(args) -> FinetuneResult:
     if len(args.image) != len(args.labels):
         raise FinetuneError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
+    if args.threads < 0:
+        raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = replace(
@@ -739,9 +773,7 @@ def _print_progress(event: dict) -> None:
         print(f"step {event['step']}: loss {event['loss']:.4f}, validation Dice {scores}", file=sys.stderr)
         return
     rate = event["samples"] / max(event["session_seconds"], 1e-9)
-    per_step = (
-        event["session_seconds"] / max(event["samples"], 1) * (event["samples"] / max(event["step"], 1))
-    )
+    per_step = event["session_seconds"] / max(event["session_steps"], 1)
     remaining = (event["steps"] - event["step"]) * per_step
     width = 30
     filled = int(width * event["step"] / event["steps"])
