@@ -36,7 +36,9 @@ def liver_dice(seg_path: Path) -> float:
     seg = segmentations.load_segmentation(hs, seg_path)
     segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("liver")
     predicted = segmentations.segment_array(seg, segment_id, node).astype(bool)
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(CT / "labels" / "labels_on_ct_grid.nrrd"))) == LIVER
+    labels = read_volume(CT / "labels" / "labels_on_ct_grid.nrrd")
+    np.testing.assert_allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3)
+    truth = labels.array_kji == LIVER
     return 2 * float((predicted & truth).sum()) / float(predicted.sum() + truth.sum())
 
 
@@ -100,8 +102,7 @@ def test_unknown_or_missing_models_are_clear_errors(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_writes_every_output(tmp_path):
     """`make demo` end to end (the venv exists when the suite runs through `make test`)."""
-    venv_python = REPO / ".venv" / "bin" / "python"
-    if Path(sys.executable).resolve() != venv_python.resolve():
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         pytest.skip("runs only inside the project's .venv, as `make test` does")
     result = subprocess.run(["make", "-s", "demo", f"DEMO_OUT={tmp_path}"], cwd=REPO, capture_output=True,
                             text=True, timeout=600)  # fmt: skip

@@ -226,3 +226,73 @@ def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp
     full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
     ct = finetune.load_training_set([full_ct], tiny())
     assert ct.defaults[0].method.endswith("(ct-soft-tissue)")
+
+
+def test_the_mask_prompt_is_given_as_probabilities_like_the_engine_does():
+    """The engine feeds sigmoid(previous logits) as mask prompt (PropagationSettings.use_mask_prompt), as
+    SAM-Med2D trains; training must feed the same range."""
+    masks = torch.zeros(2, 256, 256, dtype=torch.bool)
+    masks[:, 100:150, 100:150] = True
+    prompts = finetune.Prompts(None, None, torch.tensor([[90.0, 90, 160, 160]] * 2))
+    logits = torch.full((2, 1, 64, 64), 8.0)
+    logits[:, :, :10] = -8.0
+    seen = []
+    for seed in range(20):
+        p = finetune.correction_prompts(prompts, masks.clone(), masks, logits, np.random.default_rng(seed))
+        assert p.coords.shape == (2, 1, 2) and p.boxes is not None
+        if p.mask_input is not None:
+            seen.append(p.mask_input)
+    assert seen, "the mask prompt is never used"
+    for mask_input in seen:
+        assert mask_input.min() >= 0 and mask_input.max() <= 1
+        torch.testing.assert_close(mask_input, torch.sigmoid(logits))
+
+
+def test_the_correction_round_starts_from_the_mask_the_predictor_would_pick():
+    masks = torch.zeros(1, 256, 256, dtype=torch.bool)
+    masks[0, 64:192, 64:192] = True
+    logits = torch.full((1, 4, 64, 64), -5.0)
+    logits[0, 1, 16:48, 16:48] = 5.0  # token 1: right, but predicted IoU low
+    logits[0, 2, :8, :8] = 5.0  # token 2: wrong, predicted IoU high
+    iou_pred = torch.tensor([[0.1, 0.2, 0.9, 0.3]])
+    _, chosen = finetune.round_loss(logits, iou_pred, masks, single_point=True)
+    torch.testing.assert_close(chosen, logits[:, 2:3])
+
+
+def test_held_out_voxels_are_never_trained_on(crop, tmp_path):
+    """A structure only inside the held-out axial band must be absent from every training view."""
+    image_path, label_path = crop
+    labels = sitk.ReadImage(str(label_path))
+    arr = sitk.GetArrayFromImage(labels)
+    held = finetune._held_out(arr.shape[0], FinetuneConfig.val_fraction)
+    marked = arr.copy()
+    marked[held.start : held.stop, 5:25, 5:25] = 9
+    path = _write_like(tmp_path / "marked.nii.gz", marked, labels)
+    data = finetune.load_training_set([(image_path, path)], tiny())
+    assert any(value == 9 for _, value in data.validation)
+    for items in data.slices:
+        assert all(9 not in item.label_values and not (item.labels == 9).any() for item in items)
+
+
+def test_slicer_segmentation_files_are_training_labels(crop, tmp_path):
+    """A .seg.nrrd (Slicer saves it cropped to its content) gives the same samples as the label map."""
+    from SAMMed2DSegmentLib.geometry import SliceGeometry
+    from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+    from SAMMed2DSegmentLib.volume_io import read_volume
+
+    image_path, label_path = crop
+    image, labels = read_volume(image_path), read_volume(label_path).array_kji
+    hs = scene.create_headless_scene()
+    node = volumes.add_volume_from_array(hs, image.array_kji, image.ijk_to_ras, "image")
+    seg = segmentations.ensure_segmentation(hs, node)
+    geometry = SliceGeometry.create(labels.shape, image.ijk_to_ras, "axial")
+    for name, value in (("spleen", SPLEEN), ("liver", LIVER)):
+        segment_id = segmentations.ensure_segment(seg, name)
+        masks = {i: geometry.extract(labels == value, i) for i in range(geometry.num_slices)}
+        segmentations.write_segment_slices(seg, segment_id, node, geometry, masks)
+    path = segmentations.save_segmentation(seg, tmp_path / "labels.seg.nrrd")
+    from_seg = finetune.load_training_set([(image_path, path)], tiny())
+    from_map = finetune.load_training_set([crop], tiny())
+    assert from_seg.samples_per_axis == from_map.samples_per_axis
+    for a, b in zip(from_seg.slices[0], from_map.slices[0], strict=True):
+        np.testing.assert_array_equal(a.labels > 0, b.labels > 0)

@@ -55,7 +55,10 @@ def region_grow(image: np.ndarray, seed_xy: tuple[int, int], tolerance: float = 
 def evaluate(checkpoint: Path, seed: int = 0) -> dict:
     torch.set_num_threads(2)
     volume = read_volume(DATA / "ct")
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "labels" / "labels_on_ct_grid.nrrd")))
+    label_volume = read_volume(DATA / "labels" / "labels_on_ct_grid.nrrd")
+    if not np.allclose(label_volume.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
+        raise SystemExit("the reference labels are not on the CT's voxel grid")
+    labels = label_volume.array_kji
     geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, "axial")
     window = default_window(volume.array_kji, volume.modality)
     model, info = load_model(checkpoint)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from SAMMed2DSegmentLib.atomic_file import atomic_path
 from SAMMed2DSegmentLib.geometry import SliceGeometry
 from SAMMed2DSegmentLib.intensity import IntensityWindow, to_uint8
 from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
@@ -109,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(args.report.read_text())
     geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, report["axis"])
     predicted = read_segment(args.segmentation, volume, args.segment)
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(args.labels))) == args.label_value
-    if reference.shape != predicted.shape:
-        raise SystemExit(f"error: labels {reference.shape} and volume {predicted.shape} differ in size")
+    labels = read_volume(args.labels)
+    same_grid = np.allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3)
+    if labels.array_kji.shape != predicted.shape or not same_grid:
+        raise SystemExit(f"error: {args.labels} is not on the volume's voxel grid")
+    reference = labels.array_kji == args.label_value
     write_png(overview(volume, geometry, predicted, reference, report), args.png)
 
     per_slice = [
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print("per slice: " + " ".join(f"{i}:{d:.2f}" for i, d in enumerate(per_slice)))
     print(f"overview: {args.png}")
     summary = {"dice_3d": round(total, 4), "dice_per_slice": [round(d, 4) for d in per_slice]}
-    (args.png.with_suffix(".dice.json")).write_text(json.dumps(summary, indent=2))
+    with atomic_path(args.png.with_suffix(".dice.json")) as temporary:
+        temporary.write_text(json.dumps(summary, indent=2))
     return 0
 
 

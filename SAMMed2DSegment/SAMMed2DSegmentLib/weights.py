@@ -267,14 +267,14 @@ def download(
 
 
 @functools.lru_cache(maxsize=8)
-def _sha256_of_version(path: Path, size: int, mtime_ns: int) -> str:
+def _sha256_of_version(path: Path, *_version: int) -> str:
     return sha256_of(path)
 
 
 def _bundled_sha256(path: Path) -> str:
     """The panel asks for the model's status on every parameter change: hash a file version only once."""
-    st = path.stat()
-    return _sha256_of_version(path, st.st_size, st.st_mtime_ns)
+    st = path.stat()  # ctime and inode too: a copy can keep size and mtime, it cannot set these
+    return _sha256_of_version(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def fetch_model(

@@ -1,10 +1,11 @@
 """Masks → segments and `.seg.nrrd` files, through Slicer's own segmentation classes.
 
-Writing changes exactly the slices it is given: the segment is read on the volume's voxel grid, the new
-slices are put in through the same `SliceGeometry.view` the masks were predicted on, and the result goes back
-with `vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment`, which keeps the other segments of a
-shared labelmap layer intact. Files are written atomically, and damaged files are refused before Slicer's
-reader sees them (it aborts the whole process on some of them).
+Writing changes exactly the slices it is given, put in through the same `SliceGeometry.view` the masks were
+predicted on. Usually they go straight into the segment's labelmap (milliseconds, whatever the volume size);
+when another segment of a shared layer lies under the new voxels, or the labelmap is on another lattice, the
+segment is read on the volume's grid and replaced with `SetBinaryLabelmapToSegment`, which moves it to a
+layer of its own rather than overwrite the other segment. Files are written atomically, and damaged files
+are refused before Slicer's reader sees them (it aborts the whole process on some of them).
 """
 
 from __future__ import annotations
