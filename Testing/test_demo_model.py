@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from SAMMed2DSegmentLib import cli, weights
 from SAMMed2DSegmentLib.checkpoint import load_model, sha256_file
-from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
 from SAMMed2DSegmentLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +31,7 @@ ENTRY = weights.REGISTRY["demo"]
 
 def liver_dice(seg_path: Path) -> float:
     volume = read_volume(CT / "ct")
-    hs = scene.create_headless_scene()
-    node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "ct")
-    seg = segmentations.load_segmentation(hs, seg_path)
-    segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("liver")
-    predicted = segmentations.segment_array(seg, segment_id, node).astype(bool)
+    predicted = dict(read_segments_on_grid(seg_path, volume.array_kji, volume.ijk_to_ras))["liver"]
     labels = read_volume(CT / "labels" / "labels_on_ct_grid.nrrd")
     np.testing.assert_allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3)
     truth = labels.array_kji == LIVER

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from SAMMed2DSegmentLib.atomic_file import atomic_path
 from SAMMed2DSegmentLib.geometry import SliceGeometry
 from SAMMed2DSegmentLib.intensity import IntensityWindow, to_uint8
-from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
+from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
 from SAMMed2DSegmentLib.preprocessing import opencv_nearest_indices
 from SAMMed2DSegmentLib.volume_io import read_volume
 
@@ -35,14 +35,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def read_segment(seg_path: Path, volume, name: str) -> np.ndarray:
-    """The segment on the volume's voxel grid (KJI), through Slicer's own segmentation classes."""
-    hs = scene.create_headless_scene()
-    node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
-    seg = segmentations.load_segmentation(hs, seg_path)
-    segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName(name)
-    if not segment_id:
+    """The segment on the volume's voxel grid (KJI)."""
+    segments = dict(read_segments_on_grid(seg_path, volume.array_kji, volume.ijk_to_ras))
+    if name not in segments:
         raise SystemExit(f"error: {seg_path} has no segment named {name!r}")
-    return segmentations.segment_array(seg, segment_id, node).astype(bool)
+    return segments[name]
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:

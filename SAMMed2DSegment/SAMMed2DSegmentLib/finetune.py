@@ -193,16 +193,11 @@ def load_training_set(
 def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
     """A Slicer .seg.nrrd (any extent, shared or separate layers) → label map on the image grid, segment n →
     label n (a later segment wins where two overlap), through Slicer's own segmentation classes."""
-    from .mrml import scene, segmentations, volumes
+    from .mrml.segmentations import read_segments_on_grid
 
-    hs = scene.create_headless_scene()
-    node = volumes.add_volume_from_array(hs, image, ijk_to_ras, "image")
-    seg = segmentations.load_segmentation(hs, path)
-    segmentation = seg.GetSegmentation()
     labels = np.zeros(image.shape, np.uint16)
-    for number in range(segmentation.GetNumberOfSegments()):
-        segment_id = segmentation.GetNthSegmentID(number)
-        labels[segmentations.segment_array(seg, segment_id, node)] = number + 1
+    for number, (_, mask) in enumerate(read_segments_on_grid(path, image, ijk_to_ras)):
+        labels[mask] = number + 1
     if not labels.any():
         raise FinetuneError(f"{path}: the segmentation is empty (no segment has voxels on the image grid)")
     return labels

@@ -422,6 +422,26 @@ def load_segmentation(hs: HeadlessScene, path: str | os.PathLike[str]) -> vtk.vt
     return node
 
 
+def read_segments_on_grid(
+    path: str | os.PathLike[str], array_kji: np.ndarray, ijk_to_ras: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
+    """Every segment of a segmentation file on a volume's voxel grid, as (name, bool [k, j, i]) in the file's
+    order (names may repeat), through Slicer's own classes: for code that holds the volume as an array."""
+    from .scene import create_headless_scene
+    from .volumes import add_volume_from_array
+
+    hs = create_headless_scene()
+    volume_node = add_volume_from_array(hs, array_kji, ijk_to_ras, "volume")
+    seg_node = load_segmentation(hs, path)
+    segmentation = seg_node.GetSegmentation()
+    segments = []
+    for number in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(number)
+        name = segmentation.GetSegment(segment_id).GetName()
+        segments.append((name, segment_array(seg_node, segment_id, volume_node)))
+    return segments
+
+
 __all__ = [
     "METADATA_PREFIX",
     "ensure_segment",
@@ -429,6 +449,7 @@ __all__ = [
     "load_segmentation",
     "read_segmentation_metadata",
     "read_segmentation_provenance",
+    "read_segments_on_grid",
     "save_segmentation",
     "segment_array",
     "write_segment_slices",
