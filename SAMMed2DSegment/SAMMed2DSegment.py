@@ -4,9 +4,7 @@ This file is thin Qt + MRML glue. The segmentation engine lives in SAMMed2DSegme
 the Slicer application; torch and the engine are imported only inside the functions that need them, so the
 module loads (and the Extensions Manager can install torch through the PyTorch extension) before they exist.
 
-Threads: the model runs on one persistent background thread (SAMMed2DSegmentLib.worker). The Logic copies what
-a job needs out of the nodes on the main thread, and results come back through `Logic.poll()`, which the
-Widget calls from a qt.QTimer that runs only while work is pending; MRML is written on the main thread only.
+Threads: the model runs on one persistent background thread (SAMMed2DSegmentLib.service.worker).
 """
 
 import importlib.util
@@ -643,12 +641,12 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.model = None
         self.predictor = None
-        self.session = None  # SAMMed2DSegmentLib.session.SegmentationSession, used on the worker thread only
+        self.session = None  # engine.session.SegmentationSession, used on the worker thread only
         self.checkpointPath = None
         self.checkpointInfo = None
         self.device = None
         self.lastAxis = "axial"
-        self.lastSegmentation = None  # SAMMed2DSegmentLib.segmenter.VolumeSegmentation of the last run
+        self.lastSegmentation = None  # SAMMed2DSegmentLib.engine.segmenter.VolumeSegmentation of the last run
         #: Optional function taking one string; receives the progress messages (e.g. to show them in a GUI).
         self.logCallback = None
         self._worker = None
@@ -673,7 +671,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
     @property
     def worker(self):
         if self._worker is None:
-            from SAMMed2DSegmentLib.worker import Worker
+            from SAMMed2DSegmentLib.service.worker import Worker
 
             self._worker = Worker("SAMMed2D worker")
         return self._worker
@@ -771,8 +769,8 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def axisForPoint(self, pointRas) -> str:
         """The axis of the slice view in which a point was just placed, or None when it is ambiguous."""
+        from SAMMed2DSegmentLib.engine.session import axis_from_views
         from SAMMed2DSegmentLib.mrml.volumes import array_from_vtk_matrix
-        from SAMMed2DSegmentLib.session import axis_from_views
 
         views = [(n.GetOrientation(), array_from_vtk_matrix(n.GetSliceToRAS())) for n in self.sliceNodes()]
         return axis_from_views(pointRas, views)
@@ -860,7 +858,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         return geometry.slice_of(float(geometry.ras_to_continuous(pointRas)[0, 0]))
 
     def sliceCenter(self, volumeNode, axis: str, index: int) -> tuple:
-        from SAMMed2DSegmentLib.session import slice_center_ras
+        from SAMMed2DSegmentLib.engine.session import slice_center_ras
 
         return tuple(
             float(c) for c in slice_center_ras(self.volumeSnapshot(volumeNode).geometry(axis), index)
@@ -871,7 +869,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
     def resolveModelPath(self, model: str, localPath: str = "") -> str:
         """The checkpoint file for a model choice: a registry name (bundled or already downloaded) or, for
         "local file", the user's file. Raises a clear error when it must be downloaded first."""
-        from SAMMed2DSegmentLib import weights
+        from SAMMed2DSegmentLib.weights import registry as weights
 
         if model == LOCAL_MODEL:
             if not localPath:
@@ -893,12 +891,12 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startDownload(self, model: str, onProgress=None, onDone=None, onError=None):
         """Download a registry model in the background (resumable; cancel with `cancel()`)."""
-        from SAMMed2DSegmentLib import weights
+        from SAMMed2DSegmentLib.weights import registry as weights
 
         if model not in weights.REGISTRY:
             raise ValueError(_("Only registry models can be downloaded; choose a local file instead."))
         entry = weights.REGISTRY[model]
-        from SAMMed2DSegmentLib.worker import JobCancelled
+        from SAMMed2DSegmentLib.service.worker import JobCancelled
 
         def job(context):
             try:
@@ -930,7 +928,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         :param checkpointPath: a SAM-Med2D checkpoint file (the official .pth layout, a plain state dict,
             or safetensors).
         :param device: "auto" (CUDA, then Apple MPS, then the CPU), "cpu", "cuda", "cuda:N" or "mps".
-        :returns: the SAMMed2DSegmentLib.predictor.SamMed2DPredictor.
+        :returns: the SAMMed2DSegmentLib.engine.predictor.SamMed2DPredictor.
         :raises ValueError: the file does not exist, or the device is unknown or not available.
         """
         if not checkpointPath or not os.path.isfile(checkpointPath):
@@ -942,9 +940,9 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _loadModel(self, checkpointPath: str, device: str) -> None:
         """Runs on whichever thread will run the model (the worker, in the module)."""
-        from SAMMed2DSegmentLib.checkpoint import load_model, resolve_device
-        from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
-        from SAMMed2DSegmentLib.session import SegmentationSession
+        from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+        from SAMMed2DSegmentLib.engine.session import SegmentationSession
+        from SAMMed2DSegmentLib.weights.checkpoint import load_model, resolve_device
 
         torchDevice = resolve_device(device)
         logging.info("SAMMed2D: loading %s on %s", checkpointPath, torchDevice)  # may be the worker thread
@@ -999,9 +997,9 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
     ):
         """Main-thread half: write the accepted slices as one undo step, remember the run's provenance for
         the DICOM-SEG export; returns a summary for the GUI."""
-        from SAMMed2DSegmentLib.dicom_seg import build_provenance
+        from SAMMed2DSegmentLib.engine.session import confidence_table
+        from SAMMed2DSegmentLib.formats.dicom_seg import build_provenance
         from SAMMed2DSegmentLib.mrml.interaction import write_result
-        from SAMMed2DSegmentLib.session import confidence_table
 
         masks = segmentation.result.masks()
         written = 0
@@ -1099,9 +1097,9 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select the input volume first."))
         if direction not in DIRECTIONS:
             raise ValueError(_("Unknown direction {direction!r}.").format(direction=direction))
+        from SAMMed2DSegmentLib.engine.propagation import PropagationSettings
+        from SAMMed2DSegmentLib.engine.session import window_for
         from SAMMed2DSegmentLib.mrml.interaction import prompts_from_nodes
-        from SAMMed2DSegmentLib.propagation import PropagationSettings
-        from SAMMed2DSegmentLib.session import window_for
 
         snapshot = self.volumeSnapshot(volumeNode)
         points, rois = prompts_from_nodes(includePoints, excludePoints, roiNode)
@@ -1182,8 +1180,8 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         there is fast. Does nothing before a model is loaded. Returns the job or None."""
         if self.session is None or volumeNode is None:
             return None
+        from SAMMed2DSegmentLib.engine.session import window_for
         from SAMMed2DSegmentLib.mrml.volumes import array_from_vtk_matrix
-        from SAMMed2DSegmentLib.session import window_for
 
         views = {n.GetOrientation().lower(): n for n in self.sliceNodes()}
         if axis not in views:

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib import cli, weights
-from SAMMed2DSegmentLib.checkpoint import load_model, sha256_file
+from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
-from SAMMed2DSegmentLib.volume_io import read_volume
+from SAMMed2DSegmentLib.weights import registry as weights
+from SAMMed2DSegmentLib.weights.checkpoint import load_model, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO / "Testing" / "Data" / "totalseg-example-ct"

@@ -19,8 +19,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib import dicom_seg
-from SAMMed2DSegmentLib.dicom_seg import SegmentSpec
+from SAMMed2DSegmentLib.formats import dicom_seg
+from SAMMed2DSegmentLib.formats.dicom_seg import SegmentSpec
 
 DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
 CT = DATA / "ct"
@@ -80,7 +80,10 @@ def seg_path(tmp_path_factory, series, segments) -> Path:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([str(BIN / "dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    # dciodvfy quotes offending values in their own bytes: decode leniently so they show in the message.
+    result = subprocess.run(
+        [str(BIN / "dciodvfy"), str(path)], capture_output=True, text=True, errors="replace", timeout=60
+    )
     lines = (result.stdout + result.stderr).splitlines()
     assert any(lines), "dciodvfy printed nothing"
     return [line for line in lines if line.startswith("Error")]

@@ -10,10 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SAMMed2DSegmentLib import cli, finetune
-from SAMMed2DSegmentLib.checkpoint import load_model
-from SAMMed2DSegmentLib.finetune import FinetuneConfig, FinetuneError
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.finetune import training as finetune
+from SAMMed2DSegmentLib.finetune.training import FinetuneConfig, FinetuneError
+from SAMMed2DSegmentLib.weights.checkpoint import load_model
 
 NIFTI = Path(__file__).parent / "Data" / "totalseg-example-ct" / "nifti"
 LIVER, SPLEEN = 5, 1
@@ -276,9 +277,9 @@ def test_held_out_voxels_are_never_trained_on(crop, tmp_path):
 
 def test_slicer_segmentation_files_are_training_labels(crop, tmp_path):
     """A .seg.nrrd (Slicer saves it cropped to its content) gives the same samples as the label map."""
-    from SAMMed2DSegmentLib.geometry import SliceGeometry
+    from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
+    from SAMMed2DSegmentLib.formats.volumes import read_volume
     from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
-    from SAMMed2DSegmentLib.volume_io import read_volume
 
     image_path, label_path = crop
     image, labels = read_volume(image_path), read_volume(label_path).array_kji

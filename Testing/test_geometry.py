@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib.geometry import AXES, GeometryError, SliceGeometry
-from SAMMed2DSegmentLib.prompts import PointPrompt, PromptError, RoiPrompt, prompts_by_slice
+from SAMMed2DSegmentLib.engine.geometry import AXES, GeometryError, SliceGeometry
+from SAMMed2DSegmentLib.engine.prompts import PointPrompt, PromptError, RoiPrompt, prompts_by_slice
 
 SHAPE_KJI = (5, 6, 7)  # K, J, I
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib.intensity import PRESETS, IntensityWindow, compute_window, to_uint8
+from SAMMed2DSegmentLib.engine.intensity import PRESETS, IntensityWindow, compute_window, to_uint8
 
 DTYPES = [np.int16, np.uint16, np.int32, np.float32, np.float64]
 
@@ -344,7 +344,7 @@ def test_subsampling_is_deterministic_and_close_to_exact_percentiles():
 
 
 def test_default_window_ct_gets_soft_tissue_and_others_percentiles():
-    from SAMMed2DSegmentLib.intensity import default_window, looks_like_ct
+    from SAMMed2DSegmentLib.engine.intensity import default_window, looks_like_ct
 
     rng = np.random.default_rng(1)
     ct = np.full((4, 40, 40), -1000, np.int16)

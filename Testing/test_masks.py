@@ -7,7 +7,12 @@ from collections import deque
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib.masks import bounding_box, component_labels, components_touching, interior_point
+from SAMMed2DSegmentLib.engine.masks import (
+    bounding_box,
+    component_labels,
+    components_touching,
+    interior_point,
+)
 
 
 def flood_fill(mask: np.ndarray, seeds) -> np.ndarray:

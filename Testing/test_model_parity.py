@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
-from SAMMed2DSegmentLib.preprocessing import opencv_nearest_indices
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.engine.preprocessing import opencv_nearest_indices
 
 CASES = {
     "c1": "img1",
@@ -70,7 +70,7 @@ def test_nearest_rule_matches_opencv_on_odd_sizes():
 
 @pytest.mark.parametrize("image", ["img1", "img2"])
 def test_model_input_exact(golden, image):
-    from SAMMed2DSegmentLib.preprocessing import as_rgb_uint8, model_input
+    from SAMMed2DSegmentLib.engine.preprocessing import as_rgb_uint8, model_input
 
     got = model_input(as_rgb_uint8(golden[f"{image}_image"]))
     assert got.dtype == np.float32

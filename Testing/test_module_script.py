@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from SAMMed2DSegmentLib.geometry import AXES
-from SAMMed2DSegmentLib.propagation import DIRECTIONS
-from SAMMed2DSegmentLib.session import WINDOW_CHOICES
-from SAMMed2DSegmentLib.weights import REGISTRY
+from SAMMed2DSegmentLib.engine.geometry import AXES
+from SAMMed2DSegmentLib.engine.propagation import DIRECTIONS
+from SAMMed2DSegmentLib.engine.session import WINDOW_CHOICES
+from SAMMed2DSegmentLib.weights.registry import REGISTRY
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "SAMMed2DSegment"
 SCRIPT = MODULE_DIR / "SAMMed2DSegment.py"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib.dicom_seg import read_series_datasets
-from SAMMed2DSegmentLib.geometry import SliceGeometry
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
+from SAMMed2DSegmentLib.formats.dicom_seg import read_series_datasets
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -19,7 +20,6 @@ from SAMMed2DSegmentLib.mrml import (
     write_segment_slices,
 )
 from SAMMed2DSegmentLib.mrml.dicom_segmentations import export_dicom_seg, import_dicom_seg
-from SAMMed2DSegmentLib.volume_io import read_volume
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct"
 ORGANS = {"liver": 5, "spleen": 1, "pancreas": 7}

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from SAMMed2DSegmentLib.geometry import AXES, VIEW_ORIENTATIONS, SliceGeometry
+from SAMMed2DSegmentLib.engine.geometry import AXES, VIEW_ORIENTATIONS, SliceGeometry
+from SAMMed2DSegmentLib.engine.prompts import prompts_by_slice
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -23,7 +24,6 @@ from SAMMed2DSegmentLib.mrml import (
     volume_array,
     volume_ijk_to_world,
 )
-from SAMMed2DSegmentLib.prompts import prompts_by_slice
 
 from .oblique_volume import IJK_TO_RAS, SHAPE_KJI
 

@@ -12,6 +12,7 @@ import pytest
 import slicer
 from highdicom.seg import Segmentation as HdSegmentation
 
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -32,7 +33,6 @@ from SAMMed2DSegmentLib.mrml.interaction import (
     snapshot_volume,
     write_result,
 )
-from SAMMed2DSegmentLib.volume_io import read_volume
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 IJK_TO_RAS = np.array([[0, 0, -1.5, 40], [0.7, 0, 0, -10], [0, -0.7, 0, 5], [0, 0, 0, 1.0]])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import vtk
 
+from SAMMed2DSegmentLib.engine.prompts import PromptError
 from SAMMed2DSegmentLib.mrml import create_headless_scene, load_markups, points_from_markups, roi_from_node
-from SAMMed2DSegmentLib.prompts import PromptError
 
 SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"

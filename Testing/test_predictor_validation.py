@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 
 
 @pytest.fixture(scope="module")

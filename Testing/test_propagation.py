@@ -10,13 +10,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SAMMed2DSegmentLib.embedding_cache import EmbeddingCache
-from SAMMed2DSegmentLib.geometry import SliceGeometry
-from SAMMed2DSegmentLib.masks import components_touching, interior_point
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
-from SAMMed2DSegmentLib.prompts import SlicePrompt
-from SAMMed2DSegmentLib.propagation import PropagationEngine, PropagationSettings
-from SAMMed2DSegmentLib.volume_io import ijk_to_ras_from_itk
+from SAMMed2DSegmentLib.engine.embedding_cache import EmbeddingCache
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
+from SAMMed2DSegmentLib.engine.masks import components_touching, interior_point
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.engine.prompts import SlicePrompt
+from SAMMed2DSegmentLib.engine.propagation import PropagationEngine, PropagationSettings
+from SAMMed2DSegmentLib.formats.volumes import ijk_to_ras_from_itk
 
 DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
 LIVER, PANCREAS, T11, SPLEEN = 5, 7, 33, 1

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib.geometry import VIEW_ORIENTATIONS
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor
-from SAMMed2DSegmentLib.prompts import PointPrompt
-from SAMMed2DSegmentLib.propagation import PropagationResult, SliceOutcome
-from SAMMed2DSegmentLib.session import (
+from SAMMed2DSegmentLib.engine.geometry import VIEW_ORIENTATIONS
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.engine.prompts import PointPrompt
+from SAMMed2DSegmentLib.engine.propagation import PropagationResult, SliceOutcome
+from SAMMed2DSegmentLib.engine.session import (
     SegmentationSession,
     VolumeSnapshot,
     axis_from_views,
@@ -117,7 +117,7 @@ def test_session_imports_without_torch():
     """The Slicer module calls axis_from_views (and snapshots volumes) when a point is placed, possibly
     before the PyTorch extension has installed torch: importing the session must not import torch."""
     code = (
-        "import sys; import SAMMed2DSegmentLib.session; "
+        "import sys; import SAMMed2DSegmentLib.engine.session; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

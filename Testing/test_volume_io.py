@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
-from SAMMed2DSegmentLib.volume_io import read_volume
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 
 DICOM = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 

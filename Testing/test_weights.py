@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from SAMMed2DSegmentLib.weights import (
+from SAMMed2DSegmentLib.weights.registry import (
     REGISTRY,
     DownloadCancelled,
     ModelEntry,
@@ -239,5 +239,5 @@ def test_weights_import_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, SAMMed2DSegmentLib.weights; assert 'torch' not in sys.modules"
+    code = "import sys, SAMMed2DSegmentLib.weights.registry; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from SAMMed2DSegmentLib.worker import JobCancelled, Worker
+from SAMMed2DSegmentLib.service.worker import JobCancelled, Worker
 
 
 def drain(worker: Worker, timeout: float = 10.0) -> None:

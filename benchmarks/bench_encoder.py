@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "SAMMed2DSegment"))
 
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor  # noqa: E402
 from SAMMed2DSegmentLib.model import build_sam_med2d  # noqa: E402
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor  # noqa: E402
 from Testing.synthetic_weights import REFERENCE, synthetic_state_dict  # noqa: E402
 
 

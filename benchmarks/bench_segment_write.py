@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMMed2DSegment"))
 
-from SAMMed2DSegmentLib.geometry import SliceGeometry  # noqa: E402
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry  # noqa: E402
 from SAMMed2DSegmentLib.mrml import segmentations  # noqa: E402
 from SAMMed2DSegmentLib.mrml.scene import create_headless_scene  # noqa: E402
 from SAMMed2DSegmentLib.mrml.volumes import add_volume_from_array, volume_ijk_to_world  # noqa: E402

@@ -51,17 +51,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "SAMMed2DSegment"))
 
-from SAMMed2DSegmentLib import masks as mask_ops  # noqa: E402
-from SAMMed2DSegmentLib import preprocessing, segmenter  # noqa: E402
-from SAMMed2DSegmentLib.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache  # noqa: E402
-from SAMMed2DSegmentLib.geometry import SliceGeometry  # noqa: E402
-from SAMMed2DSegmentLib.intensity import default_window, to_uint8  # noqa: E402
+from SAMMed2DSegmentLib.engine import masks as mask_ops  # noqa: E402
+from SAMMed2DSegmentLib.engine import preprocessing, segmenter  # noqa: E402
+from SAMMed2DSegmentLib.engine.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache  # noqa: E402
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry  # noqa: E402
+from SAMMed2DSegmentLib.engine.intensity import default_window, to_uint8  # noqa: E402
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor  # noqa: E402
+from SAMMed2DSegmentLib.engine.prompts import INCLUDE, PointPrompt, prompts_by_slice  # noqa: E402
+from SAMMed2DSegmentLib.engine.propagation import PropagationEngine, PropagationSettings  # noqa: E402
+from SAMMed2DSegmentLib.formats.volumes import read_volume  # noqa: E402
 from SAMMed2DSegmentLib.model import build_sam_med2d  # noqa: E402
 from SAMMed2DSegmentLib.model.image_encoder import ImageEncoderViT  # noqa: E402
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor  # noqa: E402
-from SAMMed2DSegmentLib.prompts import INCLUDE, PointPrompt, prompts_by_slice  # noqa: E402
-from SAMMed2DSegmentLib.propagation import PropagationEngine, PropagationSettings  # noqa: E402
-from SAMMed2DSegmentLib.volume_io import read_volume  # noqa: E402
 from Testing.synthetic_weights import synthetic_state_dict  # noqa: E402
 
 CT = ROOT / "Testing" / "Data" / "totalseg-example-ct" / "ct"

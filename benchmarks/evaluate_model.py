@@ -23,14 +23,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMMed2DSegment"))
 
-from SAMMed2DSegmentLib.checkpoint import load_model  # noqa: E402
-from SAMMed2DSegmentLib.geometry import SliceGeometry  # noqa: E402
-from SAMMed2DSegmentLib.intensity import default_window, to_uint8  # noqa: E402
-from SAMMed2DSegmentLib.masks import components_touching, interior_point  # noqa: E402
-from SAMMed2DSegmentLib.predictor import SamMed2DPredictor  # noqa: E402
-from SAMMed2DSegmentLib.prompts import PointPrompt  # noqa: E402
-from SAMMed2DSegmentLib.segmenter import segment_volume  # noqa: E402
-from SAMMed2DSegmentLib.volume_io import read_volume  # noqa: E402
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry  # noqa: E402
+from SAMMed2DSegmentLib.engine.intensity import default_window, to_uint8  # noqa: E402
+from SAMMed2DSegmentLib.engine.masks import components_touching, interior_point  # noqa: E402
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor  # noqa: E402
+from SAMMed2DSegmentLib.engine.prompts import PointPrompt  # noqa: E402
+from SAMMed2DSegmentLib.engine.segmenter import segment_volume  # noqa: E402
+from SAMMed2DSegmentLib.formats.volumes import read_volume  # noqa: E402
+from SAMMed2DSegmentLib.weights.checkpoint import load_model  # noqa: E402
 
 DATA = REPO / "Testing" / "Data" / "totalseg-example-ct"
 DEMO_MODEL = REPO / "SAMMed2DSegment" / "Resources" / "Models" / "sammed2d_demo_small.safetensors"

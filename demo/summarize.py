@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib.atomic_file import atomic_path
-from SAMMed2DSegmentLib.geometry import SliceGeometry
-from SAMMed2DSegmentLib.intensity import IntensityWindow, to_uint8
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
+from SAMMed2DSegmentLib.engine.intensity import IntensityWindow, to_uint8
+from SAMMed2DSegmentLib.engine.preprocessing import opencv_nearest_indices
+from SAMMed2DSegmentLib.files import atomic_path
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
-from SAMMed2DSegmentLib.preprocessing import opencv_nearest_indices
-from SAMMed2DSegmentLib.volume_io import read_volume
 
 TILE = 192
 GREEN, MAGENTA, ORANGE, GREY = (40, 220, 60), (230, 40, 220), (250, 150, 20), (90, 90, 90)

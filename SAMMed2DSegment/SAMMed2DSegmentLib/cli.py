@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_file import atomic_path
-from .geometry import AXES
-from .propagation import DIRECTIONS, PropagationSettings
+from .engine.geometry import AXES
+from .engine.propagation import DIRECTIONS, PropagationSettings
+from .files import atomic_path
 
 EXIT_BAD_INPUT = 2
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
     seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
     seg.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    from .finetune import add_parser as add_finetune_parser
+    from .finetune.training import add_parser as add_finetune_parser
 
     add_finetune_parser(sub)
     return parser
@@ -92,7 +92,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _window(spec: str, volume: np.ndarray, modality: str | None):
-    from .intensity import PRESETS, IntensityWindow, default_window
+    from .engine.intensity import PRESETS, IntensityWindow, default_window
 
     if spec == "auto":
         return default_window(volume, modality if modality in ("CT", "MR", "PT") else None)
@@ -133,8 +133,8 @@ def _load_prompts(hs, args: argparse.Namespace):
 
 def _model(args: argparse.Namespace):
     """--checkpoint FILE, else --model NAME from the weights registry, else the bundled demo model."""
-    from .checkpoint import load_model
-    from .weights import REGISTRY, WeightsError, resolve_model
+    from .weights.checkpoint import load_model
+    from .weights.registry import REGISTRY, WeightsError, resolve_model
 
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
@@ -151,7 +151,7 @@ def _model(args: argparse.Namespace):
 
 def _dicom_source(args: argparse.Namespace, volume) -> list:
     """The source series for --dicom-seg, checked against the volume before any work is done."""
-    from .dicom_seg import check_series_grid, read_series_datasets
+    from .formats.dicom_seg import check_series_grid, read_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(
@@ -165,7 +165,7 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
 
 def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window):
     """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window."""
-    from .dicom_seg import build_provenance
+    from .formats.dicom_seg import build_provenance
 
     return build_provenance(
         points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,
@@ -185,12 +185,12 @@ def _earlier_provenance(out: Path) -> list:
 
 
 def run_segment(args: argparse.Namespace) -> dict:
-    from .embedding_cache import EmbeddingCache
+    from .engine.embedding_cache import EmbeddingCache
+    from .engine.predictor import SamMed2DPredictor
+    from .engine.segmenter import segment_volume
+    from .formats.volumes import read_volume
     from .mrml import scene, segmentations, volumes
     from .mrml.dicom_segmentations import export_dicom_seg
-    from .predictor import SamMed2DPredictor
-    from .segmenter import segment_volume
-    from .volume_io import read_volume
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -322,7 +322,7 @@ def _finetune_summary(result) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .finetune import FinetuneError, run_finetune
+    from .finetune.training import FinetuneError, run_finetune
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

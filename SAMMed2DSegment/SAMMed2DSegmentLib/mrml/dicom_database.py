@@ -11,7 +11,7 @@ import pydicom
 import vtk
 from pydicom.dataset import Dataset
 
-from ..dicom_seg import sort_series_datasets
+from ..formats.dicom_seg import sort_series_datasets
 
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 

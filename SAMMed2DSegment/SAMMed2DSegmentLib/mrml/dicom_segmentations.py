@@ -9,7 +9,8 @@ from pathlib import Path
 
 import vtk
 
-from ..dicom_seg import (
+from ..engine.geometry import SliceGeometry
+from ..formats.dicom_seg import (
     Provenance,
     SegmentSpec,
     check_series_grid,
@@ -18,7 +19,6 @@ from ..dicom_seg import (
     series_affine,
     write_dicom_seg,
 )
-from ..geometry import SliceGeometry
 from .scene import HeadlessScene
 from .segmentations import ensure_segment, ensure_segmentation, segment_array, write_segment_slices
 from .volumes import volume_ijk_to_world

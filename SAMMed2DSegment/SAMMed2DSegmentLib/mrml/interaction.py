@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import vtk
 
-from ..geometry import SliceGeometry
-from ..prompts import EXCLUDE, INCLUDE, PointPrompt, RoiPrompt
-from ..session import VolumeSnapshot
+from ..engine.geometry import SliceGeometry
+from ..engine.prompts import EXCLUDE, INCLUDE, PointPrompt, RoiPrompt
+from ..engine.session import VolumeSnapshot
 from .markups import points_from_markups, roi_from_node
 from .segmentations import write_segment_slices
 from .volumes import volume_array, volume_ijk_to_world

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import vtk
 
-from ..prompts import PointPrompt, PromptError, RoiPrompt
+from ..engine.prompts import PointPrompt, PromptError, RoiPrompt
 from .scene import HeadlessScene, captured_vtk_messages
 from .volumes import array_from_vtk_matrix
 

@@ -21,8 +21,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from ..atomic_file import atomic_path
-from ..geometry import SliceGeometry
+from ..engine.geometry import SliceGeometry
+from ..files import atomic_path
 from .scene import HeadlessScene, captured_vtk_messages
 from .volumes import node_to_world_matrix, volume_ijk_to_world, vtk_matrix_from_array
 
@@ -360,7 +360,7 @@ def read_segmentation_provenance(path: str | os.PathLike[str]) -> list:
     """The SAM-Med2D runs recorded in a .seg.nrrd header as `dicom_seg.Provenance` records (prompts in RAS,
     per-slice confidence, model and hash), oldest first, the latest last; empty when there are none.
     ValueError when the fields are there but malformed."""
-    from ..dicom_seg import provenance_history  # imports highdicom: only when provenance is asked for
+    from ..formats.dicom_seg import provenance_history  # imports highdicom: only when provenance is asked for
 
     return provenance_history(read_segmentation_metadata(path))
 

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic_file import atomic_path
-from .geometry import AXES, SliceGeometry
-from .intensity import IntensityWindow, compute_window, default_window
-from .masks import interior_point
-from .model import CONFIGS, SamMed2D, build_sam_med2d
-from .model.sam import PIXEL_MEAN, PIXEL_STD
-from .preprocessing import opencv_nearest_indices
-from .volume_io import read_volume
+from ..engine.geometry import AXES, SliceGeometry
+from ..engine.intensity import IntensityWindow, compute_window, default_window
+from ..engine.masks import interior_point
+from ..engine.preprocessing import opencv_nearest_indices
+from ..files import atomic_path
+from ..formats.volumes import read_volume
+from ..model import CONFIGS, SamMed2D, build_sam_med2d
+from ..model.sam import PIXEL_MEAN, PIXEL_STD
 
 STATE_FORMAT = "sammed2d-finetune-state/1"
 MODEL_FORMAT = "sammed2d-model/1"
@@ -193,7 +193,7 @@ def load_training_set(
 def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
     """A Slicer .seg.nrrd (any extent, shared or separate layers) → label map on the image grid, segment n →
     label n (a later segment wins where two overlap), through Slicer's own segmentation classes."""
-    from .mrml.segmentations import read_segments_on_grid
+    from ..mrml.segmentations import read_segments_on_grid
 
     labels = np.zeros(image.shape, np.uint16)
     for number, (_, mask) in enumerate(read_segments_on_grid(path, image, ijk_to_ras)):
@@ -590,7 +590,7 @@ class FinetuneResult:
 
 
 def _initial_model(config: FinetuneConfig) -> SamMed2D:
-    from .checkpoint import CheckpointError, load_model
+    from ..weights.checkpoint import CheckpointError, load_model
 
     if config.init_checkpoint is None:
         if config.build != "small":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import LPS_TO_RAS
+from ..engine.geometry import LPS_TO_RAS
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 

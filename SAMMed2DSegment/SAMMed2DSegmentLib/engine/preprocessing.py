@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model.sam import PIXEL_MEAN, PIXEL_STD
+from ..model.sam import PIXEL_MEAN, PIXEL_STD
 
 
 def opencv_nearest_indices(src_size: int, dst_size: int) -> np.ndarray:

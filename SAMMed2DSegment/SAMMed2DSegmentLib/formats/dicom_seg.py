@@ -48,9 +48,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
-from . import __version__
-from .atomic_file import atomic_path
-from .geometry import LPS_TO_RAS
+from .. import __version__
+from ..engine.geometry import LPS_TO_RAS
+from ..files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -936,8 +936,26 @@ def _color(rgb: tuple[float, float, float] | None, number: int) -> hd.color.CIEL
 
 
 def _atomic_save(dataset: Dataset, out_path: Path) -> None:
+    _declare_character_set(dataset)
     with atomic_path(out_path) as temporary:
         dataset.save_as(temporary, enforce_file_format=True)
+
+
+def _declare_character_set(dataset: Dataset) -> None:
+    """UTF-8 (ISO_IR 192) when any text value needs more than ASCII: a source's ISO_IR 100, or none at all,
+    cannot encode every segment label (a Cyrillic, CJK or emoji name would be written as '?')."""
+
+    def texts(ds: Dataset):
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    yield from texts(item)
+            elif elem.VR in ("LO", "LT", "SH", "ST", "UT", "UC", "PN") and elem.value is not None:
+                values = elem.value if elem.VM > 1 else [elem.value]
+                yield from (str(v) for v in values)
+
+    if not all(text.isascii() for text in texts(dataset)):
+        dataset.SpecificCharacterSet = "ISO_IR 192"
 
 
 def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:

@@ -22,16 +22,16 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..files import atomic_path, sha256_file
 from .cache_dir import CACHE_ENV, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -311,32 +311,6 @@ def infer_build(state_dict: Mapping[str, Any]) -> str:
 # Conversion and cache
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed so a 2.4 GB checkpoint is never held in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _atomic_target(dst: Path) -> Iterator[Path]:
-    """Yield a temp path next to `dst`; on success it replaces `dst` atomically, on failure it is removed."""
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous tensors with no shared storage (safetensors refuses aliasing)."""
     seen: set[int] = set()
@@ -371,7 +345,7 @@ def convert_to_safetensors(
     if notes:
         metadata["notes"] = "\n".join(notes)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(dst) as tmp:
+    with atomic_path(dst) as tmp:
         save_file(_unshared(sd), str(tmp), metadata=metadata)
     return metadata
 
@@ -495,7 +469,7 @@ def load_model(
     A safetensors file is read directly (memory-mapped); a `.pth` is converted once into the cache (unless
     `use_cache=False` or the cache is not writable) so later starts skip the pickle and the hash.
     """
-    from .model import build_sam_med2d
+    from ..model import build_sam_med2d
 
     target = resolve_device(device)
     path = Path(path)

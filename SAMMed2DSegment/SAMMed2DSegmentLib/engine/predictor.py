@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model.sam import SamMed2D
+from ..model.sam import SamMed2D
 from .preprocessing import as_rgb_uint8, model_input
 
 LOW_RES = 64

@@ -10,7 +10,6 @@ removed. Sites without network access copy the file by hand and point the module
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.client
 import os
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import HashCancelled, sha256_file
 from .cache_dir import default_cache_dir
 
 #: progress(bytes_done, bytes_total or None); called from the thread that downloads.
@@ -28,7 +28,7 @@ DownloadProgress = Callable[[int, int | None], None]
 CancelSignal = threading.Event | Callable[[], bool] | None
 
 _CHUNK = 1 << 20
-_MODULE_DIR = Path(__file__).resolve().parents[1]
+_MODULE_DIR = Path(__file__).resolve().parents[2]
 
 
 class WeightsError(RuntimeError):
@@ -110,14 +110,10 @@ def _cancel_check(cancel: CancelSignal) -> Callable[[], bool]:
 
 
 def sha256_of(path: Path, cancel: CancelSignal = None) -> str:
-    is_cancelled = _cancel_check(cancel)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            if is_cancelled():
-                raise DownloadCancelled("verification cancelled")
-            digest.update(block)
-    return digest.hexdigest()
+    try:
+        return sha256_file(path, _CHUNK, _cancel_check(cancel))
+    except HashCancelled:
+        raise DownloadCancelled("verification cancelled") from None
 
 
 def verify_file(path: Path, size: int | None, sha256: str | None, cancel: CancelSignal = None) -> None:
