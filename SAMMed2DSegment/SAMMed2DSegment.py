@@ -1,17 +1,16 @@
-"""SAM-Med2D interactive segmentation module for 3D Slicer.
+"""SAM-Med2D interactive segmentation module for 3D Slicer (5.10 and 5.12).
 
-This file is thin Qt + MRML glue. The segmentation engine lives in SAMMed2DSegmentLib/, which imports without
-the Slicer application; torch and the engine are imported only inside the functions that need them, so the
-module loads (and the Extensions Manager can install torch through the PyTorch extension) before they exist.
-
-Threads: the model runs on one persistent background thread (SAMMed2DSegmentLib.service.worker).
+This file is thin Qt + MRML glue. The model runs in a child process, the engine process
+(SAMMed2DSegmentLib.service), started with Slicer's own Python; this process never imports torch. Why:
+PythonQt keeps the GIL while Slicer's main thread waits in the Qt event loop, so a Python worker thread in
+Slicer would only run while the GUI happens to run Python. The Widget polls the engine from a qt.QTimer and
+never blocks; replies are written into MRML on the main thread (SAMMed2DSegmentLib.mrml.controller).
 """
 
 import importlib.util
 import logging
 import os
 import re
-import threading
 from typing import Annotated
 
 import qt
@@ -117,7 +116,7 @@ class SAMMed2DSegmentParameterNode:
     model: Annotated[str, Choice(MODELS)] = "demo"
     iouThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     window: Annotated[str, Choice(WINDOWS)] = "auto"
-    windowLevel: float = 40.0
+    windowLevel: Annotated[float, WithinRange(-5000.0, 100000.0)] = 40.0
     windowWidth: Annotated[float, WithinRange(1.0, 100000.0)] = 400.0
     liveUpdate: bool = True
 
@@ -170,8 +169,8 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor = self.ui.segmentEditorWidget
         editor.setMRMLScene(slicer.mrmlScene)
         editor.setSegmentationNodeSelectorVisible(False)
-        _callIfPresent(editor, "setSourceVolumeNodeSelectorVisible", False)
-        _callIfPresent(editor, "setSwitchToSegmentationsButtonVisible", False)
+        editor.setSourceVolumeNodeSelectorVisible(False)
+        editor.setSwitchToSegmentationsButtonVisible(False)
         editor.setEffectNameOrder(["Paint", "Erase", "Scissors", "Islands", "Smoothing"])
         editor.unorderedEffectsVisible = False
 
@@ -179,6 +178,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateUpButton.connect("clicked(bool)", lambda: self.onSegment("up"))
         self.ui.propagateDownButton.connect("clicked(bool)", lambda: self.onSegment("down"))
         self.ui.propagateBothButton.connect("clicked(bool)", lambda: self.onSegment("both"))
+        self.ui.propagateFromHereButton.connect("clicked(bool)", self.onPropagateFromHere)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.toggleIncludeExcludeButton.connect("clicked(bool)", self.onToggleIncludeExclude)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
@@ -199,10 +199,15 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveUpdateTimer = _singleShotTimer(LIVE_UPDATE_DELAY_MS, self.onLiveUpdate)
         self._prefetchTimer = _singleShotTimer(PREFETCH_DELAY_MS, self.onPrefetch)
 
-        # "T" switches point placement between the include and the exclude list (enabled while shown).
-        self._toggleShortcut = qt.QShortcut(qt.QKeySequence("T"), slicer.util.mainWindow())
-        self._toggleShortcut.connect("activated()", self.onToggleIncludeExclude)
-        self._toggleShortcut.setEnabled(False)
+        # Shift+T switches point placement between the include and the exclude list (enabled while shown;
+        # plain "t" belongs to the slice views). No main window (--no-main-window): no shortcut.
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is not None:
+            self._toggleShortcut = qt.QShortcut(qt.QKeySequence("Shift+T"), mainWindow)
+            self._toggleShortcut.connect("activated()", self.onToggleIncludeExclude)
+            self._toggleShortcut.setEnabled(False)
+        # The engine process ends with Slicer even if this panel was never shown again.
+        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
 
         # These connections ensure that we update parameter node when scene is closed.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -224,18 +229,20 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
-        self._toggleShortcut.setEnabled(True)
+        if self._toggleShortcut is not None:
+            self._toggleShortcut.setEnabled(True)
         self._observeSliceNodes()
-        _callIfPresent(self.ui.segmentEditorWidget, "installKeyboardShortcuts")  # Ctrl+Z / Ctrl+Y in views
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()  # Ctrl+Z / Ctrl+Y in views
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
-        self._toggleShortcut.setEnabled(False)
+        if self._toggleShortcut is not None:
+            self._toggleShortcut.setEnabled(False)
         self._observeSliceNodes(observe=False)
         self._liveUpdateTimer.stop()
         self._prefetchTimer.stop()
         self.ui.segmentEditorWidget.setActiveEffect(None)  # stop painting when the module is left
-        _callIfPresent(self.ui.segmentEditorWidget, "uninstallKeyboardShortcuts")
+        self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
         # As Slicer's Segment Editor module does: the views stop feeding events to the embedded editor.
         self.ui.segmentEditorWidget.removeViewObservations()
         # Do not react to parameter node changes (GUI will be updated when the user enters into the module).
@@ -328,9 +335,12 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if pn is not None:
             self._observePointLists([pn.includePoints, pn.excludePoints])
             editor = self.ui.segmentEditorWidget
+            # Editor node, then segmentation, then source volume: a source volume without a segmentation is
+            # refused with an error (vtkSlicerSegmentEditorLogic::SetSourceVolumeNode).
             if editor.segmentationNode() is not pn.outputSegmentation:
                 editor.setSegmentationNode(pn.outputSegmentation)
-            _callIfPresent(editor, "setSourceVolumeNode", pn.inputVolume)
+            if pn.outputSegmentation is not None and editor.sourceVolumeNode() is not pn.inputVolume:
+                editor.setSourceVolumeNode(pn.inputVolume)
         self._updateGuiState()
 
     def _updateGuiState(self) -> None:
@@ -349,6 +359,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.propagateBothButton,
         ):
             button.enabled = canRun
+        self.ui.propagateFromHereButton.enabled = bool(hasVolume and pn.outputSegmentation and not busy)
         if not hasVolume:
             tip = _("Select the input volume first.")
         elif not hasPrompt:
@@ -439,48 +450,67 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions -------------------------------------------------------------------------------------------
 
-    def onSegment(self, direction: str, interactive: bool = True) -> None:
-        """Segment the prompted slice ("none") or propagate; runs in the background."""
+    def _options(self, direction: str):
+        from SAMMed2DSegmentLib.mrml.controller import SegmentOptions
+
         pn = self._parameterNode
-        if pn is None:
+        return SegmentOptions(pn.axis, direction, pn.window, pn.windowLevel, pn.windowWidth, pn.iouThreshold)
+
+    def _ensureRequirements(self, interactive: bool) -> bool:
+        """Ask before installing anything (dialogs belong here, never in the Logic)."""
+        while True:
+            try:
+                self.logic.checkRequirements()
+                return True
+            except RequirementsNeeded as needed:
+                if not interactive or slicer.app.testingEnabled():
+                    self._showStatus(str(needed))
+                    return False
+                if not slicer.util.confirmOkCancelDisplay(str(needed) + "\n\n" + _("Install now?")):
+                    self._showStatus(_("Installation declined; the model cannot run."))
+                    return False
+                try:
+                    if needed.torch:
+                        self.logic.installTorch()
+                    else:
+                        self.logic.installEnginePackages(needed.packages)
+                except Exception as error:
+                    slicer.util.errorDisplay(_("Installation failed: {error}").format(error=error))
+                    return False
+
+    def _prepare(self, interactive: bool):
+        """Model requested, output segment chosen; returns (segmentationNode, segmentId, saveUndoState)."""
+        pn = self._parameterNode
+        self.logic.requestModel(pn.model, pn.device, self._localCheckpoint(), onError=self._onJobError)
+        segmentationNode, segmentId = self.logic.ensureOutput(
+            pn.inputVolume, pn.outputSegmentation, self.ui.segmentEditorWidget.currentSegmentID()
+        )
+        if pn.outputSegmentation is not segmentationNode:
+            pn.outputSegmentation = segmentationNode
+        editor = self.ui.segmentEditorWidget
+        editor.setCurrentSegmentID(segmentId)
+
+        def saveUndoState(segmentationNode=segmentationNode):
+            # The editor keeps the history of its own segmentation only: if the user switched to another one
+            # while the model ran, saving now would record the wrong node.
+            current = editor.segmentationNode()
+            if current is not None and current.GetID() == segmentationNode.GetID():
+                editor.saveStateForUndo()
+
+        return segmentationNode, segmentId, saveUndoState
+
+    def onSegment(self, direction: str, interactive: bool = True) -> None:
+        """Segment the prompted slice ("none") or propagate; runs in the engine process."""
+        pn = self._parameterNode
+        if pn is None or not self._ensureRequirements(interactive):
             return
         try:
-            # A failed load (bad file, device not available) is shown, not only logged.
-            self.logic.requestModel(pn.model, pn.device, self._localCheckpoint(), onError=self._onJobError)
-            segmentationNode, segmentId = self.logic.ensureOutput(
-                pn.inputVolume, pn.outputSegmentation, self.ui.segmentEditorWidget.currentSegmentID()
-            )
-            if pn.outputSegmentation is not segmentationNode:
-                pn.outputSegmentation = segmentationNode
-            editor = self.ui.segmentEditorWidget
-            editor.setCurrentSegmentID(segmentId)
-
-            def saveUndoState(segmentationNode=segmentationNode):
-                # The editor keeps the history of its own segmentation only: if the user switched to another
-                # one while the model ran, saving now would record the wrong node.
-                current = editor.segmentationNode()
-                if current is not None and current.GetID() == segmentationNode.GetID():
-                    editor.saveStateForUndo()
-
+            segmentationNode, segmentId, saveUndoState = self._prepare(interactive)
             self.logic.startSegmentation(
-                pn.inputVolume,
-                pn.includePoints,
-                pn.excludePoints,
-                pn.promptROI,
-                segmentationNode,
-                segmentId,
-                axis=pn.axis,
-                direction=direction,
-                window=pn.window,
-                windowLevel=pn.windowLevel,
-                windowWidth=pn.windowWidth,
-                iouThreshold=pn.iouThreshold,
-                saveUndoState=saveUndoState,
-                onDone=self._onSegmentationDone,
-                onError=self._onJobError,
-                onProgress=self._onSliceProgress,
-                preview=not interactive,
-            )
+                pn.inputVolume, pn.includePoints, pn.excludePoints, pn.promptROI, segmentationNode, segmentId,
+                self._options(direction), saveUndoState=saveUndoState, onSlice=self._onSliceProgress,
+                onDone=self._onSegmentationDone, onError=self._onJobError,
+            )  # fmt: skip
         except Exception as error:
             if interactive:
                 slicer.util.errorDisplay(_("Segmentation could not start: {error}").format(error=error))
@@ -489,11 +519,32 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._showBusy(_("Segmenting…") if direction == "none" else _("Propagating…"))
 
+    def onPropagateFromHere(self) -> None:
+        """Propagate both ways from the slice on screen as the segment has it now (after a correction)."""
+        pn = self._parameterNode
+        if pn is None or pn.inputVolume is None or not self._ensureRequirements(True):
+            return
+        try:
+            segmentationNode, segmentId, saveUndoState = self._prepare(True)
+            index = self.logic.viewedSliceIndex(pn.inputVolume, pn.axis)
+            if index is None:
+                raise ValueError(_("Show a slice of the input volume in the {axis} view first.").format(
+                    axis=pn.axis))  # fmt: skip
+            self.logic.startPropagationFromSlice(
+                pn.inputVolume, segmentationNode, segmentId, index, self._options("both"), pn.promptROI,
+                saveUndoState=saveUndoState, onSlice=self._onSliceProgress, onDone=self._onSegmentationDone,
+                onError=self._onJobError,
+            )  # fmt: skip
+        except Exception as error:
+            slicer.util.errorDisplay(_("Propagation could not start: {error}").format(error=error))
+            return
+        self._showBusy(_("Propagating from the slice on screen…"))
+
     def onLiveUpdate(self) -> None:
         # Never from a timer: installation dialogs. The first "Segment this slice" sets things up.
-        if not self.logic.requirementsReady or not self.ui.segmentSliceButton.enabled:
+        if not self.ui.segmentSliceButton.enabled:
             return
-        if self.logic.busy:  # e.g. a prefetch started by scrolling: try again shortly, do not drop the edit
+        if self.logic.busy:  # e.g. a propagation running: try again shortly, do not drop the edit
             self._liveUpdateTimer.start()
             return
         self.onSegment("none", interactive=False)
@@ -502,8 +553,11 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pn = self._parameterNode
         if pn is None or pn.inputVolume is None or self.logic.busy:
             return
-        self.logic.prefetchAroundViews(pn.inputVolume, pn.axis, pn.window, pn.windowLevel, pn.windowWidth)
-        self._startPolling()
+        try:
+            if self.logic.prefetchAroundViews(pn.inputVolume, self._options("none")) is not None:
+                self._startPolling()
+        except Exception as error:  # pre-encoding is a courtesy: say why it did not happen, never raise
+            logging.info("SAMMed2D: no pre-encoding: %s", error)
 
     def onCancel(self) -> None:
         self.logic.cancel()
@@ -511,7 +565,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDownloadModel(self) -> None:
         pn = self._parameterNode
-        if pn is None:
+        if pn is None or not self._ensureRequirements(True):
             return
         with slicer.util.tryWithErrorDisplay(_("The model could not be downloaded."), waitCursor=False):
             self.logic.startDownload(
@@ -524,18 +578,23 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setRange(0, 100)
 
     def onToggleIncludeExclude(self) -> None:
-        """Place include points, or exclude points if include points are being placed (key: T)."""
-        if self._parameterNode is None:
+        """Place include points, or exclude points if include points are being placed (Shift+T)."""
+        pn = self._parameterNode
+        if pn is None:
             return
-        self.logic.ensurePointLists(self._parameterNode)
-        self.logic.togglePlacement(self._parameterNode)
+        self.logic.ensurePointLists(pn)
+        self._updateMarkupsWidgets()
+        # The place button of a markups widget works only once it has a node (qSlicerMarkupsPlaceWidget).
+        widget = self.ui.excludePointsWidget if self.logic.placingInclude(pn) else self.ui.includePointsWidget
+        widget.placeActive(True)
 
     def onConfidenceCellClicked(self, row: int, column: int) -> None:
         pn = self._parameterNode
         item = self.ui.confidenceTable.item(row, 0)
-        if pn is None or pn.inputVolume is None or item is None:
+        job = self.logic.lastJob
+        if pn is None or pn.inputVolume is None or item is None or job is None:
             return
-        x, y, z = self.logic.sliceCenter(pn.inputVolume, self.logic.lastAxis, int(item.text()))
+        x, y, z = self.logic.sliceCenter(pn.inputVolume, job.geometry.axis, int(item.text()))
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
 
     def onExportDicomSeg(self) -> None:
@@ -548,10 +607,14 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("DICOM-SEG export failed."), waitCursor=True):
-            written = self.logic.exportDicomSeg(pn.outputSegmentation, pn.inputVolume, path)
-            self._showStatus(_("DICOM-SEG written to {path}").format(path=written))
+            self.logic.startExportDicomSeg(
+                pn.outputSegmentation, pn.inputVolume, path,
+                onDone=lambda out: self._showStatus(_("DICOM-SEG written to {path}").format(path=out)),
+                onError=self._onJobError,
+            )  # fmt: skip
+            self._showBusy(_("Writing the DICOM-SEG…"))
 
-    # -- worker results (main thread, from the poll timer) ---------------------------------------------
+    # -- engine replies (main thread, from the poll timer) ---------------------------------------------
 
     def _startPolling(self) -> None:
         if not self._pollTimer.isActive():
@@ -574,10 +637,10 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
 
-    def _onSliceProgress(self, outcome) -> None:
+    def _onSliceProgress(self, row) -> None:
         self._showStatus(
             _("Slice {index}: {status}, predicted IoU {iou:.2f}").format(
-                index=outcome.index, status=outcome.status, iou=outcome.predicted_iou
+                index=row.index, status=row.status, iou=row.predicted_iou
             )
         )
 
@@ -591,21 +654,30 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showStatus(_("Model ready: {path}").format(path=path))
         self._updateGuiState()
 
-    def _onSegmentationDone(self, summary: dict) -> None:
-        self._showStatus(summary["message"])
+    def _onSegmentationDone(self, job) -> None:
+        written, kept = len(job.written), len(job.kept)
+        if job.state == "cancelled":
+            message = _("Stopped: {n} slice(s) written.").format(n=written)
+        elif not written:
+            message = _("The model found nothing at the prompts; nothing was written.")
+        else:
+            message = _("{n} slice(s) written; the least certain are listed first.").format(n=written)
+        if kept:
+            message += " " + _("{n} slice(s) edited by hand were kept.").format(n=kept)
+        self._showStatus(message)
+        rows = sorted(job.rows.values(), key=lambda r: (r.status != "rejected", r.confidence, r.index))
         table = self.ui.confidenceTable
-        rows = summary["rows"]
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             values = [str(row.index), row.status, f"{row.confidence:.2f}", row.reason]
             for c, value in enumerate(values):
                 table.setItem(r, c, qt.QTableWidgetItem(value))
 
-    def _onJobError(self, error, details: str) -> None:
-        logging.error(details)
-        self._showStatus(str(error))
+    def _onJobError(self, message, details: str) -> None:
+        logging.error(details or message)
+        self._showStatus(str(message))
         if not slicer.app.testingEnabled():
-            slicer.util.errorDisplay(str(error), detailedText=details)
+            slicer.util.errorDisplay(str(message), detailedText=details)
 
 
 def _singleShotTimer(delayMs: int, callback):
@@ -616,111 +688,113 @@ def _singleShotTimer(delayMs: int, callback):
     return timer
 
 
-def _callIfPresent(obj, method: str, *args) -> None:
-    """Call a method that only newer Slicer versions have (e.g. 'Source' replaced 'Master' in 5.2)."""
-    if hasattr(obj, method):
-        getattr(obj, method)(*args)
-
-
 #
 # SAMMed2DSegmentLogic
 #
 
 
+class RequirementsNeeded(RuntimeError):
+    """Something must be installed before the model can run; the Widget asks the user, then calls
+    `installTorch()` or `installEnginePackages(packages)` (the Logic never shows a dialog)."""
+
+    def __init__(self, message: str, torch: bool = False, packages: tuple = ()):
+        super().__init__(message)
+        self.torch = torch
+        self.packages = tuple(packages)
+
+
 class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
     """All actual work goes here (or into SAMMed2DSegmentLib): usable from the Python console and tests,
-    without an instance of the Widget. Takes nodes and values as arguments, never widgets.
+    without an instance of the Widget. Takes nodes and values as arguments, never widgets; shows no dialog.
 
-    Synchronous calls (`segment`, `exportDicomSeg`) suit the console and the self-test; the `start…`
-    methods run on the background worker and deliver their results through `poll()`, which must be called
-    on the main thread (the Widget does it from a timer) and is where MRML gets written.
+    The model runs in the engine process (SAMMed2DSegmentLib.service), which this process never waits for:
+    the `start…` methods return at once, and `poll()` (called by the Widget from a qt.QTimer, on the main
+    thread) delivers the engine's replies and writes the slices into MRML as they arrive. The MRML side of it
+    all is SAMMed2DSegmentLib.mrml.controller.InteractiveSegmentation, tested headless.
     """
 
     def __init__(self) -> None:
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
         ScriptedLoadableModuleLogic.__init__(self)
-        self.model = None
-        self.predictor = None
-        self.session = None  # engine.session.SegmentationSession, used on the worker thread only
-        self.checkpointPath = None
-        self.checkpointInfo = None
-        self.device = None
-        self.lastAxis = "axial"
-        self.lastSegmentation = None  # SAMMed2DSegmentLib.engine.segmenter.VolumeSegmentation of the last run
+        self._controller = None
+        self.lastJob = None
         #: Optional function taking one string; receives the progress messages (e.g. to show them in a GUI).
         self.logCallback = None
-        self._worker = None
-        self._requestedModel = None  # (path, device) of the model loaded or being loaded
-        self._loadedModel = None  # (path, device) of the model the session holds (set on the worker)
-        self.requirementsReady = False  # set once torch and the requirements were found or installed
-        self._snapshot = None
-        self._histories = {}
-        self._provenance = {}  # (segmentation node ID, segment name) → dicom_seg.Provenance of its last run
 
     def getParameterNode(self):
         return SAMMed2DSegmentParameterNode(super().getParameterNode())
 
     def log(self, text: str) -> None:
         logging.info(text)
-        # The callback usually updates a Qt widget: never call it from the worker thread.
-        if self.logCallback and threading.current_thread() is threading.main_thread():
+        if self.logCallback:
             self.logCallback(text)
 
-    # -- background worker -----------------------------------------------------------------------------
+    # -- the engine --------------------------------------------------------------------------------------
 
     @property
-    def worker(self):
-        if self._worker is None:
-            from SAMMed2DSegmentLib.service.worker import Worker
+    def controller(self):
+        """The Qt-free controller and its engine client (the engine process starts on the first request)."""
+        if self._controller is None:
+            from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation
+            from SAMMed2DSegmentLib.service.client import EngineClient
 
-            self._worker = Worker("SAMMed2D worker")
-        return self._worker
+            client = EngineClient(python=self.pythonExecutable(), package_dirs=[self.packageFolder()])
+            self._controller = InteractiveSegmentation(
+                slicer.mrmlScene, client, self.segmentEditorNode(), slicer.app.applicationLogic()
+            )
+        return self._controller
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's own Python (PythonSlicer: the launcher that sets up Slicer's Python environment)."""
+        import shutil
+        import sys
+
+        found = sys.executable or shutil.which("PythonSlicer")
+        if not found:
+            raise RuntimeError(_("Slicer's Python interpreter (PythonSlicer) was not found."))
+        return found
+
+    @staticmethod
+    def packageFolder() -> str:
+        """This extension's private package folder, versioned by Python and requirements; only the engine
+        process puts it on its sys.path, so nothing Slicer bundles is upgraded or shadowed in Slicer."""
+        import sys
+
+        from SAMMed2DSegmentLib.weights.cache_dir import default_cache_dir
+
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-r{_requirementsDigest()}"
+        return os.path.join(str(default_cache_dir()), "packages", tag)
 
     @property
     def busy(self) -> bool:
-        return self._worker is not None and self._worker.busy
+        return self._controller is not None and self._controller.busy
 
     def poll(self) -> int:
-        """Deliver finished background work (main thread only). Returns the number of callbacks run."""
-        return self._worker.poll() if self._worker is not None else 0
+        """Deliver the engine's replies (main thread only). Returns the number of events handled."""
+        return self._controller.poll() if self._controller is not None else 0
 
-    def waitForWorker(self, timeoutSeconds: float = 600.0) -> None:
-        """Block, polling, until the worker is idle (self-test and console use; the GUI uses a timer)."""
-        import time
-
-        deadline = time.monotonic() + timeoutSeconds
-        while self.busy:
-            self.poll()
-            if time.monotonic() > deadline:
-                raise TimeoutError(_("The background work did not finish in time."))
-            slicer.app.processEvents()
-            time.sleep(0.01)
-        self.poll()
+    def wait(self, job, timeoutSeconds: float = 600.0) -> None:
+        """Block until a job has ended (console and self-test; the GUI polls from a timer). It reads the
+        engine's replies as they come and never sleeps while the engine is busy: the engine process runs
+        regardless of what this thread does."""
+        self.controller.wait(job, timeoutSeconds)
 
     def cancel(self) -> None:
         """Stop the running job (propagation keeps the slices finished so far) and drop queued ones."""
-        if self._worker is not None:
-            self._worker.cancel_all()
-        self._forgetUnloadedModel()
-
-    def _forgetUnloadedModel(self) -> None:
-        """A model load dropped from the queue (or failed) must be requested again by the next job; the
-        model the session still holds is the one in use."""
-        self._requestedModel = self._loadedModel
+        if self._controller is not None:
+            self._controller.cancel()
 
     def onSceneClosing(self) -> None:
         """Everything computed for the old scene is dropped, never written into the new one."""
-        if self._worker is not None:
-            self._worker.new_epoch()
-        self._forgetUnloadedModel()
-        self._snapshot = None
-        self._histories.clear()
-        self._provenance.clear()
-        self.lastSegmentation = None
+        if self._controller is not None:
+            self._controller.scene_closing()
+        self.lastJob = None
 
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(timeout=2.0)
+        if self._controller is not None:
+            self._controller.shutdown()
+            self._controller = None
 
     # -- scene helpers -----------------------------------------------------------------------------------
 
@@ -789,20 +863,16 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
                 setattr(parameterNode, field, node)
 
     @staticmethod
-    def togglePlacement(parameterNode) -> None:
-        """Place points into the other list than the one being placed now (the "T" key)."""
+    def placingInclude(parameterNode) -> bool:
+        """Whether include points are being placed now (so the toggle switches to exclude)."""
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
-        include, exclude = parameterNode.includePoints, parameterNode.excludePoints
-        placingInclude = (
-            interactionNode.GetCurrentInteractionMode() == interactionNode.Place
+        include = parameterNode.includePoints
+        return bool(
+            include is not None
+            and interactionNode.GetCurrentInteractionMode() == interactionNode.Place
             and selectionNode.GetActivePlaceNodeID() == include.GetID()
         )
-        target = exclude if placingInclude else include
-        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
-        selectionNode.SetActivePlaceNodeID(target.GetID())
-        interactionNode.SetPlaceModePersistence(1)
-        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
 
     def ensureOutput(
         self, volumeNode, segmentationNode=None, segmentId: str = "", segmentName: str = "SAM-Med2D"
@@ -822,60 +892,48 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             segmentId = ensure_segment(segmentationNode, segmentName)
         return segmentationNode, segmentId
 
-    def historyFor(self, segmentationNode):
-        """An undo history for a segmentation, for use without the Widget (console, tests): each write is
-        one step; `undo(segmentationNode)` goes back one. The Widget uses the embedded Segment Editor's."""
-        key = segmentationNode.GetID()
-        history = self._histories.get(key)
-        if history is None or history.GetSegmentation() is not segmentationNode.GetSegmentation():
-            history = slicer.vtkSegmentationHistory()
-            history.SetSegmentation(segmentationNode.GetSegmentation())
-            self._histories[key] = history
-        return history
-
-    def undo(self, segmentationNode) -> bool:
-        return bool(self.historyFor(segmentationNode).RestorePreviousState())
-
-    # -- inputs of a job ---------------------------------------------------------------------------------
-
-    def volumeSnapshot(self, volumeNode):
-        """The voxels and geometry for the worker, copied again only when the volume changed."""
-        from SAMMed2DSegmentLib.mrml.dicom_database import source_modality
-        from SAMMed2DSegmentLib.mrml.interaction import snapshot_volume, volume_state_key
-
-        if self._snapshot is None or self._snapshot.key != volume_state_key(volumeNode):
-            modality = source_modality(volumeNode, getattr(slicer, "dicomDatabase", None))
-            self._snapshot = snapshot_volume(volumeNode, modality)
-        return self._snapshot
-
     @staticmethod
     def volumeFromDicom(volumeNode) -> bool:
         return bool(volumeNode is not None and volumeNode.GetAttribute("DICOM.instanceUIDs"))
 
+    @staticmethod
+    def modality(volumeNode):
+        from SAMMed2DSegmentLib.mrml.dicom_database import source_modality
+
+        return source_modality(volumeNode, getattr(slicer, "dicomDatabase", None))
+
     def sliceIndexAt(self, volumeNode, axis: str, pointRas):
         """Index of the `axis` slice of the volume through a world RAS point, or None outside it."""
-        geometry = self.volumeSnapshot(volumeNode).geometry(axis)
+        geometry = self.controller.snapshot(volumeNode).geometry(axis)
         return geometry.slice_of(float(geometry.ras_to_continuous(pointRas)[0, 0]))
+
+    def viewedSliceIndex(self, volumeNode, axis: str):
+        """The `axis` slice of the volume shown in the matching view (Red/Green/Yellow), or None."""
+        from SAMMed2DSegmentLib.mrml.volumes import array_from_vtk_matrix
+
+        views = {n.GetOrientation().lower(): n for n in self.sliceNodes()}
+        if axis not in views:
+            return None
+        return self.sliceIndexAt(volumeNode, axis, array_from_vtk_matrix(views[axis].GetSliceToRAS())[:3, 3])
 
     def sliceCenter(self, volumeNode, axis: str, index: int) -> tuple:
         from SAMMed2DSegmentLib.engine.session import slice_center_ras
 
-        return tuple(
-            float(c) for c in slice_center_ras(self.volumeSnapshot(volumeNode).geometry(axis), index)
-        )
+        geometry = self.controller.snapshot(volumeNode).geometry(axis)
+        return tuple(float(c) for c in slice_center_ras(geometry, index))
 
     # -- model ---------------------------------------------------------------------------------------------
 
     def resolveModelPath(self, model: str, localPath: str = "") -> str:
         """The checkpoint file for a model choice: a registry name (bundled or already downloaded) or, for
         "local file", the user's file. Raises a clear error when it must be downloaded first."""
-        from SAMMed2DSegmentLib.weights import registry as weights
+        from SAMMed2DSegmentLib.weights import registry
 
         if model == LOCAL_MODEL:
             if not localPath:
                 raise ValueError(_("Choose the checkpoint file (Model → local file)."))
-            return str(weights.check_local_file(localPath))
-        return str(weights.resolve_model(model))
+            return str(registry.check_local_file(localPath))
+        return str(registry.resolve_model(model))
 
     def modelStatus(self, model: str, localPath: str = "") -> str:
         """One line for the panel: whether the chosen model is ready, and what to do if not."""
@@ -883,372 +941,110 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             path = self.resolveModelPath(model, localPath)
         except Exception as error:  # shown to the user, never raised from here
             return str(error)
-        if self._requestedModel and self._requestedModel[0] == path:
-            return _("Loaded: {name} on {device}").format(
-                name=os.path.basename(path), device=self.device or "…"
-            )
+        loaded = self._controller.model if self._controller is not None else {}
+        if loaded.get("path") == path:
+            name = os.path.basename(path)
+            return _("Loaded: {name} on {device}").format(name=name, device=loaded["device"])
         return _("Ready: {name}").format(name=os.path.basename(path))
 
-    def startDownload(self, model: str, onProgress=None, onDone=None, onError=None):
-        """Download a registry model in the background (resumable; cancel with `cancel()`)."""
-        from SAMMed2DSegmentLib.weights import registry as weights
-
-        if model not in weights.REGISTRY:
-            raise ValueError(_("Only registry models can be downloaded; choose a local file instead."))
-        entry = weights.REGISTRY[model]
-        from SAMMed2DSegmentLib.service.worker import JobCancelled
-
-        def job(context):
-            try:
-                return str(
-                    weights.fetch_model(
-                        entry,
-                        progress=lambda done, total: context.progress((done, total)),
-                        cancel=context.cancel_event,
-                    )
-                )
-            except weights.DownloadCancelled:  # the user pressed Stop: not an error dialog
-                raise JobCancelled from None
-
-        stopped = _("Download stopped; the part already downloaded is kept and the next download resumes.")
-        return self.worker.submit(
-            job,
-            name=f"download {model}",
-            on_progress=onProgress,
-            on_done=onDone,
-            on_error=onError,
-            on_cancelled=lambda: self.log(stopped),
-            key="download",
-        )
-
-    def loadModel(self, checkpointPath: str, device: str = "auto"):
-        """
-        Load a SAM-Med2D checkpoint and make a predictor for it (synchronously, on the calling thread).
-
-        :param checkpointPath: a SAM-Med2D checkpoint file (the official .pth layout, a plain state dict,
-            or safetensors).
-        :param device: "auto" (CUDA, then Apple MPS, then the CPU), "cpu", "cuda", "cuda:N" or "mps".
-        :returns: the SAMMed2DSegmentLib.engine.predictor.SamMed2DPredictor.
-        :raises ValueError: the file does not exist, or the device is unknown or not available.
-        """
-        if not checkpointPath or not os.path.isfile(checkpointPath):
-            raise ValueError(_("Checkpoint file not found: {path}").format(path=checkpointPath))
-        self.setupPythonRequirements()
-        self._loadModel(checkpointPath, device)
-        self._requestedModel = (checkpointPath, device)
-        return self.predictor
-
-    def _loadModel(self, checkpointPath: str, device: str) -> None:
-        """Runs on whichever thread will run the model (the worker, in the module)."""
-        from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
-        from SAMMed2DSegmentLib.engine.session import SegmentationSession
-        from SAMMed2DSegmentLib.weights.checkpoint import load_model, resolve_device
-
-        torchDevice = resolve_device(device)
-        logging.info("SAMMed2D: loading %s on %s", checkpointPath, torchDevice)  # may be the worker thread
-        model, checkpointInfo = load_model(checkpointPath, device=torchDevice)
-        self.model = model
-        self.checkpointInfo = checkpointInfo
-        self.predictor = SamMed2DPredictor(model)
-        self.session = SegmentationSession(self.predictor)
-        self.checkpointPath = checkpointPath
-        self.device = str(torchDevice)
-        self._loadedModel = (checkpointPath, device)
-
     def requestModel(self, model: str, device: str = "auto", localPath: str = "", onError=None):
-        """Make sure the chosen model will be loaded before the next job: dependencies are checked here
-        (main thread: installation dialogs), the loading itself is queued on the worker. Returns the job,
-        or None when that model is already loaded or queued."""
-        self.setupPythonRequirements()
-        path = self.resolveModelPath(model, localPath)
-        if self._requestedModel == (path, device):
-            return None
-        self._requestedModel = (path, device)
+        """Make sure the chosen model is loaded in the engine before the next job (queued there)."""
+        self.checkRequirements()
+        return self.controller.request_model(self.resolveModelPath(model, localPath), device, onError)
 
-        def forget(error, details):
-            self._forgetUnloadedModel()
-            if onError:
-                onError(error, details)
+    def startDownload(self, model: str, onProgress=None, onDone=None, onError=None):
+        """Download a registry model in the engine process (resumable; cancel with `cancel()`)."""
+        from SAMMed2DSegmentLib.weights import registry
 
-        def loaded(result):  # main thread (poll)
-            self.log(
-                _("Model loaded: {name} on {device}").format(name=os.path.basename(path), device=self.device)
-            )
+        if model not in registry.REGISTRY:
+            raise ValueError(_("Only registry models can be downloaded; choose a local file instead."))
 
-        return self.worker.submit(
-            lambda context: self._loadModel(path, device),
-            name="load model",
-            on_done=loaded,
-            on_error=forget,
-        )
+        def onEvent(kind, header, arrays):
+            if kind == "progress" and onProgress:
+                onProgress((header["done"], header["total"]))
+            elif kind == "done" and onDone:
+                onDone(header["path"])
+            elif kind == "cancelled":
+                self.log(_("Download stopped; the part already downloaded is kept and the next one resumes."))
+            elif kind == "error" and onError:
+                onError(header.get("message", ""), header.get("details", ""))
+
+        return self.controller.client.submit("download", {"model": model}, on_event=onEvent)
 
     # -- segmentation ------------------------------------------------------------------------------------
 
-    def _applySegmentation(
-        self,
-        segmentation,
-        snapshotKey,
-        volumeNode,
-        segmentationNode,
-        segmentId,
-        history,
-        prompts,
-        checkpointInfo,
-    ):
-        """Main-thread half: write the accepted slices as one undo step, remember the run's provenance for
-        the DICOM-SEG export; returns a summary for the GUI."""
-        from SAMMed2DSegmentLib.engine.session import confidence_table
-        from SAMMed2DSegmentLib.formats.dicom_seg import build_provenance
-        from SAMMed2DSegmentLib.mrml.interaction import write_result
-
-        masks = segmentation.result.masks()
-        written = 0
-        if masks:
-            written = write_result(
-                slicer.mrmlScene,
-                segmentationNode,
-                segmentId,
-                volumeNode,
-                snapshotKey,
-                segmentation.geometry,
-                masks,
-                history,
-            )
-        self.lastSegmentation = segmentation
-        self.lastAxis = segmentation.geometry.axis
-        if written and checkpointInfo is not None:
-            points, rois, direction = prompts
-            name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
-            self._provenance[(segmentationNode.GetID(), name)] = build_provenance(
-                points,
-                rois,
-                segmentation.result.slices.values(),
-                model=f"SAM-Med2D {checkpointInfo.build}",
-                model_sha256=checkpointInfo.sha256,
-                axis=self.lastAxis,
-                propagate=direction,
-                segment=name,
-                window=(segmentation.window.low, segmentation.window.high),
-            )
-        rows = confidence_table(segmentation.result)
-        if segmentation.result.cancelled:
-            message = _("Stopped: {n} slice(s) written.").format(n=written)
-        elif not masks:
-            message = _("The model found nothing at the prompts; nothing was written.")
-        else:
-            message = _("{n} slice(s) written; the least certain are listed first.").format(n=written)
-        return {"written": written, "rows": rows, "message": message}
-
-    def _historyArgument(self, segmentationNode, saveUndoState):
-        from SAMMed2DSegmentLib.mrml.interaction import CallbackHistory
-
-        if saveUndoState is not None:
-            return CallbackHistory(segmentationNode, saveUndoState)
-        return self.historyFor(segmentationNode)
-
-    def segment(self, *args, **kwargs) -> dict:
-        """
-        Segment and wait (console, self-test): the same arguments as `startSegmentation` without the
-        callbacks. The work still runs on the worker thread (where the model lives); this call polls it.
-
-        :returns: {"written": slices written, "rows": per-slice confidence, least certain first, "message"}.
-        :raises ValueError: missing volume or prompts, prompts off the volume, bad options; the worker's
-            error when the model failed; RuntimeError when the result was dropped (scene closed, cancelled).
-        """
-        results, errors = [], []
-        self.startSegmentation(
-            *args, onDone=results.append, onError=lambda error, _: errors.append(error), **kwargs
-        )
-        self.waitForWorker()
-        if errors:
-            raise errors[0]
-        if not results:
-            raise RuntimeError(_("The segmentation was cancelled or its inputs were removed."))
-        return results[0]
-
     def startSegmentation(
-        self,
-        volumeNode,
-        includePoints,
-        excludePoints,
-        roiNode,
-        segmentationNode,
-        segmentId: str,
-        axis: str = "axial",
-        direction: str = "none",
-        window: str = "auto",
-        windowLevel: float = 40.0,
-        windowWidth: float = 400.0,
-        iouThreshold: float = 0.5,
-        saveUndoState=None,
-        onDone=None,
-        onError=None,
-        onProgress=None,
-        preview: bool = False,
-    ):
-        """Segment the slice(s) holding the prompts, then propagate in `direction` ("none", "up", "down",
-        "both"), in the background: results are written when `poll()` delivers them, after checking
-        that the nodes still exist and the volume did not change. A `preview` (live update while points are
-        placed) replaces a preview that has not started yet. The written slices are one undo step: through
-        `saveUndoState` (e.g. a Segment Editor's saveStateForUndo), else the logic's own history
-        (`undo(segmentationNode)`). Returns the worker job."""
-        # Main-thread half: copy what the worker needs out of the nodes.
+        self, volumeNode, includePoints, excludePoints, roiNode, segmentationNode, segmentId: str, options,
+        saveUndoState=None, onSlice=None, onDone=None, onError=None,
+    ):  # fmt: skip
+        """Segment the slice(s) holding the prompts, then propagate `options.direction`, in the engine; the
+        slices are written as they arrive (one undo step through `saveUndoState`, e.g. the embedded Segment
+        Editor's saveStateForUndo) with the editor's masking settings. Returns the job."""
         if volumeNode is None:
             raise ValueError(_("Select the input volume first."))
-        if direction not in DIRECTIONS:
-            raise ValueError(_("Unknown direction {direction!r}.").format(direction=direction))
-        from SAMMed2DSegmentLib.engine.propagation import PropagationSettings
-        from SAMMed2DSegmentLib.engine.session import window_for
-        from SAMMed2DSegmentLib.mrml.interaction import prompts_from_nodes
+        job = self.controller.start_segmentation(
+            volumeNode, includePoints, excludePoints, roiNode, segmentationNode, segmentId, options,
+            modality=self.modality(volumeNode), save_undo=saveUndoState, on_slice=onSlice,
+            on_done=onDone, on_error=onError,
+        )  # fmt: skip
+        self.lastJob = job
+        return job
 
-        snapshot = self.volumeSnapshot(volumeNode)
-        points, rois = prompts_from_nodes(includePoints, excludePoints, roiNode)
-        if not points and not rois:
-            raise ValueError(_("Place at least one include point (or a box) first."))
-        settings = PropagationSettings(iou_threshold=float(iouThreshold))
+    def startPropagationFromSlice(
+        self, volumeNode, segmentationNode, segmentId: str, index: int, options, roiNode=None,
+        saveUndoState=None, onSlice=None, onDone=None, onError=None,
+    ):  # fmt: skip
+        """Propagate from slice `index` as the segment has it now (after a correction); slices edited by hand
+        are kept."""
+        job = self.controller.start_propagation_from_slice(
+            volumeNode, segmentationNode, segmentId, index, options, modality=self.modality(volumeNode),
+            roi_node=roiNode, save_undo=saveUndoState, on_slice=onSlice, on_done=onDone, on_error=onError,
+        )  # fmt: skip
+        self.lastJob = job
+        return job
 
-        noModel = _("No model is loaded (choose one under Model).")  # translated here, on the main thread
+    def segment(self, *args, **kwargs):
+        """`startSegmentation` and wait (console, self-test). Returns the finished job; raises on error."""
+        errors = []
+        job = self.startSegmentation(*args, onError=lambda message, details: errors.append(message), **kwargs)
+        self.wait(job)
+        if errors or job.state == "failed":
+            raise RuntimeError(errors[0] if errors else job.message)
+        if job.state == "stale":
+            raise RuntimeError(job.message)
+        return job
 
-        def run(context):
-            # The session and the checkpoint it came from, read together on the worker thread, which is the
-            # only one that replaces them: the run's provenance names the model that really made it.
-            session, checkpointInfo = self.session, self.checkpointInfo
-            if session is None:
-                raise RuntimeError(noModel)
-            windowValue = window_for(snapshot, window, windowLevel, windowWidth)
-            segmentation = session.segment(
-                snapshot,
-                windowValue,
-                points,
-                rois,
-                axis,
-                direction,
-                settings,
-                progress=lambda count, outcome: context.progress(outcome),
-                should_cancel=lambda: context.cancelled,
-            )
-            return segmentation, checkpointInfo
-
-        prompts = (points, rois, direction)
-        history = self._historyArgument(segmentationNode, saveUndoState)
-
-        def done(result):
-            from SAMMed2DSegmentLib.mrml.interaction import StaleResultError
-
-            segmentation, checkpointInfo = result
-            try:
-                summary = self._applySegmentation(
-                    segmentation,
-                    snapshot.key,
-                    volumeNode,
-                    segmentationNode,
-                    segmentId,
-                    history,
-                    prompts,
-                    checkpointInfo,
-                )
-            except StaleResultError as error:
-                self.log(str(error))
-                return
-            except Exception as error:
-                import traceback
-
-                if onError:
-                    onError(error, traceback.format_exc())
-                return
-            if onDone:
-                onDone(summary)
-
-        return self.worker.submit(
-            run,
-            name=f"segment {direction}",
-            on_done=done,
-            on_error=onError,
-            on_progress=onProgress,
-            key="preview" if preview else None,
-        )
-
-    def prefetchAroundViews(
-        self,
-        volumeNode,
-        axis: str,
-        window: str = "auto",
-        windowLevel: float = 40.0,
-        windowWidth: float = 400.0,
-    ):
-        """Encode, in the background, the slices near the one shown in the view of `axis`, so the first click
-        there is fast. Does nothing before a model is loaded. Returns the job or None."""
-        if self.session is None or volumeNode is None:
+    def prefetchAroundViews(self, volumeNode, options):
+        """While idle, the engine encodes the `options.axis` slices from the one on screen outwards."""
+        if volumeNode is None or self._controller is None:
             return None
-        from SAMMed2DSegmentLib.engine.session import window_for
-        from SAMMed2DSegmentLib.mrml.volumes import array_from_vtk_matrix
-
-        views = {n.GetOrientation().lower(): n for n in self.sliceNodes()}
-        if axis not in views:
-            return None
-        center = self.sliceIndexAt(
-            volumeNode, axis, array_from_vtk_matrix(views[axis].GetSliceToRAS())[:3, 3]
-        )
+        center = self.viewedSliceIndex(volumeNode, options.axis)
         if center is None:
             return None
-        snapshot = self.volumeSnapshot(volumeNode)
-
-        def run(context):
-            if self.session is None:
-                return []
-            windowValue = window_for(snapshot, window, windowLevel, windowWidth)
-            return self.session.prefetch(
-                snapshot, windowValue, axis, center, should_cancel=lambda: context.cancelled
-            )
-
-        return self.worker.submit(run, name="prefetch", key="prefetch")
+        return self._controller.prefetch(volumeNode, options.axis, center, options, self.modality(volumeNode))
 
     # -- DICOM-SEG ---------------------------------------------------------------------------------------
 
-    def exportDicomSeg(
-        self, segmentationNode, volumeNode, outputPath: str, database=None, modelHash: str = ""
-    ) -> str:
-        """
-        Write every segment of `segmentationNode` as a DICOM Segmentation that references the series
-        `volumeNode` was loaded from (found through its DICOM.instanceUIDs attribute and the DICOM database).
-
-        :param database: a ctkDICOMDatabase (default: slicer.dicomDatabase).
-        :param modelHash: SHA-256 of the checkpoint that made the segments (default: the loaded model's).
-        :raises ValueError: the volume did not come from DICOM, instances are missing, the grids differ, …
-        """
+    def startExportDicomSeg(self, segmentationNode, volumeNode, outputPath: str, database=None, onDone=None,
+                            onError=None):  # fmt: skip
+        """Write every segment of `segmentationNode` as a DICOM Segmentation that references the series
+        `volumeNode` was loaded from (its DICOM.instanceUIDs through the DICOM database); the engine process
+        writes it (highdicom lives there). Raises ValueError when the volume did not come from DICOM."""
         if segmentationNode is None or volumeNode is None:
             raise ValueError(_("Select the input volume and the segmentation to export."))
-        from SAMMed2DSegmentLib.mrml.dicom_database import source_datasets
-        from SAMMed2DSegmentLib.mrml.dicom_segmentations import export_dicom_seg
+        from SAMMed2DSegmentLib.mrml.dicom_database import source_files
 
-        modelHash = modelHash or (self.checkpointInfo.sha256 if self.checkpointInfo else "")
-        if not modelHash:
+        model = self._controller.model if self._controller is not None else {}
+        if not model.get("sha256"):
             raise ValueError(
-                _(
-                    "No SAM-Med2D model was used in this session, so the DICOM-SEG cannot name it: "
-                    "segment with a model first."
-                )
+                _("No SAM-Med2D model was used in this session, so the DICOM-SEG cannot name it: "
+                  "segment with a model first.")  # fmt: skip
             )
         if database is None:
             database = getattr(slicer, "dicomDatabase", None)
-        datasets = source_datasets(volumeNode, database)
-        build = self.checkpointInfo.build if self.checkpointInfo else "vit_b"
-        provenance = {
-            name: record
-            for (nodeId, name), record in self._provenance.items()
-            if nodeId == segmentationNode.GetID()
-        }
-        written = export_dicom_seg(
-            segmentationNode,
-            volumeNode,
-            datasets,
-            outputPath,
-            modelHash,
-            f"SAM-Med2D {build}",
-            provenance=provenance,
-        )
-        self.log(_("DICOM-SEG written to {path}").format(path=written))
-        return str(written)
+        files = source_files(volumeNode, database)
+        return self.controller.start_export(segmentationNode, volumeNode, files, outputPath, model["sha256"],
+                                            on_done=onDone, on_error=onError)  # fmt: skip
 
     # -- dependencies ------------------------------------------------------------------------------------
 
@@ -1256,84 +1052,70 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
     def requirementsPath() -> str:
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
 
-    def setupPythonRequirements(self, installInTesting: bool = False) -> None:
-        """
-        Make sure torch (from the PyTorch extension) and the packages in Resources/requirements.txt are
-        installed, asking the user before installing anything. Never called at import time.
+    def missingPackages(self) -> list:
+        """Requirements the engine cannot satisfy from Slicer's own packages or the private folder."""
+        folder = self.packageFolder()
+        return [req for req in _readRequirements(self.requirementsPath()) if not _satisfied(req, [folder])]
 
-        :param installInTesting: in testing mode (ctest runs Slicer with --testing), install missing packages
-            without asking instead of skipping them; the self-test needs them (PyTorchUtils installs torch
-            without asking in testing mode too).
-        :raises RuntimeError: the PyTorch extension is missing, or the user declined an installation.
-        """
-        if self.requirementsReady:
-            return
-        self._setupTorch()
-        self._setupPackages(installInTesting)
-        self.requirementsReady = True
+    def checkRequirements(self) -> None:
+        """Raises RequirementsNeeded (for the Widget to ask the user) when torch or a package is missing."""
+        if importlib.util.find_spec("torch") is None:
+            raise RequirementsNeeded(_("PyTorch is needed; it is installed through the PyTorch extension."),
+                                     torch=True)  # fmt: skip
+        missing = self.missingPackages()
+        if missing:
+            raise RequirementsNeeded(
+                _("These Python packages are needed by the segmentation engine: {packages}").format(
+                    packages=", ".join(missing)), packages=missing)  # fmt: skip
 
-    def _setupTorch(self) -> None:
+    def installTorch(self) -> None:
+        """Through the PyTorch extension, which picks a build matching the GPU driver (the Widget asked)."""
         try:
             import PyTorchUtils
         except ModuleNotFoundError as e:
             raise RuntimeError(
-                _(
-                    "This module requires the PyTorch extension. Install it from the Extensions Manager, "
-                    "restart the application, and try again."
-                )
+                _("This module requires the PyTorch extension. Install it from the Extensions Manager, "
+                  "restart the application, and try again.")  # fmt: skip
             ) from e
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            self.log(_("PyTorch is not installed yet; installing it through the PyTorch extension."))
-            torch = torchLogic.installTorch(
-                askConfirmation=True, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}"
-            )
-            if torch is None:
-                raise RuntimeError(_("PyTorch is required by this module; its installation was cancelled."))
-        else:
-            import torch
-        if _versionTuple(torch.__version__) < _versionTuple(MINIMUM_TORCH_VERSION):
-            raise RuntimeError(
-                _(
-                    "PyTorch {installed} is installed but this module needs {required} or later. "
-                    "Update it in the PyTorch Utils module (uninstall, restart, install)."
-                ).format(installed=torch.__version__, required=MINIMUM_TORCH_VERSION)
-            )
-
-    def _setupPackages(self, installInTesting: bool = False) -> None:
-        requirementsPath = self.requirementsPath()
-        unattended = installInTesting and slicer.app.testingEnabled()  # no dialog may block a ctest run
-        try:
-            import slicer.packaging as slicerPackaging  # Slicer 5.12 and later
-        except ImportError:
-            slicerPackaging = None
-        if slicerPackaging is not None:
-            # Checks what is missing, asks the user, installs with a progress dialog, offers a restart.
-            # Skipped in testing mode; raises RuntimeError if the user declines.
-            slicerPackaging.pip_ensure(
-                slicerPackaging.load_requirements(requirementsPath),
-                requester="SAMMed2D",
-                skip_in_testing=not unattended,  # its dialogs answer themselves in testing mode
-            )
-            return
-
-        # Slicer 5.6 to 5.10: install what cannot be imported, after a confirmation.
-        missing = [req for req in _readRequirements(requirementsPath) if not _requirementImportable(req)]
-        if not missing:
-            return
-        if unattended:
-            slicer.util.pip_install(missing)
-            return
-        if slicer.app.testingEnabled():
-            logging.warning("Missing Python packages (not installed in testing mode): %s", ", ".join(missing))
-            return
-        message = _(
-            "This module needs these Python packages, which will now be downloaded and installed: {packages}"
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}"
         )
-        if not slicer.util.confirmOkCancelDisplay(message.format(packages=", ".join(missing))):
-            raise RuntimeError(_("Installation of the required Python packages was cancelled."))
-        slicer.util.pip_install(missing)
+        if torch is None:
+            raise RuntimeError(_("PyTorch could not be installed."))
+
+    def installEnginePackages(self, packages) -> None:
+        """pip install into the private folder only (`--target`, `--no-deps`: nothing of Slicer's changes)."""
+        import subprocess
+
+        folder = self.packageFolder()
+        os.makedirs(folder, exist_ok=True)
+        command = [self.pythonExecutable(), "-m", "pip", "install", "--no-deps", "--target", folder]
+        command += list(packages)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            raise RuntimeError(_("Installing {packages} failed: {reason}").format(
+                packages=", ".join(packages), reason=lines[-1] if lines else result.returncode))  # fmt: skip
+
+
+def _requirementsDigest() -> str:
+    import hashlib
+
+    with open(SAMMed2DSegmentLogic.requirementsPath(), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:8]
+
+
+def _satisfied(requirement: str, folders) -> bool:
+    """Whether an installed distribution (Slicer's, or in `folders`) meets a "name>=version" requirement."""
+    import importlib.metadata as metadata
+
+    name, _sep, minimum = (part.strip() for part in requirement.partition(">="))
+    versions = [d.version for d in metadata.distributions(name=name, path=list(folders))]
+    try:
+        versions.append(metadata.version(name))
+    except metadata.PackageNotFoundError:
+        pass
+    return any(not minimum or _versionTuple(v) >= _versionTuple(minimum) for v in versions)
 
 
 def _versionTuple(version: str) -> tuple:
@@ -1352,12 +1134,6 @@ def _readRequirements(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         lines = [line.split("#", 1)[0].strip() for line in f]
     return [line for line in lines if line and not line.startswith("-")]
-
-
-def _requirementImportable(requirement: str) -> bool:
-    """Whether the distribution named by a requirement line can be imported (version not checked)."""
-    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-    return importlib.util.find_spec(name.replace("-", "_").lower()) is not None
 
 
 #
@@ -1383,8 +1159,9 @@ class SAMMed2DSegmentTest(ScriptedLoadableModuleTest):
         self.test_SAMMed2DSegmentDicomSegmentPropagateUndoExport()
 
     def test_SAMMed2DSegmentLogicLoads(self):
-        """The engine library imports, the parameter node has its defaults, and bad input is refused."""
+        """The library imports without torch, the parameter node has its defaults, bad input is refused."""
         self.delayDisplay("Starting the test")
+        import sys
 
         import SAMMed2DSegmentLib
 
@@ -1405,16 +1182,15 @@ class SAMMed2DSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.getParameterNode().inputVolume.GetID(), volumeNode.GetID())
 
         self.assertTrue(os.path.isfile(logic.requirementsPath()))
-        logic.setupPythonRequirements(installInTesting=True)  # exportDicomSeg needs highdicom
         with self.assertRaises(ValueError):
-            logic.loadModel(os.path.join(slicer.app.temporaryPath, "no-such-checkpoint.pth"))
-        with self.assertRaises(ValueError):  # not from DICOM: the message says how to get a DICOM volume
-            logic.exportDicomSeg(
+            logic.resolveModelPath(LOCAL_MODEL, os.path.join(slicer.app.temporaryPath, "no-such.pth"))
+        with self.assertRaises(ValueError):  # not from DICOM (and no model used yet)
+            logic.startExportDicomSeg(
                 slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode"),
                 volumeNode,
                 os.path.join(slicer.app.temporaryPath, "x.dcm"),
-                modelHash="0" * 64,
             )
+        self.assertNotIn("torch", sys.modules)  # the model lives in the engine process only
         self.delayDisplay("Test passed")
 
     def test_SAMMed2DSegmentDicomSegmentPropagateUndoExport(self):
@@ -1424,8 +1200,14 @@ class SAMMed2DSegmentTest(ScriptedLoadableModuleTest):
         from DICOMLib import DICOMUtils
 
         logic = SAMMed2DSegmentLogic()
-        logic.setupPythonRequirements(installInTesting=True)  # ctest runs with --testing
-        checkpoint = logic.resolveModelPath("demo")  # the model shipped with the extension
+        try:
+            logic.checkRequirements()
+        except RequirementsNeeded as needed:  # ctest runs with --testing: install without asking
+            if needed.torch:
+                logic.installTorch()
+            if needed.packages:
+                logic.installEnginePackages(needed.packages)
+            logic.checkRequirements()
 
         with tempfile.TemporaryDirectory() as folder, DICOMUtils.TemporaryDICOMDatabase() as database:
             self.delayDisplay("Writing and loading a synthetic CT series")
@@ -1436,55 +1218,49 @@ class SAMMed2DSegmentTest(ScriptedLoadableModuleTest):
             volumeNode = slicer.mrmlScene.GetNodeByID(loaded[0])
             self.assertTrue(logic.volumeFromDicom(volumeNode))
 
-            self.delayDisplay("Segmenting one slice from one include point")
-            logic.loadModel(checkpoint, "cpu")
+            self.delayDisplay("Segmenting one slice from one include point, in the engine process")
+            logic.requestModel("demo", "cpu")
             include = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
-            center = _ijkToRas(volumeNode, (32, 32, 10))  # the centre of the bright ball
-            include.AddControlPoint(*center)
+            include.AddControlPoint(*_ijkToRas(volumeNode, (32, 32, 10)))  # the centre of the bright ball
             segmentationNode, segmentId = logic.ensureOutput(volumeNode)
-            summary = logic.segment(
-                volumeNode, include, None, None, segmentationNode, segmentId, direction="none"
-            )
-            self.assertEqual(summary["written"], 1)
+            from SAMMed2DSegmentLib.mrml.controller import SegmentOptions
+
+            history = slicer.vtkSegmentationHistory()
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            job = logic.segment(volumeNode, include, None, None, segmentationNode, segmentId,
+                                SegmentOptions(direction="none"))  # fmt: skip
+            self.assertEqual(job.written, [10])
             labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
             oneSlice = int(labelmap.sum())
             self.assertGreater(oneSlice, 0)
             self.assertEqual(int(labelmap[10].sum()), oneSlice)  # only the prompted slice (k = 10)
             self.assertTrue(labelmap[10, 32, 32])  # the include point is inside the mask
 
-            self.delayDisplay("Propagating in the background")
-            done = []
-            logic.startSegmentation(
-                volumeNode,
-                include,
-                None,
-                None,
-                segmentationNode,
-                segmentId,
-                direction="both",
-                onDone=done.append,
-                onError=lambda error, details: self.fail(details),
-            )
-            logic.waitForWorker()
-            self.assertEqual(len(done), 1)
-            self.assertGreaterEqual(done[0]["written"], 1)
-            self.assertEqual(len(done[0]["rows"]), len(logic.lastSegmentation.result.slices))
+            self.delayDisplay("Propagating: slices stream in while this thread only reads replies")
+            both = SegmentOptions(direction="both")
+            job = logic.segment(volumeNode, include, None, None, segmentationNode, segmentId, both,
+                                saveUndoState=history.SaveState)  # fmt: skip
+            self.assertGreaterEqual(len(job.written), 2)
             labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-            propagated = int(labelmap.sum())
-            self.assertGreaterEqual(propagated, oneSlice)
+            self.assertGreater(int(labelmap.sum()), oneSlice)
 
             self.delayDisplay("Undo goes back one action")
-            self.assertTrue(logic.undo(segmentationNode))
+            self.assertTrue(history.RestorePreviousState())
             labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
             self.assertEqual(int(labelmap.sum()), oneSlice)
 
-            self.delayDisplay("Exporting DICOM-SEG")
+            self.delayDisplay("Exporting DICOM-SEG in the engine process")
+            written = []
+            out = os.path.join(folder, "seg.dcm")
+            exportJob = logic.startExportDicomSeg(
+                segmentationNode, volumeNode, out, database, onDone=written.append,
+                onError=lambda m, d: self.fail(d),
+            )  # fmt: skip
+            logic.wait(exportJob)
+            self.assertEqual(len(written), 1)
             import pydicom
 
-            out = logic.exportDicomSeg(
-                segmentationNode, volumeNode, os.path.join(folder, "seg.dcm"), database
-            )
-            seg = pydicom.dcmread(out)
+            seg = pydicom.dcmread(written[0])
             self.assertEqual(seg.Modality, "SEG")
             referenced = {
                 i.ReferencedSOPInstanceUID

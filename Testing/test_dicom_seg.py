@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib.formats import dicom_seg
+from SAMMed2DSegmentLib.formats import dicom_seg, provenance
 from SAMMed2DSegmentLib.formats.dicom_seg import SegmentSpec
 
 DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
@@ -567,7 +567,7 @@ def test_read_refuses_a_seg_of_another_series(seg_path, series):
 # ------------------------------------------------------------------------------------------- provenance
 
 
-def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") -> dicom_seg.Provenance:
+def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") -> provenance.Provenance:
     """A run as the engine records it; coordinates with at most 4 decimals survive the SEG exactly."""
     from types import SimpleNamespace as Ns
 
@@ -581,7 +581,7 @@ def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") ->
         Ns(index=k, status=statuses[min(k, 2)], confidence=0.9 - k / 1e4, predicted_iou=0.81234 + k / 1e5)
         for k in range(n_slices)
     ]
-    return dicom_seg.build_provenance(
+    return provenance.build_provenance(
         points, rois, outcomes, model="SAM-Med2D vit_b", model_sha256=HASH, axis="axial", propagate="both",
         segment=segment, window=(-160.0, 240.0),
     )  # fmt: skip
@@ -597,7 +597,7 @@ def test_provenance_round_trips_through_the_seg_in_lps(tmp_path, series, segment
     seg = pydicom.dcmread(out)
     liver, spleen = seg.SegmentSequence
     text = liver.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
-    assert text.isascii() and len(text) <= dicom_seg.MAX_LT_LENGTH
+    assert text.isascii() and len(text) <= provenance.MAX_LT_LENGTH
     # An independent parser (highdicom's own) reads our parameters, and the points are in LPS there.
     params = hd.AlgorithmIdentificationSequence.from_sequence(
         liver.SegmentationAlgorithmIdentificationSequence
@@ -622,7 +622,7 @@ def test_long_prompt_lists_are_cut_with_a_marker_and_stay_valid(tmp_path, series
 
     seg = pydicom.dcmread(out)
     text = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
-    assert len(text) <= dicom_seg.MAX_LT_LENGTH
+    assert len(text) <= provenance.MAX_LT_LENGTH
     assert seg.ContentDescription.endswith("; parameters truncated") and len(seg.ContentDescription) <= 64
     assert dciodvfy_errors(out) == []
     back = dicom_seg.read_dicom_seg_provenance(out)["liver"]
@@ -636,7 +636,7 @@ def test_long_prompt_lists_are_cut_with_a_marker_and_stay_valid(tmp_path, series
 def test_prompts_are_cut_only_when_the_slices_are_gone(series, segments):
     params = _provenance(n_points=2000, n_slices=50).to_algorithm_parameters()
     assert params["slices"] == "" and 0 < len(params["points_lps"].split(";")) < 2000
-    assert dicom_seg.parameters_length(params) <= dicom_seg.MAX_LT_LENGTH
+    assert provenance.parameters_length(params) <= provenance.MAX_LT_LENGTH
     assert "slices 0/50" in params["truncated"] and "rois 1/1" in params["truncated"]
 
 
@@ -644,18 +644,18 @@ def test_provenance_metadata_round_trip_and_history():
     first, second = _provenance(segment="liver"), _provenance(n_points=1, segment="spleen")
     meta = second.to_metadata([first])
     assert all(isinstance(v, str) for v in meta.values()) and meta["CoordinateSystem"] == "RAS"
-    assert dicom_seg.Provenance.from_metadata(meta) == second
-    assert dicom_seg.provenance_history(meta) == [first, second]
-    assert dicom_seg.provenance_history({"something": "else"}) == []
+    assert provenance.Provenance.from_metadata(meta) == second
+    assert provenance.provenance_history(meta) == [first, second]
+    assert provenance.provenance_history({"something": "else"}) == []
     with pytest.raises(ValueError, match="malformed"):
-        dicom_seg.provenance_history({**meta, "Prompts": "{not json"})
+        provenance.provenance_history({**meta, "Prompts": "{not json"})
     with pytest.raises(ValueError, match="malformed"):
-        dicom_seg.Provenance.from_metadata({**meta, "Slices": "3:Q:0.5:0.5"})
+        provenance.Provenance.from_metadata({**meta, "Slices": "3:Q:0.5:0.5"})
 
 
 def test_slice_list_format():
-    records = dicom_seg.parse_slices("10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1")
+    records = provenance.parse_slices("10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1")
     assert [r.status for r in records] == ["prompted", "propagated", "rejected"]
-    assert dicom_seg.format_slices(records) == "10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1"
+    assert provenance.format_slices(records) == "10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1"
     with pytest.raises(ValueError, match="unknown slice status"):
-        dicom_seg.format_slices([dicom_seg.SliceRecord(1, "maybe", 0.5, 0.5)])
+        provenance.format_slices([provenance.SliceRecord(1, "maybe", 0.5, 0.5)])

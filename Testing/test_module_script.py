@@ -141,7 +141,25 @@ def test_observer_callbacks_do_not_compare_event_ids():
     assert "event ==" not in source and "== event" not in source
 
 
-def test_worker_side_of_the_logic_leaves_qt_alone():
-    """_loadModel runs on the worker thread: it must not call self.log (whose callback updates a Qt label)."""
-    load = next(n for n in _class("SAMMed2DSegmentLogic").body if getattr(n, "name", "") == "_loadModel")
-    assert "log" not in _attribute_uses(load, "")
+def test_the_logic_shows_no_dialog_and_never_spins_the_event_loop():
+    """Dialogs belong to the Widget; the Logic raises RequirementsNeeded instead of asking."""
+    logic = ast.get_source_segment(SCRIPT.read_text(encoding="utf-8"), _class("SAMMed2DSegmentLogic"))
+    for forbidden in ("confirmOkCancelDisplay", "errorDisplay", "processEvents", "askConfirmation=True",
+                      "time.sleep"):  # fmt: skip
+        assert forbidden not in logic
+
+
+def test_what_the_module_imports_from_the_library_never_loads_torch():
+    """Every SAMMed2DSegmentLib module the Slicer-side file imports, in a fresh interpreter: no torch (and no
+    highdicom, which Slicer 5.10 does not bundle), since the model lives in the engine process."""
+    modules = sorted({node.module for node in ast.walk(TREE) if isinstance(node, ast.ImportFrom)
+                      and (node.module or "").startswith("SAMMed2DSegmentLib")})  # fmt: skip
+    assert "SAMMed2DSegmentLib.mrml.controller" in modules and "SAMMed2DSegmentLib.service.client" in modules
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'highdicom'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=MODULE_DIR)

@@ -367,7 +367,7 @@ def test_provenance_round_trips_through_the_seg_nrrd_header(setup, tmp_path):
     earlier runs kept, through a file Slicer's own reader still loads."""
     from types import SimpleNamespace as Ns
 
-    from SAMMed2DSegmentLib.formats.dicom_seg import build_provenance
+    from SAMMed2DSegmentLib.formats.provenance import build_provenance
     from SAMMed2DSegmentLib.mrml.segmentations import read_segmentation_provenance
 
     def run(segment: str, n: int):

@@ -18,6 +18,7 @@ from SAMMed2DSegmentLib.engine.session import (
     VolumeSnapshot,
     axis_from_views,
     confidence_table,
+    nearest_first,
     slice_center_ras,
     window_for,
 )
@@ -33,47 +34,74 @@ def snapshot():
     return VolumeSnapshot("vtkMRMLScalarVolumeNode1:42", volume, IJK_TO_RAS, None)
 
 
+def _session(model, snapshot) -> SegmentationSession:
+    session = SegmentationSession(SamMed2DPredictor(model))
+    session.set_volume(snapshot.array_kji, snapshot.ijk_to_ras, key=snapshot.key)
+    return session
+
+
 def test_window_choices(snapshot):
-    assert window_for(snapshot, "auto").method.endswith("(ct-soft-tissue)")
-    lung = window_for(snapshot, "ct-lung")
+    volume = snapshot.array_kji
+    assert window_for(volume, None, "auto").method.endswith("(ct-soft-tissue)")
+    lung = window_for(volume, None, "ct-lung")
     assert (lung.level, lung.width) == (-600, 1500)
-    custom = window_for(snapshot, "custom", level=10, width=100)
+    custom = window_for(volume, None, "custom", level=10, width=100)
     assert (custom.low, custom.high) == (-40, 60)
     with pytest.raises(ValueError, match="level and a width"):
-        window_for(snapshot, "custom")
+        window_for(volume, None, "custom")
     with pytest.raises(ValueError, match="unknown intensity window"):
-        window_for(snapshot, "bright")
+        window_for(volume, None, "bright")
 
 
 def test_prefetch_encodes_neighbours_once_and_clicks_reuse_them(small_model, snapshot):
-    session = SegmentationSession(SamMed2DPredictor(small_model))
-    window = window_for(snapshot, "auto")
-    assert session.prefetch(snapshot, window, "axial", center=2, radius=1) == [2, 3, 1]
-    assert session.prefetch(snapshot, window, "axial", center=2, radius=2) == [4, 0]
-    assert session.prefetch(snapshot, window, "axial", center=5, radius=1) == [5]  # 6 is off the volume
+    session = _session(small_model, snapshot)
+    assert session.prefetch("axial", nearest_first(2, 6, radius=1)) == [2, 3, 1]
+    assert session.prefetch("axial", nearest_first(2, 6, radius=2)) == [4, 0]
+    assert nearest_first(5, 6, radius=1) == [5, 4]  # 6 is off the volume
     geometry = snapshot.geometry("axial")
     point = geometry.continuous_to_ras([[2, 24, 20]])[0]
-    result = session.segment(snapshot, window, [PointPrompt(tuple(point), 1)], [], "axial", "none")
-    assert result.result.encoded_slices == 0  # the prompted slice was already encoded
-    assert set(result.result.slices) == {2}
+    outcomes = list(session.propagate([PointPrompt(tuple(point), 1)], [], "axial", "none"))
+    assert [o.index for o in outcomes] == [2]
+    assert session.last.result.encoded_slices == 0  # the prompted slice was already encoded
+
+
+def test_propagation_is_a_generator_the_caller_stops(small_model, snapshot):
+    session = _session(small_model, snapshot)
+    geometry = snapshot.geometry("axial")
+    point = geometry.continuous_to_ras([[2, 24, 20]])[0]
+    walk = session.propagate([PointPrompt(tuple(point), 1)], [], "axial", "both")
+    first = next(walk)
+    assert first.index == 2 and first.status == "prompted"
+    walk.close()  # leaving the loop: nothing more is computed, the finished slice is kept
+    assert set(session.last.result.slices) == {2}
+    assert session.last.result.encoded_slices == 1
+
+
+def test_propagation_from_a_given_mask_never_resegments_it(small_model, snapshot):
+    session = _session(small_model, snapshot)
+    given = np.zeros(snapshot.geometry("axial").slice_shape, bool)
+    given[12:28, 14:34] = True
+    outcomes = list(session.propagate(axis="axial", direction="up", seed_masks={2: given}))
+    assert outcomes[0].status == "given" and outcomes[0].index == 2
+    assert np.array_equal(outcomes[0].mask, given)
+    assert all(o.index != 2 for o in outcomes[1:])
+    assert session.last.result.encoded_slices == len(outcomes) - 1  # the seed slice was not encoded
 
 
 def test_prefetch_stops_when_cancelled(small_model, snapshot):
-    session = SegmentationSession(SamMed2DPredictor(small_model))
-    window = window_for(snapshot, "auto")
+    session = _session(small_model, snapshot)
     calls = []
     encoded = session.prefetch(
-        snapshot, window, "axial", center=2, radius=2, should_cancel=lambda: calls.append(1) or len(calls) > 1
+        "axial", nearest_first(2, 6, radius=2), should_cancel=lambda: calls.append(1) or len(calls) > 1
     )
     assert encoded == [2]
 
 
 def test_another_volume_state_does_not_reuse_embeddings(small_model, snapshot):
-    session = SegmentationSession(SamMed2DPredictor(small_model))
-    window = window_for(snapshot, "auto")
-    session.prefetch(snapshot, window, "axial", center=2, radius=0)
-    edited = VolumeSnapshot("vtkMRMLScalarVolumeNode1:43", snapshot.array_kji + 1, IJK_TO_RAS)
-    assert session.prefetch(edited, window, "axial", center=2, radius=0) == [2]
+    session = _session(small_model, snapshot)
+    session.prefetch("axial", [2])
+    session.set_volume(snapshot.array_kji + 1, IJK_TO_RAS, key="vtkMRMLScalarVolumeNode1:43")
+    assert session.prefetch("axial", [2]) == [2]
 
 
 def test_confidence_table_puts_the_least_certain_first():

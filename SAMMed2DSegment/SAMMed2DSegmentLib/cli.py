@@ -165,7 +165,7 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
 
 def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window):
     """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window."""
-    from .formats.dicom_seg import build_provenance
+    from .formats.provenance import build_provenance
 
     return build_provenance(
         points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +56,7 @@ class PropagationSettings:
 @dataclass
 class SliceOutcome:
     index: int
-    status: str  # "prompted" | "propagated" | "rejected"
+    status: str  # "prompted" | "given" (a mask the user had) | "propagated" | "rejected"
     predicted_iou: float
     confidence: float
     area_px: int
@@ -92,10 +92,6 @@ class PropagationResult:
     def masks(self) -> dict[int, np.ndarray]:
         """Accepted masks by slice index: what should be written into the segment."""
         return {i: o.mask for i, o in sorted(self.slices.items()) if o.accepted and o.mask is not None}
-
-
-class PropagationCancelled(Exception):
-    pass
 
 
 ProgressCallback = Callable[[int, SliceOutcome], None]
@@ -220,18 +216,48 @@ class PropagationEngine:
     # -- the walk ------------------------------------------------------------------------------------
     def run(
         self,
-        seeds: dict[int, SlicePrompt],
+        seeds: dict[int, SlicePrompt | np.ndarray],
         direction: str = "both",
         up_step: int = 1,
         roi_boxes: dict[int, np.ndarray] | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> PropagationResult:
-        """Segment the seed slices with their prompts, then walk outwards from each.
+        """`iterate` to the end, or until `should_cancel()` says stop (checked before every slice)."""
+        cancel = should_cancel or (lambda: False)
+        result = PropagationResult()
+        if cancel():
+            result.cancelled = True
+            return result
+        walk = self.iterate(seeds, direction, up_step, roi_boxes, result=result)
+        try:
+            for outcome in walk:
+                if progress:
+                    progress(len(result.slices), outcome)
+                if cancel():
+                    result.cancelled = True
+                    break
+        finally:
+            walk.close()
+        return result
 
+    def iterate(
+        self,
+        seeds: dict[int, SlicePrompt | np.ndarray],
+        direction: str = "both",
+        up_step: int = 1,
+        roi_boxes: dict[int, np.ndarray] | None = None,
+        result: PropagationResult | None = None,
+    ) -> Iterator[SliceOutcome]:
+        """Segment the seed slices, then walk outwards from each, yielding every slice as it is done (as
+        SAM2's `propagate_in_video` does): the caller shows progress and stops by leaving the loop; `result`
+        (filled as the walk goes) keeps every finished slice.
+
+        A seed is a `SlicePrompt`, or a mask the user already has on that slice ("propagate from here":
+        the walk starts from it and it is yielded with status "given", never re-segmented).
         `up_step` is the index step (+1 or −1) that moves "up" along the view normal. With an ROI
         (`roi_boxes`: its box on every slice it crosses) the walk stays inside the ROI's slices and boxes.
-        Between two seeds, each covers the slices nearer to it. Cancelling keeps every finished slice.
+        Between two seeds, each covers the slices nearer to it.
         """
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
@@ -242,47 +268,46 @@ class PropagationEngine:
         for index, prompt in seeds.items():
             if not 0 <= index < self.num_slices:
                 raise IndexError(f"seed slice {index} outside 0..{self.num_slices - 1}")
-            if not prompt.has_include:
+            if isinstance(prompt, np.ndarray):
+                if prompt.shape != self.slice_shape or not prompt.any():
+                    raise ValueError(f"the mask given for slice {index} is empty or of another shape")
+            elif not prompt.has_include:
                 raise ValueError(f"slice {index} has only exclude points: add an include point or a box")
+        result = result if result is not None else PropagationResult()
         start = time.perf_counter()
         self.encode_seconds = self.decode_seconds = 0.0
         self.encoded_slices = 0
-        result = PropagationResult()
-        cancel = should_cancel or (lambda: False)
         order = sorted(seeds)
         steps = {"both": (up_step, -up_step), "up": (up_step,), "down": (-up_step,), "none": ()}[direction]
         try:
             for index in order:
-                if cancel():
-                    raise PropagationCancelled
-                prompt = seeds[index]
-                include = prompt.points[prompt.labels == INCLUDE] if prompt.has_points else np.zeros((0, 2))
-                mask, iou, low_res = self.segment(index, prompt, seeds=include)
-                if roi_boxes and index in roi_boxes:  # the ROI bounds the result on every slice it crosses
-                    mask = mask & _box_mask(mask.shape, roi_boxes[index])
-                outcome = SliceOutcome(
-                    index,
-                    "prompted",
-                    iou,
-                    self._confidence(iou, int(mask.sum()), None),
-                    int(mask.sum()),
-                    mask=mask,
-                    low_res=low_res,
-                )
+                outcome = self._seed_outcome(index, seeds[index], roi_boxes)
                 result.slices[index] = outcome
-                if progress:
-                    progress(len(result.slices), outcome)
+                yield outcome
             for pos, index in enumerate(order):
                 for step in steps:
                     limit = self._limit(order, pos, step, len(steps) == 2, roi_boxes)
-                    result.walks.append(self._walk(index, step, limit, roi_boxes, result, progress, cancel))
-        except PropagationCancelled:
-            result.cancelled = True
-        result.encode_seconds = self.encode_seconds
-        result.decode_seconds = self.decode_seconds
-        result.encoded_slices = self.encoded_slices
-        result.total_seconds = time.perf_counter() - start
-        return result
+                    yield from self._walk(index, step, limit, roi_boxes, result)
+        finally:
+            result.encode_seconds = self.encode_seconds
+            result.decode_seconds = self.decode_seconds
+            result.encoded_slices = self.encoded_slices
+            result.total_seconds = time.perf_counter() - start
+
+    def _seed_outcome(
+        self, index: int, prompt: SlicePrompt | np.ndarray, roi_boxes: dict[int, np.ndarray] | None
+    ) -> SliceOutcome:
+        if isinstance(prompt, np.ndarray):
+            mask = prompt.astype(bool)
+            return SliceOutcome(index, "given", 1.0, 1.0, int(mask.sum()), mask=mask)
+        include = prompt.points[prompt.labels == INCLUDE] if prompt.has_points else np.zeros((0, 2))
+        mask, iou, low_res = self.segment(index, prompt, seeds=include)
+        if roi_boxes and index in roi_boxes:  # the ROI bounds the result on every slice it crosses
+            mask = mask & _box_mask(mask.shape, roi_boxes[index])
+        area = int(mask.sum())
+        return SliceOutcome(
+            index, "prompted", iou, self._confidence(iou, area, None), area, mask=mask, low_res=low_res
+        )
 
     def _limit(
         self, order: list[int], pos: int, step: int, both: bool, roi_boxes: dict[int, np.ndarray] | None
@@ -311,20 +336,22 @@ class PropagationEngine:
         limit: tuple[int, str],
         roi_boxes: dict[int, np.ndarray] | None,
         result: PropagationResult,
-        progress: ProgressCallback | None,
-        cancel: Callable[[], bool],
-    ) -> Walk:
+    ) -> Iterator[SliceOutcome]:
+        """One direction from one seed; the `Walk` record (where it ended and why) goes into `result`."""
         last, edge_reason = limit
         previous = result.slices[seed]
         index = seed
+        walk = Walk(seed, step, index, "")
+        result.walks.append(walk)
         while True:
             nxt = index + step
+            walk.last_accepted = index
             if (nxt - last) * step > 0:
-                return Walk(seed, step, index, edge_reason)
+                walk.reason = edge_reason
+                return
             if previous.mask is None or not previous.mask.any():
-                return Walk(seed, step, index, "structure ended (empty mask)")
-            if cancel():
-                raise PropagationCancelled
+                walk.reason = "structure ended (empty mask)"
+                return
             roi_box = roi_boxes.get(nxt) if roi_boxes else None
             prompt, seeds = self.derive_prompt(previous.mask, roi_box)
             mask_input = None
@@ -338,9 +365,9 @@ class PropagationEngine:
             if reason:
                 outcome = SliceOutcome(nxt, "rejected", iou, 0.0, area, reason=reason, low_res=low_res)
                 result.slices.setdefault(nxt, outcome)
-                if progress:
-                    progress(len(result.slices), outcome)
-                return Walk(seed, step, index, reason)
+                walk.reason = reason
+                yield outcome
+                return
             outcome = SliceOutcome(
                 nxt,
                 "propagated",
@@ -351,8 +378,7 @@ class PropagationEngine:
                 low_res=low_res,
             )
             result.slices[nxt] = outcome
-            if progress:
-                progress(len(result.slices), outcome)
+            yield outcome
             previous, index = outcome, nxt
 
 

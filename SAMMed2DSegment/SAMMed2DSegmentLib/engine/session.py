@@ -1,14 +1,15 @@
-"""What the Slicer module does between a click and a mask, without Slicer (pure layer: numpy + torch).
+"""The interactive segmentation session: one loaded model and one volume, the only way front ends segment
+(the engine process, the command line and the tests), as nnInteractive's session is for its users.
 
-The module's Logic keeps one `SegmentationSession` per loaded model and calls it from the background worker:
-the volume is handed over as a `VolumeSnapshot` (a copy taken on the main thread, so the worker never reads a
-node that the user may change or delete meanwhile), embeddings stay in one cache shared by clicks,
-propagation and the pre-computation of slices near the one on screen.
+`set_volume` once, then `propagate` (a generator of per-slice outcomes the caller iterates and can stop, as
+SAM2's `propagate_in_video`) and `prefetch`; embeddings stay in one bounded cache shared by clicks,
+propagation and the pre-encoding of slices near the one on screen. The helpers above the class are
+torch-free: the Slicer process uses them while torch lives only in the engine process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,11 +17,11 @@ import numpy as np
 
 from .geometry import AXES, VIEW_ORIENTATIONS, SliceGeometry
 from .intensity import PRESETS, IntensityWindow, default_window
-from .prompts import PointPrompt, RoiPrompt
+from .prompts import PointPrompt, RoiPrompt, prompts_by_slice
 
-if TYPE_CHECKING:  # torch-free at import: the Slicer module uses this file before torch is installed
+if TYPE_CHECKING:  # torch-free at import (see the module docstring)
     from .predictor import SamMed2DPredictor
-    from .propagation import ProgressCallback, PropagationResult, PropagationSettings
+    from .propagation import PropagationEngine, PropagationResult, PropagationSettings, SliceOutcome
     from .segmenter import VolumeSegmentation
 
 #: Intensity window choices offered by the module: automatic, the named presets, or level/width by hand.
@@ -42,11 +43,15 @@ class VolumeSnapshot:
 
 
 def window_for(
-    snapshot: VolumeSnapshot, choice: str, level: float | None = None, width: float | None = None
+    array_kji: np.ndarray,
+    modality: str | None,
+    choice: str,
+    level: float | None = None,
+    width: float | None = None,
 ) -> IntensityWindow:
-    """The window the module's "Intensity window" choice means for this volume."""
+    """The window the "Intensity window" choice means for this volume."""
     if choice == "auto":
-        return default_window(snapshot.array_kji, snapshot.modality)
+        return default_window(array_kji, modality)
     if choice == "custom":
         if level is None or width is None:
             raise ValueError("a custom intensity window needs a level and a width")
@@ -105,60 +110,123 @@ def axis_from_views(
 
 
 class SegmentationSession:
-    """A predictor and its embedding cache; every method runs on the one worker thread."""
+    """A predictor, its embedding cache and the current volume. Not thread-safe: one caller at a time (the
+    engine process runs every request on its main thread)."""
 
     def __init__(self, predictor: SamMed2DPredictor, cache_bytes: int | None = None) -> None:
         from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache  # torch
 
         self.predictor = predictor
         self.cache = EmbeddingCache(DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes)
+        self.volume: VolumeSnapshot | None = None
+        self.window: IntensityWindow | None = None
+        self.last: VolumeSegmentation | None = None  # what the last `propagate` did (filled as it goes)
+
+    def set_volume(
+        self,
+        array_kji: np.ndarray,
+        ijk_to_ras: np.ndarray,
+        modality: str | None = None,
+        window: IntensityWindow | None = None,
+        key: str | None = None,
+    ) -> None:
+        """The volume to segment, and the window the model sees it through (default: the automatic one).
+        `key` names this state of the volume: embeddings cached under another key are never reused."""
+        array_kji = np.asarray(array_kji)
+        if array_kji.ndim != 3 or min(array_kji.shape) < 1:
+            raise ValueError(f"expected a 3-D volume, got shape {array_kji.shape}")
+        if key is None:
+            key = f"volume-{id(array_kji)}"
+        self.volume = VolumeSnapshot(key, array_kji, np.asarray(ijk_to_ras, dtype=np.float64), modality)
+        self.window = window if window is not None else default_window(array_kji, modality)
+
+    def set_window(self, window: IntensityWindow) -> None:
+        self.window = window
+
+    def _require_volume(self) -> VolumeSnapshot:
+        if self.volume is None or self.window is None:
+            raise RuntimeError("no volume: call set_volume first")
+        return self.volume
+
+    def engine(self, axis: str, settings: PropagationSettings | None = None) -> PropagationEngine:
+        from .segmenter import make_engine
+
+        volume = self._require_volume()
+        return make_engine(self.predictor, volume.array_kji, volume.geometry(axis), self.window, settings,
+                           cache=self.cache, cache_key=volume.key)  # fmt: skip
+
+    def propagate(
+        self,
+        points: Sequence[PointPrompt] = (),
+        rois: Sequence[RoiPrompt] = (),
+        axis: str = "axial",
+        direction: str = "both",
+        settings: PropagationSettings | None = None,
+        seed_masks: Mapping[int, np.ndarray] | None = None,
+    ) -> Iterator[SliceOutcome]:
+        """Segment the slices holding the prompts (points and ROIs in world RAS), then walk `direction`
+        ("none", "up", "down", "both"), yielding each slice as it is done. `seed_masks` ({slice: mask in
+        display orientation}) start the walk from masks the user already has ("propagate from here") instead
+        of prompts. `self.last` holds the geometry, seeds and result, including after an early stop."""
+        from .propagation import PropagationResult
+        from .segmenter import VolumeSegmentation, split_prompts
+
+        volume = self._require_volume()
+        geometry = volume.geometry(axis)
+        roi_boxes: dict[int, np.ndarray] = {}
+        if seed_masks:
+            seeds: dict = {int(i): np.asarray(m, dtype=bool) for i, m in seed_masks.items()}
+            if rois:
+                _, roi_boxes = split_prompts(prompts_by_slice(geometry, (), rois), True)
+        else:
+            seeds, roi_boxes = split_prompts(prompts_by_slice(geometry, points, rois), bool(rois))
+        engine = self.engine(axis, settings)
+        result = PropagationResult()
+        self.last = VolumeSegmentation(geometry, self.window, seeds, roi_boxes, result)
+        up = geometry.normal_sign
+        yield from engine.iterate(seeds, direction, up, roi_boxes=roi_boxes or None, result=result)
 
     def segment(
         self,
-        snapshot: VolumeSnapshot,
-        window: IntensityWindow,
-        points: Sequence[PointPrompt],
-        rois: Sequence[RoiPrompt],
-        axis: str,
-        direction: str,
+        points: Sequence[PointPrompt] = (),
+        rois: Sequence[RoiPrompt] = (),
+        axis: str = "axial",
+        direction: str = "both",
         settings: PropagationSettings | None = None,
-        progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> VolumeSegmentation:
-        """The prompted slice(s) only (`direction="none"`) or with propagation; cached embeddings reused."""
-        from .segmenter import segment_volume
-
-        return segment_volume(
-            self.predictor, snapshot.array_kji, snapshot.ijk_to_ras, window, points, rois,
-            axis=axis, direction=direction, settings=settings, cache=self.cache, cache_key=snapshot.key,
-            progress=progress, should_cancel=should_cancel,
-        )  # fmt: skip
+        """`propagate` to the end (or until `should_cancel()`); returns `self.last`."""
+        walk = self.propagate(points, rois, axis, direction, settings)
+        try:
+            for _ in walk:
+                if should_cancel is not None and should_cancel():
+                    self.last.result.cancelled = True
+                    break
+        finally:
+            walk.close()
+        return self.last
 
     def prefetch(
-        self,
-        snapshot: VolumeSnapshot,
-        window: IntensityWindow,
-        axis: str,
-        center: int,
-        radius: int = 2,
-        should_cancel: Callable[[], bool] | None = None,
+        self, axis: str, indices: Iterable[int], should_cancel: Callable[[], bool] | None = None
     ) -> list[int]:
-        """Encode the slices around `center` (nearest first) that are not cached yet, so the first click
+        """Encode those of `indices` that are on the volume and not cached yet, in the order given, so a click
         there does not wait for the encoder. Returns the slices encoded."""
-        from .segmenter import make_engine
-
-        geometry = snapshot.geometry(axis)
-        engine = make_engine(self.predictor, snapshot.array_kji, geometry, window, cache=self.cache,
-                             cache_key=snapshot.key)  # fmt: skip
-        order = [center] + [center + d * s for d in range(1, radius + 1) for s in (1, -1)]
+        engine = self.engine(axis)
         encoded = []
-        for index in order:
+        for index in indices:
             if should_cancel is not None and should_cancel():
                 break
-            if 0 <= index < geometry.num_slices and (engine.cache_key, index) not in self.cache:
+            if 0 <= index < engine.num_slices and (engine.cache_key, index) not in self.cache:
                 engine.prepare(index)
                 encoded.append(index)
         return encoded
+
+
+def nearest_first(center: int, count: int, radius: int | None = None) -> list[int]:
+    """Slice indices from `center` outwards (center, +1, −1, +2, …) within 0..count−1 and `radius`."""
+    radius = count if radius is None else radius
+    order = [center] + [center + d * s for d in range(1, radius + 1) for s in (1, -1)]
+    return [i for i in order if 0 <= i < count]
 
 
 __all__ = [
@@ -167,6 +235,7 @@ __all__ = [
     "SliceConfidence",
     "VolumeSnapshot",
     "axis_from_views",
+    "nearest_first",
     "confidence_table",
     "slice_center_ras",
     "window_for",

@@ -5,13 +5,12 @@ file. The database is a parameter (inside Slicer `slicer.dicomDatabase`), so thi
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import pydicom
 import vtk
-from pydicom.dataset import Dataset
 
-from ..formats.dicom_seg import sort_series_datasets
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 
@@ -57,6 +56,10 @@ def source_files(volume_node: vtk.vtkObject, database: DicomDatabase | None) -> 
 
 def source_datasets(volume_node: vtk.vtkObject, database: DicomDatabase | None) -> list[Dataset]:
     """Headers (no pixels) of the source series, sorted along the slice normal, for `export_dicom_seg`."""
+    import pydicom  # here, not at import: Slicer's process reads no DICOM itself (the engine does)
+
+    from ..formats.dicom_seg import sort_series_datasets
+
     return sort_series_datasets(
         pydicom.dcmread(path, stop_before_pixels=True) for path in source_files(volume_node, database)
     )
@@ -71,6 +74,8 @@ def source_modality(volume_node: vtk.vtkObject, database: DicomDatabase | None) 
     if not uids or database is None:
         return None
     try:
+        import pydicom
+
         path = database.fileForInstance(uids[0]) or ""
         if not os.path.isfile(path):
             return None

@@ -360,7 +360,7 @@ def read_segmentation_provenance(path: str | os.PathLike[str]) -> list:
     """The SAM-Med2D runs recorded in a .seg.nrrd header as `dicom_seg.Provenance` records (prompts in RAS,
     per-slice confidence, model and hash), oldest first, the latest last; empty when there are none.
     ValueError when the fields are there but malformed."""
-    from ..formats.dicom_seg import provenance_history  # imports highdicom: only when provenance is asked for
+    from ..formats.provenance import provenance_history
 
     return provenance_history(read_segmentation_metadata(path))
 

@@ -1,0 +1,396 @@
+"""The Slicer module's work without Qt: nodes in, engine requests out, streamed slices written back into the
+segment on the caller's (main) thread. The module's Logic is a thin shell around `InteractiveSegmentation`,
+so everything here is tested headless with Slicer's real MRML classes and a real engine process.
+
+Rules every job follows:
+* What a job needs is copied out of the nodes when it starts (voxels, matrices, prompts); the engine never
+  sees a node.
+* Slices are written as they arrive, each the way a Segment Editor effect writes (`editing.py`), after
+  checking that the nodes still exist and the volume is unchanged; the undo state is saved once, before the
+  first slice, so a whole propagation is one undo step.
+* A job whose engine dies is rolled back to the state before its first slice: nothing half-done stays. A
+  cancelled job keeps the slices already written (the user pressed Stop). A stale job (scene closed, node
+  deleted, volume edited) writes nothing more.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from ..engine.geometry import SliceGeometry
+from ..service.client import EngineClient, Job
+from ..service.protocol import pack_mask, unpack_mask
+from .editing import WrittenSlices, write_slice_as_editor
+from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
+from .segmentations import segment_array
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    axis: str = "axial"
+    direction: str = "none"  # "none" (the prompted slices only), "up", "down", "both"
+    window: str = "auto"
+    window_level: float = 40.0
+    window_width: float = 400.0
+    iou_threshold: float = 0.5
+
+    def window_header(self) -> dict:
+        return {"choice": self.window, "level": self.window_level, "width": self.window_width}
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    """One visited slice for the panel's table (and the provenance)."""
+
+    index: int
+    status: str
+    confidence: float
+    predicted_iou: float
+    reason: str
+
+
+@dataclass(eq=False)
+class SegmentationJob:
+    """One segmentation or propagation the controller is following."""
+
+    volume_node: Any
+    seg_node: Any
+    segment_id: str
+    geometry: SliceGeometry
+    snapshot_key: str
+    epoch: int
+    points: list
+    rois: list
+    options: SegmentOptions
+    protected: set[int] = field(default_factory=set)
+    rows: dict[int, SliceRow] = field(default_factory=dict)
+    written: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
+    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write
+    engine_job: Job | None = None
+    state: str = "running"  # running → done | cancelled | failed | stale
+    message: str = ""
+    result: dict = field(default_factory=dict)
+
+
+class InteractiveSegmentation:
+    def __init__(
+        self,
+        scene: vtk.vtkObject,
+        client: EngineClient,
+        editor_node: vtk.vtkObject,
+        app_logic: vtk.vtkObject | None = None,
+    ) -> None:
+        self.scene = scene
+        self.client = client
+        self.editor_node = editor_node
+        self.app_logic = app_logic
+        self.written = WrittenSlices()
+        self.provenance: dict[tuple[str, str], Any] = {}  # (segmentation ID, segment name) → Provenance
+        self.model: dict = {}  # what the engine reported for the loaded model
+        self._epoch = itertools.count(1)
+        self.epoch = next(self._epoch)
+        self._model_request: tuple | None = None  # (path, device, engine generation) requested
+        self._volume_sent: tuple | None = None  # (snapshot key, engine generation) sent
+        self._snapshot = None
+        self.jobs: list[SegmentationJob] = []
+
+    # -- state -----------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.client.busy
+
+    def poll(self) -> int:
+        return self.client.poll()
+
+    def wait(self, job: SegmentationJob | Job, timeout: float = 600.0) -> None:
+        self.client.wait(job.engine_job if isinstance(job, SegmentationJob) else job, timeout)
+
+    def cancel(self) -> None:
+        self.client.cancel(None)
+
+    def scene_closing(self) -> None:
+        """Everything computed for the old scene is dropped, never written into the new one."""
+        self.epoch = next(self._epoch)
+        self.client.forget()
+        self._snapshot = None
+        self._volume_sent = None
+        self.written.clear()
+        self.provenance.clear()
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+    # -- model and volume ----------------------------------------------------------------------------------
+    def request_model(self, path: str, device: str = "auto", on_error: Callable | None = None) -> Job | None:
+        """Load the model in the engine unless this one is loaded there already (or on its way)."""
+        self._ensure_engine()
+        wanted = (str(path), device, self.client.generation)
+        if self._model_request == wanted:
+            return None
+        self._model_request = wanted
+
+        def on_event(event: str, header: dict, arrays: dict) -> None:
+            if event == "done":
+                self.model = header
+            elif event in ("error", "cancelled"):
+                self._model_request = None
+                if event == "error" and on_error is not None:
+                    on_error(header.get("message", ""), header.get("details", ""))
+
+        return self.client.submit("load_model", {"path": str(path), "device": device}, on_event=on_event)
+
+    def _ensure_engine(self) -> None:
+        if not self.client.running:
+            self.client.start()  # a new engine: nothing loaded, nothing sent
+            self._model_request = None
+            self._volume_sent = None
+
+    def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None):
+        """The voxels and geometry for the engine, copied again only when the volume changed."""
+        if self._snapshot is None or self._snapshot.key != volume_state_key(volume_node):
+            self._snapshot = snapshot_volume(volume_node, modality)
+        return self._snapshot
+
+    def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> Any:
+        snapshot = self.snapshot(volume_node, modality)
+        if self._volume_sent != (snapshot.key, self.client.generation):
+            header = {"ijk_to_ras": snapshot.ijk_to_ras.tolist(), "modality": modality, "key": snapshot.key}
+            self.client.submit_volume(snapshot.array_kji, header)
+            self._volume_sent = (snapshot.key, self.client.generation)
+        return snapshot
+
+    # -- segmentation ------------------------------------------------------------------------------------
+    def start_segmentation(
+        self,
+        volume_node: vtk.vtkObject,
+        include_node: vtk.vtkObject | None,
+        exclude_node: vtk.vtkObject | None,
+        roi_node: vtk.vtkObject | None,
+        seg_node: vtk.vtkObject,
+        segment_id: str,
+        options: SegmentOptions = SegmentOptions(),
+        modality: str | None = None,
+        save_undo: Callable[[], None] | None = None,
+        on_slice: Callable[[SliceRow], None] | None = None,
+        on_done: Callable[[SegmentationJob], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> SegmentationJob:
+        """Segment the slices holding the prompts, then propagate `options.direction`, in the engine."""
+        points, rois = prompts_from_nodes(include_node, exclude_node, roi_node)
+        if not points and not rois:
+            raise ValueError("place at least one include point (or a box) first")
+        return self._start(volume_node, seg_node, segment_id, options, modality, points, rois, {}, set(),
+                           save_undo, on_slice, on_done, on_error)  # fmt: skip
+
+    def start_propagation_from_slice(
+        self,
+        volume_node: vtk.vtkObject,
+        seg_node: vtk.vtkObject,
+        segment_id: str,
+        index: int,
+        options: SegmentOptions,
+        modality: str | None = None,
+        roi_node: vtk.vtkObject | None = None,
+        save_undo: Callable[[], None] | None = None,
+        on_slice: Callable[[SliceRow], None] | None = None,
+        on_done: Callable[[SegmentationJob], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> SegmentationJob:
+        """"Propagate from here": the segment's slice `index` as it is now (a correction) seeds the walk, and
+        only slices the model wrote (or empty ones) are replaced; slices edited by hand are kept."""
+        geometry = self.snapshot(volume_node, modality).geometry(options.axis)
+        current = segment_array(seg_node, segment_id, volume_node)
+        seed = geometry.extract(current, index).astype(bool)
+        if not seed.any():
+            raise ValueError(f"slice {index} of the segment is empty: correct or segment it first")
+        protected = self.written.hand_edited(seg_node, segment_id, volume_node, geometry) | {index}
+        rois = prompts_from_nodes(None, None, roi_node)[1]
+        return self._start(volume_node, seg_node, segment_id, options, modality, [], rois, {index: seed},
+                           protected, save_undo, on_slice, on_done, on_error)  # fmt: skip
+
+    def _start(self, volume_node, seg_node, segment_id, options, modality, points, rois, seeds, protected,
+               save_undo, on_slice, on_done, on_error) -> SegmentationJob:  # fmt: skip
+        if volume_node is None or seg_node is None:
+            raise ValueError("select the input volume and the segmentation first")
+        if seg_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise ValueError(f"no segment {segment_id!r} in {seg_node.GetName()!r}")
+        if self._model_request is None or self._model_request[2] != self.client.generation:
+            raise RuntimeError("no model is loaded (choose one under Model)")
+        snapshot = self._ensure_volume(volume_node, modality)
+        geometry = snapshot.geometry(options.axis)
+        job = SegmentationJob(volume_node, seg_node, segment_id, geometry, snapshot.key, self.epoch, points,
+                              rois, options, protected)  # fmt: skip
+        header = {
+            "key": snapshot.key,
+            "axis": options.axis,
+            "direction": options.direction,
+            "window": options.window_header(),
+            "settings": {"iou_threshold": float(options.iou_threshold)},
+            "points": [{"position": list(p.position), "label": p.label} for p in points],
+            "rois": [{"center": list(r.center), "axes": np.asarray(r.axes).tolist(), "size": list(r.size)}
+                     for r in rois],  # fmt: skip
+        }
+        arrays = {f"seed_{i}": pack_mask(m) for i, m in seeds.items()}
+
+        def on_event(event: str, reply: dict, reply_arrays: dict) -> None:
+            try:
+                self._on_event(job, event, reply, reply_arrays, save_undo, on_slice)
+            except Exception as error:  # a write failed: stop the job, undo its slices, report
+                import traceback
+
+                self.client.cancel(job.engine_job)
+                self._roll_back(job)
+                job.state, job.message = "failed", str(error)
+                if on_error is not None:
+                    on_error(str(error), traceback.format_exc())
+                return
+            if job.state in ("done", "cancelled") and on_done is not None and event != "slice":
+                on_done(job)
+            elif job.state == "failed" and on_error is not None and event == "error":
+                on_error(job.message, reply.get("details", ""))
+
+        job.engine_job = self.client.submit("segment", header, arrays, on_event=on_event)
+        self.jobs = [j for j in self.jobs if j.state == "running"] + [job]
+        return job
+
+    def _stale_reason(self, job: SegmentationJob) -> str:
+        if job.epoch != self.epoch:
+            return "the scene was closed while the model was running"
+        if not nodes_present(self.scene, job.seg_node, job.volume_node):
+            return "the volume or the segmentation was removed while the model was running"
+        if job.seg_node.GetSegmentation().GetSegment(job.segment_id) is None:
+            return "the segment was removed while the model was running"
+        if volume_state_key(job.volume_node) != job.snapshot_key:
+            return "the volume changed while the model was running; run it again"
+        return ""
+
+    def _on_event(self, job, event, reply, arrays, save_undo, on_slice) -> None:
+        if job.state != "running":
+            return
+        if event == "error":
+            self._roll_back(job)
+            job.state, job.message = "failed", reply.get("message", "the engine failed")
+            return
+        stale = self._stale_reason(job)
+        if stale:
+            job.state, job.message = "stale", stale
+            self.client.cancel(job.engine_job)
+            log.info("SAMMed2D: result dropped: %s", stale)
+            return
+        if event == "slice":
+            row = SliceRow(int(reply["index"]), reply["status"], reply["confidence"] or 0.0,
+                           reply["iou"] or 0.0, reply.get("reason", ""))  # fmt: skip
+            job.rows[row.index] = row
+            if "mask" in arrays and row.status in ("prompted", "propagated"):
+                if row.index in job.protected:
+                    job.kept.append(row.index)
+                else:
+                    mask = unpack_mask(arrays["mask"], job.geometry.slice_shape)
+                    self._write(job, row.index, mask, save_undo)
+            if on_slice is not None:
+                on_slice(row)
+            return
+        job.result = reply
+        job.state = "cancelled" if event == "cancelled" or reply.get("cancelled") else "done"
+        self._finish(job)
+
+    def _write(self, job: SegmentationJob, index: int, mask: np.ndarray, save_undo) -> None:
+        if job.rollback is None:
+            if save_undo is not None:
+                save_undo()
+            job.rollback = slicer.vtkSegmentationHistory()
+            job.rollback.SetSegmentation(job.seg_node.GetSegmentation())
+            job.rollback.SaveState()
+        write_slice_as_editor(self.scene, self.app_logic, self.editor_node, job.seg_node, job.segment_id,
+                              job.volume_node, job.geometry, index, mask)  # fmt: skip
+        job.written.append(index)
+
+    def _roll_back(self, job: SegmentationJob) -> None:
+        if job.rollback is not None and job.written and nodes_present(self.scene, job.seg_node):
+            job.rollback.RestorePreviousState()
+        job.written.clear()
+
+    def _finish(self, job: SegmentationJob) -> None:
+        """Remember what the model wrote (for "propagate from here") and the run's provenance."""
+        if not job.written:
+            return
+        current = segment_array(job.seg_node, job.segment_id, job.volume_node)
+        for index in job.written:
+            self.written.record(job.seg_node, job.segment_id, job.geometry.axis, index,
+                                job.geometry.view(current, index))  # fmt: skip
+        if self.model.get("sha256"):
+            from ..formats.provenance import build_provenance
+
+            name = job.seg_node.GetSegmentation().GetSegment(job.segment_id).GetName()
+            window = job.result.get("window")
+            self.provenance[(job.seg_node.GetID(), name)] = build_provenance(
+                job.points, job.rois, job.rows.values(), model=f"SAM-Med2D {self.model.get('build', '')}",
+                model_sha256=self.model["sha256"], axis=job.geometry.axis, propagate=job.options.direction,
+                segment=name, window=tuple(window) if window else None,
+            )  # fmt: skip
+
+    # -- pre-encoding and export -----------------------------------------------------------------------
+    def prefetch(self, volume_node: vtk.vtkObject, axis: str, center: int, options: SegmentOptions,
+                 modality: str | None = None) -> Job | None:  # fmt: skip
+        """While idle, the engine encodes the volume's `axis` slices from `center` outwards."""
+        if self._model_request is None or self._model_request[2] != self.client.generation:
+            return None
+        snapshot = self._ensure_volume(volume_node, modality)
+        header = {"key": snapshot.key, "axis": axis, "center": int(center), "window": options.window_header()}
+        return self.client.submit("prefetch", header, background=True)
+
+    def start_export(
+        self,
+        seg_node: vtk.vtkObject,
+        volume_node: vtk.vtkObject,
+        source_files: list[str],
+        out_path: str,
+        model_sha256: str,
+        on_done: Callable[[str], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> Job:
+        """Every segment as a DICOM-SEG referencing `source_files` (written by the engine, where highdicom
+        lives), with the provenance of the runs that made them."""
+        segmentation = seg_node.GetSegmentation()
+        segments, arrays = [], {}
+        shape = None
+        for number, segment_id in enumerate(segmentation.GetSegmentIDs()):
+            segment = segmentation.GetSegment(segment_id)
+            mask = segment_array(seg_node, segment_id, volume_node)
+            shape = mask.shape
+            tag = vtk.reference("")
+            segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+            provenance = self.provenance.get((seg_node.GetID(), segment.GetName()))
+            segments.append({"label": segment.GetName(), "color": list(segment.GetColor()),
+                             "terminology": str(tag),
+                             "provenance": provenance.to_metadata() if provenance else None})  # fmt: skip
+            arrays[f"segment_{number}"] = pack_mask(mask)
+        if not segments:
+            raise ValueError(f"{seg_node.GetName()!r} has no segments to export")
+        from .volumes import volume_ijk_to_world
+
+        header = {"files": list(source_files), "out": str(out_path), "segments": segments,
+                  "shape": list(shape), "ijk_to_ras": volume_ijk_to_world(volume_node).tolist(),
+                  "model_sha256": model_sha256}  # fmt: skip
+
+        def on_event(event: str, reply: dict, reply_arrays: dict) -> None:
+            if event == "done" and on_done is not None:
+                on_done(reply["path"])
+            elif event == "error" and on_error is not None:
+                on_error(reply.get("message", ""), reply.get("details", ""))
+
+        return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
+
+
+__all__ = ["InteractiveSegmentation", "SegmentOptions", "SegmentationJob", "SliceRow"]

@@ -1,0 +1,351 @@
+"""The Slicer side of the engine process: starts it, sends requests, and hands replies to callbacks when the
+caller polls. Standard library and numpy only (the Slicer process never imports torch), and Qt-free: the
+module calls `poll()` from a `qt.QTimer`, and nothing here ever blocks the caller for longer than reading one
+reply that is already waiting.
+
+The engine is started lazily by the first request, with the Python interpreter given (inside Slicer,
+`sys.executable` is Slicer's `PythonSlicer`) and this process's environment. It connects back to a loopback
+listener with a random auth key, which it reads from its environment. It exits when the connection ends, so it
+never outlives the Slicer process; `close()` (or garbage collection) stops it too. If it dies (a torch crash,
+out of memory, `kill -9`), every pending job gets one "error" event with a one-line message, and the next
+request starts a new engine (`generation` counts them, so callers know to send the model and volume again).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .protocol import AUTHKEY_ENV, decode, encode
+
+#: An event callback: (event name, reply header, reply arrays).
+EventCallback = Callable[[str, dict, dict], None]
+
+_LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding SAMMed2DSegmentLib
+
+
+class EngineError(RuntimeError):
+    """The engine could not be started or stopped unexpectedly."""
+
+
+@dataclass(eq=False)
+class Job:
+    number: int
+    op: str
+    on_event: EventCallback | None
+    generation: int
+    background: bool = False  # pre-encoding: not "busy" for the panel
+    resources: list = field(default_factory=list)  # shared memory blocks to release when the job ends
+
+
+class EngineClient:
+    def __init__(
+        self,
+        python: str | None = None,
+        package_dirs: Iterable[str] = (),
+        start_timeout: float = 120.0,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.python = python or sys.executable
+        self.package_dirs = [str(d) for d in package_dirs]
+        self.start_timeout = start_timeout
+        self.extra_env = dict(extra_env or {})
+        self.generation = 0
+        self.jobs: dict[int, Job] = {}
+        self._numbers = itertools.count(1)
+        self._outbox: list[bytes] = []
+        self._process: subprocess.Popen | None = None
+        self._listener: Listener | None = None
+        self._conn: Connection | None = None
+        self._accepted: list[Connection] = []
+        self._accept_error: list[BaseException] = []
+        self._started_at = 0.0
+        self._stderr_path: str | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job the user waits for is pending (pre-encoding does not count)."""
+        return any(not job.background for job in self.jobs.values())
+
+    # -- start and stop ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start a new engine process (returns at once; it connects back while the caller polls)."""
+        if self.running:
+            return
+        key = secrets.token_bytes(32)
+        self._listener = Listener(("127.0.0.1", 0), authkey=key)
+        host, port = self._listener.address
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env[AUTHKEY_ENV] = key.hex()
+        env["PYTHONPATH"] = os.pathsep.join([_LIB_PARENT, *filter(None, [env.get("PYTHONPATH")])])
+        command = [self.python, "-m", "SAMMed2DSegmentLib.service", "--address", f"{host}:{port}"]
+        for folder in self.package_dirs:
+            command += ["--package-dir", folder]
+        fd, self._stderr_path = tempfile.mkstemp(prefix="sammed2d-engine-", suffix=".log")
+        with os.fdopen(fd, "wb") as stderr:
+            self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        self.generation += 1
+        self._started_at = time.monotonic()
+        self._accepted, self._accept_error = [], []
+        listener, accepted, failed = self._listener, self._accepted, self._accept_error
+
+        def accept() -> None:  # blocks in C (GIL released) until the engine connects or the listener closes
+            try:
+                accepted.append(listener.accept())
+            except BaseException as error:  # noqa: BLE001 (reported through poll)
+                failed.append(error)
+
+        threading.Thread(target=accept, name="SAMMed2D engine accept", daemon=True).start()
+        self._finalizer = weakref.finalize(
+            self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
+        )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the engine (asking first, then killing) and drop every pending job without callbacks."""
+        if self._conn is not None:
+            try:
+                self._conn.send_bytes(encode({"op": "shutdown", "job": 0}))
+            except OSError:
+                pass
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        self._release_all()
+        self.jobs.clear()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._conn, self._process, self._listener = None, None, None
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        op: str,
+        header: Mapping[str, Any] | None = None,
+        arrays: Mapping[str, np.ndarray] | None = None,
+        on_event: EventCallback | None = None,
+        background: bool = False,
+    ) -> Job:
+        """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed."""
+        if not self.running:
+            self._reset_connection()
+            self.start()
+        job = Job(next(self._numbers), op, on_event, self.generation, background)
+        self.jobs[job.number] = job
+        self._send(encode({**(header or {}), "op": op, "job": job.number}, arrays))
+        return job
+
+    def submit_volume(
+        self, array_kji: np.ndarray, header: Mapping[str, Any], on_event: EventCallback | None = None
+    ) -> Job:
+        """Send a volume through shared memory (not through the channel): the engine copies it out, and the
+        block is released when the engine answers."""
+        from multiprocessing import shared_memory
+
+        array = np.ascontiguousarray(array_kji)
+        shm = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1))
+        try:
+            np.ndarray(array.shape, array.dtype, buffer=shm.buf)[...] = array
+            job = self.submit(
+                "set_volume",
+                {**header, "shm": shm.name, "shape": list(array.shape), "dtype": array.dtype.str},
+                on_event=on_event,
+            )
+        except BaseException:
+            _release(shm)
+            raise
+        job.resources.append(shm)
+        return job
+
+    def cancel(self, job: Job | None = None) -> None:
+        """Cancel one job, or every job submitted so far (None). The engine stops a propagation within one
+        slice and answers "cancelled"; slices it sent before stay delivered."""
+        if self._process is None:
+            return
+        if job is None:
+            self._send(encode({"op": "cancel", "job": next(self._numbers), "target": None}))
+        else:
+            self._send(encode({"op": "cancel", "job": next(self._numbers), "target": job.number}))
+
+    def forget(self, jobs: Iterable[Job] | None = None) -> None:
+        """Drop jobs without delivering their events any more (stale after a scene close); cancels them."""
+        for job in list(jobs if jobs is not None else self.jobs.values()):
+            job.on_event = None  # kept in `jobs` until the engine answers, so its resources are released then
+        self.cancel(None)
+
+    # -- replies -------------------------------------------------------------------------------------------
+    def poll(self, max_messages: int = 100) -> int:
+        """Deliver waiting replies (never blocks); detect an engine that died. Returns events delivered."""
+        if self._process is None:
+            return 0
+        if self._conn is None and not self._connect():
+            return 0
+        delivered = 0
+        try:
+            while delivered < max_messages and self._conn.poll(0):
+                header, arrays = decode(self._conn.recv_bytes())
+                delivered += self._deliver(header, arrays)
+        except (EOFError, OSError):
+            self._engine_died()
+            return delivered + 1
+        if not self.running:
+            self._engine_died()
+            delivered += 1
+        return delivered
+
+    def wait(self, job: Job, timeout: float = 600.0, interval: float = 0.005) -> None:
+        """Poll until `job` has ended (console and tests; the panel polls from a timer instead)."""
+        deadline = time.monotonic() + timeout
+        while job.number in self.jobs:
+            if self.poll() == 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the engine did not finish {job.op!r} in {timeout:.0f} s")
+                time.sleep(interval)
+
+    def _deliver(self, header: dict, arrays: dict) -> int:
+        job = self.jobs.get(int(header.pop("job", 0)))
+        if job is None:
+            return 0
+        event = header.pop("event", "")
+        if event in ("done", "error", "cancelled"):
+            del self.jobs[job.number]
+            for resource in job.resources:
+                _release(resource)
+        if job.on_event is not None:
+            job.on_event(event, header, arrays)
+        return 1
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        if self._conn is None:
+            self._outbox.append(data)
+            return
+        try:
+            self._conn.send_bytes(data)
+        except OSError:
+            self._engine_died()
+
+    def _connect(self) -> bool:
+        if self._accepted:
+            self._conn = self._accepted[0]  # stays in the list: the finaliser closes it
+            outbox, self._outbox = self._outbox, []
+            for data in outbox:
+                self._send(data)
+            return True
+        if not self.running or self._accept_error:
+            self._engine_died()
+        elif time.monotonic() - self._started_at > self.start_timeout:
+            self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
+        return False
+
+    def _engine_died(self, reason: str = "") -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        code = process.returncode if process is not None else None
+        last = _last_line(self._stderr_path)  # "MemoryError" says more than an exit code; a log line less
+        detail = reason or (last if "Error" in last else f"exit code {code}")
+        message = (
+            f"The segmentation engine stopped unexpectedly ({detail}); nothing more was written. "
+            "The next action starts it again."
+        )
+        jobs = list(self.jobs.values())
+        self.jobs.clear()
+        self._release_all(jobs)
+        self._reset_connection()
+        for job in jobs:
+            if job.on_event is not None:
+                job.on_event("error", {"message": message, "details": message}, {})
+
+    def _reset_connection(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._conn, self._process, self._listener = None, None, None
+        self._outbox = []
+
+    def _release_all(self, jobs: Iterable[Job] | None = None) -> None:
+        for job in jobs if jobs is not None else self.jobs.values():
+            for resource in job.resources:
+                _release(resource)
+            job.resources.clear()
+
+
+def _release(shm: Any) -> None:
+    try:
+        shm.close()
+        shm.unlink()
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _last_line(path: str | None) -> str:
+    """The last line the engine wrote to stderr (e.g. "MemoryError"), for the one-line message."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode("utf-8", "replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def _stop_process(
+    process: subprocess.Popen, listener: Listener | None, stderr_path: str | None, conns: list[Connection]
+) -> None:
+    """Finaliser: no engine outlives its client (also runs at interpreter exit). Closing the connection
+    matters inside Slicer: `PythonSlicer` is a launcher, and killing it may leave its Python child running,
+    which exits when it sees the connection end."""
+    for conn in conns:
+        try:
+            conn.close()
+        except OSError:
+            pass
+    if process.poll() is None:
+        process.kill()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    if listener is not None:
+        try:
+            listener.close()
+        except OSError:
+            pass
+    if stderr_path:
+        try:
+            os.unlink(stderr_path)
+        except OSError:
+            pass

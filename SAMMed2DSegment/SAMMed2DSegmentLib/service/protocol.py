@@ -1,0 +1,83 @@
+"""Messages between the Slicer process and the engine process (standard library and numpy only).
+
+A message is a JSON header and named numpy arrays, framed as one byte string: 4-byte header length, the JSON
+header (which lists each array's dtype, shape and byte range) and the arrays' raw bytes. Nothing is pickled,
+so neither side ever runs code from the other, and masks travel as bytes, not as lists of numbers. The
+channel itself is `multiprocessing.connection` on the loopback interface, opened with a random auth key.
+
+Requests (Slicer → engine): {"op": ..., "job": N, ...}. Replies (engine → Slicer): {"job": N, "event": ...}
+with event "progress" (e.g. bytes downloaded), "slice" (one finished slice of a propagation, mask attached),
+"done" (the job's result), "error" (one-line message), "cancelled".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+#: Request operations the engine understands.
+OPS = (
+    "ping",
+    "load_model",
+    "set_volume",
+    "segment",
+    "prefetch",
+    "export_dicom_seg",
+    "download",
+    "cancel",
+    "shutdown",
+)
+
+#: Environment variable through which the engine process reads its auth key (hex); never on the command line.
+AUTHKEY_ENV = "SAMMED2D_ENGINE_AUTHKEY"
+
+_LENGTH = struct.Struct("<I")
+
+
+def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """One message as bytes; `header` must be JSON-serialisable (NaN and infinities are refused)."""
+    header = dict(header)
+    parts, layout, offset = [], {}, 0
+    for name, array in (arrays or {}).items():
+        array = np.ascontiguousarray(array)
+        if array.dtype.hasobject:
+            raise TypeError(f"array {name!r} holds Python objects; only plain numeric arrays travel")
+        data = array.tobytes()
+        layout[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
+                        "size": len(data)}  # fmt: skip
+        parts.append(data)
+        offset += len(data)
+    header["_arrays"] = layout
+    text = json.dumps(header, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return b"".join([_LENGTH.pack(len(text)), text, *parts])
+
+
+def decode(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header and arrays of a message made by `encode` (arrays are read-only views of `message`)."""
+    view = memoryview(message)
+    (length,) = _LENGTH.unpack_from(view, 0)
+    header = json.loads(bytes(view[_LENGTH.size : _LENGTH.size + length]).decode("utf-8"))
+    body = _LENGTH.size + length
+    arrays = {}
+    for name, spec in header.pop("_arrays", {}).items():
+        dtype = np.dtype(spec["dtype"])
+        if dtype.hasobject:
+            raise ValueError(f"array {name!r} declares an object dtype")
+        start = body + int(spec["offset"])
+        data = view[start : start + int(spec["size"])]
+        arrays[name] = np.frombuffer(data, dtype=dtype).reshape(spec["shape"])
+    return header, arrays
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """A bool mask as bits (8× smaller on the wire); `unpack_mask` needs its shape back."""
+    return np.packbits(np.asarray(mask, dtype=bool), axis=None)
+
+
+def unpack_mask(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    count = int(np.prod(shape))
+    return np.unpackbits(bits, count=count).astype(bool).reshape(shape)

@@ -1,0 +1,312 @@
+"""The engine process: holds the model, the embedding cache and a copy of the volume, and answers the Slicer
+process's requests one at a time on its main thread (`python -m SAMMed2DSegmentLib.service`).
+
+Why a process: PythonQt keeps the GIL while Slicer's main thread waits in the Qt event loop, so a Python
+thread inside Slicer only runs while the GUI happens to run Python; a child process runs freely, survives
+nothing of a torch crash but itself, and may put a private package folder on its `sys.path`.
+
+A reader thread takes requests off the connection as they come, so a cancel reaches a running propagation
+within one slice, and the engine exits as soon as the Slicer side goes away (end of the connection). While
+no request waits, the engine pre-encodes the slices around the one on screen, one slice at a time, so a
+click waits for at most one slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import numpy as np
+
+from .protocol import AUTHKEY_ENV, decode, encode, pack_mask, unpack_mask
+
+log = logging.getLogger("SAMMed2D.engine")
+
+_EOF = object()
+
+
+class JobCancelled(Exception):
+    """The Slicer side cancelled the job; reported as "cancelled", not as an error."""
+
+
+class EngineServer:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.inbox: queue.Queue = queue.Queue()
+        self._send_lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self._cancel_below = 0  # every job with a smaller number is cancelled ("cancel all")
+        self.session = None
+        self.model_info: dict[str, Any] = {}
+        self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
+        self.idle_plan: deque[int] = deque()
+        self.idle_axis = "axial"
+
+    # -- the channel ---------------------------------------------------------------------------------------
+    def send(self, header: dict, arrays: dict | None = None) -> None:
+        data = encode(header, arrays)
+        with self._send_lock:
+            self.conn.send_bytes(data)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                header, arrays = decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                self.inbox.put(_EOF)
+                return
+            if header.get("op") == "cancel":
+                target = header.get("target")
+                if target is None:
+                    self._cancel_below = max(self._cancel_below, int(header["job"]))
+                else:
+                    self._cancelled.add(int(target))
+                continue
+            self.inbox.put((header, arrays))
+
+    def cancelled(self, job: int) -> bool:
+        return job < self._cancel_below or job in self._cancelled
+
+    def check(self, job: int) -> None:
+        if self.cancelled(job):
+            raise JobCancelled
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        threading.Thread(target=self._read, name="SAMMed2D engine reader", daemon=True).start()
+        while True:
+            try:
+                item = self.inbox.get(block=not self.idle_plan)
+            except queue.Empty:
+                self._encode_one_idle_slice()
+                continue
+            if item is _EOF:
+                return
+            header, arrays = item
+            if header.get("op") == "shutdown":
+                return
+            self._handle(header, arrays)
+
+    def _handle(self, header: dict, arrays: dict) -> None:
+        job = int(header.get("job", 0))
+        op = header.get("op")
+        handler: Callable | None = getattr(self, f"op_{op}", None)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown request {op!r}")
+            self.check(job)
+            result = handler(job, header, arrays) or {}
+            self.send({"job": job, "event": "done", **result})
+        except JobCancelled:
+            self.send({"job": job, "event": "cancelled"})
+        except Exception as error:  # reported to the panel in one line; the details go to the log
+            self.send({"job": job, "event": "error", "message": _one_line(error),
+                       "details": traceback.format_exc()})  # fmt: skip
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def op_ping(self, job: int, header: dict, arrays: dict) -> dict:
+        return {"pid": os.getpid(), "python": sys.version.split()[0]}
+
+    def op_load_model(self, job: int, header: dict, arrays: dict) -> dict:
+        from ..engine.predictor import SamMed2DPredictor
+        from ..engine.session import SegmentationSession
+        from ..weights.checkpoint import load_model, resolve_device
+
+        device = resolve_device(header.get("device", "auto"))
+        model, info = load_model(header["path"], device=device)
+        self.session = SegmentationSession(SamMed2DPredictor(model))
+        self.model_info = {"path": header["path"], "device": str(device), "build": info.build,
+                           "sha256": info.sha256}  # fmt: skip
+        if self.volume is not None:
+            self._set_session_volume()
+        return self.model_info
+
+    def op_set_volume(self, job: int, header: dict, arrays: dict) -> dict:
+        from multiprocessing import shared_memory
+
+        shape, dtype = tuple(header["shape"]), np.dtype(header["dtype"])
+        shm = _attach_shared_memory(shared_memory, header["shm"])
+        try:
+            array = np.ndarray(shape, dtype=dtype, buffer=shm.buf).copy()  # the engine's own copy
+        finally:
+            shm.close()
+        self.volume = {"array": array, "ijk_to_ras": np.array(header["ijk_to_ras"], dtype=np.float64),
+                       "modality": header.get("modality"), "key": header["key"]}  # fmt: skip
+        self.idle_plan.clear()
+        if self.session is not None:
+            self._set_session_volume()
+        return {"key": header["key"]}
+
+    def _set_session_volume(self) -> None:
+        v = self.volume
+        self.session.set_volume(v["array"], v["ijk_to_ras"], v["modality"], key=v["key"])
+
+    def _require_session(self, header: dict):
+        if self.session is None:
+            raise RuntimeError("no model is loaded (choose one under Model)")
+        if self.volume is None or self.volume["key"] != header.get("key"):
+            raise RuntimeError("the volume was not sent to the engine; run the action again")
+        from ..engine.session import window_for
+
+        w = header.get("window") or {}
+        window = window_for(self.volume["array"], self.volume["modality"], w.get("choice", "auto"),
+                            w.get("level"), w.get("width"))  # fmt: skip
+        self.session.set_window(window)
+        return self.session
+
+    def op_segment(self, job: int, header: dict, arrays: dict) -> dict:
+        from ..engine.prompts import PointPrompt, RoiPrompt
+        from ..engine.propagation import PropagationSettings
+
+        session = self._require_session(header)
+        points = [PointPrompt(tuple(p["position"]), int(p["label"]), p.get("name", ""))
+                  for p in header["points"]]  # fmt: skip
+        rois = [RoiPrompt(tuple(r["center"]), np.array(r["axes"]), tuple(r["size"]), r.get("name", ""))
+                for r in header["rois"]]  # fmt: skip
+        settings = PropagationSettings(**header.get("settings", {}))
+        axis = header["axis"]
+        shape = session.volume.geometry(axis).slice_shape
+        seed_masks = {int(name[5:]): unpack_mask(bits, shape) for name, bits in arrays.items()
+                      if name.startswith("seed_")}  # fmt: skip
+        walk = session.propagate(points, rois, axis, header["direction"], settings, seed_masks or None)
+        cancelled = False
+        try:
+            for outcome in walk:
+                fields = {"index": outcome.index, "status": outcome.status,
+                          "iou": _finite(outcome.predicted_iou), "confidence": _finite(outcome.confidence),
+                          "area": outcome.area_px, "reason": outcome.reason}  # fmt: skip
+                masks = {"mask": pack_mask(outcome.mask)} if outcome.mask is not None else None
+                self.send({"job": job, "event": "slice", **fields}, masks)
+                if self.cancelled(job):
+                    cancelled = True
+                    break
+        finally:
+            walk.close()
+        last = session.last
+        result = last.result
+        return {
+            "cancelled": cancelled,
+            "axis": axis,
+            "window": [last.window.low, last.window.high],
+            "seeds": sorted(last.seeds),
+            "encoded": result.encoded_slices,
+            "encode_seconds": result.encode_seconds,
+            "total_seconds": result.total_seconds,
+            "model": self.model_info,
+        }
+
+    def op_prefetch(self, job: int, header: dict, arrays: dict) -> dict:
+        """Pre-encode from `center` outwards while idle (the whole volume, nearest first)."""
+        from ..engine.session import nearest_first
+
+        session = self._require_session(header)
+        count = session.volume.geometry(header["axis"]).num_slices
+        self.idle_axis = header["axis"]
+        self.idle_plan = deque(nearest_first(int(header["center"]), count))
+        return {"planned": len(self.idle_plan)}
+
+    def _encode_one_idle_slice(self) -> None:
+        index = self.idle_plan.popleft()
+        try:
+            self.session.prefetch(self.idle_axis, [index])
+        except Exception:  # pre-encoding is a courtesy: a failure shows up on the next real request
+            log.exception("pre-encoding slice %d failed", index)
+            self.idle_plan.clear()
+
+    def op_export_dicom_seg(self, job: int, header: dict, arrays: dict) -> dict:
+        import pydicom
+
+        from ..formats.dicom_seg import (
+            Provenance,
+            SegmentSpec,
+            check_series_grid,
+            parse_slicer_terminology,
+            series_affine,
+            sort_series_datasets,
+            write_dicom_seg,
+        )
+
+        datasets = sort_series_datasets(pydicom.dcmread(f, stop_before_pixels=True) for f in header["files"])
+        shape = tuple(header["shape"])
+        check_series_grid(datasets, shape, np.array(header["ijk_to_ras"], dtype=np.float64))
+        specs = []
+        for number, segment in enumerate(header["segments"]):
+            category, kind = parse_slicer_terminology(segment.get("terminology", ""))
+            provenance = segment.get("provenance")
+            specs.append(SegmentSpec(
+                label=segment["label"], mask_kji=unpack_mask(arrays[f"segment_{number}"], shape),
+                color_rgb=tuple(segment["color"]), category=category, type=kind,
+                provenance=Provenance.from_metadata(provenance) if provenance else None,
+            ))  # fmt: skip
+        written = write_dicom_seg(datasets, specs, header["out"], model_hash=header["model_sha256"],
+                                  algorithm_name=header.get("algorithm_name", "SAM-Med2D"),
+                                  mask_affine=series_affine(datasets))  # fmt: skip
+        return {"path": str(written)}
+
+    def op_download(self, job: int, header: dict, arrays: dict) -> dict:
+        from ..weights import registry
+
+        def progress(done: int, total: int | None) -> None:
+            self.send({"job": job, "event": "progress", "done": done, "total": total})
+
+        try:
+            path = registry.fetch_model(registry.REGISTRY[header["model"]], progress=progress,
+                                        cancel=lambda: self.cancelled(job))  # fmt: skip
+        except registry.DownloadCancelled:
+            raise JobCancelled from None
+        return {"path": str(path)}
+
+
+def _attach_shared_memory(shared_memory: Any, name: str) -> Any:
+    """Attach without handing the block to this process's resource tracker: the Slicer side made it and
+    unlinks it (Python < 3.13 would otherwise unlink it again, with a warning, when the engine exits)."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
+    except TypeError:
+        shm = shared_memory.SharedMemory(name=name)
+        if os.name == "posix":
+            from multiprocessing import resource_tracker
+
+            resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 (the tracker's own key)
+        return shm
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    plain = isinstance(error, (ValueError, RuntimeError, OSError))
+    return text if plain else f"{type(error).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m SAMMed2DSegmentLib.service")
+    parser.add_argument("--address", required=True, help="HOST:PORT of the Slicer side's listener")
+    parser.add_argument("--package-dir", action="append", default=[],
+                        help="private package folder put first on sys.path (this process only)")  # fmt: skip
+    args = parser.parse_args(argv)
+    for folder in reversed(args.package_dir):
+        sys.path.insert(0, folder)
+    key = os.environ.pop(AUTHKEY_ENV, "")
+    if not key:
+        print(f"{AUTHKEY_ENV} is not set: the engine is started by the SAMMed2D module", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="SAMMed2D engine: %(message)s")
+    host, port = args.address.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(key))
+    try:
+        EngineServer(conn).serve()
+    finally:
+        conn.close()
+    return 0

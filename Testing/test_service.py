@@ -1,0 +1,277 @@
+"""The engine process and the Slicer side's controller, headless: a real engine process (started the way the
+module starts it), the bundled demo model, the real 20-slice CT, and Slicer's real MRML classes (tier B)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer
+
+from SAMMed2DSegmentLib.formats.volumes import read_volume
+from SAMMed2DSegmentLib.mrml import (
+    add_volume_from_array,
+    create_headless_scene,
+    ensure_segment,
+    ensure_segmentation,
+)
+from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentOptions
+from SAMMed2DSegmentLib.mrml.segmentations import segment_array
+from SAMMed2DSegmentLib.service.client import EngineClient
+from SAMMed2DSegmentLib.service.protocol import decode, encode, pack_mask, unpack_mask
+from SAMMed2DSegmentLib.weights.registry import resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
+LIVER_LPS = (-93.26171875, -129.89453125, -784.5)  # demo/liver-point.mrk.json: slice 10 of 20
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return read_volume(CT)
+
+
+@pytest.fixture(scope="module")
+def client():
+    client = EngineClient()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def case(ct, client):
+    hs = create_headless_scene()
+    volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
+    seg = ensure_segmentation(hs, volume)
+    liver = ensure_segment(seg, "liver")
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
+    job = controller.request_model(str(resolve_model("demo")), "cpu")
+    if job is not None:
+        client.wait(job, timeout=120)
+    include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
+    include.AddControlPoint(-LIVER_LPS[0], -LIVER_LPS[1], LIVER_LPS[2])  # RAS
+    return hs, volume, seg, liver, controller, include
+
+
+def _run(controller, *args, **kwargs):
+    done, errors, slices = [], [], []
+    job = controller.start_segmentation(*args, on_slice=slices.append, on_done=done.append,
+                                        on_error=lambda m, d: errors.append(m), **kwargs)  # fmt: skip
+    controller.wait(job, timeout=300)
+    return job, done, errors, slices
+
+
+def test_messages_carry_arrays_without_pickle():
+    mask = np.zeros((5, 7), bool)
+    mask[1:3, 2:6] = True
+    header, arrays = decode(encode({"op": "x", "n": 1}, {"mask": pack_mask(mask), "v": np.arange(6.0)}))
+    assert header == {"op": "x", "n": 1}
+    assert np.array_equal(unpack_mask(arrays["mask"], (5, 7)), mask)
+    assert arrays["v"].tolist() == list(range(6))
+    with pytest.raises(TypeError):
+        encode({}, {"o": np.array([object()])})
+    with pytest.raises(ValueError):
+        encode({"x": float("nan")})  # strict JSON
+
+
+def test_segment_one_slice_then_propagate_with_streamed_slices(case):
+    hs, volume, seg, liver, controller, include = case
+    undo_saved = []
+    save = lambda: undo_saved.append(1)  # noqa: E731
+    job, done, errors, slices = _run(controller, volume, include, None, None, seg, liver,
+                                     SegmentOptions(direction="none"), save_undo=save)  # fmt: skip
+    assert errors == [] and done == [job] and job.state == "done"
+    assert [r.index for r in slices] == [10] and job.written == [10]
+    labelmap = segment_array(seg, liver, volume)
+    assert labelmap[10].sum() > 5000 and labelmap.sum() == labelmap[10].sum()
+    assert undo_saved == [1]
+
+    job, done, errors, slices = _run(controller, volume, include, None, None, seg, liver,
+                                     SegmentOptions(direction="both"), save_undo=save)  # fmt: skip
+    assert errors == [] and job.state == "done"
+    assert len(slices) >= 10 and slices[0].index == 10  # streamed as they were made, the seed first
+    labelmap = segment_array(seg, liver, volume)
+    written = sorted(int(k) for k in np.flatnonzero(labelmap.any(axis=(1, 2))))
+    assert written == sorted(job.written) and len(written) >= 10
+    assert undo_saved == [1, 1]  # one undo step per action
+    assert controller.provenance[(seg.GetID(), "liver")].propagate == "both"
+
+
+def test_cancel_in_mid_propagation_keeps_finished_slices(case):
+    hs, volume, seg, liver, controller, include = case
+    seen = []
+
+    def on_slice(row):
+        seen.append(row.index)
+        if len(seen) == 3:
+            controller.cancel()
+
+    both = SegmentOptions(direction="both")
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=on_slice)
+    controller.wait(job, timeout=300)
+    assert job.state == "cancelled"
+    assert 3 <= len(seen) <= 5  # stops within one slice (plus what was already on its way)
+    labelmap = segment_array(seg, liver, volume)
+    assert set(np.flatnonzero(labelmap.any(axis=(1, 2)))) == set(job.written)
+
+
+def test_killed_engine_gives_one_line_writes_nothing_and_restarts(case, client):
+    hs, volume, seg, liver, controller, include = case
+    errors, killed = [], []
+
+    def on_slice(row):
+        if not killed:
+            killed.append(client.pid)
+            os.kill(client.pid, signal.SIGKILL)
+
+    both = SegmentOptions(direction="both")
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=on_slice,
+                                        on_error=lambda m, d: errors.append(m))  # fmt: skip
+    controller.wait(job, timeout=300)
+    assert job.state == "failed" and len(errors) == 1
+    assert "engine stopped unexpectedly" in errors[0] and "\n" not in errors[0]
+    assert segment_array(seg, liver, volume).sum() == 0  # the slice that arrived was rolled back
+    # The next action starts a new engine, with the model and the volume sent again.
+    controller.request_model(str(resolve_model("demo")), "cpu")
+    job, done, errors, _ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+    assert errors == [] and job.state == "done" and client.pid != killed[0]
+    assert segment_array(seg, liver, volume)[10].any()
+
+
+def test_results_of_a_closed_scene_are_dropped(case):
+    hs, volume, seg, liver, controller, include = case
+    both = SegmentOptions(direction="both")
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both)
+    controller.scene_closing()  # what the module does on StartCloseEvent
+    controller.wait(job, timeout=300)
+    assert job.written == [] and segment_array(seg, liver, volume).sum() == 0
+
+
+def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case):
+    hs, volume, seg, liver, controller, include = case
+    other = ensure_segment(seg, "other")
+    block = np.zeros(volume.GetImageData().GetDimensions()[::-1], bool)
+    block[10, 200:300, 100:300] = True  # across the liver's slice
+    geometry = controller.snapshot(volume).geometry("axial")
+    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
+
+    write_segment_slices(seg, other, volume, geometry, {10: geometry.extract(block, 10)})
+    before_other = segment_array(seg, other, volume)
+    editor = controller.editor_node
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+    liver_mask = segment_array(seg, liver, volume)
+    assert np.array_equal(segment_array(seg, other, volume), before_other)  # A keeps every voxel
+    assert (liver_mask & before_other).any()  # overlap allowed, as the setting says
+
+    # The editable area: outside all (other) segments, with Overwrite all: the new segment gets none of
+    # the other segment's voxels, and takes none from it.
+    seg.GetSegmentation().RemoveSegment(liver)
+    second = ensure_segment(seg, "second")
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    _run(controller, volume, include, None, None, seg, second, SegmentOptions())
+    result = segment_array(seg, second, volume)
+    assert result.sum() > 1000 and not (result & before_other).any()
+    assert np.array_equal(segment_array(seg, other, volume), before_other)
+    # The source volume's intensity range limits it too (a new segment: "Set" keeps what a segment already
+    # has outside the editable area, as a paint stroke does).
+    third = ensure_segment(seg, "third")
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(80.0, 200.0)
+    _run(controller, volume, include, None, None, seg, third, SegmentOptions())
+    result = segment_array(seg, third, volume)
+    voxels = slicer.util.arrayFromVolume(volume)
+    assert result.sum() > 100 and ((voxels[result] >= 80) & (voxels[result] <= 200)).all()
+
+
+def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
+    hs, volume, seg, liver, controller, include = case
+    job, *_ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions(direction="both"))
+    assert len(job.written) >= 4
+    geometry = controller.snapshot(volume).geometry("axial")
+    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
+
+    current = segment_array(seg, liver, volume)
+    corrected = current[10].copy()
+    rows = np.flatnonzero(corrected.any(axis=1))
+    corrected[: rows[len(rows) // 2]] = False  # the user erased half of the seed slice
+    painted = np.zeros_like(corrected)
+    painted[100:140, 100:140] = True  # and painted a square on slice 12
+    write_segment_slices(seg, liver, volume, geometry,
+                         {10: _display(geometry, corrected, 10), 12: _display(geometry, painted, 12)})
+    before = segment_array(seg, liver, volume)
+    done = []
+    job = controller.start_propagation_from_slice(volume, seg, liver, 10, SegmentOptions(direction="up"),
+                                                  on_done=done.append)  # fmt: skip
+    controller.wait(job, timeout=300)
+    assert job.state == "done" and 10 in job.protected and 12 in job.protected
+    after = segment_array(seg, liver, volume)
+    assert np.array_equal(after[10], before[10]) and np.array_equal(after[12], before[12])
+    assert 12 in job.kept or 12 not in job.rows  # reached and kept, or the walk stopped before it
+    assert 10 not in job.written and 12 not in job.written
+
+
+def _display(geometry, kji_plane: np.ndarray, index: int) -> np.ndarray:
+    """A [j, i] plane of axial slice `index` in the display orientation the writers take."""
+    volume = np.zeros((geometry.num_slices, *kji_plane.shape), bool)
+    volume[index] = kji_plane
+    return geometry.extract(volume, index)
+
+
+def test_no_engine_outlives_its_client():
+    client = EngineClient()
+    job = client.submit("ping")
+    client.wait(job, timeout=60)
+    pid = client.pid
+    client.close()
+    assert not _alive(pid)
+
+    client = EngineClient()
+    client.wait(client.submit("ping"), timeout=60)
+    pid = client.pid
+    del client
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def test_engine_exits_when_the_slicer_side_dies():
+    """A process that starts an engine and is then killed (Slicer crashing) leaves no engine behind."""
+    code = (
+        "import sys, time; sys.path.insert(0, 'SAMMed2DSegment')\n"
+        "from SAMMed2DSegmentLib.service.client import EngineClient\n"
+        "c = EngineClient(); c.wait(c.submit('ping'), 60); print(c.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
