@@ -118,7 +118,8 @@ def test_cancel_in_mid_propagation_keeps_finished_slices(case):
     job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=on_slice)
     controller.wait(job, timeout=300)
     assert job.state == "cancelled"
-    assert 3 <= len(seen) <= 5  # stops within one slice (plus what was already on its way)
+    assert job.result["slices_after_cancel"] <= 1  # the engine stops within one slice of the cancel
+    assert 3 <= len(seen) < 20
     labelmap = segment_array(seg, liver, volume)
     assert set(np.flatnonzero(labelmap.any(axis=(1, 2)))) == set(job.written)
 
@@ -275,3 +276,14 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_package_exports_lazily_without_torch():
+    code = (
+        "import sys, SAMMed2DSegmentLib as lib\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert lib.EngineClient.__name__ == 'EngineClient' and 'torch' not in sys.modules\n"
+        "assert lib.SegmentationSession.__name__ == 'SegmentationSession'\n"
+        "assert callable(lib.load_model) and 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO / "SAMMed2DSegment")

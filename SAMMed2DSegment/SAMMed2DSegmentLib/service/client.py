@@ -5,10 +5,12 @@ reply that is already waiting.
 
 The engine is started lazily by the first request, with the Python interpreter given (inside Slicer,
 `sys.executable` is Slicer's `PythonSlicer`) and this process's environment. It connects back to a loopback
-listener with a random auth key, which it reads from its environment. It exits when the connection ends, so it
-never outlives the Slicer process; `close()` (or garbage collection) stops it too. If it dies (a torch crash,
-out of memory, `kill -9`), every pending job gets one "error" event with a one-line message, and the next
-request starts a new engine (`generation` counts them, so callers know to send the model and volume again).
+listener with a random auth key, which it reads from its environment; the listener is polled, not waited on,
+so this side needs no thread of its own (a Python thread inside Slicer would starve: see server.py). The
+engine exits when the connection ends, so it never outlives the Slicer process; `close()` (or garbage
+collection) stops it too. If it dies (a torch crash, out of memory, `kill -9`), every pending job gets one
+"error" event with a one-line message, and the next request starts a new engine (`generation` counts them, so
+callers know to send the model and volume again).
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +71,10 @@ class EngineClient:
         self._numbers = itertools.count(1)
         self._outbox: list[bytes] = []
         self._process: subprocess.Popen | None = None
-        self._listener: Listener | None = None
+        self._listener: socket.socket | None = None
+        self._key = b""
         self._conn: Connection | None = None
         self._accepted: list[Connection] = []
-        self._accept_error: list[BaseException] = []
         self._started_at = 0.0
         self._stderr_path: str | None = None
         self._finalizer: weakref.finalize | None = None
@@ -96,9 +98,10 @@ class EngineClient:
         """Start a new engine process (returns at once; it connects back while the caller polls)."""
         if self.running:
             return
-        key = secrets.token_bytes(32)
-        self._listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = self._listener.address
+        key = self._key = secrets.token_bytes(32)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        host, port = self._listener.getsockname()[:2]
         env = dict(os.environ)
         env.update(self.extra_env)
         env[AUTHKEY_ENV] = key.hex()
@@ -111,16 +114,7 @@ class EngineClient:
             self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
         self.generation += 1
         self._started_at = time.monotonic()
-        self._accepted, self._accept_error = [], []
-        listener, accepted, failed = self._listener, self._accepted, self._accept_error
-
-        def accept() -> None:  # blocks in C (GIL released) until the engine connects or the listener closes
-            try:
-                accepted.append(listener.accept())
-            except BaseException as error:  # noqa: BLE001 (reported through poll)
-                failed.append(error)
-
-        threading.Thread(target=accept, name="SAMMed2D engine accept", daemon=True).start()
+        self._accepted = []
         self._finalizer = weakref.finalize(
             self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
         )
@@ -254,17 +248,30 @@ class EngineClient:
             self._engine_died()
 
     def _connect(self) -> bool:
-        if self._accepted:
-            self._conn = self._accepted[0]  # stays in the list: the finaliser closes it
-            outbox, self._outbox = self._outbox, []
-            for data in outbox:
-                self._send(data)
-            return True
-        if not self.running or self._accept_error:
-            self._engine_died()
-        elif time.monotonic() - self._started_at > self.start_timeout:
-            self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
-        return False
+        """Take the engine's connection if it has arrived (never waits for it), then check its key."""
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            if not self.running:
+                self._engine_died()
+            elif time.monotonic() - self._started_at > self.start_timeout:
+                self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
+            return False
+        sock.setblocking(True)
+        conn = Connection(sock.detach())
+        try:  # the engine answers at once: it is waiting for exactly this
+            deliver_challenge(conn, self._key)
+            answer_challenge(conn, self._key)
+        except (OSError, EOFError, Exception) as error:  # a wrong key or a dead engine
+            conn.close()
+            self._engine_died(f"its connection failed: {error}")
+            return False
+        self._accepted.append(conn)  # the finaliser closes it
+        self._conn = conn
+        outbox, self._outbox = self._outbox, []
+        for data in outbox:
+            self._send(data)
+        return True
 
     def _engine_died(self, reason: str = "") -> None:
         process = self._process
@@ -323,7 +330,10 @@ def _last_line(path: str | None) -> str:
 
 
 def _stop_process(
-    process: subprocess.Popen, listener: Listener | None, stderr_path: str | None, conns: list[Connection]
+    process: subprocess.Popen,
+    listener: socket.socket | None,
+    stderr_path: str | None,
+    conns: list[Connection],
 ) -> None:
     """Finaliser: no engine outlives its client (also runs at interpreter exit). Closing the connection
     matters inside Slicer: `PythonSlicer` is a launcher, and killing it may leave its Python child running,

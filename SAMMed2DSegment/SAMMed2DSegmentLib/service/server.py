@@ -49,6 +49,7 @@ class EngineServer:
         self.model_info: dict[str, Any] = {}
         self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
         self.idle_plan: deque[int] = deque()
+        self._running: list[int] = [0, 0, -1]  # job number, slices sent, slices sent when its cancel came
         self.idle_axis = "axial"
 
     # -- the channel ---------------------------------------------------------------------------------------
@@ -70,6 +71,9 @@ class EngineServer:
                     self._cancel_below = max(self._cancel_below, int(header["job"]))
                 else:
                     self._cancelled.add(int(target))
+                running = self._running
+                if self.cancelled(running[0]) and running[2] < 0:
+                    running[2] = running[1]  # how far the running job was when the cancel arrived
                 continue
             self.inbox.put((header, arrays))
 
@@ -179,6 +183,7 @@ class EngineServer:
                       if name.startswith("seed_")}  # fmt: skip
         walk = session.propagate(points, rois, axis, header["direction"], settings, seed_masks or None)
         cancelled = False
+        self._running = running = [job, 0, -1]
         try:
             for outcome in walk:
                 fields = {"index": outcome.index, "status": outcome.status,
@@ -186,6 +191,7 @@ class EngineServer:
                           "area": outcome.area_px, "reason": outcome.reason}  # fmt: skip
                 masks = {"mask": pack_mask(outcome.mask)} if outcome.mask is not None else None
                 self.send({"job": job, "event": "slice", **fields}, masks)
+                running[1] += 1
                 if self.cancelled(job):
                     cancelled = True
                     break
@@ -202,6 +208,8 @@ class EngineServer:
             "encode_seconds": result.encode_seconds,
             "total_seconds": result.total_seconds,
             "model": self.model_info,
+            # slices finished after the cancel arrived: at most the one being computed then
+            "slices_after_cancel": running[1] - running[2] if running[2] >= 0 else None,
         }
 
     def op_prefetch(self, job: int, header: dict, arrays: dict) -> dict:
