@@ -665,7 +665,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if kept:
             message += " " + _("{n} slice(s) edited by hand were kept.").format(n=kept)
         self._showStatus(message)
-        rows = sorted(job.rows.values(), key=lambda r: (r.status != "rejected", r.confidence, r.index))
+        rows = job.table()
         table = self.ui.confidenceTable
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):

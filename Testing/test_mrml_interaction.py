@@ -18,7 +18,6 @@ from SAMMed2DSegmentLib.mrml import (
     create_headless_scene,
     ensure_segment,
     ensure_segmentation,
-    segment_array,
 )
 from SAMMed2DSegmentLib.mrml.dicom_database import (
     source_datasets,
@@ -26,13 +25,8 @@ from SAMMed2DSegmentLib.mrml.dicom_database import (
     source_modality,
 )
 from SAMMed2DSegmentLib.mrml.dicom_segmentations import export_dicom_seg
-from SAMMed2DSegmentLib.mrml.interaction import (
-    CallbackHistory,
-    StaleResultError,
-    prompts_from_nodes,
-    snapshot_volume,
-    write_result,
-)
+from SAMMed2DSegmentLib.mrml.interaction import prompts_from_nodes, snapshot_volume
+from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 IJK_TO_RAS = np.array([[0, 0, -1.5, 40], [0.7, 0, 0, -10], [0, -0.7, 0, 5], [0, 0, 0, 1.0]])
@@ -85,59 +79,6 @@ def _mask(geometry, index):
     mask = np.zeros(geometry.slice_shape, bool)
     mask[2:5, 3:6] = True
     return {index: mask}
-
-
-def test_write_result_is_one_undo_step_routed_to_the_callback(setup):
-    hs, volume, seg, segment_id = setup
-    snap = snapshot_volume(volume)
-    geometry = snap.geometry("axial")
-    history = slicer.vtkSegmentationHistory()
-    history.SetSegmentation(seg.GetSegmentation())
-    saved_before_write = []
-
-    def save_state():  # what the module passes: the segment editor's saveStateForUndo
-        saved_before_write.append(int(segment_array(seg, segment_id, volume).sum()))
-        history.SaveState()
-
-    written = write_result(hs.scene, seg, segment_id, volume, snap.key, geometry, _mask(geometry, 2),
-                           CallbackHistory(seg, save_state))  # fmt: skip
-    assert written == 1 and saved_before_write == [0]  # state saved once, before the write
-    assert segment_array(seg, segment_id, volume).sum() == 9
-    assert history.RestorePreviousState()
-    assert segment_array(seg, segment_id, volume).sum() == 0
-
-
-def test_stale_results_are_refused_without_writing(setup):
-    hs, volume, seg, segment_id = setup
-    snap = snapshot_volume(volume)
-    geometry = snap.geometry("axial")
-    calls = []
-    history = CallbackHistory(seg, lambda: calls.append(1))
-
-    slicer.util.arrayFromVolume(volume)[0, 0, 0] = 5
-    slicer.util.arrayFromVolumeModified(volume)
-    with pytest.raises(StaleResultError, match="volume changed"):
-        write_result(hs.scene, seg, segment_id, volume, snap.key, geometry, _mask(geometry, 1), history)
-    snap = snapshot_volume(volume)
-
-    seg.GetSegmentation().RemoveSegment(segment_id)
-    with pytest.raises(StaleResultError, match="segment was removed"):
-        write_result(hs.scene, seg, segment_id, volume, snap.key, geometry, _mask(geometry, 1), history)
-
-    segment_id = ensure_segment(seg, "again")
-    hs.scene.RemoveNode(seg)
-    with pytest.raises(StaleResultError, match="removed"):
-        write_result(hs.scene, seg, segment_id, volume, snap.key, geometry, _mask(geometry, 1), history)
-    assert calls == []
-
-
-def test_closed_scene_makes_results_stale(setup):
-    hs, volume, seg, segment_id = setup
-    snap = snapshot_volume(volume)
-    geometry = snap.geometry("axial")
-    hs.scene.Clear(0)
-    with pytest.raises(StaleResultError):
-        write_result(hs.scene, seg, segment_id, volume, snap.key, geometry, _mask(geometry, 1))
 
 
 # -- DICOM database ---------------------------------------------------------------------------------------
@@ -199,7 +140,7 @@ def test_export_from_database_sources_references_every_instance(dicom_case, tmp_
     geometry = snapshot_volume(node).geometry("axial")
     mask = np.zeros(geometry.slice_shape, bool)
     mask[200:260, 200:300] = True
-    write_result(hs.scene, seg, segment_id, node, snapshot_volume(node).key, geometry, {5: mask, 6: mask})
+    write_segment_slices(seg, segment_id, node, geometry, {5: mask, 6: mask})
     out = export_dicom_seg(seg, node, source_datasets(node, FakeDicomDatabase(uids)), tmp_path / "s.dcm",
                            "0" * 64)  # fmt: skip
     result = HdSegmentation.from_dataset(pydicom.dcmread(out))

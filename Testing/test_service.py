@@ -156,6 +156,28 @@ def test_results_of_a_closed_scene_are_dropped(case):
     assert job.written == [] and segment_array(seg, liver, volume).sum() == 0
 
 
+def test_results_for_a_removed_segment_or_an_edited_volume_are_dropped(case):
+    hs, volume, seg, liver, controller, include = case
+    both = SegmentOptions(direction="both")
+
+    def edit_volume_on_first_slice(row):
+        voxels = slicer.util.arrayFromVolume(volume)
+        voxels[0, 0, 0] += 1
+        slicer.util.arrayFromVolumeModified(volume)
+
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both,
+                                        on_slice=edit_volume_on_first_slice)  # fmt: skip
+    controller.wait(job, timeout=300)
+    assert job.state == "stale" and "volume changed" in job.message
+    assert len(job.written) == 1  # the slice that arrived before the edit; nothing after it
+
+    other = ensure_segment(seg, "other")
+    remove = lambda row: seg.GetSegmentation().RemoveSegment(other)  # noqa: E731
+    job = controller.start_segmentation(volume, include, None, None, seg, other, both, on_slice=remove)
+    controller.wait(job, timeout=300)
+    assert job.state == "stale" and "segment was removed" in job.message
+
+
 def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case):
     hs, volume, seg, liver, controller, include = case
     other = ensure_segment(seg, "other")

@@ -109,7 +109,7 @@ def test_confidence_table_puts_the_least_certain_first():
     for index, status, conf in [(3, "prompted", 0.9), (4, "propagated", 0.5), (5, "rejected", 0.0),
                                 (2, "propagated", 0.7)]:  # fmt: skip
         result.slices[index] = SliceOutcome(index, status, conf, conf, 10)
-    assert [r.index for r in confidence_table(result)] == [5, 4, 2, 3]
+    assert [r.index for r in confidence_table(result.slices.values())] == [5, 4, 2, 3]
 
 
 def test_slice_center_is_on_the_slice(snapshot):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -21,8 +21,10 @@ from .prompts import PointPrompt, RoiPrompt, prompts_by_slice
 
 if TYPE_CHECKING:  # torch-free at import (see the module docstring)
     from .predictor import SamMed2DPredictor
-    from .propagation import PropagationEngine, PropagationResult, PropagationSettings, SliceOutcome
+    from .propagation import PropagationEngine, PropagationSettings, SliceOutcome
     from .segmenter import VolumeSegmentation
+
+T = TypeVar("T")
 
 #: Intensity window choices offered by the module: automatic, the named presets, or level/width by hand.
 WINDOW_CHOICES = ("auto", *PRESETS, "custom")
@@ -61,22 +63,10 @@ def window_for(
     raise ValueError(f"unknown intensity window {choice!r}; choose one of {', '.join(WINDOW_CHOICES)}")
 
 
-@dataclass(frozen=True)
-class SliceConfidence:
-    index: int
-    status: str
-    confidence: float
-    predicted_iou: float
-    reason: str
-
-
-def confidence_table(result: PropagationResult) -> list[SliceConfidence]:
-    """Visited slices, least certain first: the ones a user should look at before accepting the result.
-    Rejected slices (where a walk stopped) come first, since the structure may continue there."""
-    rows = [
-        SliceConfidence(o.index, o.status, o.confidence, o.predicted_iou, o.reason)
-        for o in result.slices.values()
-    ]
+def confidence_table(rows: Iterable[T]) -> list[T]:
+    """Visited slices (anything with index, status, confidence), least certain first: the ones a user should
+    look at before accepting the result. Rejected slices (where a walk stopped) come first, since the
+    structure may continue there."""
     return sorted(rows, key=lambda r: (r.status != "rejected", r.confidence, r.index))
 
 
@@ -232,7 +222,6 @@ def nearest_first(center: int, count: int, radius: int | None = None) -> list[in
 __all__ = [
     "WINDOW_CHOICES",
     "SegmentationSession",
-    "SliceConfidence",
     "VolumeSnapshot",
     "axis_from_views",
     "nearest_first",

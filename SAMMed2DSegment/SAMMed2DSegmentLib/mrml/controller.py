@@ -82,6 +82,12 @@ class SegmentationJob:
     message: str = ""
     result: dict = field(default_factory=dict)
 
+    def table(self) -> list[SliceRow]:
+        """The visited slices, least certain first (the panel's table)."""
+        from ..engine.session import confidence_table
+
+        return confidence_table(self.rows.values())
+
 
 class InteractiveSegmentation:
     def __init__(

@@ -111,7 +111,11 @@ class EngineClient:
             command += ["--package-dir", folder]
         fd, self._stderr_path = tempfile.mkstemp(prefix="sammed2d-engine-", suffix=".log")
         with os.fdopen(fd, "wb") as stderr:
-            self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+            # No console window on Windows; the engine reads nothing from stdin and prints to stderr only.
+            flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            self._process = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stderr=stderr, creationflags=flags
+            )
         self.generation += 1
         self._started_at = time.monotonic()
         self._accepted = []
