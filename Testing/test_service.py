@@ -309,3 +309,33 @@ def test_the_package_exports_lazily_without_torch():
         "assert callable(lib.load_model) and 'torch' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO / "SAMMed2DSegment")
+
+
+def test_the_direct_slice_write_gives_the_editors_voxels(ct):
+    """Where nothing masks the slice and nothing would be overwritten, the in-place write is taken; it must
+    leave exactly what Slicer's editor logic leaves (other slices, other segments, overlap)."""
+    from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
+    from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
+    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
+
+    results = []
+    for use_editor in (False, True):
+        hs = create_headless_scene()
+        volume = add_volume_from_array(hs, ct.array_kji[:6], ct.ijk_to_ras, "CT")
+        seg = ensure_segmentation(hs, volume)
+        target, other = ensure_segment(seg, "target"), ensure_segment(seg, "other")
+        geometry = SliceGeometry.create(volume.GetImageData().GetDimensions()[::-1], ct.ijk_to_ras, "axial")
+        old, new, far = (np.zeros(geometry.slice_shape, bool) for _ in range(3))
+        old[100:200, 100:200], new[150:300, 150:300], far[400:450, 400:450] = True, True, True
+        write_segment_slices(seg, target, volume, geometry, {2: old, 3: old})
+        write_segment_slices(seg, other, volume, geometry, {3: far})
+        editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        writer = SliceWriter(hs.scene, hs.app_logic, editor, seg, target, volume, geometry)
+        assert writer.direct and writer.overwritten is not None  # default settings: overwrite all
+        if use_editor:
+            write_slice_as_editor(hs.scene, hs.app_logic, editor, seg, target, volume, geometry, 3, new)
+        else:
+            writer.write(3, new)
+        results.append((segment_array(seg, target, volume), segment_array(seg, other, volume)))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert results[0][0][2].sum() == 10000 and results[0][1][3].sum() == 2500

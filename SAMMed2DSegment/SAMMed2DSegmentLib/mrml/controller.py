@@ -28,7 +28,7 @@ import vtk
 from ..engine.geometry import SliceGeometry
 from ..service.client import EngineClient, Job
 from ..service.protocol import pack_mask, unpack_mask
-from .editing import WrittenSlices, write_slice_as_editor
+from .editing import SliceWriter, WrittenSlices
 from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
 from .segmentations import segment_array
 
@@ -77,6 +77,7 @@ class SegmentationJob:
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
     rollback: Any = None  # vtkSegmentationHistory holding the state before the first write
+    writer: SliceWriter | None = None
     engine_job: Job | None = None
     state: str = "running"  # running → done | cancelled | failed | stale
     message: str = ""
@@ -318,8 +319,9 @@ class InteractiveSegmentation:
             job.rollback = slicer.vtkSegmentationHistory()
             job.rollback.SetSegmentation(job.seg_node.GetSegmentation())
             job.rollback.SaveState()
-        write_slice_as_editor(self.scene, self.app_logic, self.editor_node, job.seg_node, job.segment_id,
-                              job.volume_node, job.geometry, index, mask)  # fmt: skip
+            job.writer = SliceWriter(self.scene, self.app_logic, self.editor_node, job.seg_node,
+                                     job.segment_id, job.volume_node, job.geometry)  # fmt: skip
+        job.writer.write(index, mask)
         job.written.append(index)
 
     def _roll_back(self, job: SegmentationJob) -> None:

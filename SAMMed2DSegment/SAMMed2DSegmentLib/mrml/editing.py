@@ -20,7 +20,7 @@ import vtk
 
 from ..engine.geometry import SliceGeometry
 from .scene import captured_vtk_messages
-from .segmentations import _image_array, _require_segment, _volume_grid, segment_array
+from .segmentations import _image_array, _require_segment, _volume_grid, segment_array, write_segment_slices
 
 
 def write_slice_as_editor(
@@ -66,6 +66,53 @@ def write_slice_as_editor(
         raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {messages.summary()}")
 
 
+class SliceWriter:
+    """Writes one job's slices into one segment as the editor would (`write_slice_as_editor`), taking the
+    direct in-place write when it gives the same voxels: the whole slice is editable (no editable-area or
+    intensity mask) and no segment that the overwrite setting would change lies under the new voxels. The
+    editor logic rewrites the whole labelmap for every call (~0.4 s per slice on a 300-slice CT); the direct
+    write costs the slice (milliseconds). Which segments would be overwritten is read once per job."""
+
+    def __init__(
+        self,
+        scene: vtk.vtkObject,
+        app_logic: vtk.vtkObject | None,
+        editor_node: vtk.vtkObject,
+        seg_node: vtk.vtkObject,
+        segment_id: str,
+        volume_node: vtk.vtkObject,
+        geometry: SliceGeometry,
+    ) -> None:
+        self.args = (scene, app_logic, editor_node, seg_node, segment_id, volume_node, geometry)
+        editor = slicer.vtkMRMLSegmentEditorNode
+        self.direct = (
+            editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
+            and not editor_node.GetSourceVolumeIntensityMask()
+        )
+        self.overwritten: np.ndarray | None = None  # voxels of the segments an overwrite would change
+        mode = editor_node.GetOverwriteMode()
+        if self.direct and mode != editor.OverwriteNone:
+            display = seg_node.GetDisplayNode()
+            everyone = mode == editor.OverwriteAllSegments or display is None
+            ids = [
+                other
+                for other in seg_node.GetSegmentation().GetSegmentIDs()
+                if other != segment_id and (everyone or display.GetSegmentVisibility(other))
+            ]
+            for other in ids:
+                voxels = segment_array(seg_node, other, volume_node)
+                self.overwritten = voxels if self.overwritten is None else self.overwritten | voxels
+
+    def write(self, index: int, mask: np.ndarray) -> None:
+        _, _, _, seg_node, segment_id, volume_node, geometry = self.args
+        mask = np.asarray(mask, dtype=bool)
+        blocked = self.overwritten is not None and (geometry.view(self.overwritten, index) & mask).any()
+        if self.direct and not blocked:
+            write_segment_slices(seg_node, segment_id, volume_node, geometry, {index: mask})
+        else:
+            write_slice_as_editor(*self.args, index, mask)
+
+
 def slice_digest(mask: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(np.asarray(mask, dtype=bool))).hexdigest()
 
@@ -99,4 +146,4 @@ class WrittenSlices:
         return edited
 
 
-__all__ = ["WrittenSlices", "slice_digest", "write_slice_as_editor"]
+__all__ = ["SliceWriter", "WrittenSlices", "slice_digest", "write_slice_as_editor"]
