@@ -49,6 +49,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from .. import __version__
+from ..choices import SEGMENT_COLORS
 from ..engine.geometry import LPS_TO_RAS
 from ..files import atomic_path
 
@@ -66,17 +67,8 @@ ORIENTATION_TOL = 1e-4  # direction cosines
 SPACING_REL_TOL = 0.01  # slice steps may deviate from the median step by 1 %
 AFFINE_TOL_MM = 1e-3
 
-# Used when a segment has no colour (RGB 0..1), in the spirit of Slicer's generic anatomy colours.
-DEFAULT_COLORS: tuple[tuple[float, float, float], ...] = (
-    (0.502, 0.682, 0.502),
-    (0.945, 0.839, 0.569),
-    (0.694, 0.478, 0.396),
-    (0.435, 0.722, 0.824),
-    (0.847, 0.396, 0.310),
-    (0.867, 0.510, 0.396),
-    (0.565, 0.933, 0.565),
-    (0.753, 0.408, 0.690),
-)
+# Used when a segment has no colour (RGB 0..1).
+DEFAULT_COLORS = SEGMENT_COLORS
 
 _DUPLICATES = "the source images contain several slices at the same position (duplicates?)"
 _REQUIRED_PER_IMAGE = (
