@@ -257,6 +257,21 @@ def _grow(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) -> None:
     array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
 
 
+def check_segments_on_grid(seg_node: vtk.vtkObject, volume_node: vtk.vtkObject, name: str = "") -> None:
+    """Raise ValueError unless every non-empty segment lies on the volume's voxel lattice: a file made on
+    another volume must be refused before any work, not after the whole run when its slices are written."""
+    segmentation = seg_node.GetSegmentation()
+    for segment_id in segmentation.GetSegmentIDs():
+        segment = segmentation.GetSegment(segment_id)
+        try:
+            _write_grid(seg_node, segment, volume_node)
+        except ValueError:
+            raise ValueError(
+                f"{name or seg_node.GetName()}: segment {segment.GetName()!r} is on another voxel grid than "
+                "the volume (a segmentation made on another volume?); use a new --out"
+            ) from None
+
+
 def write_segment_slices(
     seg_node: vtk.vtkObject,
     segment_id: str,
