@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
@@ -434,3 +436,60 @@ def test_roi_file_given_to_include_is_refused(data, tmp_path, capsys):
     assert segment("--volume", data["volume"], "--include", roi, "--out", out) == cli.EXIT_BAD_INPUT
     assert "holds an ROI, not points; pass it with --roi" in one_error_line(capsys)
     assert not out.exists()
+
+
+# -- 2. a broken series is refused on every read, naming the file ------------------------------------------
+
+
+def _remove_one(files: list[Path]) -> str:
+    files[7].unlink()
+    return "uneven slice spacing"
+
+
+def _no_position(files: list[Path]) -> str:
+    ds = pydicom.dcmread(files[7])
+    del ds.ImagePositionPatient
+    ds.save_as(files[7])
+    return f"{files[7].name}: no ImagePositionPatient"
+
+
+def _truncated(files: list[Path]) -> str:
+    data = files[7].read_bytes()
+    files[7].write_bytes(data[: len(data) // 2])
+    return f"{files[7].name}: truncated DICOM file"
+
+
+def _other_patient(files: list[Path]) -> str:
+    ds = pydicom.dcmread(files[7])
+    ds.PatientID = "SOMEONE-ELSE"
+    ds.save_as(files[7])
+    return f"different PatientIDs ({files[7].name} has 'SOMEONE-ELSE'"
+
+
+def _other_study(files: list[Path]) -> str:
+    ds = pydicom.dcmread(files[7])
+    ds.StudyInstanceUID = "1.2.3.4.5"
+    ds.save_as(files[7])
+    return f"different StudyInstanceUIDs ({files[7].name}"
+
+
+@pytest.mark.parametrize("edit", [_remove_one, _no_position, _truncated, _other_patient, _other_study])
+def test_broken_series_is_refused_without_dicom_seg(data, tmp_path, capsys, edit):
+    series = tmp_path / "series"
+    shutil.copytree(data["series"], series)
+    expected = edit(sorted(series.iterdir()))
+    out = tmp_path / "o.seg.nrrd"
+    assert segment("--volume", series, "--include", data["liver"], "--out", out) == cli.EXIT_BAD_INPUT
+    line = one_error_line(capsys)
+    assert expected in line, line
+    assert not out.exists()
+
+
+def test_our_seg_in_the_source_folder_is_ignored_with_a_note(data, existing, tmp_path, caplog):
+    series = tmp_path / "series"
+    shutil.copytree(data["series"], series)
+    shutil.copyfile(existing["dcm"], series / "zz-seg.dcm")
+    out = tmp_path / "o.seg.nrrd"
+    with caplog.at_level(logging.WARNING):
+        assert segment("--volume", series, "--include", data["liver"], "--out", out) == 0
+    assert "ignored 1 file(s) that are not images of the series: zz-seg.dcm (a DICOM-SEG)" in caplog.text

@@ -308,15 +308,16 @@ def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str)
 
 
 def _dicom_source(args: argparse.Namespace, volume) -> list:
-    """The source series for --dicom-seg, checked against the volume before any work is done."""
-    from .formats.dicom_seg import check_series_grid, read_series_datasets
+    """The source series for --dicom-seg (as read with the volume, now held to what a SEG needs), checked
+    against the volume before any work is done."""
+    from .formats.dicom_series import check_series_grid, sort_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(
             "--dicom-seg needs --volume to be a folder holding the DICOM series the SEG will reference "
             f"({args.volume} is not one)"
         )
-    datasets = read_series_datasets(args.volume)
+    datasets = sort_series_datasets(volume.dicom_datasets)
     check_series_grid(datasets, volume.array_kji.shape, volume.ijk_to_ras)
     return datasets
 
