@@ -493,3 +493,47 @@ def test_our_seg_in_the_source_folder_is_ignored_with_a_note(data, existing, tmp
     with caplog.at_level(logging.WARNING):
         assert segment("--volume", series, "--include", data["liver"], "--out", out) == 0
     assert "ignored 1 file(s) that are not images of the series: zz-seg.dcm (a DICOM-SEG)" in caplog.text
+
+
+# -- 5. the checkpoint cache follows the file's content ----------------------------------------------------
+
+
+def test_same_size_same_mtime_checkpoint_swap_runs_the_new_weights(data, tmp_path):
+    model = tmp_path / "model.pth"
+    shutil.copyfile(data["ckpt"], model)
+    other = tmp_path / "other.pth"
+    torch.save({k: v * 1.5 for k, v in synthetic_state_dict("small").items()}, other)
+    assert other.stat().st_size == model.stat().st_size
+    common = [
+        "--volume",
+        data["volume"],
+        "--include",
+        data["liver"],
+        "--checkpoint",
+        model,
+        "--iou-threshold",
+        "0",
+    ]
+    assert segment(*common, "--out", tmp_path / "a.seg.nrrd", "--report", tmp_path / "a.json") == 0
+    st = model.stat()
+    with model.open("r+b") as fh:  # same path, inode and size ...
+        fh.write(other.read_bytes())
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime
+    assert segment(*common, "--out", tmp_path / "b.seg.nrrd", "--report", tmp_path / "b.json") == 0
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert first["model"]["sha256"] == digest(data["ckpt"])
+    assert second["model"]["sha256"] == digest(other)
+    assert first["slices"][0]["predicted_iou"] != second["slices"][0]["predicted_iou"]
+
+
+# -- 7. identical runs, identical files ---------------------------------------------------------------------
+
+
+def test_two_identical_runs_write_identical_files(data, tmp_path):
+    """No timestamp is written into the .seg.nrrd at all, so the files are identical byte for byte."""
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        assert segment("--volume", data["series"], "--include", data["liver"], "--propagate", "both",
+                       "--out", folder / "x.seg.nrrd") == 0  # fmt: skip
+    assert (tmp_path / "a" / "x.seg.nrrd").read_bytes() == (tmp_path / "b" / "x.seg.nrrd").read_bytes()
