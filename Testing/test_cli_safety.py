@@ -147,16 +147,16 @@ def test_an_output_that_is_an_input_or_another_output_is_refused(data, tmp_path,
         roles = ("--report", "--checkpoint")
     elif case == "dicom-seg is a file of the source series":
         dcm = first.rename(first.with_suffix(".dcm"))
-        roles = ("--dicom-seg", "DICOM folder")
+        roles = ("--dicom-seg", "of the --volume folder")
     elif case == "dicom-seg is a symlink to a file of the source series":
         dcm = tmp_path / "elsewhere.dcm"
         dcm.symlink_to(first)
-        roles = ("--dicom-seg", "DICOM folder")
+        roles = ("--dicom-seg", "of the --volume folder")
     elif case == "report is the out file":
         report, roles = out, ("--report", "--out")
     elif case == "out is a DICOM source file named .seg.nrrd":
         out = first.rename(series / "X.seg.nrrd")
-        roles = ("--out", "DICOM folder")
+        roles = ("--out", "of the --volume folder")
     elif case == "out is a hard link to the markups":
         out = tmp_path / "m.seg.nrrd"
         os.link(markups, out)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .engine.geometry import AXES
 from .engine.propagation import DIRECTIONS, PropagationSettings
-from .files import commit_outputs, same_file
+from .files import OutputPlanError, check_output_plan, commit_outputs, input_files, same_file
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -99,45 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Every file the run reads, with the role it plays (for the collision message)."""
-    inputs: list[tuple[str, Path]] = []
-    volume = Path(args.volume)
-    if volume.is_dir():
-        inputs += [
-            (f"file {p.name} of the --volume DICOM folder", p)
-            for p in sorted(volume.iterdir())
-            if p.is_file()
-        ]
-    elif volume.exists():
-        inputs.append(("--volume", volume))
+    inputs = input_files("--volume", args.volume)
     for option in ("include", "exclude", "roi"):
         inputs += [(f"--{option}", Path(f)) for f in getattr(args, option)]
     if args.checkpoint:
         inputs.append(("--checkpoint", Path(args.checkpoint)))
     return inputs
-
-
-def check_output_plan(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[tuple[str, Path]]) -> None:
-    """Refuse, before any work, an output that is a folder, sits in a missing or read-only folder, or is the
-    same file (by inode, so symlinks and hard links count, or by resolved path) as an input or as another
-    output. Used by `segment` and `finetune`."""
-    seen: list[tuple[str, Path]] = []
-    for role, name in outputs:
-        if not name:
-            continue
-        path = Path(name)
-        if path.is_dir():
-            raise CommandError(f"{role} {name} is a folder; give a file name")
-        parent = path.resolve().parent
-        if not parent.is_dir():
-            raise CommandError(f"{role}: output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise CommandError(f"{role}: output folder is not writable: {parent}")
-        for other_role, other in [*inputs, *seen]:
-            if same_file(path, other):
-                raise CommandError(
-                    f"{role} {name} is the same file as {other_role} {other}; choose another output path"
-                )
-        seen.append((role, path))
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -149,7 +116,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.dicom_seg and not args.dicom_seg.lower().endswith(".dcm"):
         raise CommandError(f"--dicom-seg must end in .dcm, got {Path(args.dicom_seg).name}")
     outputs = [("--out", args.out), ("--dicom-seg", args.dicom_seg), ("--report", args.report)]
-    check_output_plan(outputs, _input_files(args))
+    try:
+        check_output_plan(outputs, _input_files(args))
+    except OutputPlanError as exc:
+        raise CommandError(str(exc)) from None
     volume = Path(args.volume)
     if args.dicom_seg and volume.is_dir() and same_file(Path(args.dicom_seg).resolve().parent, volume):
         # Refused rather than recognised later: a SEG beside its source is read as part of the folder by

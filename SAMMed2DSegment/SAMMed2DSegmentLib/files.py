@@ -11,7 +11,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -119,3 +119,45 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
+
+
+class OutputPlanError(ValueError):
+    """An output would overwrite an input or another output, or cannot be written where it is named."""
+
+
+def input_files(role: str, path: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """The files an input option reads, with their role for messages: a folder (a DICOM series) stands for
+    every file in it."""
+    path = Path(path)
+    if path.is_dir():
+        return [(f"file {p.name} of the {role} folder", p) for p in sorted(path.iterdir()) if p.is_file()]
+    return [(role, path)] if path.exists() else []
+
+
+def check_output_plan(
+    outputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
+    inputs: Sequence[tuple[str, Path]],
+    missing_folders_ok: bool = False,
+) -> None:
+    """Refuse, before any work, an output that is a folder, sits in a missing (unless `missing_folders_ok`:
+    the caller creates it) or read-only folder, or is the same file (by inode, so symlinks and hard links
+    count, or by resolved path) as an input or as another output. Raises OutputPlanError naming both roles."""
+    seen: list[tuple[str, Path]] = []
+    for role, name in outputs:
+        if not name:
+            continue
+        path = Path(name)
+        if path.is_dir():
+            raise OutputPlanError(f"{role} {name} is a folder; give a file name")
+        parent = path.resolve().parent
+        if parent.is_dir():
+            if not os.access(parent, os.W_OK):
+                raise OutputPlanError(f"{role}: output folder is not writable: {parent}")
+        elif not missing_folders_ok:
+            raise OutputPlanError(f"{role}: output folder does not exist: {parent}")
+        for other_role, other in [*inputs, *seen]:
+            if same_file(path, other):
+                raise OutputPlanError(
+                    f"{role} {name} is the same file as {other_role} {other}; choose another output path"
+                )
+        seen.append((role, path))
