@@ -531,6 +531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_WRITE_FAILED
     except KeyboardInterrupt as exc:
         message = str(exc) if isinstance(exc, Interrupted) else "interrupted; nothing written"
+        if args.command == "finetune":  # training saves its state as it goes: say what is kept
+            message = (
+                f"interrupted; the training state last saved in {args.out_dir} is kept (--resume continues)"
+            )
         print(message, file=sys.stderr)
         return getattr(exc, "status", 130)
     finally:
