@@ -429,17 +429,17 @@ def test_cache_is_reused_and_invalidated(tmp_path, trained, monkeypatch):
 
     conversions: list[Path] = []
     hashes: list[Path] = []
-    real_convert, real_hash = ck.convert_to_safetensors, ck.sha256_file
+    real_convert, real_hash = ck._write_safetensors, ck.sha256_file
 
-    def counting_convert(src, dst, **kwargs):
+    def counting_convert(sd, dst, metadata):
         conversions.append(Path(dst))
-        return real_convert(src, dst, **kwargs)
+        return real_convert(sd, dst, metadata)
 
     def counting_hash(path, *args):
         hashes.append(Path(path))
         return real_hash(path, *args)
 
-    monkeypatch.setattr(ck, "convert_to_safetensors", counting_convert)
+    monkeypatch.setattr(ck, "_write_safetensors", counting_convert)
     monkeypatch.setattr(ck, "sha256_file", counting_hash)
 
     model, info = load_model(src, cache_dir=cache)
@@ -467,6 +467,45 @@ def test_cache_is_reused_and_invalidated(tmp_path, trained, monkeypatch):
     assert cached_safetensors_path(src, cache) != cached
     assert not cached.exists()  # the stale conversion was removed
     assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_same_size_same_mtime_swap_loads_the_new_weights(tmp_path, trained):
+    """Issue 11, finding 5: the cache used to be keyed on path, size and mtime."""
+    sd, _ = trained
+    src = tmp_path / "model.pth"
+    torch.save({"model": sd}, src)
+    cache = tmp_path / "cache"
+    _, first = load_model(src, cache_dir=cache)
+    changed = {k: v + 1.0 for k, v in sd.items()}
+    other = tmp_path / "other.pth"
+    torch.save({"model": changed}, other)
+    assert other.stat().st_size == src.stat().st_size
+    st = src.stat()
+    with src.open("r+b") as fh:  # in place: same path, inode and size
+        fh.write(other.read_bytes())
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    model, info = load_model(src, cache_dir=cache)
+    _assert_same(model, changed)
+    assert info.sha256 == hashlib.sha256(other.read_bytes()).hexdigest() != first.sha256
+    assert info.converted
+
+
+def test_rejected_checkpoint_leaves_nothing_in_the_cache(tmp_path, trained):
+    sd, _ = trained
+    cache = tmp_path / "cache"
+    broken = dict(sd)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    broken[key] = torch.full_like(sd[key], float("nan"))
+    nan_file = tmp_path / "nan.pth"
+    torch.save({"model": broken}, nan_file)
+    with pytest.raises(ck.CheckpointError, match="NaN"):
+        load_model(nan_file, cache_dir=cache)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model": {k: v for k, v in sd.items() if k != key}}, wrong)
+    with pytest.raises(ck.CheckpointError):
+        load_model(wrong, cache_dir=cache)
+    assert not cache.exists() or list(cache.iterdir()) == []
 
 
 def test_corrupt_cache_entry_is_rebuilt(tmp_path, trained):

@@ -173,7 +173,7 @@ def test_existing_file_is_updated_not_replaced(env, tmp_path):
     assert after_liver[10].any()
 
 
-def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch, capsys):
     out = tmp_path / "keep.seg.nrrd"
     assert run(base_args(env, out=out, propagate="none")) == 0
     before = out.read_bytes()
@@ -183,8 +183,11 @@ def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch):
 
     # Fails after Slicer has written the new file's data, while its header is being completed.
     monkeypatch.setattr(segmentations, "_add_header_fields", broken)
-    with pytest.raises(OSError, match="simulated"):
-        run(base_args(env, out=out, propagate="none", segment_name="second"))
+    capsys.readouterr()
+    assert run(base_args(env, out=out, propagate="none", segment_name="second")) == cli.EXIT_WRITE_FAILED
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: cannot write the outputs (disk full (simulated)); nothing written"
+    ]
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if "keep" in p.name) == ["keep.seg.nrrd"]
 

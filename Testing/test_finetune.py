@@ -193,19 +193,53 @@ def test_command_line_bad_input_is_one_line_and_exit_2(crop, tmp_path, capsys):
     assert cli.main([*argv, "--labels", str(label_path), "--labels", str(label_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in pairs" in err[0]
-    assert cli.main([*argv, "--labels", str(label_path), "--out-dir", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert cli.main([*argv, "--labels", str(tmp_path / "none.nii.gz")]) == 2
+    missing = ["--out-dir", str(tmp_path / "missing")]
+    assert cli.main([*argv, "--labels", str(tmp_path / "none.nii.gz"), *missing]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())  # a missing --out-dir is created only once the inputs are good
+
+
+def test_command_line_output_collisions_are_refused(crop, tmp_path, capsys):
+    image_path, label_path = crop
+    image = tmp_path / "image.nii.gz"
+    image.write_bytes(image_path.read_bytes())
+    argv = ["finetune", "--image", str(image), "--labels", str(label_path), "--steps", "1"]
+    out = tmp_path / "out"
+    init = tmp_path / "best.safetensors"
+    init.write_bytes(b"not really")
+    (tmp_path / "link.safetensors").symlink_to(init)
+    cases = {
+        "--init": [*argv, "--out-dir", str(tmp_path), "--init", str(init)],  # the state would replace it
+        "--export": [
+            *argv,
+            "--out-dir",
+            str(out),
+            "--init",
+            str(init),
+            "--export",
+            str(tmp_path / "link.safetensors"),
+        ],
+    }
+    for role, args in cases.items():
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "same file" in err[0] and role in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.safetensors",
+        "image.nii.gz",
+        "link.safetensors",
+    ]
+    assert init.read_bytes() == b"not really"
 
 
 def test_command_line_trains_and_exports(crop, tmp_path, capsys):
     image_path, label_path = crop
     out = tmp_path / "model.safetensors"
-    argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--out-dir", str(tmp_path)]
+    out_dir = tmp_path / "new" / "run"  # created when missing
+    argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--out-dir", str(out_dir)]
     code = cli.main([*argv, "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--export", str(out)])
     assert code == 0
+    assert (out_dir / "best.safetensors").is_file()
     assert "trained 2 steps" in capsys.readouterr().err
     model, info = load_model(out)
     assert info.build == "small"

@@ -1,8 +1,11 @@
 """The headless command line (`python -m SAMMed2DSegmentLib segment …`), for batch work and `make demo`.
 
-Everything is validated before anything is written; outputs are written atomically, and an existing
-`OUT.seg.nrrd` is updated (other segments and untouched slices kept), never replaced. On bad input the
-command exits with status 2 and one line on stderr.
+Everything is validated before anything is written: one output plan (no output may be an input or another
+output, links included), the inputs, an existing `OUT.seg.nrrd`, and then the model's results. All outputs are
+written to temporary files beside their targets and renamed only when every one is complete, so a failure or
+an interruption (Ctrl-C, SIGTERM) changes none of them. An existing `OUT.seg.nrrd` is updated (other segments
+and untouched slices kept), never replaced. Exit status: 2 and one line on stderr for bad input, 1 and one
+line when an output cannot be written (disk full), 130 (SIGINT) or 143 (SIGTERM) when interrupted.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,13 +26,26 @@ import numpy as np
 
 from .engine.geometry import AXES
 from .engine.propagation import DIRECTIONS, PropagationSettings
-from .files import atomic_path
+from .files import OutputPlanError, check_output_plan, commit_outputs, input_files, same_file
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1
 
 
 class CommandError(Exception):
     """Bad input: reported as one line, exit status 2."""
+
+
+class OutputError(Exception):
+    """An output could not be written (disk full, permissions): one line, exit status 1, nothing replaced."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stops where it is; the message says whether the outputs were written."""
+
+    def __init__(self, message: str = "interrupted; nothing written", status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=PropagationSettings.iou_threshold,
         help="stop propagating below this predicted IoU",
     )
+    seg.add_argument(
+        "--overwrite-low-confidence",
+        action="store_true",
+        help="let a prompted slice below --iou-threshold replace voxels the segment already has there",
+    )
     seg.add_argument("--cache-mb", type=int, default=1024, help="embedding cache bound in MB")
     seg.add_argument("--out", required=True, help="output .seg.nrrd (updated if it exists)")
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
@@ -73,18 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Every file the run reads, with the role it plays (for the collision message)."""
+    inputs = input_files("--volume", args.volume)
+    for option in ("include", "exclude", "roi"):
+        inputs += [(f"--{option}", Path(f)) for f in getattr(args, option)]
+    if args.checkpoint:
+        inputs.append(("--checkpoint", Path(args.checkpoint)))
+    return inputs
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder; give a file name ending in .seg.nrrd")
     if not out.name.endswith(".seg.nrrd"):
         raise CommandError(f"--out must end in .seg.nrrd, got {out.name}")
-    for path in filter(None, [args.out, args.report, args.dicom_seg]):
-        parent = Path(path).resolve().parent
-        if not parent.is_dir():
-            raise CommandError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise CommandError(f"output folder is not writable: {parent}")
     if args.dicom_seg and not args.dicom_seg.lower().endswith(".dcm"):
         raise CommandError(f"--dicom-seg must end in .dcm, got {Path(args.dicom_seg).name}")
+    outputs = [("--out", args.out), ("--dicom-seg", args.dicom_seg), ("--report", args.report)]
+    try:
+        check_output_plan(outputs, _input_files(args))
+    except OutputPlanError as exc:
+        raise CommandError(str(exc)) from None
+    volume = Path(args.volume)
+    if args.dicom_seg and volume.is_dir() and same_file(Path(args.dicom_seg).resolve().parent, volume):
+        # Refused rather than recognised later: a SEG beside its source is read as part of the folder by
+        # other tools (and by GDCM-based readers as a second series).
+        raise CommandError(
+            f"--dicom-seg {args.dicom_seg} is inside the source DICOM folder {volume}; write it elsewhere "
+            "(one series per folder)"
+        )
     if not 0.0 <= args.iou_threshold <= 1.0:
         raise CommandError(f"--iou-threshold must be within 0..1, got {args.iou_threshold}")
     if args.cache_mb < 0:
@@ -108,20 +151,70 @@ def _window(spec: str, volume: np.ndarray, modality: str | None):
     return IntensityWindow.from_level_width(level, width)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2))
+def _finite_or_none(value):
+    """JSON has no NaN or infinity: such numbers become null (the report is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON (`allow_nan=False`; non-finite numbers are written as null)."""
+    return json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
+
+
+def _number_triple(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) for c in value)
+    )
+
+
+def check_markups_coordinates(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse a .mrk.json whose placed control points (or ROI centre/size) lack three finite numbers: Slicer's
+    reader drops such points silently, and a prompt set missing a point is a different prompt."""
+    path = Path(path)
+    if not path.name.lower().endswith(".json") or not path.is_file():
+        return  # .fcsv, or a missing file (reported by the reader)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return  # not JSON: the markups reader gives the reason
+    for m, markup in enumerate(document.get("markups", []) if isinstance(document, dict) else []):
+        if not isinstance(markup, dict):
+            continue
+        for key in ("center", "size"):
+            if key in markup and not _number_triple(markup[key]):
+                raise CommandError(f"{option} {path}: markup {m} has a malformed {key} {markup[key]!r}")
+        for n, point in enumerate(markup.get("controlPoints") or []):
+            if not isinstance(point, dict) or point.get("positionStatus") in ("undefined", "preview"):
+                continue
+            if not _number_triple(point.get("position")):
+                label = point.get("label") or point.get("id") or n
+                raise CommandError(
+                    f"{option} {path}: control point {label!r} has a malformed position "
+                    f"{point.get('position')!r} (three numbers expected); fix or remove it"
+                )
 
 
 def _load_prompts(hs, args: argparse.Namespace):
     from .mrml import markups
 
     points, rois = [], []
-    for files, label in ((args.include, 1), (args.exclude, 0)):
+    for option, files, label in (("--include", args.include, 1), ("--exclude", args.exclude, 0)):
         for f in files:
+            check_markups_coordinates(f, option)
             for node in markups.load_markups(hs, f):
+                if node.IsA("vtkMRMLMarkupsROINode"):
+                    raise CommandError(f"{option} {f} holds an ROI, not points; pass it with --roi")
                 points += markups.points_from_markups(node, label)
     for f in args.roi:
+        check_markups_coordinates(f, "--roi")
         nodes = [n for n in markups.load_markups(hs, f) if n.IsA("vtkMRMLMarkupsROINode")]
         if not nodes:
             raise CommandError(f"--roi {f}: the file holds no ROI")
@@ -139,26 +232,62 @@ def _model(args: argparse.Namespace):
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise CommandError(f"--checkpoint: no such file: {args.checkpoint}")
-        return load_model(args.checkpoint, device=args.device)
-    name = args.model or "demo"
-    try:
-        path = resolve_model(name, download=args.download)
-    except WeightsError as exc:
-        raise CommandError(f"--model {name}: {exc}") from exc
-    entry = REGISTRY.get(name)
-    return load_model(path, device=args.device, build=entry.build if entry else None)
+        model, info = load_model(args.checkpoint, device=args.device)
+    else:
+        name = args.model or "demo"
+        try:
+            path = resolve_model(name, download=args.download)
+        except WeightsError as exc:
+            raise CommandError(f"--model {name}: {exc}") from exc
+        entry = REGISTRY.get(name)
+        model, info = load_model(path, device=args.device, build=entry.build if entry else None)
+    return model, info
+
+
+def _check_finite_results(result) -> None:
+    """Non-finite logits or IoU mean a broken model (or numerics): nothing of such a run may be written."""
+    for index, outcome in sorted(result.slices.items()):
+        logits_ok = outcome.low_res is None or bool(np.isfinite(outcome.low_res).all())
+        if not (math.isfinite(outcome.predicted_iou) and logits_ok):
+            raise CommandError(
+                f"the model returned NaN or infinity on slice {index} (damaged checkpoint or numerical "
+                "failure); nothing written"
+            )
+
+
+def _keep_out_low_confidence(masks: dict, result, existing_voxels, geometry, threshold: float) -> list[dict]:
+    """Drop prompted slices below `threshold` whose slice of the segment already holds voxels: a doubtful
+    result must not replace a good one unless --overwrite-low-confidence says so. Returns what was dropped."""
+    kept_out = []
+    for index, outcome in sorted(result.slices.items()):
+        if outcome.status != "prompted" or outcome.predicted_iou >= threshold or index not in masks:
+            continue
+        if not geometry.view(existing_voxels, index).any():
+            continue  # nothing to lose: an empty slice takes the result, as before
+        del masks[index]
+        kept_out.append({"index": index, "predicted_iou": round(outcome.predicted_iou, 4)})
+    return kept_out
+
+
+def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str) -> str:
+    slices = ", ".join(f"{k['index']} (IoU {k['predicted_iou']:.2f})" for k in kept_out)
+    return (
+        f"prompted slice(s) {slices} below --iou-threshold {threshold:.2f} kept out: segment "
+        f"'{segment_name}' already has voxels there (--overwrite-low-confidence writes them)"
+    )
 
 
 def _dicom_source(args: argparse.Namespace, volume) -> list:
-    """The source series for --dicom-seg, checked against the volume before any work is done."""
-    from .formats.dicom_seg import check_series_grid, read_series_datasets
+    """The source series for --dicom-seg (as read with the volume, now held to what a SEG needs), checked
+    against the volume before any work is done."""
+    from .formats.dicom_series import check_series_grid, sort_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(
             "--dicom-seg needs --volume to be a folder holding the DICOM series the SEG will reference "
             f"({args.volume} is not one)"
         )
-    datasets = read_series_datasets(args.volume)
+    datasets = sort_series_datasets(volume.dicom_datasets)
     check_series_grid(datasets, volume.array_kji.shape, volume.ijk_to_ras)
     return datasets
 
@@ -186,11 +315,12 @@ def _earlier_provenance(out: Path) -> list:
 
 def run_segment(args: argparse.Namespace) -> dict:
     from .engine.embedding_cache import EmbeddingCache
+    from .engine.geometry import SliceGeometry
     from .engine.predictor import SamMed2DPredictor
+    from .engine.prompts import prompts_by_slice
     from .engine.segmenter import segment_volume
     from .formats.volumes import read_volume
     from .mrml import scene, segmentations, volumes
-    from .mrml.dicom_segmentations import export_dicom_seg
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -202,9 +332,15 @@ def run_segment(args: argparse.Namespace) -> dict:
         timings["read_volume_s"] = time.perf_counter() - t0
         hs = scene.create_headless_scene()
         points, rois = _load_prompts(hs, args)
+        geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, args.axis)
+        prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice point limit
         existing = segmentations.load_segmentation(hs, out) if out.exists() else None
         earlier = _earlier_provenance(out) if existing is not None else []
         datasets = _dicom_source(args, volume) if args.dicom_seg else None
+        volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
+        seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
+        if existing is not None:
+            segmentations.check_segments_on_grid(seg_node, volume_node, out.name)
         window = _window(args.window, volume.array_kji, volume.modality)
         t = time.perf_counter()
         model, info = _model(args)
@@ -236,39 +372,87 @@ def run_segment(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
     result = seg.result
+    _check_finite_results(result)
     masks = result.masks()
     if not masks:
         raise CommandError("the model found nothing at the prompts (no slice accepted); nothing written")
 
     t = time.perf_counter()
-    volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
-    seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
+    had_segment = bool(seg_node.GetSegmentation().GetSegmentIdBySegmentName(args.segment_name))
     segment_id = segmentations.ensure_segment(seg_node, args.segment_name)
+    kept_out = []
+    if not args.overwrite_low_confidence and had_segment:
+        current = segmentations.segment_array(seg_node, segment_id, volume_node)
+        kept_out = _keep_out_low_confidence(masks, result, current, seg.geometry, args.iou_threshold)
+    if kept_out:
+        message = _kept_out_message(kept_out, args.iou_threshold, args.segment_name)
+        if not masks:
+            raise CommandError(f"{message}; nothing written")
+        print(f"warning: {message}", file=sys.stderr)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
     provenance = _provenance(points, rois, info, args, result.slices.values(), window)
+    report = _report(args, seg, info, window, segment_id, masks, kept_out, timings)
+    try:
+        with commit_outputs() as outputs:
+            _write_outputs(args, outputs, seg_node, volume_node, datasets, info, provenance, earlier)
+            timings["write_s"] = time.perf_counter() - t
+            timings["encode_s"] = result.encode_seconds
+            timings["decode_s"] = result.decode_seconds
+            timings["total_s"] = time.perf_counter() - t0
+            report["timings"] = {k: round(v, 4) for k, v in timings.items()}
+            if args.report:
+                outputs.path(args.report).write_text(report_json(report), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the outputs ({_os_reason(exc)}); nothing written") from None
+    except KeyboardInterrupt as exc:
+        if outputs.committed:
+            status = getattr(exc, "status", 130)
+            raise Interrupted("interrupted after the outputs were written", status) from None
+        raise
+    return report
+
+
+def _os_reason(exc: BaseException) -> str:
+    """One line for a failed write: the system's reason (some writers wrap it with a whole traceback)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _write_outputs(args, outputs, seg_node, volume_node, datasets, info, provenance, earlier) -> None:
+    """Every output into its temporary file (renamed by the caller's `commit_outputs` once all are done)."""
+    from .mrml import segmentations
+    from .mrml.dicom_segmentations import export_dicom_seg
+
+    segmentations.save_segmentation(
+        seg_node, outputs.path(args.out, suffix=".tmp.seg.nrrd"), provenance.to_metadata(earlier)
+    )
     if datasets is not None:
         by_segment = {p.segment: p for p in [*earlier, provenance]}  # the latest run on each segment
         try:
             export_dicom_seg(
-                seg_node, volume_node, datasets, args.dicom_seg, info.sha256, f"SAM-Med2D {info.build}",
-                provenance=by_segment,
+                seg_node, volume_node, datasets, outputs.path(args.dicom_seg, suffix=".tmp.dcm"),
+                info.sha256, f"SAM-Med2D {info.build}", provenance=by_segment,
             )  # fmt: skip
         except ValueError as exc:
             raise CommandError(f"--dicom-seg: {exc}") from exc
-    segmentations.save_segmentation(seg_node, out, provenance.to_metadata(earlier))
-    timings["write_s"] = time.perf_counter() - t
-    timings["encode_s"] = result.encode_seconds
-    timings["decode_s"] = result.decode_seconds
-    timings["total_s"] = time.perf_counter() - t0
 
+
+def _report(args, seg, info, window, segment_id, masks, kept_out, timings) -> dict:
+    """The --report content (also returned by `run_segment`): per-slice IoU, area, status; walks; timings."""
+    result = seg.result
     area_mm2 = seg.geometry.pixel_spacing[0] * seg.geometry.pixel_spacing[1]
-    report = {
+    return {
         "volume": str(args.volume),
         "axis": args.axis,
         "propagate": args.propagate,
         "segment_name": args.segment_name,
         "segment_id": segment_id,
-        "output": str(out),
+        "output": str(args.out),
         "dicom_seg": args.dicom_seg,
         "model": {"build": info.build, "source": info.source, "sha256": info.sha256},
         "window": {"low": window.low, "high": window.high, "method": window.method},
@@ -283,6 +467,7 @@ def run_segment(args: argparse.Namespace) -> dict:
                 "area_px": o.area_px,
                 "area_mm2": round(o.area_px * area_mm2, 2),
                 "reason": o.reason,
+                "written": o.index in masks,
             }
             for _, o in sorted(result.slices.items())
         ],
@@ -296,13 +481,11 @@ def run_segment(args: argparse.Namespace) -> dict:
             for w in result.walks
         ],
         "slices_written": sorted(masks),
+        "kept_out_low_confidence": kept_out,
         "encoded_slices": result.encoded_slices,
         "cancelled": result.cancelled,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
-    if args.report:
-        _write_json_atomic(Path(args.report), report)
-    return report
 
 
 def _segment_summary(report: dict) -> str:
@@ -321,6 +504,11 @@ def _finetune_summary(result) -> str:
     )
 
 
+def _raise_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C (temporary files removed, outputs untouched) instead of killing."""
+    raise Interrupted(status=128 + signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .finetune.training import FinetuneError, run_finetune
 
@@ -330,11 +518,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         run, summary = run_finetune, _finetune_summary
     else:
         run, summary = run_segment, _segment_summary
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         outcome = run(args)
     except (CommandError, FinetuneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except KeyboardInterrupt as exc:
+        message = str(exc) if isinstance(exc, Interrupted) else "interrupted; nothing written"
+        if args.command == "finetune":  # training saves its state as it goes: say what is kept
+            message = (
+                f"interrupted; the training state last saved in {args.out_dir} is kept (--resume continues)"
+            )
+        print(message, file=sys.stderr)
+        return getattr(exc, "status", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(summary(outcome), file=sys.stderr)
     return 0

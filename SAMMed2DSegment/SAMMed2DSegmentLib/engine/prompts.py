@@ -18,6 +18,10 @@ from .geometry import SliceGeometry
 
 INCLUDE = 1
 EXCLUDE = 0
+#: At most this many points on one slice. SAM (and SAM-Med2D) were trained with a handful of clicks per mask
+#: (iterative correction clicks), so more points do not help, while the decoder's attention over the prompt
+#: tokens grows quadratically with their number (10,000 points on one slice peaked at 7.2 GB RSS).
+MAX_POINTS_PER_SLICE = 64
 
 
 class PromptError(ValueError):
@@ -151,7 +155,15 @@ def prompts_by_slice(
             prompt.points = np.vstack([prompt.points, [[x, y]]])
             prompt.labels = np.append(prompt.labels, point.label)
     if outside:
-        raise PromptError("outside the volume: " + "; ".join(outside))
+        shown = "; ".join(outside[:10]) + (f"; and {len(outside) - 10} more" if len(outside) > 10 else "")
+        raise PromptError("outside the volume: " + shown)
+    crowded = {index: len(p.points) for index, p in result.items() if len(p.points) > MAX_POINTS_PER_SLICE}
+    if crowded:
+        index, count = max(crowded.items(), key=lambda item: item[1])
+        raise PromptError(
+            f"{count} points on slice {index}: at most {MAX_POINTS_PER_SLICE} per slice (the model was "
+            "trained with a few clicks per mask, and memory grows with the square of the number of points)"
+        )
     for roi in rois:
         for index, box in roi_slices(roi, geometry).items():
             prompt = result.setdefault(index, SlicePrompt())

@@ -32,7 +32,7 @@ from ..engine.geometry import AXES, SliceGeometry
 from ..engine.intensity import IntensityWindow, compute_window, default_window
 from ..engine.masks import interior_point
 from ..engine.preprocessing import opencv_nearest_indices
-from ..files import atomic_path
+from ..files import OutputPlanError, atomic_path, check_output_plan, input_files
 from ..formats.volumes import read_volume
 from ..model import CONFIGS, SamMed2D, build_sam_med2d
 from ..model.sam import PIXEL_MEAN, PIXEL_STD
@@ -625,8 +625,8 @@ def finetune(
     best validation score) in `out_dir`. `stop_after` ends the run at that step, like an interruption."""
     config.check()
     out = Path(out_dir)
-    if not out.is_dir():
-        raise FinetuneError(f"output folder does not exist: {out}")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"the output folder {out} is a file")
     state_path, best_path = out / "last.safetensors", out / "best.safetensors"
     data = load_training_set(pairs, config)
     torch.manual_seed(config.seed)  # the initial weights of a build trained from scratch
@@ -650,6 +650,7 @@ def finetune(
     else:
         running = None
     val_batches = _validation_batches(data)
+    out.mkdir(parents=True, exist_ok=True)  # created only once the inputs have been read and checked
     model.train()
     start_step, t_start = run["step"], time.perf_counter()
     elapsed_before = run["seconds"]
@@ -751,6 +752,7 @@ def run_finetune(args) -> FinetuneResult:
     )  # fmt: skip
     if args.export and not args.export.endswith(".safetensors"):
         raise FinetuneError(f"--export must end in .safetensors, got {args.export}")
+    _check_finetune_outputs(args)
     result = finetune(
         config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
         progress=None if args.quiet else _print_progress,
@@ -760,6 +762,25 @@ def run_finetune(args) -> FinetuneResult:
         with atomic_path(Path(args.export), suffix=".tmp.safetensors") as temporary:
             temporary.write_bytes(best.read_bytes())
     return result
+
+
+def _check_finetune_outputs(args) -> None:
+    """The same output plan as `segment`: no output (the states in --out-dir, --export) may be an input
+    (images, labels, --init) or another output, links included; --out-dir may be missing (it is created)."""
+    inputs = [item for path in args.image for item in input_files("--image", path)]
+    inputs += [item for path in args.labels for item in input_files("--labels", path)]
+    if args.init:
+        inputs += input_files("--init", args.init)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out-dir {out} is a file; give a folder (it is created if missing)")
+    if args.export and not Path(args.export).resolve().parent.is_dir():
+        raise FinetuneError(f"--export: output folder does not exist: {Path(args.export).resolve().parent}")
+    outputs = [(f"--out-dir's {name}", out / name) for name in ("last.safetensors", "best.safetensors")]
+    try:
+        check_output_plan([*outputs, ("--export", args.export)], inputs, missing_folders_ok=True)
+    except OutputPlanError as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 def _print_progress(event: dict) -> None:

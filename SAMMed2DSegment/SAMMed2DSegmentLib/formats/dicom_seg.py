@@ -34,7 +34,7 @@ import copy
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +47,20 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from .. import __version__
-from ..engine.geometry import LPS_TO_RAS
+from ..choices import SEGMENT_COLORS
 from ..files import atomic_path
+from .dicom_series import (  # noqa: F401  series reading lives there (no highdicom); re-exported here
+    _DUPLICATES,
+    ORIENTATION_TOL,
+    SEG_SOP_CLASS_UID,
+    SPACING_REL_TOL,
+    _check_regular_steps,
+    _validate_stack,
+    check_series_grid,
+    read_series_datasets,
+    series_affine,
+    sort_series_datasets,
+)
 from .provenance import (
     MAX_LT_LENGTH,
     TRUNCATED,
@@ -66,37 +78,11 @@ Code3 = tuple[str, str, str]
 
 DEFAULT_CATEGORY: Code3 = ("91723000", "SCT", "Anatomical Structure")
 DEFAULT_TYPE: Code3 = ("85756007", "SCT", "Tissue")
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 MAX_LABEL_LENGTH = 64  # SegmentLabel is LO
-ORIENTATION_TOL = 1e-4  # direction cosines
-SPACING_REL_TOL = 0.01  # slice steps may deviate from the median step by 1 %
 AFFINE_TOL_MM = 1e-3
 
-# Used when a segment has no colour (RGB 0..1), in the spirit of Slicer's generic anatomy colours.
-DEFAULT_COLORS: tuple[tuple[float, float, float], ...] = (
-    (0.502, 0.682, 0.502),
-    (0.945, 0.839, 0.569),
-    (0.694, 0.478, 0.396),
-    (0.435, 0.722, 0.824),
-    (0.847, 0.396, 0.310),
-    (0.867, 0.510, 0.396),
-    (0.565, 0.933, 0.565),
-    (0.753, 0.408, 0.690),
-)
-
-_DUPLICATES = "the source images contain several slices at the same position (duplicates?)"
-_REQUIRED_PER_IMAGE = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "FrameOfReferenceUID",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "Rows",
-    "Columns",
-)
+# Used when a segment has no colour (RGB 0..1).
+DEFAULT_COLORS = SEGMENT_COLORS
 
 
 @dataclass
@@ -118,138 +104,6 @@ class SegmentSpec:
     category: Code3 | None = None
     type: Code3 | None = None
     provenance: Provenance | None = None
-
-
-# -------------------------------------------------------------------------------------- series reading
-
-
-def read_series_datasets(folder: str | os.PathLike, *, load_pixels: bool = False) -> list[Dataset]:
-    """Read one single-frame DICOM series from ``folder`` (not recursive), sorted along the slice normal.
-
-    Files that are not DICOM, and DICOM-SEG objects (e.g. an earlier export saved next to the series), are
-    skipped. Pixel data is not read unless ``load_pixels``. Raises FileNotFoundError when the folder does not
-    exist and ValueError when it holds no images, several series, or a series that is not a regular stack
-    (see :func:`sort_series_datasets`).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"DICOM series folder not found: {folder}")
-    datasets = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not load_pixels)
-        except (InvalidDicomError, OSError) as exc:
-            log.debug("skipping %s: %s", path, exc)
-            continue
-        if ds.get("SOPClassUID") == SEG_SOP_CLASS_UID or "Rows" not in ds:
-            log.debug("skipping %s: not an image", path)
-            continue
-        datasets.append(ds)
-    if not datasets:
-        raise ValueError(f"no DICOM images found in {folder}")
-    return sort_series_datasets(datasets)
-
-
-def sort_series_datasets(datasets: Iterable[Dataset]) -> list[Dataset]:
-    """Validate that ``datasets`` form one regular stack of slices and sort them along the slice normal."""
-    datasets = list(datasets)
-    if not datasets:
-        raise ValueError("no source datasets given")
-    positions = _validate_stack(datasets)
-    order = np.argsort(positions, kind="stable")
-    ordered = [datasets[n] for n in order]
-    _check_regular_steps(ordered)
-    return ordered
-
-
-def series_affine(datasets: Sequence[Dataset]) -> np.ndarray:
-    """4x4 matrix mapping ``(i, j, k, 1)`` of the KJI grid of the sorted ``datasets`` to LPS millimetres."""
-    first = datasets[0]
-    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    origin = _ipp(first)
-    if len(datasets) > 1:
-        step = (_ipp(datasets[-1]) - origin) / (len(datasets) - 1)
-    else:
-        normal = np.cross(iop[:3], iop[3:])
-        thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-        step = normal * thickness
-    affine = np.eye(4)
-    affine[:3, 0] = iop[:3] * col_spacing  # i: along a row (next column)
-    affine[:3, 1] = iop[3:] * row_spacing  # j: down a column (next row)
-    affine[:3, 2] = step
-    affine[:3, 3] = origin
-    return affine
-
-
-def check_series_grid(datasets: Sequence[Dataset], shape_kji: Sequence[int], ijk_to_ras: np.ndarray) -> None:
-    """Raise ValueError unless a volume (KJI shape, IJK→RAS) lies on the sorted series' own voxel grid, as a
-    DICOM-SEG referencing that series requires."""
-    expected = LPS_TO_RAS @ series_affine(datasets)
-    if int(shape_kji[0]) != len(datasets) or not np.allclose(expected, ijk_to_ras, atol=1e-3):
-        raise ValueError(
-            "the volume is not on the voxel grid of the DICOM series (a DICOM-SEG must reference the series "
-            "the volume was loaded from)"
-        )
-
-
-def _ipp(ds: Dataset) -> np.ndarray:
-    return np.asarray([float(v) for v in ds.ImagePositionPatient])
-
-
-def _validate_stack(datasets: Sequence[Dataset]) -> np.ndarray:
-    """Check the attributes a SEG needs and the stack's consistency; return each slice's normal position."""
-    for attr in _REQUIRED_PER_IMAGE:
-        missing = sum(1 for ds in datasets if ds.get(attr) in (None, "", []))
-        if missing:
-            raise ValueError(
-                f"{missing} of {len(datasets)} source images lack {attr} (or it is empty); "
-                "a DICOM-SEG cannot be referenced to this series"
-            )
-    for attr in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
-        values = {str(ds.get(attr)) for ds in datasets}
-        if len(values) > 1:
-            raise ValueError(f"the source images belong to {len(values)} different {attr}s; pass one series")
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    if len(set(uids)) != len(uids):
-        raise ValueError("the source images contain duplicate SOPInstanceUIDs")
-    multiframe = [ds for ds in datasets if int(ds.get("NumberOfFrames") or 1) > 1]
-    if multiframe:
-        raise ValueError(
-            "multi-frame source images are not supported; the series must be single-frame images"
-        )
-    if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) > 1:
-        raise ValueError("the source images have different sizes (Rows x Columns)")
-    spacing = np.asarray([[float(v) for v in ds.PixelSpacing] for ds in datasets])
-    if len(spacing[0]) != 2 or not np.allclose(spacing, spacing[0], rtol=1e-4, atol=1e-6):
-        raise ValueError("the source images have different (or malformed) PixelSpacing")
-    iops = np.asarray([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
-    if iops.shape[1] != 6:
-        raise ValueError("malformed ImageOrientationPatient (needs 6 values)")
-    if not np.allclose(iops, iops[0], atol=ORIENTATION_TOL):
-        raise ValueError("the source images have mixed orientations (ImageOrientationPatient differs)")
-    normal = np.cross(iops[0, :3], iops[0, 3:])
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise ValueError("malformed ImageOrientationPatient: direction cosines are not orthonormal")
-    return np.asarray([_ipp(ds) @ normal for ds in datasets])
-
-
-def _check_regular_steps(ordered: Sequence[Dataset]) -> None:
-    if len(ordered) < 2:
-        return
-    ipps = np.asarray([_ipp(ds) for ds in ordered])
-    steps = np.diff(ipps, axis=0)
-    lengths = np.linalg.norm(steps, axis=1)
-    median = float(np.median(lengths))
-    if median <= 1e-6 or lengths.min() <= 1e-6 * max(median, 1.0):
-        raise ValueError(_DUPLICATES)
-    deviation = np.linalg.norm(steps - np.median(steps, axis=0), axis=1)
-    worst = int(np.argmax(deviation))
-    if deviation[worst] > SPACING_REL_TOL * median:
-        raise ValueError(
-            f"uneven slice spacing: step {worst}->{worst + 1} is {lengths[worst]:.4g} mm while the median is "
-            f"{median:.4g} mm (missing slices or a gap?)"
-        )
 
 
 # ------------------------------------------------------------------------------------------- provenance

@@ -24,6 +24,7 @@ class Volume:
     source: str
     modality: str | None = None
     dicom_files: list[str] = field(default_factory=list)
+    dicom_datasets: list = field(default_factory=list)  # the series' headers (pydicom), in slice order
 
 
 def ijk_to_ras_from_itk(image) -> np.ndarray:
@@ -52,20 +53,24 @@ def _check(image, source: str) -> None:
 
 
 def _read_dicom_folder(folder: Path):
+    """The one series in `folder`, validated (gaps, spacing, positions, orientation, truncated files, one
+    patient/study/series) before ITK reads exactly those files in slice order; other objects (a DICOM-SEG
+    beside the series) are ignored with a warning."""
     import SimpleITK as sitk
 
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise VolumeReadError(f"{folder}: no DICOM series found in this folder")
-    if len(series) > 1:
-        raise VolumeReadError(f"{folder}: {len(series)} DICOM series found; put one series per folder")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    from .dicom_series import REQUIRED_FOR_GEOMETRY, read_series_datasets
+
+    try:
+        datasets = read_series_datasets(folder, required=REQUIRED_FOR_GEOMETRY)
+    except ValueError as exc:
+        raise VolumeReadError(f"{folder}: {exc}") from exc
+    files = [str(ds.filename) for ds in datasets]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
     modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
-    return image, modality, files
+    return image, modality, datasets
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -75,10 +80,10 @@ def read_volume(path: str | Path) -> Volume:
     p = Path(path)
     if not p.exists():
         raise VolumeReadError(f"{p}: no such file or folder")
-    modality, files = None, []
+    modality, datasets = None, []
     try:
         if p.is_dir():
-            image, modality, files = _read_dicom_folder(p)
+            image, modality, datasets = _read_dicom_folder(p)
         else:
             if not p.name.lower().endswith(FILE_SUFFIXES):
                 raise VolumeReadError(
@@ -89,4 +94,7 @@ def read_volume(path: str | Path) -> Volume:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise VolumeReadError(f"{p}: cannot read volume ({first})") from exc
     _check(image, str(p))
-    return Volume(sitk.GetArrayFromImage(image), ijk_to_ras_from_itk(image), str(p), modality, files)
+    files = [str(ds.filename) for ds in datasets]
+    return Volume(
+        sitk.GetArrayFromImage(image), ijk_to_ras_from_itk(image), str(p), modality, files, datasets
+    )

@@ -9,8 +9,13 @@ Why this module exists:
 * The official loader calls `load_state_dict(..., strict=False)` and silently ignores missing/unexpected keys;
   `load_into` lists every missing, unexpected and mis-shaped key instead.
 * Reading a 2.4 GB pickle (mostly optimizer moments) on every start is slow: the model weights are converted
-  once into a safetensors file in a cache (memory-mapped on later loads), with the source's SHA-256 stored
-  in its metadata so it is never recomputed.
+  once into a safetensors file in a cache (memory-mapped on later loads). The cache is keyed by the source's
+  content (SHA-256), never by its path, size or mtime alone: a file replaced by another of the same size and
+  mtime must load the new weights. Hashing 2.4 GB on every start is slow too, so the hash of each source file
+  is remembered with its full identity (size, mtime, ctime, inode, device) and reused only while all of it is
+  unchanged; ctime is set by the system on every write, rename or `touch`, so no replacement keeps it.
+* A checkpoint enters the cache only after it loaded strictly and holds finite weights: a rejected file
+  leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -325,58 +331,100 @@ def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def convert_to_safetensors(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], build: str | None = None
-) -> dict[str, str]:
-    """Write the model state dict of checkpoint `src` atomically to safetensors `dst`; return its metadata.
-
-    Only the model weights are kept (optimizer state is dropped); the source's SHA-256 and the build go into
-    the metadata so later loads need neither the pickle nor a re-hash.
-    """
+def _write_safetensors(sd: Mapping[str, torch.Tensor], dst: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    src, dst = Path(src), Path(dst)
-    sd, notes = extract_state_dict(load_checkpoint_object(src))
-    metadata = {
-        "format": FORMAT_TAG,
-        "build": build or infer_build(sd),
-        "source_sha256": sha256_file(src),
-    }
-    if notes:
-        metadata["notes"] = "\n".join(notes)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst) as tmp:
         save_file(_unshared(sd), str(tmp), metadata=metadata)
+
+
+def _metadata(sd: Mapping[str, torch.Tensor], notes: tuple[str, ...], build: str | None, sha: str) -> dict:
+    metadata = {"format": FORMAT_TAG, "build": build or infer_build(sd), "source_sha256": sha}
+    if notes:
+        metadata["notes"] = "\n".join(notes)
     return metadata
 
 
+def convert_to_safetensors(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    build: str | None = None,
+    source_sha256: str | None = None,
+) -> dict[str, str]:
+    """Write the model state dict of checkpoint `src` atomically to safetensors `dst`; return its metadata.
 
-def _source_key(src: Path) -> tuple[str, str]:
+    Only the model weights are kept (optimizer state is dropped); the source's SHA-256 (computed unless
+    given) and the build go into the metadata so later loads need neither the pickle nor a re-hash.
+    """
+    src, dst = Path(src), Path(dst)
+    sd, notes = extract_state_dict(load_checkpoint_object(src))
+    metadata = _metadata(sd, notes, build, source_sha256 or sha256_file(src))
+    _write_safetensors(sd, dst, metadata)
+    return metadata
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """Everything that changes when a file is written or replaced (ctime cannot be set by a user)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _cache_base(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _index_path(src: Path, base: Path) -> Path:
+    """Where the remembered hash of source file `src` (by its resolved path) is kept."""
     resolved = src.expanduser().resolve()
-    st = resolved.stat()
     path_key = hashlib.sha256(str(resolved).encode("utf-8")).hexdigest()[:16]
-    version_key = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return path_key, version_key
+    stem = re.sub(r"[^\w.-]", "_", src.stem)[:60]
+    return base / f"{stem}-{path_key}.source.json"
+
+
+def _remembered_sha256(src: Path, base: Path) -> str | None:
+    """The SHA-256 recorded for `src` while its identity (size, mtime, ctime, inode, device) is unchanged."""
+    try:
+        entry = json.loads(_index_path(src, base).read_text(encoding="utf-8"))
+        if entry.get("identity") == _identity(src.expanduser().resolve().stat()):
+            sha = entry.get("sha256")
+            return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def source_sha256(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """SHA-256 of checkpoint `src`: the remembered one while the file is unchanged, else computed."""
+    src = Path(src)
+    return _remembered_sha256(src, _cache_base(cache_dir)) or sha256_file(src)
+
+
+def _remember_sha256(src: Path, base: Path, sha: str, identity: list[int]) -> str | None:
+    """Record `sha` for `src`; returns the SHA-256 recorded before (another version), if any."""
+    index = _index_path(src, base)
+    previous = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        previous = json.loads(index.read_text(encoding="utf-8")).get("sha256")
+    with atomic_path(index) as tmp:
+        tmp.write_text(
+            json.dumps({"source": str(src.expanduser().resolve()), "identity": identity, "sha256": sha})
+        )
+    return previous if previous != sha else None
+
+
+def _content_path(src: Path, sha: str, base: Path) -> Path:
+    stem = re.sub(r"[^\w.-]", "_", src.stem)[:60]
+    return base / f"{stem}-{sha[:32]}.safetensors"
 
 
 def cached_safetensors_path(
     src: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Where the converted copy of `src` lives in the cache; a changed source (size, mtime) gets a new one."""
+    """Where the converted copy of `src` lives in the cache: named by the SHA-256 of its content (remembered
+    while the file is unchanged, else computed), so any change of content gets a new entry."""
     src = Path(src)
-    path_key, version_key = _source_key(src)
-    stem = re.sub(r"[^\w.-]", "_", src.stem)[:60]
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return base / f"{stem}-{path_key}-{version_key}.safetensors"
-
-
-def _remove_stale(cached: Path) -> None:
-    """Delete earlier conversions of the same source path (older size/mtime) so the cache does not grow."""
-    prefix = cached.name.rsplit("-", 1)[0] + "-"
-    for other in cached.parent.glob(f"{glob_escape(prefix)}*.safetensors"):
-        if other != cached:
-            with contextlib.suppress(OSError):
-                other.unlink()
+    base = _cache_base(cache_dir)
+    return _content_path(src, source_sha256(src, base), base)
 
 
 def glob_escape(text: str) -> str:
@@ -412,49 +460,83 @@ def resolve_device(name: str | torch.device) -> torch.device:
     raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or auto")
 
 
+def _check_finite(sd: Mapping[str, torch.Tensor], path: Path) -> None:
+    """NaN or infinite weights give NaN logits, i.e. empty masks that would erase voxels: refuse them."""
+    with torch.no_grad():
+        bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"refusing {path}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); the file is "
+            "damaged"
+        )
+
+
+@dataclasses.dataclass
+class _Source:
+    """A checkpoint's state dict, provenance, and, for a fresh conversion, what to put in the cache."""
+
+    sd: dict[str, torch.Tensor]
+    info: CheckpointInfo
+    to_cache: tuple[Path, dict[str, str], list[int]] | None = None
+
+
 def _read_source(
     path: Path, cache_dir: str | os.PathLike[str] | None, use_cache: bool, build: str | None
-) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """The model state dict of `path` and its provenance (build left empty), via the cache when allowed."""
+) -> _Source:
+    """The model state dict of `path` and its provenance (build left empty), via the cache when allowed.
+    A conversion is only prepared here; `load_model` writes it once the weights have loaded."""
     source = str(path.expanduser().resolve())
     if _sniff(path) == "safetensors":
         tensors, metadata = _load_safetensors(path)
         sd, notes = extract_state_dict(tensors)
         sha = metadata.get("source_sha256") if metadata.get("format") == FORMAT_TAG else None
-        info = CheckpointInfo("", source, sha or sha256_file(path), False, False, source, notes)
-        return sd, info
+        return _Source(sd, CheckpointInfo("", source, sha or sha256_file(path), False, False, source, notes))
 
+    base = _cache_base(cache_dir)
+    identity = _identity(path.expanduser().resolve().stat())
+    remembered = _remembered_sha256(path, base) if use_cache else None
+    sha = remembered or sha256_file(path)
     if use_cache:
-        cached = cached_safetensors_path(path, cache_dir)
+        cached = _content_path(path, sha, base)
         if cached.is_file():
             try:
                 tensors, metadata = _load_safetensors(cached)
-                if metadata.get("format") == FORMAT_TAG and metadata.get("source_sha256"):
+                if metadata.get("format") == FORMAT_TAG and metadata.get("source_sha256") == sha:
                     sd, _ = extract_state_dict(tensors)
                     notes = tuple(filter(None, metadata.get("notes", "").split("\n")))
-                    info = CheckpointInfo(
-                        "", source, metadata["source_sha256"], True, False, str(cached), notes
-                    )
-                    return sd, info
+                    info = CheckpointInfo("", source, sha, True, False, str(cached), notes)
+                    return _Source(sd, info, None if remembered else (cached, {}, identity))
             except CheckpointError as exc:
                 log.warning("ignoring unreadable cached copy %s (%s); converting again", cached, exc)
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            metadata = convert_to_safetensors(path, cached, build=build)
-        except OSError as exc:
-            log.warning(
-                "cannot write the checkpoint cache in %s (%s); loading %s directly", cached.parent, exc, path
-            )
-        else:
-            _remove_stale(cached)
-            tensors, _ = _load_safetensors(cached)
-            sd, _ = extract_state_dict(tensors)
-            notes = tuple(filter(None, metadata.get("notes", "").split("\n")))
-            info = CheckpointInfo("", source, metadata["source_sha256"], True, True, str(cached), notes)
-            return sd, info
-
     sd, notes = extract_state_dict(load_checkpoint_object(path))
-    return sd, CheckpointInfo("", source, sha256_file(path), False, False, source, notes)
+    if _identity(path.expanduser().resolve().stat()) != identity:
+        raise CheckpointError(f"{path} changed while it was being read; load it again")
+    info = CheckpointInfo("", source, sha, False, False, source, notes)
+    if not use_cache:
+        return _Source(sd, info)
+    return _Source(sd, info, (_content_path(path, sha, base), _metadata(sd, notes, build, sha), identity))
+
+
+def _store_in_cache(path: Path, source: _Source, cache_dir: str | os.PathLike[str] | None) -> CheckpointInfo:
+    """Write a fresh conversion (if any) and remember the source's hash; a cache that cannot be written
+    only costs speed. Returns the provenance to report."""
+    if source.to_cache is None:
+        return source.info
+    cached, metadata, identity = source.to_cache
+    base = _cache_base(cache_dir)
+    try:
+        if metadata:
+            _write_safetensors(source.sd, cached, metadata)
+        previous = _remember_sha256(path, base, source.info.sha256, identity)
+    except OSError as exc:
+        log.warning("cannot write the checkpoint cache in %s (%s); loaded %s directly", base, exc, path)
+        return source.info
+    if previous is not None:  # the earlier version of this file: its conversion is stale now
+        with contextlib.suppress(OSError):
+            _content_path(path, previous, base).unlink()
+    if not metadata:
+        return source.info
+    return dataclasses.replace(source.info, used_cache=True, converted=True, loaded_from=str(cached))
 
 
 def load_model(
@@ -467,7 +549,8 @@ def load_model(
     """Build the network for checkpoint `path`, load it strictly, and return it in eval mode on `device`.
 
     A safetensors file is read directly (memory-mapped); a `.pth` is converted once into the cache (unless
-    `use_cache=False` or the cache is not writable) so later starts skip the pickle and the hash.
+    `use_cache=False` or the cache is not writable) so later starts skip the pickle (and, while the file is
+    unchanged, the hash). Weights holding NaN or infinity are refused; a refused file is never cached.
     """
     from ..model import build_sam_med2d
 
@@ -475,12 +558,14 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    sd, info = _read_source(path, cache_dir, use_cache, build)
-    chosen = build or infer_build(sd)
+    source = _read_source(path, cache_dir, use_cache, build)
+    chosen = build or infer_build(source.sd)
     with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters below
         model = build_sam_med2d(chosen)
-    load_into(model, sd, assign=True)
-    del sd
+    load_into(model, source.sd, assign=True)
+    _check_finite(source.sd, path)
+    info = _store_in_cache(path, source, cache_dir)
+    source.sd.clear()
     model.reset_constants()
     model.eval().to(target)
     return model, dataclasses.replace(info, build=chosen)
@@ -501,4 +586,5 @@ __all__ = [
     "load_model",
     "resolve_device",
     "sha256_file",
+    "source_sha256",
 ]
