@@ -11,7 +11,7 @@ this measures cost, not quality) on the bundled 512×512×20 DICOM CT, and print
    cached embedding (`EmbeddingCache` + `set_embedding`) → `SamMed2DPredictor.predict` → the mask written
    into a segment of a real MRML segmentation node (`write_segment_slices`); median and p90 over clicks at
    different points with the split mapping / decoder+upsampling / write, and the same click through
-   `segment_volume(direction="none")` (the engine's path, which adds `components_touching`), interleaved;
+   `run_session(direction="none")` (the engine's path, which adds `components_touching`), interleaved;
 2. propagation overhead over all 20 slices from one include point on the central slice with permissive
    stopping rules: total time, slices visited, standalone `model.image_encoder` seconds per slice measured in
    the same run (one call after every propagated slice, its time taken out of the total), overhead =
@@ -59,6 +59,7 @@ from SAMMed2DSegmentLib.engine.intensity import default_window, to_uint8  # noqa
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor  # noqa: E402
 from SAMMed2DSegmentLib.engine.prompts import INCLUDE, PointPrompt, prompts_by_slice  # noqa: E402
 from SAMMed2DSegmentLib.engine.propagation import PropagationEngine, PropagationSettings  # noqa: E402
+from SAMMed2DSegmentLib.engine.session import SegmentationSession  # noqa: E402
 from SAMMed2DSegmentLib.formats.volumes import read_volume  # noqa: E402
 from SAMMed2DSegmentLib.model import build_sam_med2d  # noqa: E402
 from SAMMed2DSegmentLib.model.image_encoder import ImageEncoderViT  # noqa: E402
@@ -88,6 +89,20 @@ class WalkEverySlice(SamMed2DPredictor):
 
 # -- helpers -------------------------------------------------------------------------------------------
 
+
+
+def run_session(predictor, volume_kji, ijk_to_ras, window, points, direction="both", settings=None,
+                cache=None, progress=None, key="bench"):  # fmt: skip
+    """The session path, as the command line and the engine process run it, with a given embedding cache;
+    returns what `session.last` holds (geometry, seeds, result)."""
+    session = SegmentationSession(predictor)
+    if cache is not None:
+        session.cache = cache
+    session.set_volume(volume_kji, ijk_to_ras, window=window, key=key)
+    for outcome in session.propagate(points, (), "axial", direction, settings):
+        if progress is not None:
+            progress(len(session.last.result.slices), outcome)
+    return session.last
 
 def build_model() -> torch.nn.Module:
     model = build_sam_med2d(BUILD)
@@ -191,11 +206,11 @@ def bench_clicks(model, ct, window, n_clicks: int, big_slices: int) -> dict:
     seg_node = segmentations.ensure_segmentation(hs, volume_node)
     segment_id = segmentations.ensure_segment(seg_node, "clicked")
 
-    # The embeddings of three central slices, cached under the key segment_volume uses (so both paths hit).
+    # The embeddings of three central slices, cached under the key run_session uses (so both paths hit).
     middle = geometry.num_slices // 2
     cached = [middle - 2, middle, middle + 2]
     cache = EmbeddingCache()
-    cache_key = (None, geometry.axis, window.low, window.high)
+    cache_key = ("bench", geometry.axis, window.low, window.high)  # the key run_session's engine uses
     for index in cached:
         predictor.set_image(to_uint8(geometry.view(volume_kji, index), window))
         cache.put((cache_key, index), predictor.get_image_embedding())
@@ -241,7 +256,7 @@ def bench_clicks(model, ct, window, n_clicks: int, big_slices: int) -> dict:
 
     def engine(position) -> tuple[float, float]:
         t0 = time.perf_counter()
-        seg = segmenter.segment_volume(
+        seg = run_session(
             predictor,
             volume_kji,
             ijk_to_ras,
@@ -300,8 +315,8 @@ def bench_clicks(model, ct, window, n_clicks: int, big_slices: int) -> dict:
         f"vs {torch.get_num_threads()} threads {ms(statistics.median(decode))}, p90 {ms(p90(decode))}"
     )
     print(
-        "    engine path (segment_volume direction='none' + write): "
-        f"median {ms(statistics.median(eng_total))}, p90 {ms(p90(eng_total))}; segment_volume alone median "
+        "    engine path (session, direction='none' + write): "
+        f"median {ms(statistics.median(eng_total))}, p90 {ms(p90(eng_total))}; session alone median "
         f"{ms(statistics.median(eng_segment))}, p90 {ms(p90(eng_segment))}"
     )
     print(
@@ -415,7 +430,7 @@ def bench_propagation(model, ct, window, reps: int, force_profile: bool) -> dict
     encoder_times(model, inputs[:1])  # warm-up
 
     def run(progress=None):
-        return segmenter.segment_volume(
+        return run_session(
             predictor,
             volume_kji,
             ijk_to_ras,
@@ -517,7 +532,7 @@ def memory_child(slices: int, cache_bytes: int) -> None:
     trim_heap()  # else the state dict's freed pages, still counted in RSS, absorb the propagation's growth
     before = proc_status_kib("VmRSS")
     reset = reset_peak_rss()
-    seg = segmenter.segment_volume(
+    seg = run_session(
         predictor,
         volume,
         ct.ijk_to_ras,
@@ -630,7 +645,7 @@ def summary(clicks: dict | None, prop: dict | None, memory: list[dict] | None) -
             ),
             ("  decoder+upsampling at 1 thread", ms(clicks["decode_1t"]), ""),
             (
-                "click→mask via segment_volume + write",
+                "click→mask via the session + write",
                 f"{ms(clicks['engine_median'])} / p90 {ms(clicks['engine_p90'])}",
                 "",
             ),

@@ -314,11 +314,10 @@ def _earlier_provenance(out: Path) -> list:
 
 
 def run_segment(args: argparse.Namespace) -> dict:
-    from .engine.embedding_cache import EmbeddingCache
     from .engine.geometry import SliceGeometry
     from .engine.predictor import SamMed2DPredictor
     from .engine.prompts import prompts_by_slice
-    from .engine.segmenter import segment_volume
+    from .engine.session import SegmentationSession
     from .formats.volumes import read_volume
     from .mrml import scene, segmentations, volumes
 
@@ -346,22 +345,17 @@ def run_segment(args: argparse.Namespace) -> dict:
         model, info = _model(args)
         timings["load_model_s"] = time.perf_counter() - t
         settings = PropagationSettings(iou_threshold=args.iou_threshold)
-        progress = None
-        if not args.quiet:
-
-            def progress(n: int, outcome) -> None:
+        t = time.perf_counter()
+        session = SegmentationSession(SamMed2DPredictor(model), cache_bytes=args.cache_mb << 20)
+        session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
+        for outcome in session.propagate(points, rois, args.axis, args.propagate, settings):
+            if not args.quiet:
                 print(
                     f"slice {outcome.index}: {outcome.status} IoU {outcome.predicted_iou:.2f} "
                     f"area {outcome.area_px} px {outcome.reason}",
                     file=sys.stderr,
                 )
-
-        t = time.perf_counter()
-        seg = segment_volume(
-            SamMed2DPredictor(model), volume.array_kji, volume.ijk_to_ras, window, points, rois,
-            axis=args.axis, direction=args.propagate, settings=settings,
-            cache=EmbeddingCache(args.cache_mb << 20), progress=progress,
-        )  # fmt: skip
+        seg = session.last
         timings["propagation_s"] = time.perf_counter() - t
     except (ValueError, FileNotFoundError) as exc:  # every input check raises a ValueError subclass
         raise CommandError(str(exc)) from exc

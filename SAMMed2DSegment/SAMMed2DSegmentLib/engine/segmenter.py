@@ -1,9 +1,9 @@
-"""Segment a structure in a volume from physical-space prompts: the one call the command line and the
-Slicer module's Logic share (pure layer; the caller reads volumes and markups and writes the result)."""
+"""The pieces the session assembles for one volume, view and window: windowed display-oriented slices, the
+propagation engine over them, and seeds from physical-space prompts (pure layer)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +12,8 @@ from .embedding_cache import EmbeddingCache
 from .geometry import SliceGeometry
 from .intensity import IntensityWindow, to_uint8
 from .predictor import SamMed2DPredictor
-from .prompts import PointPrompt, PromptError, RoiPrompt, SlicePrompt, prompts_by_slice
-from .propagation import ProgressCallback, PropagationEngine, PropagationResult, PropagationSettings
+from .prompts import PromptError, SlicePrompt
+from .propagation import PropagationEngine, PropagationResult, PropagationSettings
 
 
 @dataclass
@@ -73,34 +73,3 @@ def make_engine(
         cache_key=(cache_key, geometry.axis, window.low, window.high),
         settings=settings,
     )
-
-
-def segment_volume(
-    predictor: SamMed2DPredictor,
-    volume_kji: np.ndarray,
-    ijk_to_ras: np.ndarray,
-    window: IntensityWindow,
-    points: Sequence[PointPrompt] = (),
-    rois: Sequence[RoiPrompt] = (),
-    axis: str = "axial",
-    direction: str = "both",
-    settings: PropagationSettings | None = None,
-    cache: EmbeddingCache | None = None,
-    cache_key: object = None,
-    progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> VolumeSegmentation:
-    """Prompts in world RAS → per-slice masks (in display orientation) with status and confidence."""
-    geometry = SliceGeometry.create(volume_kji.shape, ijk_to_ras, axis)
-    prompts = prompts_by_slice(geometry, points, rois)
-    seeds, roi_boxes = split_prompts(prompts, bool(rois))
-    engine = make_engine(predictor, volume_kji, geometry, window, settings, cache, cache_key)
-    result = engine.run(
-        seeds,
-        direction=direction,
-        up_step=geometry.normal_sign,
-        roi_boxes=roi_boxes or None,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
-    return VolumeSegmentation(geometry, window, seeds, roi_boxes, result)
