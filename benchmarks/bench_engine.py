@@ -2,14 +2,17 @@
 
 1. Click → mask on a cached slice: through the client and the engine process (request, decoder, packed mask
    back, unpacked) against the same session call in this process.
-2. Propagation over the bundled 20-slice CT while the calling thread holds the GIL the way PythonQt's main
-   thread does (a busy Python loop under sys.setswitchinterval(0.05)), against an idle caller, for the engine
-   process and for a worker thread in this process (the module's former design). A ratio near 1.0 means the
-   caller's GIL does not slow the model.
+2. Propagation over the bundled 20-slice CT while the main thread polls every 50 ms and, between polls, waits
+   idle, keeps the GIL while blocked in C (what PythonQt's main thread does in the Qt event loop), or spins
+   in a busy Python loop under sys.setswitchinterval(0.05) (which on 2 cores also takes a core from the
+   model); for the engine process and for a worker thread in this process (the module's former design). A
+   ratio near 1.0 means the main thread's GIL does not slow the model.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
 import sys
 import threading
@@ -32,11 +35,27 @@ CT = ROOT / "Testing" / "Data" / "totalseg-example-ct" / "ct"
 POINT_RAS = (93.26171875, 129.89453125, -784.5)
 
 
-def busy_until(event: threading.Event) -> None:
-    """A main thread that keeps the GIL, switching only every 50 ms (PythonQt's main thread, roughly)."""
-    x = 0
-    while not event.is_set():
-        x += 1
+TICK_S = 0.05  # the module's poll timer interval
+
+
+_LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))  # PyDLL calls keep the GIL, as PythonQt's event loop
+
+
+def drive(poll, finished, mode: str) -> None:
+    """The main thread as Slicer runs it: between two timer ticks it waits, then polls. "idle": waits with the
+    GIL released. "blocked": waits in a C call that keeps the GIL and uses no CPU (PythonQt's main thread in
+    the Qt event loop). "busy": a busy Python loop under sys.setswitchinterval(TICK_S), the issue's emulation;
+    on 2 cores it also takes a whole core from the model."""
+    while not finished():
+        if mode == "busy":
+            end = time.perf_counter() + TICK_S
+            while time.perf_counter() < end:
+                pass
+        elif mode == "blocked":
+            _LIBC.usleep(int(TICK_S * 1e6))
+        else:
+            time.sleep(TICK_S)
+        poll()
 
 
 def run_client_segment(client, header, shape) -> float:
@@ -89,67 +108,43 @@ def main() -> None:
     print(f"  in this process: median {statistics.median(local) * 1000:.1f}  p90 {pct(local, 0.9):.1f}")
     print(f"  process hop adds: {(statistics.median(hop) - statistics.median(local)) * 1000:.1f} ms (median)")
 
-    client_key = [None]
+    def propagate_in_engine(mode: str) -> float:
+        key_now = f"k{time.perf_counter()}"  # a new volume key: no cached embeddings, the whole walk runs
+        header = {"ijk_to_ras": ct.ijk_to_ras.tolist(), "key": key_now}
+        client.wait(client.submit_volume(ct.array_kji, header))
+        done = []
+        start = time.perf_counter()
+        job = client.submit("segment", {**base, "key": key_now, "direction": "both"},
+                            on_event=lambda kind, reply, arrays: kind == "slice" or done.append(kind))
+        drive(client.poll, lambda: job.number not in client.jobs, mode)
+        assert done == ["done"], done
+        return time.perf_counter() - start
 
-    def fresh_volume_client() -> None:
-        client_key[0] = f"k{time.perf_counter()}"
-        client.wait(client.submit_volume(ct.array_kji, {"ijk_to_ras": ct.ijk_to_ras.tolist(),
-                                                        "key": client_key[0]}), 120)  # fmt: skip
-
-    def timed_client() -> float:
-        fresh_volume_client()  # no cached embeddings: the full propagation runs
-        return run_client_segment(client, {**base, "key": client_key[0], "direction": "both"}, shape)
-
-    def timed_thread() -> float:
+    def propagate_in_thread(mode: str) -> float:
         session.set_volume(ct.array_kji, ct.ijk_to_ras, key=f"t{time.perf_counter()}")
         finished = threading.Event()
         start = time.perf_counter()
-        worker = threading.Thread(target=lambda: (list(session.propagate(prompt, (), "axial", "both")),
-                                                  finished.set()))  # fmt: skip
-        worker.start()
-        while not finished.is_set():
-            time.sleep(0.0005)  # an idle main thread
-        worker.join()
+
+        def walk() -> None:
+            list(session.propagate(prompt, (), "axial", "both"))
+            finished.set()
+
+        threading.Thread(target=walk).start()
+        drive(lambda: None, finished.is_set, mode)
         return time.perf_counter() - start
 
-    def under_gil(fn) -> float:
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(0.05)
-        stop = threading.Event()
-        result = []
-        try:
-            if fn is timed_client:
-                fresh_volume_client()
-                start = time.perf_counter()
-
-                def run() -> None:
-                    run_client_segment(client, {**base, "key": client_key[0], "direction": "both"}, shape)
-                    result.append(time.perf_counter() - start)
-                    stop.set()
-
-                # The client is polled from the busy thread's own ticks in Slicer; here from a side thread.
-                threading.Thread(target=run).start()
-                busy_until(stop)
-            else:
-                session.set_volume(ct.array_kji, ct.ijk_to_ras, key=f"g{time.perf_counter()}")
-                start = time.perf_counter()
-
-                def run() -> None:
-                    list(session.propagate(prompt, (), "axial", "both"))
-                    result.append(time.perf_counter() - start)
-                    stop.set()
-
-                threading.Thread(target=run).start()
-                busy_until(stop)
-        finally:
-            sys.setswitchinterval(previous)
-        return result[0]
-
-    print("propagation over the 20-slice CT, s (caller idle / caller holding the GIL, ratio):")
-    for name, fn in (("engine process", timed_client), ("thread in this process", timed_thread)):
-        idle = fn()
-        held = under_gil(fn)
-        print(f"  {name}: {idle:.2f} / {held:.2f}  ratio {held / idle:.2f}")
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(TICK_S)  # in every mode, so only what the main thread does differs
+    try:
+        rows = [(name, fn("idle"), fn("blocked"), fn("busy")) for name, fn in
+                (("engine process", propagate_in_engine), ("thread in this process", propagate_in_thread))]
+    finally:
+        sys.setswitchinterval(previous)
+    print("propagation over the 20-slice CT, polled every 50 ms, s: main thread idle / keeping the GIL while")
+    print("blocked in C (as PythonQt) / busy Python loop (also takes a core); ratios to idle:")
+    for name, idle, blocked, busy in rows:
+        ratios = f"{blocked / idle:.2f} / {busy / idle:.2f}"
+        print(f"  {name}: {idle:.2f} / {blocked:.2f} / {busy:.2f}  ratios {ratios}")
     client.close()
 
 

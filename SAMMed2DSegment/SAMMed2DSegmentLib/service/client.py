@@ -262,6 +262,7 @@ class EngineClient:
                 self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
             return False
         sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see protocol.connect_engine
         conn = Connection(sock.detach())
         try:  # the engine answers at once: it is waiting for exactly this
             deliver_challenge(conn, self._key)

@@ -13,8 +13,10 @@ with event "progress" (e.g. bytes downloaded), "slice" (one finished slice of a 
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from collections.abc import Mapping
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
 import numpy as np
@@ -81,3 +83,16 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
 def unpack_mask(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     count = int(np.prod(shape))
     return np.unpackbits(bits, count=count).astype(bool).reshape(shape)
+
+
+def connect_engine(host: str, port: int, authkey: bytes) -> Connection:
+    """The engine's end of the channel, as `multiprocessing.connection.Client` makes it but with Nagle's
+    algorithm off on the socket: a message over 16 KiB (a slice's mask) goes out as two writes, and with Nagle
+    on, the second waits for the peer's delayed acknowledgement (about 40 ms on every slice). The Slicer side
+    sets the same option on its end."""
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = Connection(sock.detach())
+    answer_challenge(conn, authkey)
+    deliver_challenge(conn, authkey)
+    return conn

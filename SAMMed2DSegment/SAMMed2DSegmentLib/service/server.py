@@ -22,12 +22,12 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, decode, encode, pack_mask, unpack_mask
+from .protocol import AUTHKEY_ENV, connect_engine, decode, encode, pack_mask, unpack_mask
 
 log = logging.getLogger("SAMMed2D.engine")
 
@@ -49,6 +49,7 @@ class EngineServer:
         self.model_info: dict[str, Any] = {}
         self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
         self.idle_plan: deque[int] = deque()
+        self._windows: dict[tuple, Any] = {}  # the window of the current volume and window choice
         self._running: list[int] = [0, 0, -1]  # job number, slices sent, slices sent when its cancel came
         self.idle_axis = "axial"
 
@@ -162,9 +163,10 @@ class EngineServer:
         from ..engine.session import window_for
 
         w = header.get("window") or {}
-        window = window_for(self.volume["array"], self.volume["modality"], w.get("choice", "auto"),
-                            w.get("level"), w.get("width"))  # fmt: skip
-        self.session.set_window(window)
+        spec = (self.volume["key"], w.get("choice", "auto"), w.get("level"), w.get("width"))
+        if spec not in self._windows:  # "auto" looks at every voxel: once per volume, not once per click
+            self._windows = {spec: window_for(self.volume["array"], self.volume["modality"], *spec[1:])}
+        self.session.set_window(self._windows[spec])
         return self.session
 
     def op_segment(self, job: int, header: dict, arrays: dict) -> dict:
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="SAMMed2D engine: %(message)s")
     host, port = args.address.rsplit(":", 1)
-    conn = Client((host, int(port)), authkey=bytes.fromhex(key))
+    conn = connect_engine(host, int(port), bytes.fromhex(key))
     try:
         EngineServer(conn).serve()
     finally:
