@@ -127,9 +127,13 @@ class EngineServer:
 
         device = resolve_device(header.get("device", "auto"))
         model, info = load_model(header["path"], device=device)
-        self.session = SegmentationSession(SamMed2DPredictor(model))
+        predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"))
+        choice = predictor.precision_choice
+        log.info("model %s on %s, precision %s (%s)", info.build, device, choice.precision, choice.reason)
+        self.session = SegmentationSession(predictor)
         self.model_info = {"path": header["path"], "device": str(device), "build": info.build,
-                           "sha256": info.sha256}  # fmt: skip
+                           "sha256": info.sha256, "precision": choice.precision,
+                           "precision_reason": choice.reason}  # fmt: skip
         if self.volume is not None:
             self._set_session_volume()
         return self.model_info

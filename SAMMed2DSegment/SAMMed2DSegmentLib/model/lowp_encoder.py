@@ -1,0 +1,261 @@
+"""A reduced-precision (bf16 / fp16) forward of `ImageEncoderViT`, beside the exact fp32 module.
+
+Why a second forward instead of `encoder.to(torch.bfloat16)` or `torch.autocast`: on CPU both spend most of
+their time in layout copies (batched products on permuted views, einsum, the adapter's unfold/fold), and end
+slower than fp32. This forward holds the weights once in the low precision, already transposed into the
+(in × out) layout the products take, feeds contiguous tensors to every product, runs the windows of a
+windowed block as one batch, writes attention as two batched products around an fp32 softmax and the
+adapter's convolutions as plain products on shifted views. The residual stream, the layer norms, the
+relative-position terms, the adapter's channel gate and the transposed convolution's scatter-add stay in fp32
+(cheap, and where bf16 rounding would accumulate). The fp32 module is untouched: it stays the parity path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .image_encoder import ImageEncoderViT, relative_position_table
+
+
+def _t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`."""
+    return weight.detach().t().contiguous().to(dtype)
+
+
+@dataclass
+class _BlockWeights:
+    window: int
+    heads: int
+    norm1: tuple[torch.Tensor, torch.Tensor]
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    rel_h: torch.Tensor  # fp32, (size, size, head_dim) for the block's attention grid
+    rel_w: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    norm2: tuple[torch.Tensor, torch.Tensor]
+    lin1_w: torch.Tensor
+    lin1_b: torch.Tensor
+    lin2_w: torch.Tensor
+    lin2_b: torch.Tensor
+    adapter: dict[str, torch.Tensor] | None
+    adapter_eps: float = 1e-5
+
+
+class LowPrecisionEncoder:
+    """Callable B×3×S×S float32 image → B×C×S/16×S/16 embedding (float32 values from the final norm)."""
+
+    def __init__(self, encoder: ImageEncoderViT, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"low-precision encoder needs bfloat16 or float16, got {dtype}")
+        self.dtype = dtype
+        self.img_size = encoder.img_size
+        with torch.no_grad():
+            proj = encoder.patch_embed.proj
+            self.patch = proj.kernel_size[0]
+            self.patch_w = proj.weight.detach().reshape(proj.weight.shape[0], -1).t().contiguous().to(dtype)
+            self.patch_b = proj.bias.detach().float()
+            self.pos_embed = encoder.pos_embed.detach().float()
+            self.blocks = [self._block(b, dtype) for b in encoder.blocks]
+            neck = encoder.neck
+            self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
+            self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
+            self.neck2_w = _taps_matrix(neck[2].weight.detach(), dtype)
+            self.neck_norm2 = (neck[3].weight.detach().float(), neck[3].bias.detach().float(), neck[3].eps)
+
+    @staticmethod
+    def _block(block, dtype: torch.dtype) -> _BlockWeights:
+        attn = block.attn
+        grid = attn.rel_pos_h.shape[0] // 2 + 1
+        adapter = None
+        if block.Adapter is not None:
+            a = block.Adapter
+            conv, deconv = a.spatial[0].weight.detach(), a.spatial[2].weight.detach()
+            c_in, c_out = deconv.shape[0], deconv.shape[1]
+            adapter = {
+                "gate1": a.channel[0].weight.detach().t().contiguous().float(),
+                "gate2": a.channel[2].weight.detach().t().contiguous().float(),
+                "down": _taps_matrix(conv, dtype),
+                # (C_in × ky·kx·C_out): one product gives every tap's contribution, added into place below
+                "up": deconv.permute(0, 2, 3, 1).reshape(c_in, 16 * c_out).contiguous().to(dtype),
+                "norm_w": a.norm.weight.detach().float(),
+                "norm_b": a.norm.bias.detach().float(),
+            }
+        return _BlockWeights(
+            window=block.window_size,
+            heads=attn.num_heads,
+            norm1=(block.norm1.weight.detach().float(), block.norm1.bias.detach().float()),
+            qkv_w=_t(attn.qkv.weight, dtype),
+            qkv_b=attn.qkv.bias.detach().to(dtype),
+            rel_h=relative_position_table(grid, attn.rel_pos_h.detach().float()),
+            rel_w=relative_position_table(grid, attn.rel_pos_w.detach().float()),
+            proj_w=_t(attn.proj.weight, dtype),
+            proj_b=attn.proj.bias.detach().to(dtype),
+            norm2=(block.norm2.weight.detach().float(), block.norm2.bias.detach().float()),
+            lin1_w=_t(block.mlp.lin1.weight, dtype),
+            lin1_b=block.mlp.lin1.bias.detach().to(dtype),
+            lin2_w=_t(block.mlp.lin2.weight, dtype),
+            lin2_b=block.mlp.lin2.bias.detach().to(dtype),
+            adapter=adapter,
+            adapter_eps=block.Adapter.norm.eps if block.Adapter is not None else 1e-5,
+        )
+
+    def to(self, device: torch.device | str) -> LowPrecisionEncoder:
+        """Move every weight to `device` (in place)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, tuple):
+                setattr(self, name, tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in value))
+        for block in self.blocks:
+            for name, value in vars(block).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(block, name, value.to(device))
+                elif isinstance(value, tuple):
+                    setattr(block, name, tuple(v.to(device) for v in value))
+                elif isinstance(value, dict):
+                    setattr(block, name, {k: v.to(device) for k, v in value.items()})
+        return self
+
+    # -- forward ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype
+        batch, channels, height, width = image.shape
+        p = self.patch
+        gh, gw = height // p, width // p
+        patches = image.reshape(batch, channels, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch * gh * gw, channels * p * p).to(dt)
+        x = (patches @ self.patch_w).float() + self.patch_b
+        x = x.reshape(batch, gh, gw, -1) + self.pos_embed  # fp32 residual stream, B×H×W×C
+        for block in self.blocks:
+            x = self._forward_block(block, x)
+        y = x.reshape(-1, x.shape[-1]).to(dt) @ self.neck1_w
+        y = _layer_norm(y.float(), *self.neck_norm1).reshape(batch, gh, gw, -1)
+        y = (_patches3x3(y.to(dt), stride=1) @ self.neck2_w).float()
+        y = _layer_norm(y, *self.neck_norm2)
+        return y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _forward_block(self, w: _BlockWeights, x: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype
+        batch, height, width, dim = x.shape
+        tokens = batch * height * width
+        n = F.layer_norm(x, (dim,), *w.norm1, eps=1e-6).reshape(tokens, dim).to(dt)
+        qkv = torch.addmm(w.qkv_b, n, w.qkv_w).reshape(batch, height, width, 3 * dim)
+        if w.window > 0:
+            attended = self._windowed(w, qkv)
+        else:
+            attended = self._attend(w, qkv)
+        x = x + torch.addmm(w.proj_b, attended.reshape(tokens, dim), w.proj_w).float().reshape(x.shape)
+        n32 = F.layer_norm(x, (dim,), *w.norm2, eps=1e-6)
+        n = n32.reshape(tokens, dim).to(dt)
+        hidden = F.gelu(torch.addmm(w.lin1_b, n, w.lin1_w))
+        x = x + torch.addmm(w.lin2_b, hidden, w.lin2_w).float().reshape(x.shape)
+        if w.adapter is not None:
+            x = x + self._adapter(w.adapter, n32, w.adapter_eps)
+        return x
+
+    def _adapter(self, a: dict[str, torch.Tensor], n: torch.Tensor, eps: float) -> torch.Tensor:
+        """The SAM-Med2D adapter on the fp32 norm2 output n (B×H×W×C); see `image_encoder.Adapter`."""
+        batch, height, width, dim = n.shape
+        gate = torch.sigmoid(F.relu(n.mean(dim=(1, 2)) @ a["gate1"]) @ a["gate2"])
+        gated = (gate[:, None, None, :] * n).to(self.dtype)
+        down = F.relu(_patches3x3(gated, stride=2) @ a["down"])  # B×(H/2·W/2)×C
+        dh, dw = (height + 1) // 2, (width + 1) // 2
+        taps = (down.reshape(-1, dim) @ a["up"]).float().reshape(batch, dh, dw, 4, 4, dim)
+        up = F.relu(_transposed_4x4_s2(taps, height, width))
+        return F.layer_norm(n + up, (dim,), a["norm_w"], a["norm_b"], eps=eps)
+
+    def _attend(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention over every token of each B×S×S grid of q/k/v (B×S×S×3C) → B×S×S×C."""
+        batch, size, _, three_c = qkv.shape
+        heads = w.heads
+        head_dim = three_c // (3 * heads)
+        q, k, v = qkv.reshape(batch, size * size, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        # Decomposed relative positions from the unscaled q, in fp32 (tiny products, they make the bias).
+        qf = q.float().reshape(batch * heads, size, size, head_dim)
+        rel_h = torch.matmul(qf.permute(1, 0, 2, 3).reshape(size, -1, head_dim), w.rel_h.transpose(1, 2))
+        rel_h = rel_h.reshape(size, batch * heads, size, size).permute(1, 0, 2, 3)  # (bn, h, w, kh)
+        rel_w = torch.matmul(qf.permute(2, 0, 1, 3).reshape(size, -1, head_dim), w.rel_w.transpose(1, 2))
+        rel_w = rel_w.reshape(size, batch * heads, size, size).permute(1, 2, 0, 3)  # (bn, h, w, kw)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, size * size, size * size)
+        out = _attention(q, k, v, bias, head_dim**-0.5)
+        return out.transpose(1, 2).reshape(batch, size, size, heads * head_dim)
+
+    def _windowed(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
+        """All windows of the zero-padded grid as one batch. A padding token is zero after norm1, so its
+        q/k/v are the qkv bias (the official formulation); padding queries are computed and cropped."""
+        batch, height, width, three_c = qkv.shape
+        ws = w.window
+        hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
+        if (hp, wp) != (height, width):
+            padded = w.qkv_b.expand(batch, hp, wp, three_c).clone()
+            padded[:, :height, :width] = qkv
+            qkv = padded
+        ny, nx = hp // ws, wp // ws
+        windows = qkv.reshape(batch, ny, ws, nx, ws, three_c).permute(0, 1, 3, 2, 4, 5)
+        out = self._attend(w, windows.reshape(batch * ny * nx, ws, ws, three_c))
+        out = out.reshape(batch, ny, nx, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
+        return out[:, :height, :width].contiguous()
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(scale·q·kᵀ + bias)·v with the products in the low precision and the softmax in fp32.
+
+    Written out rather than through `scaled_dot_product_attention`: with an additive bias the fused CPU
+    kernel measured 1.2–5× slower here than these two batched products on contiguous operands."""
+    b, h, t, d = q.shape
+    scores = torch.baddbmm(bias.to(q.dtype).reshape(b * h, t, -1), q.reshape(b * h, t, d),
+                           k.reshape(b * h, -1, d).transpose(1, 2), alpha=scale)  # fmt: skip
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs, v.reshape(b * h, -1, d)).reshape(b, h, t, d)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=eps)
+
+
+def _taps_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Conv weight (C_out × C_in × 3 × 3) → (9·C_in × C_out), rows in the (ky, kx, C_in) order of
+    `_patches3x3`."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous().to(dtype)
+
+
+def _patches3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Channels-last 3×3 patches with padding 1: B×H×W×C → B·H'·W' × 9·C (for a conv as one product)."""
+    batch, height, width, channels = x.shape
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+    oh, ow = (height - 1) // stride + 1, (width - 1) // stride + 1
+    views = [
+        padded[:, ky : ky + stride * (oh - 1) + 1 : stride, kx : kx + stride * (ow - 1) + 1 : stride]
+        for ky in range(3)
+        for kx in range(3)
+    ]
+    return torch.cat(views, dim=-1).reshape(batch * oh * ow, 9 * channels)
+
+
+# ConvTranspose2d(kernel 4, stride 2, padding 1): output row 2m takes kernel row 1 from input row m and kernel
+# row 3 from input row m−1; output row 2m+1 takes kernel row 0 from input row m+1 and kernel row 2 from row m.
+_PHASE_TAPS = (((0, 1), (-1, 3)), ((1, 0), (0, 2)))
+
+
+def _transposed_4x4_s2(taps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-input-pixel tap contributions B×h×w×4×4×C → the transposed convolution's output B×H×W×C."""
+    batch, h, w, _, _, channels = taps.shape
+    padded = F.pad(taps, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # one zero pixel around for the ±1 offsets
+    out = taps.new_empty(batch, h, 2, w, 2, channels)
+    for a in range(2):
+        for b in range(2):
+            acc = None
+            for dy, ky in _PHASE_TAPS[a]:
+                for dx, kx in _PHASE_TAPS[b]:
+                    part = padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w, ky, kx]
+                    acc = part if acc is None else acc + part
+            out[:, :, a, :, b] = acc
+    return out.reshape(batch, 2 * h, 2 * w, channels)[:, :height, :width]
