@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop propagating below this predicted IoU",
     )
     seg.add_argument("--cache-mb", type=int, default=1024, help="embedding cache bound in MB")
+    seg.add_argument(
+        "--embedding-cache",
+        metavar="DIR",
+        help="keep slice embeddings in DIR across runs (keyed by voxels, axis, window, model, precision)",
+    )
+    seg.add_argument(
+        "--embedding-cache-mb", type=int, default=2048, help="bound of the --embedding-cache folder in MB"
+    )
     seg.add_argument("--out", required=True, help="output .seg.nrrd (updated if it exists)")
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
     seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
@@ -236,10 +244,16 @@ def run_segment(args: argparse.Namespace) -> dict:
         if not args.quiet:
             print(f"encoder precision: {choice.precision} ({choice.reason})", file=sys.stderr)
         t = time.perf_counter()
+        cache, cache_key = EmbeddingCache(args.cache_mb << 20), None
+        if args.embedding_cache:
+            from .engine.disk_cache import DiskEmbeddingCache, content_key
+
+            cache.disk = DiskEmbeddingCache(args.embedding_cache, args.embedding_cache_mb << 20)
+            cache_key = content_key(volume.array_kji, volume.ijk_to_ras, info.sha256, choice.precision)
         seg = segment_volume(
             predictor, volume.array_kji, volume.ijk_to_ras, window, points, rois,
             axis=args.axis, direction=args.propagate, settings=settings,
-            cache=EmbeddingCache(args.cache_mb << 20), progress=progress,
+            cache=cache, cache_key=cache_key, progress=progress,
         )  # fmt: skip
         timings["propagation_s"] = time.perf_counter() - t
     except (ValueError, FileNotFoundError) as exc:  # every input check raises a ValueError subclass
@@ -313,6 +327,10 @@ def run_segment(args: argparse.Namespace) -> dict:
         ],
         "slices_written": sorted(masks),
         "encoded_slices": result.encoded_slices,
+        "embedding_cache": None if cache.disk is None else {
+            "dir": str(cache.disk.folder), "read": cache.disk.hits, "written": cache.disk.writes,
+            "discarded": cache.disk.discarded,
+        },  # fmt: skip
         "cancelled": result.cancelled,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
