@@ -168,41 +168,47 @@ class LowPrecisionEncoder:
         dh, dw = (height + 1) // 2, (width + 1) // 2
         # Weight on the left: for these shapes (few pixels, many taps) the product is ~1.5× faster that way.
         taps = torch.matmul(a["up"], down.reshape(batch, dh * dw, dim).transpose(1, 2))
-        taps = taps.float().reshape(batch, 4, 4, dim, dh, dw)
+        taps = taps.reshape(batch, 4, 4, dim, dh, dw)
         up = F.relu(_transposed_4x4_s2(taps, height, width))
         return F.layer_norm(n + up, (dim,), a["norm_w"], a["norm_b"], eps=eps)
 
-    def _attend(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention over every token of each B×S×S grid of q/k/v (B×S×S×3C) → B×S×S×C."""
+    def _attend(
+        self, w: _BlockWeights, qkv: torch.Tensor, rows: int | None = None, cols: int | None = None
+    ) -> torch.Tensor:
+        """Attention on a B×S×S grid of q/k/v (B×S×S×3C) → B×rows×cols×C: only the queries of the top-left
+        rows×cols sub-grid are computed (in a zero-padded window the others are cropped away anyway)."""
         batch, size, _, three_c = qkv.shape
+        rows = size if rows is None else rows
+        cols = size if cols is None else cols
         heads = w.heads
         head_dim = three_c // (3 * heads)
-        q, k, v = qkv.reshape(batch, size * size, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        tokens, queries = size * size, rows * cols
+        qkv = qkv.reshape(batch, size, size, 3, heads, head_dim)
+        q = qkv[:, :rows, :cols, 0].permute(0, 3, 1, 2, 4)  # B, heads, rows, cols, d
+        k, v = qkv.reshape(batch, tokens, 3, heads, head_dim)[:, :, 1:].permute(2, 0, 3, 1, 4).contiguous()
         # Decomposed relative positions from the unscaled q, in fp32 (tiny products, they make the bias).
-        qf = q.float().reshape(batch * heads, size, size, head_dim)
-        rel_h = torch.matmul(qf.permute(1, 0, 2, 3).reshape(size, -1, head_dim), w.rel_h.transpose(1, 2))
-        rel_h = rel_h.reshape(size, batch * heads, size, size).permute(1, 0, 2, 3)  # (bn, h, w, kh)
-        rel_w = torch.matmul(qf.permute(2, 0, 1, 3).reshape(size, -1, head_dim), w.rel_w.transpose(1, 2))
-        rel_w = rel_w.reshape(size, batch * heads, size, size).permute(1, 2, 0, 3)  # (bn, h, w, kw)
+        qf = q.float()
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qf, w.rel_h[:rows])
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qf, w.rel_w[:cols])
         # The decomposed relative-position bias folded into one product: [q·scale, rel_h, rel_w] against
         # [k, one-hot key row, one-hot key column] gives q·k·scale + rel_h[key row] + rel_w[key column], so
-        # the tokens² bias is never built (it cost more than the attention). Softmax statistics in fp32.
-        tokens = size * size
+        # the tokens² bias is never built (it cost more than the attention).
         dt = q.dtype
-        q_aug = torch.cat([q * head_dim**-0.5, rel_h.reshape(batch, heads, tokens, size).to(dt),
-                           rel_w.reshape(batch, heads, tokens, size).to(dt)], dim=-1)  # fmt: skip
+        q_aug = torch.cat([q * head_dim**-0.5, rel_h.to(dt), rel_w.to(dt)], dim=-1)
         k_aug = torch.cat(
             [k, _key_positions(size, dt, q.device).expand(batch, heads, tokens, 2 * size)], dim=-1
         )
         n, d = batch * heads, q_aug.shape[-1]
-        scores = torch.bmm(q_aug.reshape(n, tokens, d), k_aug.reshape(n, tokens, d).transpose(1, 2))
-        probs = torch.softmax(scores, -1, dtype=torch.float32).to(dt)
-        out = torch.bmm(probs, v.reshape(n, tokens, head_dim)).reshape(batch, heads, tokens, head_dim)
-        return out.transpose(1, 2).reshape(batch, size, size, heads * head_dim)
+        scores = torch.bmm(q_aug.reshape(n, queries, d), k_aug.reshape(n, tokens, d).transpose(1, 2))
+        # Softmax on the bf16 scores: the CPU kernel keeps its max and sum in fp32, and an fp32 copy of the
+        # scores cost as much as the products.
+        probs = torch.softmax(scores, -1)
+        out = torch.bmm(probs, v.reshape(n, tokens, head_dim)).reshape(batch, heads, queries, head_dim)
+        return out.transpose(1, 2).reshape(batch, rows, cols, heads * head_dim)
 
     def _windowed(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
-        """All windows of the zero-padded grid as one batch. A padding token is zero after norm1, so its
-        q/k/v are the qkv bias (the official formulation); padding queries are computed and cropped."""
+        """Zero-padded windows: a padding token is zero after norm1, so its q/k/v are the qkv bias (the
+        official formulation); only the real tokens' queries are computed."""
         batch, height, width, three_c = qkv.shape
         ws = w.window
         hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
@@ -210,11 +216,13 @@ class LowPrecisionEncoder:
             padded = w.qkv_b.expand(batch, hp, wp, three_c).clone()
             padded[:, :height, :width] = qkv
             qkv = padded
-        ny, nx = hp // ws, wp // ws
-        windows = qkv.reshape(batch, ny, ws, nx, ws, three_c).permute(0, 1, 3, 2, 4, 5)
-        out = self._attend(w, windows.reshape(batch * ny * nx, ws, ws, three_c))
-        out = out.reshape(batch, ny, nx, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
-        return out[:, :height, :width].contiguous()
+        out = qkv.new_empty(batch, height, width, three_c // 3)
+        for y in range(0, height, ws):
+            for x in range(0, width, ws):
+                rows, cols = min(ws, height - y), min(ws, width - x)
+                window = qkv[:, y : y + ws, x : x + ws]
+                out[:, y : y + rows, x : x + cols] = self._attend(w, window, rows, cols)
+        return out
 
 
 _KEY_POSITIONS: dict[tuple, torch.Tensor] = {}
@@ -260,17 +268,24 @@ _PHASE_TAPS = (((0, 1), (-1, 3)), ((1, 0), (0, 2)))
 
 
 def _transposed_4x4_s2(taps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Per-input-pixel tap contributions B×4×4×C×h×w → the transposed convolution's output, as a
-    channels-last B×H×W×C view."""
+    """Per-input-pixel tap contributions B×4×4×C×h×w → the transposed convolution's output (summed in fp32),
+    as a channels-last B×H×W×C view. Each output phase starts from its unshifted tap and adds the shifted
+    ones in place: no padded copy of the taps."""
     batch, _, _, channels, h, w = taps.shape
-    padded = F.pad(taps, (1, 1, 1, 1))  # one zero pixel around for the ±1 offsets
-    out = taps.new_empty(batch, channels, h, 2, w, 2)
+    out = torch.empty(batch, channels, h, 2, w, 2, dtype=torch.float32, device=taps.device)
     for a in range(2):
         for b in range(2):
-            acc = None
+            phase = out[:, :, :, a, :, b]
             for dy, ky in _PHASE_TAPS[a]:
                 for dx, kx in _PHASE_TAPS[b]:
-                    part = padded[:, ky, kx, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-                    acc = part if acc is None else acc + part
-            out[:, :, :, a, :, b] = acc
+                    source = taps[:, ky, kx]
+                    if dy == dx == 0:
+                        phase.copy_(source)
+            for dy, ky in _PHASE_TAPS[a]:
+                for dx, kx in _PHASE_TAPS[b]:
+                    if dy == dx == 0:
+                        continue
+                    # output pixel m takes input pixel m + d, where that exists
+                    target = phase[:, :, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+                    target += taps[:, ky, kx, :, max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
     return out.reshape(batch, channels, 2 * h, 2 * w)[:, :, :height, :width].permute(0, 2, 3, 1)
