@@ -60,7 +60,8 @@ class LowPrecisionEncoder:
             self.patch_w = proj.weight.detach().reshape(proj.weight.shape[0], -1).t().contiguous().to(dtype)
             self.patch_b = proj.bias.detach().float()
             self.pos_embed = encoder.pos_embed.detach().float()
-            self.blocks = [self._block(b, dtype) for b in encoder.blocks]
+            grid = encoder.img_size // self.patch
+            self.blocks = [self._block(b, dtype, b.window_size or grid) for b in encoder.blocks]
             neck = encoder.neck
             self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
             self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
@@ -68,9 +69,9 @@ class LowPrecisionEncoder:
             self.neck_norm2 = (neck[3].weight.detach().float(), neck[3].bias.detach().float(), neck[3].eps)
 
     @staticmethod
-    def _block(block, dtype: torch.dtype) -> _BlockWeights:
+    def _block(block, dtype: torch.dtype, size: int) -> _BlockWeights:
+        """The block's weights; `size` is the side of the grid its attention sees (window or whole)."""
         attn = block.attn
-        grid = attn.rel_pos_h.shape[0] // 2 + 1
         adapter = None
         if block.Adapter is not None:
             a = block.Adapter
@@ -91,8 +92,8 @@ class LowPrecisionEncoder:
             norm1=(block.norm1.weight.detach().float(), block.norm1.bias.detach().float()),
             qkv_w=_t(attn.qkv.weight, dtype),
             qkv_b=attn.qkv.bias.detach().to(dtype),
-            rel_h=relative_position_table(grid, attn.rel_pos_h.detach().float()),
-            rel_w=relative_position_table(grid, attn.rel_pos_w.detach().float()),
+            rel_h=relative_position_table(size, attn.rel_pos_h.detach().float()),
+            rel_w=relative_position_table(size, attn.rel_pos_w.detach().float()),
             proj_w=_t(attn.proj.weight, dtype),
             proj_b=attn.proj.bias.detach().to(dtype),
             norm2=(block.norm2.weight.detach().float(), block.norm2.bias.detach().float()),
