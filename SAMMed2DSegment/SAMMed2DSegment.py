@@ -41,6 +41,7 @@ MINIMUM_TORCH_VERSION = "2.1"
 # be imported at module load time.
 AXES = ["axial", "coronal", "sagittal"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 LOCAL_MODEL = "local file"
 MODELS = ["demo", "sam-med2d_b", LOCAL_MODEL]
 WINDOWS = ["auto", "ct-soft-tissue", "ct-lung", "ct-bone", "ct-brain", "ct-liver", "custom"]
@@ -99,6 +100,7 @@ class SAMMed2DSegmentParameterNode:
     axis - orientation of the slices shown to the model.
     followView - take the axis from the slice view where the last point was placed.
     device - where the network runs.
+    precision - the encoder's arithmetic (auto: bf16 where the processor has it and it measured faster).
     model - registry model name, or "local file" (path in the user's settings).
     iouThreshold - propagation stops at slices whose predicted IoU is lower.
     window, windowLevel, windowWidth - intensity window shown to the model (level/width for "custom").
@@ -113,6 +115,7 @@ class SAMMed2DSegmentParameterNode:
     axis: Annotated[str, Choice(AXES)] = "axial"
     followView: bool = True
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    precision: Annotated[str, Choice(PRECISIONS)] = "auto"
     model: Annotated[str, Choice(MODELS)] = "demo"
     iouThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     window: Annotated[str, Choice(WINDOWS)] = "auto"
@@ -481,7 +484,9 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _prepare(self, interactive: bool):
         """Model requested, output segment chosen; returns (segmentationNode, segmentId, saveUndoState)."""
         pn = self._parameterNode
-        self.logic.requestModel(pn.model, pn.device, self._localCheckpoint(), onError=self._onJobError)
+        self.logic.requestModel(
+            pn.model, pn.device, self._localCheckpoint(), onError=self._onJobError, precision=pn.precision
+        )
         segmentationNode, segmentId = self.logic.ensureOutput(
             pn.inputVolume, pn.outputSegmentation, self.ui.segmentEditorWidget.currentSegmentID()
         )
@@ -947,10 +952,13 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             return _("Loaded: {name} on {device}").format(name=name, device=loaded["device"])
         return _("Ready: {name}").format(name=os.path.basename(path))
 
-    def requestModel(self, model: str, device: str = "auto", localPath: str = "", onError=None):
+    def requestModel(
+        self, model: str, device: str = "auto", localPath: str = "", onError=None, precision: str = "auto"
+    ):
         """Make sure the chosen model is loaded in the engine before the next job (queued there)."""
         self.checkRequirements()
-        return self.controller.request_model(self.resolveModelPath(model, localPath), device, onError)
+        path = self.resolveModelPath(model, localPath)
+        return self.controller.request_model(path, device, onError, precision=precision)
 
     def startDownload(self, model: str, onProgress=None, onDone=None, onError=None):
         """Download a registry model in the engine process (resumable; cancel with `cancel()`)."""

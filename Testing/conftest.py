@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,10 @@ from SAMMed2DSegmentLib.model import SamMed2D, build_sam_med2d
 from .synthetic_weights import REFERENCE, synthetic_state_dict
 
 DATA = REFERENCE.parent
+
+# The tests never write into the user's cache folder (converted checkpoints, embeddings, the precision
+# calibration): one throw-away folder for the whole run, unless a test sets its own.
+os.environ.setdefault("SAMMED2D_CACHE_DIR", tempfile.mkdtemp(prefix="sammed2d-test-cache-"))
 
 
 def synthetic_model(build: str) -> SamMed2D:

@@ -6,6 +6,7 @@ Checked by three readers (our own, highdicom's frame positions, dcmqi's segimage
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import shutil
@@ -659,3 +660,16 @@ def test_slice_list_format():
     assert provenance.format_slices(records) == "10:P:0.9312:0.912;11:A:0.88:0.8671;12:R:0:0.1"
     with pytest.raises(ValueError, match="unknown slice status"):
         provenance.format_slices([provenance.SliceRecord(1, "maybe", 0.5, 0.5)])
+
+
+def test_provenance_records_the_precision_and_reads_files_without_it():
+    prov = dataclasses.replace(_provenance(segment="liver"), precision="bf16")
+    meta = prov.to_metadata()
+    assert meta["Precision"] == "bf16"
+    assert provenance.Provenance.from_metadata(meta) == prov
+    params = prov.to_algorithm_parameters()
+    assert params["precision"] == "bf16"
+    assert provenance.Provenance.from_algorithm_parameters(params) == prov
+    older = {k: v for k, v in meta.items() if k != "Precision"}  # a file written before the field existed
+    assert provenance.Provenance.from_metadata(older).precision == ""
+    assert "precision" not in _provenance().to_algorithm_parameters()  # not recorded: not written

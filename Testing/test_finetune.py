@@ -56,8 +56,10 @@ def fixed_loss(model, data) -> float:
         return float(finetune.round_loss(logits, iou, batch.masks, prompts.single_point)[0])
 
 
-def test_a_few_steps_reduce_the_loss_and_give_a_loadable_model(crop, tmp_path):
-    config = tiny(steps=25, batch_size=4, lr=1e-3, eval_every=25, save_every=25)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_few_steps_reduce_the_loss_and_give_a_loadable_model(crop, tmp_path, precision):
+    """In bf16 too (autocast, fp32 master weights): the exported weights are fp32 either way."""
+    config = tiny(steps=25, batch_size=4, lr=1e-3, eval_every=25, save_every=25, precision=precision)
     data = finetune.load_training_set([crop], config)
     torch.manual_seed(config.seed)
     before = fixed_loss(finetune.build_sam_med2d("small").train(), data)
@@ -65,6 +67,7 @@ def test_a_few_steps_reduce_the_loss_and_give_a_loadable_model(crop, tmp_path):
     assert result.steps == 25 and result.samples_per_second > 0
     model, info = load_model(tmp_path / "best.safetensors")
     assert info.build == "small"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     after = fixed_loss(model, data)
     assert after < 0.9 * before, (before, after)
     # The exported weights run through the inference API.

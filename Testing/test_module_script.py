@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from SAMMed2DSegmentLib.engine.geometry import AXES
+from SAMMed2DSegmentLib.engine.precision import PRECISIONS
 from SAMMed2DSegmentLib.engine.propagation import DIRECTIONS
 from SAMMed2DSegmentLib.engine.session import WINDOW_CHOICES
 from SAMMed2DSegmentLib.weights.registry import REGISTRY
@@ -69,6 +70,7 @@ def test_panel_choices_are_the_library_choices():
     assert _constant("WINDOWS") == list(WINDOW_CHOICES)
     assert _constant("MODELS") == [*REGISTRY, _constant("LOCAL_MODEL")]
     assert sorted(_constant("DIRECTIONS")) == sorted(DIRECTIONS)
+    assert _constant("PRECISIONS") == list(PRECISIONS)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +78,7 @@ def test_panel_choices_are_the_library_choices():
     [
         ("axisComboBox", "AXES"),
         ("deviceComboBox", "DEVICES"),
+        ("precisionComboBox", "PRECISIONS"),
         ("modelComboBox", "MODELS"),
         ("windowComboBox", "WINDOWS"),
     ],  # fmt: skip

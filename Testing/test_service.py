@@ -39,8 +39,9 @@ def ct():
 
 
 @pytest.fixture(scope="module")
-def client():
-    client = EngineClient()
+def client(tmp_path_factory):
+    """An engine whose cache folder (embeddings on disk included) is this run's own, not the user's."""
+    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
     yield client
     client.close()
 

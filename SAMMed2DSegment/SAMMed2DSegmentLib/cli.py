@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--segment-name", default="SAM-Med2D")
     seg.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
     seg.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="encoder arithmetic: fp32 is the exact, parity-tested path; auto takes bf16 where the CPU has "
+        "bf16 instructions and it measured faster, bf16/fp16 on GPUs (default: auto)",
+    )
+    seg.add_argument(
         "--window",
         default="auto",
         help="intensity window: 'auto', a preset name, or LEVEL,WIDTH (e.g. 40,400)",
@@ -87,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="let a prompted slice below --iou-threshold replace voxels the segment already has there",
     )
     seg.add_argument("--cache-mb", type=int, default=1024, help="embedding cache bound in MB")
+    seg.add_argument(
+        "--embedding-cache",
+        metavar="DIR",
+        help="keep slice embeddings in DIR across runs (keyed by voxels, axis, window, model, precision)",
+    )
+    seg.add_argument(
+        "--embedding-cache-mb", type=int, default=2048, help="bound of the --embedding-cache folder in MB"
+    )
     seg.add_argument("--out", required=True, help="output .seg.nrrd (updated if it exists)")
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
     seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
@@ -292,13 +307,15 @@ def _dicom_source(args: argparse.Namespace, volume) -> list:
     return datasets
 
 
-def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window):
-    """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window."""
+def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window, precision: str):
+    """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window,
+    precision."""
     from .formats.provenance import build_provenance
 
     return build_provenance(
         points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,
         axis=args.axis, propagate=args.propagate, segment=args.segment_name, window=(window.low, window.high),
+        precision=precision,
     )  # fmt: skip
 
 
@@ -346,7 +363,19 @@ def run_segment(args: argparse.Namespace) -> dict:
         timings["load_model_s"] = time.perf_counter() - t
         settings = PropagationSettings(iou_threshold=args.iou_threshold)
         t = time.perf_counter()
-        session = SegmentationSession(SamMed2DPredictor(model), cache_bytes=args.cache_mb << 20)
+        predictor = SamMed2DPredictor(model, precision=args.precision)
+        timings["precision_s"] = time.perf_counter() - t
+        choice = predictor.precision_choice
+        if not args.quiet:
+            print(f"encoder precision: {choice.precision} ({choice.reason})", file=sys.stderr)
+        t = time.perf_counter()
+        disk = None
+        if args.embedding_cache:
+            from .engine.disk_cache import DiskEmbeddingCache
+
+            disk = DiskEmbeddingCache(args.embedding_cache, args.embedding_cache_mb << 20)
+        session = SegmentationSession(predictor, cache_bytes=args.cache_mb << 20, disk_cache=disk,
+                                      model_sha256=info.sha256)  # fmt: skip
         session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
         for outcome in session.propagate(points, rois, args.axis, args.propagate, settings):
             if not args.quiet:
@@ -384,8 +413,8 @@ def run_segment(args: argparse.Namespace) -> dict:
             raise CommandError(f"{message}; nothing written")
         print(f"warning: {message}", file=sys.stderr)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
-    provenance = _provenance(points, rois, info, args, result.slices.values(), window)
-    report = _report(args, seg, info, window, segment_id, masks, kept_out, timings)
+    provenance = _provenance(points, rois, info, args, result.slices.values(), window, choice.precision)
+    report = _report(args, seg, info, window, segment_id, masks, kept_out, timings, choice, session.cache)
     try:
         with commit_outputs() as outputs:
             _write_outputs(args, outputs, seg_node, volume_node, datasets, info, provenance, earlier)
@@ -436,7 +465,7 @@ def _write_outputs(args, outputs, seg_node, volume_node, datasets, info, provena
             raise CommandError(f"--dicom-seg: {exc}") from exc
 
 
-def _report(args, seg, info, window, segment_id, masks, kept_out, timings) -> dict:
+def _report(args, seg, info, window, segment_id, masks, kept_out, timings, choice, cache) -> dict:
     """The --report content (also returned by `run_segment`): per-slice IoU, area, status; walks; timings."""
     result = seg.result
     area_mm2 = seg.geometry.pixel_spacing[0] * seg.geometry.pixel_spacing[1]
@@ -450,6 +479,7 @@ def _report(args, seg, info, window, segment_id, masks, kept_out, timings) -> di
         "dicom_seg": args.dicom_seg,
         "model": {"build": info.build, "source": info.source, "sha256": info.sha256},
         "window": {"low": window.low, "high": window.high, "method": window.method},
+        "precision": {"requested": args.precision, "used": choice.precision, "reason": choice.reason},
         "seed_slices": sorted(seg.seeds),
         "obliquity_deg": round(seg.geometry.obliquity_degrees, 3),
         "slices": [
@@ -477,6 +507,10 @@ def _report(args, seg, info, window, segment_id, masks, kept_out, timings) -> di
         "slices_written": sorted(masks),
         "kept_out_low_confidence": kept_out,
         "encoded_slices": result.encoded_slices,
+        "embedding_cache": None if cache.disk is None else {
+            "dir": str(cache.disk.folder), "read": cache.disk.hits, "written": cache.disk.writes,
+            "discarded": cache.disk.discarded,
+        },  # fmt: skip
         "cancelled": result.cancelled,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }

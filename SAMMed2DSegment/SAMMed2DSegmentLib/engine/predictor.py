@@ -3,10 +3,16 @@
 SAM users know this interface: `set_image` once per slice (the expensive encoder call), then any number of
 cheap `predict` calls with points, a box and/or the previous mask. Inputs are validated so that a bad prompt
 raises `ValueError` instead of silently producing a wrong mask.
+
+`precision` picks the encoder's arithmetic (see `precision.py`): "fp32" (the default here, the exact
+parity-tested path), "bf16"/"fp16" (a separate low-precision forward; the embedding is kept in that precision)
+or "auto". The prompt encoder and the mask decoder always run in the model's own dtype (cheap, and where
+the mask edges are decided).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sam import SamMed2D
+from .precision import PrecisionChoice, resolve_precision
 from .preprocessing import as_rgb_uint8, model_input
+
+log = logging.getLogger("SAMMed2D.predictor")
 
 LOW_RES = 64
 
@@ -30,9 +39,28 @@ class DecoderOutput:
 
 
 class SamMed2DPredictor:
-    def __init__(self, model: SamMed2D) -> None:
+    def __init__(self, model: SamMed2D, precision: str = "fp32") -> None:
         self.model = model
+        self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
+        self._lowp_encoder = None
+        if self.precision != "fp32":
+            from ..model.lowp_encoder import LowPrecisionEncoder
+
+            dtype = self.precision_choice.dtype
+            self._lowp_encoder = LowPrecisionEncoder(model.image_encoder, dtype).to(self.device)
+        if precision != "fp32":
+            log.info("encoder precision %s (%s)", self.precision, self.precision_choice.reason)
         self.reset_image()
+
+    @property
+    def precision(self) -> str:
+        """The precision the encoder runs in ("fp32", "bf16" or "fp16"; "auto" already resolved)."""
+        return self.precision_choice.precision
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        """The dtype embeddings are computed and kept in."""
+        return self.precision_choice.dtype if self._lowp_encoder is not None else self.dtype
 
     # -- image ------------------------------------------------------------------------------------
     @property
@@ -60,20 +88,25 @@ class SamMed2DPredictor:
         """Encode an H×W or H×W×3 uint8 image and keep its embedding for `predict`."""
         rgb = as_rgb_uint8(image)
         x = torch.from_numpy(model_input(rgb, self.image_size))
-        with torch.inference_mode():
-            features = self.model.image_encoder(x.to(self.device, self.dtype))
+        if self._lowp_encoder is not None:
+            features = self._lowp_encoder(x.to(self.device)).to(self.embedding_dtype)
+        else:
+            with torch.inference_mode():
+                features = self.model.image_encoder(x.to(self.device, self.dtype))
         self.input_image = x
         self.set_embedding(features, rgb.shape[:2])
 
     def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:
-        """Reuse an embedding computed earlier (e.g. from a cache) for an image of `original_size` (H, W)."""
+        """Reuse an embedding computed earlier (e.g. from a cache) for an image of `original_size` (H, W).
+        A floating-point embedding keeps its dtype (a bf16 one stays bf16; the decoder casts it)."""
         expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
         if tuple(features.shape) != expected:
             raise ValueError(f"embedding must have shape {expected}, got {tuple(features.shape)}")
         h, w = (int(v) for v in original_size)
         if h < 1 or w < 1:
             raise ValueError(f"original size must be positive, got {original_size}")
-        self.features = features.to(self.device, self.dtype)
+        dtype = features.dtype if features.is_floating_point() else self.dtype
+        self.features = features.to(self.device, dtype)
         self.original_size = (h, w)
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -182,7 +215,7 @@ class SamMed2DPredictor:
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points_t, box_t, mask_t)
             low_res, iou = self.model.mask_decoder.predict_masks(
-                self.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense
+                self.features.to(dtype), self.model.prompt_encoder.get_dense_pe(), sparse, dense
             )
         return DecoderOutput(low_res_all=low_res, iou_all=iou, sparse=sparse, dense=dense)
 

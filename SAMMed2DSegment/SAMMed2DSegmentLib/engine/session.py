@@ -9,6 +9,7 @@ torch-free: the Slicer process uses them while torch lives only in the engine pr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -20,6 +21,7 @@ from .intensity import PRESETS, IntensityWindow, default_window
 from .prompts import PointPrompt, RoiPrompt, prompts_by_slice
 
 if TYPE_CHECKING:  # torch-free at import (see the module docstring)
+    from .disk_cache import DiskEmbeddingCache
     from .predictor import SamMed2DPredictor
     from .propagation import PropagationEngine, PropagationSettings, SliceOutcome
     from .segmenter import VolumeSegmentation
@@ -103,11 +105,27 @@ class SegmentationSession:
     """A predictor, its embedding cache and the current volume. Not thread-safe: one caller at a time (the
     engine process runs every request on its main thread)."""
 
-    def __init__(self, predictor: SamMed2DPredictor, cache_bytes: int | None = None) -> None:
-        from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache  # torch
+    def __init__(
+        self,
+        predictor: SamMed2DPredictor,
+        cache_bytes: int | None = None,
+        disk_cache: DiskEmbeddingCache | str | os.PathLike[str] | None = None,
+        model_sha256: str | None = None,
+    ) -> None:
+        """`disk_cache` (a folder or a `DiskEmbeddingCache`) keeps embeddings across sessions, keyed by the
+        volume's content and `model_sha256` (the checkpoint file's hash; else hashed from the weights)."""
+        from .disk_cache import DiskEmbeddingCache, weights_hash  # torch
+        from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 
         self.predictor = predictor
-        self.cache = EmbeddingCache(DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes)
+        if disk_cache is not None and not isinstance(disk_cache, DiskEmbeddingCache):
+            disk_cache = DiskEmbeddingCache(disk_cache)
+        memory_bytes = DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes
+        self.cache = EmbeddingCache(memory_bytes, disk=disk_cache)
+        if disk_cache is not None and model_sha256 is None:
+            model_sha256 = weights_hash(predictor.model)
+        self.model_sha256 = model_sha256
+        self.cache_key: object = None  # the volume's part of every embedding key (see `set_volume`)
         self.volume: VolumeSnapshot | None = None
         self.window: IntensityWindow | None = None
         self.last: VolumeSegmentation | None = None  # what the last `propagate` did (filled as it goes)
@@ -129,6 +147,12 @@ class SegmentationSession:
             key = f"volume-{id(array_kji)}"
         self.volume = VolumeSnapshot(key, array_kji, np.asarray(ijk_to_ras, dtype=np.float64), modality)
         self.window = window if window is not None else default_window(array_kji, modality)
+        self.cache_key = key
+        if self.cache.disk is not None:  # on disk only the content can name the volume (hashed once here)
+            from .disk_cache import content_key
+
+            ijk_to_ras, precision = self.volume.ijk_to_ras, self.predictor.precision
+            self.cache_key = content_key(array_kji, ijk_to_ras, self.model_sha256, precision)
 
     def set_window(self, window: IntensityWindow) -> None:
         self.window = window
@@ -143,7 +167,7 @@ class SegmentationSession:
 
         volume = self._require_volume()
         return make_engine(self.predictor, volume.array_kji, volume.geometry(axis), self.window, settings,
-                           cache=self.cache, cache_key=volume.key)  # fmt: skip
+                           cache=self.cache, cache_key=self.cache_key)  # fmt: skip
 
     def propagate(
         self,
@@ -200,15 +224,18 @@ class SegmentationSession:
         self, axis: str, indices: Iterable[int], should_cancel: Callable[[], bool] | None = None
     ) -> list[int]:
         """Encode those of `indices` that are on the volume and not cached yet, in the order given, so a click
-        there does not wait for the encoder. Returns the slices encoded."""
+        there does not wait for the encoder (an embedding found in the disk cache is read, not encoded).
+        Returns the slices encoded."""
         engine = self.engine(axis)
         encoded = []
         for index in indices:
             if should_cancel is not None and should_cancel():
                 break
             if 0 <= index < engine.num_slices and (engine.cache_key, index) not in self.cache:
+                before = engine.encoded_slices
                 engine.prepare(index)
-                encoded.append(index)
+                if engine.encoded_slices > before:
+                    encoded.append(index)
         return encoded
 
 

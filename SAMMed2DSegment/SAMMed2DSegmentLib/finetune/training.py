@@ -71,6 +71,9 @@ class FinetuneConfig:
     correction_probability: float = 0.5
     freeze_encoder: bool = False
     init_checkpoint: str | None = None
+    #: "fp32", or "bf16": the forward and backward products under bf16 autocast, the weights, gradients and
+    #: optimizer state staying fp32 (master weights); validation always in fp32.
+    precision: str = "fp32"
 
     def check(self) -> None:
         if self.build not in CONFIGS:
@@ -84,6 +87,8 @@ class FinetuneConfig:
             raise FinetuneError(f"val-fraction must be within 0..0.5, got {self.val_fraction}")
         if len(self.axis_weights) != 3 or min(self.axis_weights) < 0 or sum(self.axis_weights) <= 0:
             raise FinetuneError(f"axis weights must be three non-negative numbers, got {self.axis_weights}")
+        if self.precision not in ("fp32", "bf16"):
+            raise FinetuneError(f"training precision must be fp32 or bf16, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -638,7 +643,8 @@ def finetune(
                  "history": []}  # fmt: skip
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
-        if saved["config"] != json.loads(json.dumps(asdict(config))):
+        # States written before `precision` existed were fp32 runs.
+        if {"precision": "fp32", **saved["config"]} != json.loads(json.dumps(asdict(config))):
             raise FinetuneError(f"{state_path} was written with other settings; use them or a new folder")
         model.load_state_dict(model_sd)
         _restore_optimizer(optimizer, optim_tensors, saved)
@@ -659,7 +665,8 @@ def finetune(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         batch = make_batch(data, rng, config.batch_size, config.axis_weights)
-        loss = training_step(model, batch, rng, config.correction_probability)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss = training_step(model, batch, rng, config.correction_probability)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -732,6 +739,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-every", type=int, default=FinetuneConfig.eval_every)
     p.add_argument("--save-every", type=int, default=FinetuneConfig.save_every)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32 (default, how the shipped model was trained), bf16 autocast with fp32 "
+                   "master weights, or auto (bf16 where the CPU has bf16 instructions and measured faster)",
+                   )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the state in --out-dir")
     p.add_argument("--export", help="copy the best weights to this .safetensors file at the end")
     p.add_argument("--quiet", action="store_true")
@@ -744,15 +755,20 @@ def run_finetune(args) -> FinetuneResult:
         raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..engine.precision import resolve_precision
+
+    choice = resolve_precision(args.precision, "cpu")
     config = replace(
         FinetuneConfig(),
         build=args.build, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         eval_every=args.eval_every, save_every=args.save_every, freeze_encoder=args.freeze_encoder,
-        init_checkpoint=args.init,
+        init_checkpoint=args.init, precision=choice.precision,
     )  # fmt: skip
     if args.export and not args.export.endswith(".safetensors"):
         raise FinetuneError(f"--export must end in .safetensors, got {args.export}")
     _check_finetune_outputs(args)
+    if not args.quiet:  # only once the inputs and outputs passed: a refusal stays one line
+        print(f"training precision: {choice.precision} ({choice.reason})", file=sys.stderr)
     result = finetune(
         config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
         progress=None if args.quiet else _print_progress,

@@ -71,6 +71,8 @@ class Provenance:
     slices: tuple[SliceRecord, ...] = ()
     window: tuple[float, float] | None = None
     truncated: str = ""
+    #: encoder precision the run used ("fp32", "bf16", "fp16"); "" in files written before it was recorded
+    precision: str = ""
 
     # -- .seg.nrrd header (complete, RAS) ---------------------------------------------------------------
 
@@ -102,6 +104,8 @@ class Provenance:
         }
         if self.window is not None:
             meta["Window"] = f"{self.window[0]!r} {self.window[1]!r}"
+        if self.precision:
+            meta["Precision"] = self.precision
         if earlier:
             meta["Earlier"] = json.dumps([p.to_metadata() for p in earlier])
         return meta
@@ -130,6 +134,7 @@ class Provenance:
                 ),
                 slices=parse_slices(meta.get("Slices", "")),
                 window=_pair(window.split()) if window else None,
+                precision=meta.get("Precision", ""),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed SAM-Med2D provenance in the file header: {exc!r}") from exc
@@ -162,6 +167,8 @@ class Provenance:
         }
         if self.window is not None:
             base["window_low_high"] = f"{_num(self.window[0])} {_num(self.window[1])}"
+        if self.precision:
+            base["precision"] = self.precision
 
         def build(n_points: int, n_rois: int, n_slices: int) -> dict[str, str]:
             params = dict(base)
@@ -221,6 +228,7 @@ class Provenance:
                 slices=parse_slices(params.get("slices", "")),
                 window=_pair(window.split()) if window else None,
                 truncated=params.get("truncated", ""),
+                precision=params.get("precision", ""),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed SAM-Med2D AlgorithmParameters: {exc}") from exc
@@ -246,6 +254,7 @@ def build_provenance(
     propagate: str,
     segment: str = "",
     window: tuple[float, float] | None = None,
+    precision: str = "",
 ) -> Provenance:
     """Provenance of one run, from what the engine used and produced: ``points`` (``PointPrompt``: RAS
     ``position``, ``label``), ``rois`` (``RoiPrompt``: RAS ``center``, ``axes`` columns, ``size``) and the
@@ -273,6 +282,7 @@ def build_provenance(
             for o in sorted(outcomes, key=lambda o: o.index)
         ),
         window=None if window is None else _pair(window),
+        precision=str(precision),
     )
 
 

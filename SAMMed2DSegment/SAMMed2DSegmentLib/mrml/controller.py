@@ -107,7 +107,7 @@ class InteractiveSegmentation:
         self.model: dict = {}  # what the engine reported for the loaded model
         self._epoch = itertools.count(1)
         self.epoch = next(self._epoch)
-        self._model_request: tuple | None = None  # (path, device, engine generation) requested
+        self._model_request: tuple | None = None  # (path, device, engine generation, precision) requested
         self._volume_sent: tuple | None = None  # (snapshot key, engine generation) sent
         self._snapshot = None
         self.jobs: list[SegmentationJob] = []
@@ -139,10 +139,12 @@ class InteractiveSegmentation:
         self.client.close()
 
     # -- model and volume ----------------------------------------------------------------------------------
-    def request_model(self, path: str, device: str = "auto", on_error: Callable | None = None) -> Job | None:
+    def request_model(
+        self, path: str, device: str = "auto", on_error: Callable | None = None, precision: str = "auto"
+    ) -> Job | None:
         """Load the model in the engine unless this one is loaded there already (or on its way)."""
         self._ensure_engine()
-        wanted = (str(path), device, self.client.generation)
+        wanted = (str(path), device, self.client.generation, precision)
         if self._model_request == wanted:
             return None
         self._model_request = wanted
@@ -155,7 +157,8 @@ class InteractiveSegmentation:
                 if event == "error" and on_error is not None:
                     on_error(header.get("message", ""), header.get("details", ""))
 
-        return self.client.submit("load_model", {"path": str(path), "device": device}, on_event=on_event)
+        request = {"path": str(path), "device": device, "precision": precision}
+        return self.client.submit("load_model", request, on_event=on_event)
 
     def _ensure_engine(self) -> None:
         if not self.client.running:

@@ -128,9 +128,14 @@ class EngineServer:
 
         device = resolve_device(header.get("device", "auto"))
         model, info = load_model(header["path"], device=device)
-        self.session = SegmentationSession(SamMed2DPredictor(model))
+        predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"))
+        choice = predictor.precision_choice
+        log.info("model %s on %s, precision %s (%s)", info.build, device, choice.precision, choice.reason)
+        disk_cache = _disk_cache(header)
+        self.session = SegmentationSession(predictor, disk_cache=disk_cache, model_sha256=info.sha256)
         self.model_info = {"path": header["path"], "device": str(device), "build": info.build,
-                           "sha256": info.sha256}  # fmt: skip
+                           "sha256": info.sha256, "precision": choice.precision,
+                           "precision_reason": choice.reason}  # fmt: skip
         if self.volume is not None:
             self._set_session_volume()
         return self.model_info
@@ -274,6 +279,19 @@ class EngineServer:
         except registry.DownloadCancelled:
             raise JobCancelled from None
         return {"path": str(path)}
+
+
+def _disk_cache(header: dict):
+    """The embeddings folder: on by default under the cache folder (`disk_cache`: false turns it off,
+    `disk_cache_dir` / `disk_cache_mb` move or bound it)."""
+    from ..engine.disk_cache import DEFAULT_DISK_BYTES, DiskEmbeddingCache
+    from ..weights.cache_dir import default_cache_dir
+
+    if header.get("disk_cache", True) is False:
+        return None
+    folder = header.get("disk_cache_dir") or default_cache_dir() / "embeddings"
+    mb = header.get("disk_cache_mb")
+    return DiskEmbeddingCache(folder, DEFAULT_DISK_BYTES if mb is None else int(mb) << 20)
 
 
 def _attach_shared_memory(shared_memory: Any, name: str) -> Any:

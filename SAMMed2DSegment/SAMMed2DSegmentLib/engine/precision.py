@@ -1,0 +1,167 @@
+"""Which precision the image encoder runs in: "fp32" (exact, parity-tested), "bf16", "fp16", or "auto".
+
+`auto` picks bf16 on a CPU only where the processor has bf16 matrix instructions (AMX or AVX512-BF16) *and* a
+one-time calibration (a few ms of matrix products, cached per machine, torch version and thread count)
+shows bf16 faster here: without those instructions bf16 is emulated and slower than fp32. On CUDA it picks
+bf16 where the GPU supports it, else fp16; elsewhere (MPS included) fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..files import atomic_path
+from ..weights.cache_dir import default_cache_dir
+
+log = logging.getLogger("SAMMed2D.precision")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CALIBRATION_FILE = "precision-calibration.json"
+#: bf16 must beat fp32 by this factor in the calibration before `auto` takes it (margin for timing noise).
+MIN_SPEEDUP = 1.3
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+
+def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags Linux reports (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_bf16_capable(flags: set[str] | None = None) -> bool:
+    """Whether the CPU has bf16 matrix instructions: AMX-BF16 or AVX512-BF16 in the Linux flags, else
+    (macOS, Windows) torch's own report of an AMX-capable CPU."""
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return any(flag in flags for flag in _CPU_BF16_FLAGS)
+    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
+
+
+def _machine_key() -> str:
+    """What the calibration depends on: processor, its flags, torch version and thread count."""
+    flags = " ".join(sorted(cpu_flags()))
+    text = "|".join([platform.machine(), platform.processor(), _cpu_model(), flags, torch.__version__,
+                     str(torch.get_num_threads())])  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def measure_bf16_speedup(repeats: int = 5) -> float:
+    """fp32 time / bf16 time of an encoder-sized product (256 tokens × 768 → 768), best of `repeats`:
+    about 2 ms of work on a modern CPU."""
+    a = torch.randn(256, 768)
+    b = torch.randn(768, 768)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # warm-up (the first call picks kernels)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ y
+            best = min(best, time.perf_counter() - start)
+        times[dtype] = best
+    return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
+
+
+def calibrated_bf16_speedup(
+    cache_dir: str | os.PathLike[str] | None = None, measure: Callable[[], float] = measure_bf16_speedup
+) -> float:
+    """The bf16 speed-up on this machine, measured once and remembered in the cache folder."""
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = path / CALIBRATION_FILE
+    key = _machine_key()
+    try:
+        known = json.loads(path.read_text())
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        known = {}
+    speedup = float(measure())
+    known = known if isinstance(known, dict) else {}
+    known[key] = speedup
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(known, indent=1))
+    except OSError as exc:  # a read-only cache only costs a re-measurement next time
+        log.warning("could not record the precision calibration in %s: %s", path, exc)
+    return speedup
+
+
+def resolve_precision(
+    requested: str,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    bf16_capable: Callable[[], bool] = cpu_bf16_capable,
+    speedup: Callable[[], float] | None = None,
+) -> PrecisionChoice:
+    """The precision to run in for `requested` on `device`; ValueError for a combination that cannot run.
+    `bf16_capable` and `speedup` are the capability query and the calibration (replaceable in tests)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if requested == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 runs on CUDA and MPS only; on a CPU use bf16 or fp32")
+    if requested != "auto":
+        return PrecisionChoice(requested, "requested")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", "auto: the GPU supports bf16")
+        return PrecisionChoice("fp16", "auto: the GPU has no bf16, fp16 instead")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
+    if not bf16_capable():
+        return PrecisionChoice("fp32", "auto: the CPU reports neither AMX-BF16 nor AVX512-BF16")
+    factor = speedup() if speedup is not None else calibrated_bf16_speedup(cache_dir)
+    if factor < MIN_SPEEDUP:
+        return PrecisionChoice("fp32", f"auto: bf16 measured only {factor:.2f}× fp32 on this CPU")
+    return PrecisionChoice("bf16", f"auto: the CPU has bf16 instructions, measured {factor:.1f}× fp32")
+
+
+__all__ = [
+    "DTYPES",
+    "PRECISIONS",
+    "PrecisionChoice",
+    "calibrated_bf16_speedup",
+    "cpu_bf16_capable",
+    "cpu_flags",
+    "measure_bf16_speedup",
+    "resolve_precision",
+]

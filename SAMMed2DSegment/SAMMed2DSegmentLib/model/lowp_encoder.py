@@ -1,0 +1,292 @@
+"""A reduced-precision (bf16 / fp16) forward of `ImageEncoderViT`, beside the exact fp32 module.
+
+Why a second forward instead of `encoder.to(torch.bfloat16)` or `torch.autocast`: on CPU both spend most of
+their time in layout copies (batched products on permuted views, einsum, the adapter's unfold/fold), and end
+slower than fp32. This forward holds the weights once in the low precision, already transposed into the
+layout the products take, feeds contiguous tensors to every product, runs the windows of a windowed block
+as one batch, writes attention as two batched products around an fp32 softmax (the relative-position bias
+folded into the first one; `scaled_dot_product_attention` with a bias measured slower here) and the
+adapter's convolutions as plain products on shifted views. The residual stream, the layer norms, the
+relative-position terms, the adapter's channel gate and the transposed convolution's scatter-add stay in fp32
+(cheap, and where bf16 rounding would accumulate). The fp32 module is untouched: it stays the parity path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .image_encoder import ImageEncoderViT, relative_position_table
+
+
+def _t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`."""
+    return weight.detach().t().contiguous().to(dtype)
+
+
+@dataclass
+class _BlockWeights:
+    window: int
+    heads: int
+    norm1: tuple[torch.Tensor, torch.Tensor]
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    rel_h: torch.Tensor  # fp32, (size, size, head_dim) for the block's attention grid
+    rel_w: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    norm2: tuple[torch.Tensor, torch.Tensor]
+    lin1_w: torch.Tensor
+    lin1_b: torch.Tensor
+    lin2_w: torch.Tensor
+    lin2_b: torch.Tensor
+    adapter: dict[str, torch.Tensor] | None
+    adapter_eps: float = 1e-5
+
+
+class LowPrecisionEncoder:
+    """Callable B×3×S×S float32 image → B×C×S/16×S/16 embedding (float32 values from the final norm)."""
+
+    def __init__(self, encoder: ImageEncoderViT, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"low-precision encoder needs bfloat16 or float16, got {dtype}")
+        self.dtype = dtype
+        self.img_size = encoder.img_size
+        with torch.no_grad():
+            proj = encoder.patch_embed.proj
+            self.patch = proj.kernel_size[0]
+            self.patch_w = proj.weight.detach().reshape(proj.weight.shape[0], -1).t().contiguous().to(dtype)
+            self.patch_b = proj.bias.detach().float()
+            self.pos_embed = encoder.pos_embed.detach().float()
+            grid = encoder.img_size // self.patch
+            self.blocks = [self._block(b, dtype, b.window_size or grid) for b in encoder.blocks]
+            neck = encoder.neck
+            self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
+            self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
+            self.neck2_w = _taps_matrix(neck[2].weight.detach(), dtype)
+            self.neck_norm2 = (neck[3].weight.detach().float(), neck[3].bias.detach().float(), neck[3].eps)
+
+    @staticmethod
+    def _block(block, dtype: torch.dtype, size: int) -> _BlockWeights:
+        """The block's weights; `size` is the side of the grid its attention sees (window or whole)."""
+        attn = block.attn
+        adapter = None
+        if block.Adapter is not None:
+            a = block.Adapter
+            conv, deconv = a.spatial[0].weight.detach(), a.spatial[2].weight.detach()
+            c_in, c_out = deconv.shape[0], deconv.shape[1]
+            adapter = {
+                "gate1": a.channel[0].weight.detach().t().contiguous().float(),
+                "gate2": a.channel[2].weight.detach().t().contiguous().float(),
+                "down": _taps_matrix(conv, dtype),
+                # (ky·kx·C_out × C_in): one product gives every tap's contribution, added into place below
+                "up": deconv.permute(2, 3, 1, 0).reshape(16 * c_out, c_in).contiguous().to(dtype),
+                "norm_w": a.norm.weight.detach().float(),
+                "norm_b": a.norm.bias.detach().float(),
+            }
+        return _BlockWeights(
+            window=block.window_size,
+            heads=attn.num_heads,
+            norm1=(block.norm1.weight.detach().float(), block.norm1.bias.detach().float()),
+            qkv_w=_t(attn.qkv.weight, dtype),
+            qkv_b=attn.qkv.bias.detach().to(dtype),
+            rel_h=relative_position_table(size, attn.rel_pos_h.detach().float()),
+            rel_w=relative_position_table(size, attn.rel_pos_w.detach().float()),
+            proj_w=_t(attn.proj.weight, dtype),
+            proj_b=attn.proj.bias.detach().to(dtype),
+            norm2=(block.norm2.weight.detach().float(), block.norm2.bias.detach().float()),
+            lin1_w=_t(block.mlp.lin1.weight, dtype),
+            lin1_b=block.mlp.lin1.bias.detach().to(dtype),
+            lin2_w=_t(block.mlp.lin2.weight, dtype),
+            lin2_b=block.mlp.lin2.bias.detach().to(dtype),
+            adapter=adapter,
+            adapter_eps=block.Adapter.norm.eps if block.Adapter is not None else 1e-5,
+        )
+
+    def to(self, device: torch.device | str) -> LowPrecisionEncoder:
+        """Move every weight to `device` (in place)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, tuple):
+                setattr(self, name, tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in value))
+        for block in self.blocks:
+            for name, value in vars(block).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(block, name, value.to(device))
+                elif isinstance(value, tuple):
+                    setattr(block, name, tuple(v.to(device) for v in value))
+                elif isinstance(value, dict):
+                    setattr(block, name, {k: v.to(device) for k, v in value.items()})
+        return self
+
+    # -- forward ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype
+        batch, channels, height, width = image.shape
+        p = self.patch
+        gh, gw = height // p, width // p
+        patches = image.reshape(batch, channels, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch * gh * gw, channels * p * p).to(dt)
+        x = (patches @ self.patch_w).float() + self.patch_b
+        x = x.reshape(batch, gh, gw, -1) + self.pos_embed  # fp32 residual stream, B×H×W×C
+        for block in self.blocks:
+            x = self._forward_block(block, x)
+        y = x.reshape(-1, x.shape[-1]).to(dt) @ self.neck1_w
+        y = _layer_norm(y.float(), *self.neck_norm1).reshape(batch, gh, gw, -1)
+        y = (_patches3x3(y.to(dt), stride=1) @ self.neck2_w).float()
+        y = _layer_norm(y, *self.neck_norm2)
+        return y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _forward_block(self, w: _BlockWeights, x: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype
+        batch, height, width, dim = x.shape
+        tokens = batch * height * width
+        n = F.layer_norm(x, (dim,), *w.norm1, eps=1e-6).reshape(tokens, dim).to(dt)
+        qkv = torch.addmm(w.qkv_b, n, w.qkv_w).reshape(batch, height, width, 3 * dim)
+        if w.window > 0:
+            attended = self._windowed(w, qkv)
+        else:
+            attended = self._attend(w, qkv)
+        x = x + torch.addmm(w.proj_b, attended.reshape(tokens, dim), w.proj_w).float().reshape(x.shape)
+        n32 = F.layer_norm(x, (dim,), *w.norm2, eps=1e-6)
+        n = n32.reshape(tokens, dim).to(dt)
+        hidden = F.gelu(torch.addmm(w.lin1_b, n, w.lin1_w))
+        x = x + torch.addmm(w.lin2_b, hidden, w.lin2_w).float().reshape(x.shape)
+        if w.adapter is not None:
+            x = x + self._adapter(w.adapter, n32, w.adapter_eps)
+        return x
+
+    def _adapter(self, a: dict[str, torch.Tensor], n: torch.Tensor, eps: float) -> torch.Tensor:
+        """The SAM-Med2D adapter on the fp32 norm2 output n (B×H×W×C); see `image_encoder.Adapter`."""
+        batch, height, width, dim = n.shape
+        gate = torch.sigmoid(F.relu(n.mean(dim=(1, 2)) @ a["gate1"]) @ a["gate2"])
+        gated = (gate[:, None, None, :] * n).to(self.dtype)
+        down = F.relu(_patches3x3(gated, stride=2) @ a["down"])  # B×(H/2·W/2)×C
+        dh, dw = (height + 1) // 2, (width + 1) // 2
+        # Weight on the left: for these shapes (few pixels, many taps) the product is ~1.5× faster that way.
+        taps = a["up"] @ down.reshape(batch * dh * dw, dim).t()  # one product for the whole batch
+        taps = taps.reshape(4, 4, dim, batch, dh, dw).permute(3, 0, 1, 2, 4, 5)
+        up = F.relu(_transposed_4x4_s2(taps, height, width))
+        return F.layer_norm(n + up, (dim,), a["norm_w"], a["norm_b"], eps=eps)
+
+    def _attend(
+        self, w: _BlockWeights, qkv: torch.Tensor, rows: int | None = None, cols: int | None = None
+    ) -> torch.Tensor:
+        """Attention on a B×S×S grid of q/k/v (B×S×S×3C) → B×rows×cols×C: only the queries of the top-left
+        rows×cols sub-grid are computed (in a zero-padded window the others are cropped away anyway)."""
+        batch, size, _, three_c = qkv.shape
+        rows = size if rows is None else rows
+        cols = size if cols is None else cols
+        heads = w.heads
+        head_dim = three_c // (3 * heads)
+        tokens, queries = size * size, rows * cols
+        qkv = qkv.reshape(batch, size, size, 3, heads, head_dim)
+        q = qkv[:, :rows, :cols, 0].permute(0, 3, 1, 2, 4)  # B, heads, rows, cols, d
+        k, v = qkv.reshape(batch, tokens, 3, heads, head_dim)[:, :, 1:].permute(2, 0, 3, 1, 4).contiguous()
+        # Decomposed relative positions from the unscaled q, in fp32 (tiny products, they make the bias).
+        qf = q.float()
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qf, w.rel_h[:rows])
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qf, w.rel_w[:cols])
+        # The decomposed relative-position bias folded into one product: [q·scale, rel_h, rel_w] against
+        # [k, one-hot key row, one-hot key column] gives q·k·scale + rel_h[key row] + rel_w[key column], so
+        # the tokens² bias is never built (it cost more than the attention).
+        dt = q.dtype
+        q_aug = torch.cat([q * head_dim**-0.5, rel_h.to(dt), rel_w.to(dt)], dim=-1)
+        k_aug = torch.cat(
+            [k, _key_positions(size, dt, q.device).expand(batch, heads, tokens, 2 * size)], dim=-1
+        )
+        n, d = batch * heads, q_aug.shape[-1]
+        scores = torch.bmm(q_aug.reshape(n, queries, d), k_aug.reshape(n, tokens, d).transpose(1, 2))
+        # Softmax on the bf16 scores: the CPU kernel keeps its max and sum in fp32, and an fp32 copy of the
+        # scores cost as much as the products.
+        probs = torch.softmax(scores, -1)
+        out = torch.bmm(probs, v.reshape(n, tokens, head_dim)).reshape(batch, heads, queries, head_dim)
+        return out.transpose(1, 2).reshape(batch, rows, cols, heads * head_dim)
+
+    def _windowed(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
+        """Zero-padded windows: a padding token is zero after norm1, so its q/k/v are the qkv bias (the
+        official formulation); only the real tokens' queries are computed."""
+        batch, height, width, three_c = qkv.shape
+        ws = w.window
+        hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
+        if (hp, wp) != (height, width):
+            padded = w.qkv_b.expand(batch, hp, wp, three_c).clone()
+            padded[:, :height, :width] = qkv
+            qkv = padded
+        out = qkv.new_empty(batch, height, width, three_c // 3)
+        for y in range(0, height, ws):
+            for x in range(0, width, ws):
+                rows, cols = min(ws, height - y), min(ws, width - x)
+                window = qkv[:, y : y + ws, x : x + ws]
+                out[:, y : y + rows, x : x + cols] = self._attend(w, window, rows, cols)
+        return out
+
+
+_KEY_POSITIONS: dict[tuple, torch.Tensor] = {}
+
+
+def _key_positions(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size² × 2·size): each key token's row and column as one-hot vectors (cached per grid size)."""
+    key = (size, dtype, device)
+    if key not in _KEY_POSITIONS:
+        index = torch.arange(size * size, device=device)
+        eye = torch.eye(size, dtype=dtype, device=device)
+        _KEY_POSITIONS[key] = torch.cat([eye[index // size], eye[index % size]], dim=-1)
+    return _KEY_POSITIONS[key]
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=eps)
+
+
+def _taps_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Conv weight (C_out × C_in × 3 × 3) → (9·C_in × C_out), rows in the (ky, kx, C_in) order of
+    `_patches3x3`."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous().to(dtype)
+
+
+def _patches3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Channels-last 3×3 patches with padding 1: B×H×W×C → B·H'·W' × 9·C (for a conv as one product)."""
+    batch, height, width, channels = x.shape
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+    oh, ow = (height - 1) // stride + 1, (width - 1) // stride + 1
+    views = [
+        padded[:, ky : ky + stride * (oh - 1) + 1 : stride, kx : kx + stride * (ow - 1) + 1 : stride]
+        for ky in range(3)
+        for kx in range(3)
+    ]
+    return torch.cat(views, dim=-1).reshape(batch * oh * ow, 9 * channels)
+
+
+# ConvTranspose2d(kernel 4, stride 2, padding 1): output row 2m takes kernel row 1 from input row m and kernel
+# row 3 from input row m−1; output row 2m+1 takes kernel row 0 from input row m+1 and kernel row 2 from row m.
+_PHASE_TAPS = (((0, 1), (-1, 3)), ((1, 0), (0, 2)))
+
+
+def _transposed_4x4_s2(taps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-input-pixel tap contributions B×4×4×C×h×w → the transposed convolution's output (summed in fp32),
+    as a channels-last B×H×W×C view. Each output phase starts from its unshifted tap and adds the shifted
+    ones in place: no padded copy of the taps."""
+    batch, _, _, channels, h, w = taps.shape
+    out = torch.empty(batch, channels, h, 2, w, 2, dtype=torch.float32, device=taps.device)
+    for a in range(2):
+        for b in range(2):
+            phase = out[:, :, :, a, :, b]
+            for dy, ky in _PHASE_TAPS[a]:
+                for dx, kx in _PHASE_TAPS[b]:
+                    source = taps[:, ky, kx]
+                    if dy == dx == 0:
+                        phase.copy_(source)
+            for dy, ky in _PHASE_TAPS[a]:
+                for dx, kx in _PHASE_TAPS[b]:
+                    if dy == dx == 0:
+                        continue
+                    # output pixel m takes input pixel m + d, where that exists
+                    target = phase[:, :, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+                    target += taps[:, ky, kx, :, max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+    return out.reshape(batch, channels, 2 * h, 2 * w)[:, :, :height, :width].permute(0, 2, 3, 1)
