@@ -280,7 +280,7 @@ def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str)
 def _dicom_source(args: argparse.Namespace, volume) -> list:
     """The source series for --dicom-seg (as read with the volume, now held to what a SEG needs), checked
     against the volume before any work is done."""
-    from .formats.dicom_series import check_series_grid, sort_series_datasets
+    from .formats.dicom.series import check_series_grid, sort_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(

@@ -1,5 +1,5 @@
 """Segmentation nodes ↔ DICOM-SEG files: what the command line's `--dicom-seg` and the module's
-"Export DICOM-SEG" / reopen actions call. The DICOM work itself is the pure layer's `dicom_seg`."""
+"Export DICOM-SEG" / reopen actions call. The DICOM work itself is the pure layer's `formats.dicom`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,10 @@ from pathlib import Path
 import vtk
 
 from ..engine.geometry import SliceGeometry
-from ..formats.dicom_seg import (
-    Provenance,
-    SegmentSpec,
-    check_series_grid,
-    parse_slicer_terminology,
-    read_dicom_seg,
-    series_affine,
-    write_dicom_seg,
-)
+from ..formats.dicom.seg_read import read_dicom_seg
+from ..formats.dicom.seg_write import SegmentSpec, parse_slicer_terminology, write_dicom_seg
+from ..formats.dicom.series import check_series_grid, series_affine
+from ..formats.provenance import Provenance
 from .scene import HeadlessScene
 from .segmentations import ensure_segment, ensure_segmentation, segment_array, write_segment_slices
 from .volumes import volume_ijk_to_world

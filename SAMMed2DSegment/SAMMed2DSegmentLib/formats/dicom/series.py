@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ..engine.geometry import LPS_TO_RAS
+from ...engine.geometry import LPS_TO_RAS
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ first) and a ``truncated`` entry says how much was kept. :func:`read_dicom_seg_p
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -40,34 +39,25 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
 
-from .. import __version__
-from ..choices import SEGMENT_COLORS
-from ..files import atomic_path
-from .dicom_series import (  # noqa: F401  series reading lives there (no highdicom); re-exported here
-    _DUPLICATES,
-    ORIENTATION_TOL,
-    SEG_SOP_CLASS_UID,
-    SPACING_REL_TOL,
-    _check_regular_steps,
-    _validate_stack,
-    check_series_grid,
-    read_series_datasets,
-    series_affine,
-    sort_series_datasets,
-)
-from .provenance import (
+from ... import __version__
+from ...choices import SEGMENT_COLORS
+from ...files import atomic_path
+from ..provenance import (
     MAX_LT_LENGTH,
     TRUNCATED,
     Provenance,
     format_algorithm_parameters,
     parameters_length,
-    parse_algorithm_parameters,
+)
+from .headers import sanitized_header
+from .series import (
+    _DUPLICATES,
+    _check_regular_steps,
+    _validate_stack,
+    series_affine,
 )
 
 log = logging.getLogger(__name__)
@@ -188,7 +178,7 @@ def write_dicom_seg(
     if content_description is None:
         content_description = _default_content_description(segments)
     seg = hd.seg.Segmentation(
-        source_images=[_sanitized_header(datasets[0], measures), *datasets[1:]],
+        source_images=[sanitized_header(datasets[0], measures), *datasets[1:]],
         pixel_array=pixel_array,
         segmentation_type=(
             hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
@@ -284,57 +274,6 @@ def _pixel_measures(datasets: Sequence[Dataset]) -> hd.PixelMeasuresSequence:
         slice_thickness=thickness,
         spacing_between_slices=spacing if len(datasets) > 1 else None,
     )
-
-
-def _sanitized_header(ds: Dataset, measures: hd.PixelMeasuresSequence) -> Dataset:
-    """A copy of ``ds`` whose optional patient/study attributes highdicom copies are present and valid, and
-    whose SliceThickness (which highdicom copies into the SEG, where it is Type 1) is set."""
-    header = Dataset()
-    for elem in ds:
-        if elem.keyword != "PixelData":
-            header.add(copy.deepcopy(elem))
-    if hasattr(ds, "file_meta"):
-        header.file_meta = copy.deepcopy(ds.file_meta)
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-    ):
-        value = header.get(keyword)
-        if value is None or value == "":
-            _set(header, keyword, None)
-            continue
-        try:
-            if keyword in ("PatientBirthDate", "StudyDate"):
-                DA(str(value))
-            elif keyword == "StudyTime":
-                TM(str(value))
-            elif keyword == "PatientSex":
-                sex = str(value).strip().upper()[:1]
-                if sex not in ("M", "F", "O"):
-                    raise ValueError(value)
-                _set(header, keyword, sex)
-            elif keyword in ("AccessionNumber", "StudyID") and len(str(value)) > 16:
-                raise ValueError(value)
-        except (ValueError, TypeError):
-            log.warning("source %s %r is malformed; written empty", keyword, value)
-            _set(header, keyword, None)
-    _set(header, "SliceThickness", measures[0].SliceThickness)
-    if not header.get("Modality"):
-        _set(header, "Modality", "OT")
-    return header
-
-
-def _set(ds: Dataset, keyword: str, value) -> None:
-    if keyword in ds:
-        del ds[keyword]
-    setattr(ds, keyword, value)
 
 
 def _default_series_number(ds: Dataset) -> int:
@@ -474,79 +413,3 @@ def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:
         return (value, scheme, meaning)
 
     return code(1), code(2)
-
-
-def read_dicom_seg(
-    path: str | os.PathLike, source_datasets: Sequence[Dataset], *, threshold: float = 0.5
-) -> dict[str, np.ndarray]:
-    """Read a DICOM-SEG back onto the KJI grid of ``source_datasets`` (sorted as for writing).
-
-    Returns ``{segment label: bool mask}``; FRACTIONAL segments are thresholded at ``threshold``. A repeated
-    label gets its segment number appended. Raises ValueError when the SEG is not a segmentation of this
-    series (other frame of reference, or none of the series' instances referenced).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DICOM-SEG file not found: {path}")
-    datasets = list(source_datasets)
-    try:
-        seg = hd.seg.segread(path)
-    except (InvalidDicomError, AttributeError, KeyError) as exc:
-        raise ValueError(f"{path} is not a readable DICOM-SEG: {exc}") from exc
-    if str(seg.get("FrameOfReferenceUID")) != str(datasets[0].get("FrameOfReferenceUID")):
-        raise ValueError("the DICOM-SEG has a different FrameOfReferenceUID than the source series")
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    referenced = {uid for _study, _series, uid in seg.get_source_image_uids()}
-    if not referenced.intersection(uids):
-        raise ValueError("the DICOM-SEG does not reference any instance of the source series")
-    numbers = list(seg.get_segment_numbers())
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        segment_numbers=numbers,
-        assert_missing_frames_are_empty=True,
-        rescale_fractional=True,
-        dtype=np.float32 if seg.SegmentationType == "FRACTIONAL" else np.uint8,
-    )
-    labels = _segment_labels(seg)
-    result: dict[str, np.ndarray] = {}
-    for index, number in enumerate(numbers):
-        plane = pixels[..., index]
-        result[labels[number]] = plane >= threshold if plane.dtype.kind == "f" else plane != 0
-    return result
-
-
-def read_dicom_seg_provenance(path: str | os.PathLike) -> dict[str, Provenance]:
-    """The provenance of each segment of a DICOM-SEG written by :func:`write_dicom_seg`, keyed by segment
-    label as :func:`read_dicom_seg` keys the masks; prompts are converted back to RAS. Segments without
-    SAM-Med2D provenance are left out; ``Provenance.truncated`` says when the file had to shorten a list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DICOM-SEG file not found: {path}")
-    try:
-        seg = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError as exc:
-        raise ValueError(f"{path} is not a readable DICOM-SEG: {exc}") from exc
-    if seg.get("SOPClassUID") != SEG_SOP_CLASS_UID:
-        raise ValueError(f"{path} is not a DICOM-SEG")
-    labels = _segment_labels(seg)
-    result = {}
-    for item in seg.get("SegmentSequence", []):
-        algorithms = item.get("SegmentationAlgorithmIdentificationSequence") or [Dataset()]
-        params = parse_algorithm_parameters(algorithms[0].get("AlgorithmParameters", ""))
-        provenance = Provenance.from_algorithm_parameters(params)
-        if provenance is not None:
-            result[labels[int(item.SegmentNumber)]] = provenance
-    return result
-
-
-def _segment_labels(seg: Dataset) -> dict[int, str]:
-    """Segment number → label: the full label kept in AlgorithmParameters when SegmentLabel had to be cut,
-    else SegmentLabel; a repeated label gets its segment number appended."""
-    labels: dict[int, str] = {}
-    for item in seg.get("SegmentSequence", []):
-        number = int(item.SegmentNumber)
-        algorithms = item.get("SegmentationAlgorithmIdentificationSequence") or [Dataset()]
-        params = parse_algorithm_parameters(algorithms[0].get("AlgorithmParameters", ""))
-        label = params.get("label") or str(item.get("SegmentLabel", ""))
-        labels[number] = f"{label} [{number}]" if label in labels.values() else label
-    return labels
