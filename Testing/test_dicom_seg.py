@@ -494,10 +494,6 @@ def _no_orientation(n, ds):
         del ds.ImageOrientationPatient
 
 
-def _no_frame_of_reference(n, ds):
-    del ds.FrameOfReferenceUID
-
-
 def _blank_study_uid(n, ds):
     ds.StudyInstanceUID = ""
 
@@ -513,7 +509,6 @@ BAD_SERIES = {
     "several series": (_other_series, "different SeriesInstanceUIDs"),
     "no position": (_no_position, "ImagePositionPatient"),
     "no orientation": (_no_orientation, "ImageOrientationPatient"),
-    "no frame of reference": (_no_frame_of_reference, "FrameOfReferenceUID"),
     "blank study uid": (_blank_study_uid, "StudyInstanceUID"),
     "duplicate position": (_duplicate_position, "same position"),
 }

@@ -52,7 +52,7 @@ from ..provenance import (
     format_algorithm_parameters,
     parameters_length,
 )
-from .headers import sanitized_header
+from .headers import DERIVED_FOR_NOTE, source_headers
 from .series import (
     _DUPLICATES,
     _check_regular_steps,
@@ -108,7 +108,7 @@ def write_dicom_seg(
     segments: Sequence[SegmentSpec],
     out_path: str | os.PathLike,
     *,
-    model_hash: str,
+    model_hash: str | None,
     algorithm_name: str = "SAM-Med2D",
     algorithm_version: str = __version__,
     fractional: bool = False,
@@ -136,8 +136,6 @@ def write_dicom_seg(
         raise FileNotFoundError(f"output folder does not exist: {out_path.parent}")
     if out_path.is_dir():
         raise IsADirectoryError(f"output path is a folder, expected a file name: {out_path}")
-    if not model_hash:
-        raise ValueError("model_hash (the checkpoint's SHA-256) is required")
 
     datasets = list(source_datasets)
     if not datasets:
@@ -161,24 +159,65 @@ def write_dicom_seg(
     pixel_array = _stack_masks(segments, shape, fractional)
 
     measures = _pixel_measures(datasets)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=_clean_label(spec.label, number),
-            segmented_property_category=_coded(spec.category or DEFAULT_CATEGORY),
-            segmented_property_type=_coded(spec.type or DEFAULT_TYPE),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
-            algorithm_identification=_algorithm(spec, model_hash, algorithm_name, algorithm_version),
-            display_color=_color(spec.color_rgb, number),
-        )
-        for number, spec in enumerate(segments, start=1)
-    ]
+    headers, derived_frame = source_headers(datasets, float(measures[0].SliceThickness))
+    descriptions = [_description(spec, number, model_hash, algorithm_name, algorithm_version)
+                    for number, spec in enumerate(segments, start=1)]  # fmt: skip
     if series_description is None:
-        series_description = f"{algorithm_name} segmentation, checkpoint {str(model_hash)[:12]}"
+        series_description = (
+            f"{algorithm_name} segmentation, checkpoint {str(model_hash)[:12]}" if model_hash
+            else f"Segmentation by {algorithm_name}"
+        )  # fmt: skip
     if content_description is None:
         content_description = _default_content_description(segments)
-    seg = hd.seg.Segmentation(
-        source_images=[sanitized_header(datasets[0], measures), *datasets[1:]],
+    if derived_frame:  # the note matters more than the summary, which AlgorithmParameters keeps anyway
+        content_description = DERIVED_FOR_NOTE
+    try:
+        seg = _segmentation(
+            headers, pixel_array, fractional, descriptions, measures, series_number, content_label,
+            content_description, series_description,
+        )
+        _atomic_save(seg, out_path)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # highdicom and pydicom check what they write; whatever slipped past the rules is one line here.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot write the DICOM-SEG ({type(exc).__name__}: {first})") from exc
+    return out_path
+
+
+def _description(
+    spec: SegmentSpec, number: int, model_hash: str | None, algorithm_name: str, algorithm_version: str
+) -> hd.seg.SegmentDescription:
+    """A segment made by SAM-Med2D (it has provenance, or a checkpoint hash is given) is SEMIAUTOMATIC with
+    its parameters; one from elsewhere (``convert`` of a .seg.nrrd without provenance) is MANUAL: we cannot
+    say what made it."""
+    made = spec.provenance is not None or bool(model_hash)
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=_clean_label(spec.label, number),
+        segmented_property_category=_coded(spec.category or DEFAULT_CATEGORY),
+        segmented_property_type=_coded(spec.type or DEFAULT_TYPE),
+        algorithm_type=_ALGORITHM_TYPES[made],
+        algorithm_identification=(
+            _algorithm(spec, model_hash or "", algorithm_name, algorithm_version) if made else None
+        ),
+        display_color=_color(spec.color_rgb, number),
+    )
+
+
+_ALGORITHM_TYPES = {
+    True: hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+    False: hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+}
+
+
+def _segmentation(
+    headers: list[Dataset], pixel_array: np.ndarray, fractional: bool, descriptions: list,
+    measures: hd.PixelMeasuresSequence, series_number: int | None, content_label: str,
+    content_description: str | None, series_description: str,
+) -> hd.seg.Segmentation:  # fmt: skip
+    """highdicom's Segmentation from the rule-checked headers (nothing else of the source)."""
+    return hd.seg.Segmentation(
+        source_images=headers,
         pixel_array=pixel_array,
         segmentation_type=(
             hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
@@ -186,7 +225,7 @@ def write_dicom_seg(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
-        series_number=series_number if series_number is not None else _default_series_number(datasets[0]),
+        series_number=series_number if series_number is not None else _default_series_number(headers[0]),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="SAMMed2D",
@@ -199,8 +238,6 @@ def write_dicom_seg(
         pixel_measures=measures,
         omit_empty_frames=True,
     )
-    _atomic_save(seg, out_path)
-    return out_path
 
 
 def _stack_masks(
@@ -331,6 +368,8 @@ def _parameters(spec: SegmentSpec, model_hash: str) -> dict[str, str]:
         raise ValueError(f"segment label of {len(str(spec.label))} characters is too long to keep")
     if spec.provenance is not None:
         params = spec.provenance.to_algorithm_parameters(MAX_LT_LENGTH - reserve)
+    elif not model_hash:
+        params = {}
     else:
         params = {"checkpoint_sha256": str(model_hash)}
     return {**params, **label}
@@ -393,6 +432,8 @@ def _declare_character_set(dataset: Dataset) -> None:
 
     if not all(text.isascii() for text in texts(dataset)):
         dataset.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet  # plain ASCII: the default repertoire
 
 
 def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:

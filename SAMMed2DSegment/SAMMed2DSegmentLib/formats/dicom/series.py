@@ -34,13 +34,13 @@ SPACING_REL_TOL = 0.01  # slice steps may deviate from the median step by 1 %
 
 #: What a volume's geometry needs from every image.
 REQUIRED_FOR_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-#: What a DICOM-SEG referencing the series needs besides.
+#: What a DICOM-SEG referencing the series needs besides (FrameOfReferenceUID, often stripped by anonymisers,
+#: is derived when missing: see headers.py).
 REQUIRED_FOR_SEG = (
     "SOPInstanceUID",
     "SOPClassUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
-    "FrameOfReferenceUID",
     *REQUIRED_FOR_GEOMETRY,
 )
 #: One series belongs to one patient, study, series and frame of reference.
