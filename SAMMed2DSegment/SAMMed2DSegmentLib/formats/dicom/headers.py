@@ -63,6 +63,12 @@ def _uid(value: str) -> str:
     return value
 
 
+def _sop_class(value: str) -> str:
+    if _uid(value) and UID(value).type != "SOP Class":
+        raise ValueError("not a known SOP class")
+    return value
+
+
 def _date(value: str) -> str:
     digits = re.sub(r"[.\-/]", "", value) if re.fullmatch(r"\d{4}[.\-/]\d{2}[.\-/]\d{2}", value) else value
     datetime.datetime.strptime(digits, "%Y%m%d")  # raises ValueError for 19700231 and the like
@@ -140,12 +146,18 @@ RULES: tuple[Rule, ...] = (
 
 #: Per image, for the references and the frame positions (validated in series.py besides).
 INSTANCE_RULES: tuple[Rule, ...] = (
-    Rule("SOPClassUID", "1", "UI", _uid),
+    Rule("SOPClassUID", "1", "UI", _sop_class),
     Rule("SOPInstanceUID", "1", "UI", _uid),
     Rule("SeriesInstanceUID", "1", "UI", _uid),
     Rule("StudyInstanceUID", "1", "UI", _uid),
 )
 _GEOMETRY = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+#: Every source attribute that can change the SEG (besides these rules, the slice spacing and thickness, and
+#: the character set the source's text is decoded with); nothing else of the source is read.
+TAKEN = frozenset(
+    [r.keyword for r in (*RULES, *INSTANCE_RULES)]
+    + [*_GEOMETRY, "SliceThickness", "SpacingBetweenSlices", "SpecificCharacterSet", "NumberOfFrames"]
+)
 
 
 def _raw_text(ds: Dataset, keyword: str) -> str | None:

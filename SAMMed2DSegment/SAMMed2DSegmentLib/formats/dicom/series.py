@@ -209,7 +209,11 @@ def _validate_stack(datasets: Sequence[Dataset], required: Sequence[str] = REQUI
             f"{_name(multiframe[0], 0)}: multi-frame source images are not supported; the series must be "
             "single-frame images"
         )
-    if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) > 1:
+    try:
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed Rows or Columns ({exc})") from exc
+    if len(sizes) > 1:
         raise ValueError("the source images have different sizes (Rows x Columns)")
     try:
         spacing = np.asarray([[float(v) for v in ds.PixelSpacing] for ds in datasets])
