@@ -475,6 +475,11 @@ def _tilt(n, ds):
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9805807, -0.1961161]
 
 
+def _gantry_tilt(n, ds):
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y + (z + 766.5) * 0.2679, z]  # 15° tilt: y moves with z
+
+
 def _gap(n, ds):
     return n != 7
 
@@ -506,6 +511,7 @@ def _duplicate_position(n, ds):
 BAD_SERIES = {
     "mixed orientations": (_tilt, "mixed orientations"),
     "gap": (_gap, "uneven slice spacing"),
+    "gantry tilt": (_gantry_tilt, "gantry tilt"),
     "several series": (_other_series, "different SeriesInstanceUIDs"),
     "no position": (_no_position, "ImagePositionPatient"),
     "no orientation": (_no_orientation, "ImageOrientationPatient"),

@@ -21,12 +21,13 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,10 @@ def derived_frame_of_reference(datasets: Sequence[Dataset]) -> str:
     same series twice gives the same UID (and a SEG of it lands in the same frame)."""
     series = str(datasets[0].get("SeriesInstanceUID", ""))
     instances = sorted(str(ds.get("SOPInstanceUID", "")) for ds in datasets)
-    return generate_uid(prefix=None, entropy_srcs=["SAMMed2D frame of reference", series, *instances])
+    # A name-based UUID as a "2.25." UID (PS3.5 B.2); pydicom's generate_uid(prefix=None) ignores its
+    # entropy sources and would give a random one.
+    name = "\\".join(["SAMMed2D frame of reference", series, *instances])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def frame_of_reference(datasets: Sequence[Dataset]) -> tuple[str, bool]:

@@ -256,6 +256,18 @@ def _check_regular_steps(ordered: Sequence[Dataset]) -> None:
     if median <= 1e-6 or lengths.min() <= 1e-6 * max(median, 1.0):
         n = int(np.argmin(lengths))
         raise ValueError(f"{_DUPLICATES}: {_name(ordered[n], n)} and {_name(ordered[n + 1], n + 1)}")
+    iop = np.asarray([float(v) for v in ordered[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    typical = np.median(steps, axis=0)
+    along = float(typical @ normal)
+    sideways = float(np.linalg.norm(typical - along * normal))
+    if sideways > SPACING_REL_TOL * np.linalg.norm(typical):
+        # ITK and most viewers would stack such slices straight: refused rather than read with wrong geometry.
+        angle = np.degrees(np.arctan2(sideways, abs(along)))
+        raise ValueError(
+            f"the slices are sheared by {angle:.1f}° against their ImageOrientationPatient (gantry tilt?); "
+            "resample the series to an orthogonal grid first"
+        )
     deviation = np.linalg.norm(steps - np.median(steps, axis=0), axis=1)
     worst = int(np.argmax(deviation))
     if deviation[worst] > SPACING_REL_TOL * median:
