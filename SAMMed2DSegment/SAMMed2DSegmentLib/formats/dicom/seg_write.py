@@ -1,20 +1,20 @@
-"""DICOM-SEG export and import (pure layer: numpy + pydicom + highdicom; no Slicer, no VTK).
+"""DICOM-SEG writing (pure layer: numpy + pydicom + highdicom; no Slicer, no VTK). Reading is seg_read.py.
 
 Mask convention ("KJI"): a mask is a numpy array indexed ``[k, j, i]`` on the source series' own voxel grid:
 
-* ``k`` follows the source datasets as sorted by :func:`read_series_datasets` / :func:`sort_series_datasets`:
-  ascending position along the slice normal ``row_cosines x column_cosines`` (for an axial LPS series
-  with ImageOrientationPatient ``[1,0,0, 0,1,0]`` this is ascending z, inferior to superior);
+* ``k`` follows the source datasets as sorted by series.py's :func:`read_series_datasets` /
+  :func:`sort_series_datasets`: ascending position along the slice normal ``row_cosines x column_cosines``
+  (for an axial LPS series with ImageOrientationPatient ``[1,0,0, 0,1,0]`` this is ascending z, inferior to
+  superior);
 * ``j`` is the row and ``i`` the column of the DICOM pixel array.
 
 So ``mask_kji[k]`` lies exactly on ``source_datasets[k].pixel_array``. :func:`series_affine` gives the
 matching 4x4 matrix from ``(i, j, k, 1)`` to LPS millimetres; callers that resample from another grid
 (Slicer's RAS labelmaps) can pass it as ``mask_affine`` so a geometry mismatch is refused, not written.
 
-Real-world headers are often defective. Missing or malformed *optional* patient/study attributes (Type 2/3:
-PatientName, PatientSex, StudyDate, ...) are written empty instead of crashing highdicom; attributes without
-which a correct SEG cannot be made (UIDs, ImagePositionPatient, ImageOrientationPatient, FrameOfReferenceUID,
-PixelSpacing) raise :class:`ValueError` naming the problem.
+What the SEG takes from the source headers is checked by rule in headers.py (repaired, left out, written
+empty, or refused naming the attribute; a missing FrameOfReferenceUID is derived). Geometry is validated by
+series.py. Any error highdicom or pydicom still raises becomes one ValueError line.
 
 Writes are atomic: the file is written to a temporary name in the destination folder and moved into place
 with :func:`os.replace`; on any failure nothing is left behind.
