@@ -28,6 +28,8 @@ from SAMMed2DSegmentLib.formats.dicom import headers, seg_write
 from SAMMed2DSegmentLib.formats.dicom import series as dseries
 from SAMMed2DSegmentLib.formats.dicom.seg_write import SegmentSpec
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every defect we plant
+
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 BIN = Path(sys.executable).parent
 HASH = "0123456789abcdef" * 4
@@ -188,3 +190,48 @@ def test_every_defect_of_an_attribute_exports_cleanly_or_is_refused_naming_it(gr
             assert errors == [], f"{names} {kind}: {errors}"
         outcomes[kind] = "exported"
     assert outcomes, f"no defect applied to {names}"
+
+
+# ------------------------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize(
+    ("keyword", "source", "written"),
+    [
+        ("PatientSex", "Male", "M"),
+        ("PatientSex", "unknown", None),
+        ("StudyDate", "2022-12-08", "20221208"),
+        ("StudyDate", "19700231", None),
+        ("StudyTime", "12:30:00", "123000"),
+        ("StudyTime", "25:99", None),
+        ("PatientName", "ANONYMOUS", "ANONYMOUS"),  # one component is a valid name
+        ("PatientName", "a^b^c^d^e^f", None),
+        ("AccessionNumber", "A" * 17, None),
+        ("SeriesNumber", "12", "12"),
+    ],
+)
+def test_rules_repair_what_the_standard_allows_and_drop_the_rest(keyword, source, written):
+    rule = next(r for r in headers.RULES if r.keyword == keyword)
+    ds = pydicom.Dataset()
+    setattr(ds, keyword, source)
+    assert headers.checked_value(ds, rule) == written
+
+
+def test_a_latin_1_source_name_is_written_as_utf_8(tmp_path):
+    datasets = [copy.deepcopy(ds) for ds in BASE]
+    for ds in datasets:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jürgen"
+    out = _export(_as_read_from_disk(datasets), tmp_path / "seg.dcm")
+    seg = pydicom.dcmread(out)
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == "Müller^Jürgen"
+    assert dciodvfy_errors(out) == []
+
+
+def test_a_missing_required_uid_is_refused_naming_it(tmp_path):
+    datasets = [copy.deepcopy(ds) for ds in BASE]
+    for ds in datasets:
+        ds.StudyInstanceUID = "1.2.3.abc"
+    with pytest.raises(ValueError, match=r"^the source's StudyInstanceUID is malformed \(not a valid UID\)"):
+        _export(_as_read_from_disk(datasets), tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
