@@ -341,7 +341,8 @@ def test_roi_alone_prompts_and_bounds_the_result(env, tmp_path):
 
 
 def test_dicom_seg_output_matches_the_seg_nrrd(env, tmp_path):
-    from SAMMed2DSegmentLib.formats.dicom_seg import read_dicom_seg, read_series_datasets
+    from SAMMed2DSegmentLib.formats.dicom.seg_read import read_dicom_seg
+    from SAMMed2DSegmentLib.formats.dicom.series import read_series_datasets
 
     out, dcm = tmp_path / "case.seg.nrrd", tmp_path / "case.dcm"
     assert run(base_args(env, out=out, dicom_seg=dcm, segment_name="Liver")) == 0
@@ -369,7 +370,8 @@ def test_provenance_in_the_seg_nrrd_and_the_dicom_seg(env, tmp_path):
     markups file's own frame here); updating a file keeps the provenance of its other segments."""
     import pydicom
 
-    from SAMMed2DSegmentLib.formats.dicom_seg import parse_algorithm_parameters, read_dicom_seg_provenance
+    from SAMMed2DSegmentLib.formats.dicom.seg_read import read_dicom_seg_provenance
+    from SAMMed2DSegmentLib.formats.provenance import parse_algorithm_parameters
 
     out, dcm, report = tmp_path / "case.seg.nrrd", tmp_path / "case.dcm", tmp_path / "r.json"
     assert run(base_args(env, out=out, segment_name="Liver")) == 0

@@ -20,8 +20,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib.formats import dicom_seg, provenance
-from SAMMed2DSegmentLib.formats.dicom_seg import SegmentSpec
+from SAMMed2DSegmentLib.formats import provenance
+from SAMMed2DSegmentLib.formats.dicom import seg_read, seg_write
+from SAMMed2DSegmentLib.formats.dicom import series as dseries
+from SAMMed2DSegmentLib.formats.dicom.seg_write import SegmentSpec
 
 DATA = Path(__file__).parent / "Data" / "totalseg-example-ct"
 CT = DATA / "ct"
@@ -33,7 +35,7 @@ LIVER, SPLEEN, PANCREAS = 5, 1, 7
 
 @pytest.fixture(scope="module")
 def series() -> list[pydicom.Dataset]:
-    return dicom_seg.read_series_datasets(CT)
+    return dseries.read_series_datasets(CT)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def labels_kji(labels_image, series) -> np.ndarray:
     for k, ds in enumerate(series):
         corner = labels_image.TransformIndexToPhysicalPoint((0, 0, k))
         assert corner == pytest.approx([float(v) for v in ds.ImagePositionPatient], abs=1e-4)
-    affine = dicom_seg.series_affine(series)
+    affine = dseries.series_affine(series)
     index = np.array([7, 11, 3, 1.0])
     assert affine @ index == pytest.approx(
         [*labels_image.TransformContinuousIndexToPhysicalPoint((7, 11, 3)), 1]
@@ -76,7 +78,7 @@ def segments(labels_kji) -> list[SegmentSpec]:
 @pytest.fixture(scope="module")
 def seg_path(tmp_path_factory, series, segments) -> Path:
     out = tmp_path_factory.mktemp("seg") / "seg.dcm"
-    assert dicom_seg.write_dicom_seg(series, segments, out, model_hash=HASH) == out
+    assert seg_write.write_dicom_seg(series, segments, out, model_hash=HASH) == out
     return out
 
 
@@ -111,7 +113,7 @@ def test_labels_fixture_has_a_structure_on_few_slices(labels_kji):
 
 def test_mask_convention_matches_pixel_array(series, labels_kji):
     """mask_kji[k] is on source_datasets[k].pixel_array: the liver is soft tissue, the outside is air."""
-    with_pixels = dicom_seg.read_series_datasets(CT, load_pixels=True)
+    with_pixels = dseries.read_series_datasets(CT, load_pixels=True)
     assert [ds.SOPInstanceUID for ds in with_pixels] == [ds.SOPInstanceUID for ds in series]
     k = 10
     ds = with_pixels[k]
@@ -124,7 +126,7 @@ def test_mask_convention_matches_pixel_array(series, labels_kji):
 
 
 def test_round_trip_exact(seg_path, series, segments):
-    back = dicom_seg.read_dicom_seg(seg_path, series)
+    back = seg_read.read_dicom_seg(seg_path, series)
     assert list(back) == [s.label for s in segments]
     for spec in segments:
         assert back[spec.label].dtype == np.bool_
@@ -134,7 +136,7 @@ def test_round_trip_exact(seg_path, series, segments):
 def test_header_contents(seg_path, series, segments):
     seg = pydicom.dcmread(seg_path)
     src = series[0]
-    assert seg.SOPClassUID == dicom_seg.SEG_SOP_CLASS_UID and seg.Modality == "SEG"
+    assert seg.SOPClassUID == dseries.SEG_SOP_CLASS_UID and seg.Modality == "SEG"
     assert seg.SegmentationType == "BINARY"
     for attr in ("StudyInstanceUID", "PatientID", "PatientName", "FrameOfReferenceUID"):
         assert seg[attr].value == src[attr].value, attr
@@ -230,12 +232,12 @@ def test_fractional_round_trip(tmp_path, series, segments):
     for spec in probabilities:  # zero outside a band of slices, so some frames are empty
         spec.mask_kji = spec.mask_kji.astype(np.float32)
         spec.mask_kji[:2] = 0
-    out = dicom_seg.write_dicom_seg(
+    out = seg_write.write_dicom_seg(
         series, probabilities, tmp_path / "frac.dcm", model_hash=HASH, fractional=True
     )
     seg = pydicom.dcmread(out)
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
-    back = dicom_seg.read_dicom_seg(out, series)
+    back = seg_read.read_dicom_seg(out, series)
     for spec in segments[:2]:
         expected = spec.mask_kji.copy()
         expected[:2] = False
@@ -250,8 +252,8 @@ def test_fractional_round_trip(tmp_path, series, segments):
 
 def test_overlapping_segments_round_trip(tmp_path, series, segments):
     body = SegmentSpec("liver and spleen", segments[0].mask_kji | segments[1].mask_kji)
-    out = dicom_seg.write_dicom_seg(series, [segments[0], body], tmp_path / "overlap.dcm", model_hash=HASH)
-    back = dicom_seg.read_dicom_seg(out, series)
+    out = seg_write.write_dicom_seg(series, [segments[0], body], tmp_path / "overlap.dcm", model_hash=HASH)
+    back = seg_read.read_dicom_seg(out, series)
     np.testing.assert_array_equal(back["liver"], segments[0].mask_kji)
     np.testing.assert_array_equal(back["liver and spleen"], body.mask_kji)
     assert pydicom.dcmread(out).SegmentsOverlap == "YES"
@@ -259,19 +261,19 @@ def test_overlapping_segments_round_trip(tmp_path, series, segments):
 
 def test_label_is_sanitised_and_truncated_with_a_marker(tmp_path, series, segments):
     long = "x" * 70 + "\\y"
-    out = dicom_seg.write_dicom_seg(
+    out = seg_write.write_dicom_seg(
         series, [SegmentSpec(long, segments[2].mask_kji)], tmp_path / "s.dcm", model_hash=HASH
     )
     label = pydicom.dcmread(out).SegmentSequence[0].SegmentLabel
     assert label == "x" * 61 + "..."  # cut, and the cut shows
-    assert list(dicom_seg.read_dicom_seg(out, series)) == [long]  # the full label is kept in the parameters
+    assert list(seg_read.read_dicom_seg(out, series)) == [long]  # the full label is kept in the parameters
     assert dciodvfy_errors(out) == []
 
 
 def test_an_empty_segment_among_others_is_kept_without_frames(tmp_path, series, segments):
     empty = SegmentSpec("nothing", np.zeros_like(segments[2].mask_kji))
-    out = dicom_seg.write_dicom_seg(series, [segments[2], empty], tmp_path / "s.dcm", model_hash=HASH)
-    back = dicom_seg.read_dicom_seg(out, series)
+    out = seg_write.write_dicom_seg(series, [segments[2], empty], tmp_path / "s.dcm", model_hash=HASH)
+    back = seg_read.read_dicom_seg(out, series)
     assert not back["nothing"].any()
     np.testing.assert_array_equal(back["pancreas"], segments[2].mask_kji)
 
@@ -281,12 +283,12 @@ def test_parse_slicer_terminology():
         "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
         "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
     )
-    assert dicom_seg.parse_slicer_terminology(entry) == (
+    assert seg_write.parse_slicer_terminology(entry) == (
         ("123037004", "SCT", "Anatomical Structure"),
         ("10200004", "SCT", "Liver"),
     )
-    assert dicom_seg.parse_slicer_terminology("") == (None, None)
-    assert dicom_seg.parse_slicer_terminology("ctx~^^~^^") == (None, None)
+    assert seg_write.parse_slicer_terminology("") == (None, None)
+    assert seg_write.parse_slicer_terminology("ctx~^^~^^") == (None, None)
 
 
 # ------------------------------------------------------------------------------------------- header defects
@@ -364,11 +366,11 @@ HEADER_VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(HEADER_VARIANTS))
 def test_header_defects_still_export(variant, tmp_path, segments):
     folder = _defective_copy(tmp_path, HEADER_VARIANTS[variant], shuffle=True)
-    datasets = dicom_seg.read_series_datasets(folder)
+    datasets = dseries.read_series_datasets(folder)
     z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
     assert z == sorted(z)
-    out = dicom_seg.write_dicom_seg(datasets, segments, tmp_path / "seg.dcm", model_hash=HASH)
-    back = dicom_seg.read_dicom_seg(out, datasets)
+    out = seg_write.write_dicom_seg(datasets, segments, tmp_path / "seg.dcm", model_hash=HASH)
+    back = seg_read.read_dicom_seg(out, datasets)
     for spec in segments:
         np.testing.assert_array_equal(back[spec.label], spec.mask_kji, err_msg=spec.label)
     if variant in ("optional-removed", "malformed-values"):
@@ -396,21 +398,21 @@ def test_geometry_mismatch_is_refused_and_leaves_nothing(tmp_path, series, segme
     before = only_file(tmp_path)
     wrong = SegmentSpec("liver", segments[0].mask_kji[:, :, :-1])
     with pytest.raises(ValueError, match="does not match the source series"):
-        dicom_seg.write_dicom_seg(series, [segments[1], wrong], tmp_path / "seg.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(series, [segments[1], wrong], tmp_path / "seg.dcm", model_hash=HASH)
     _assert_nothing_written(tmp_path, before)
-    shifted = dicom_seg.series_affine(series)
+    shifted = dseries.series_affine(series)
     shifted[2, 3] += 2.0
     with pytest.raises(ValueError, match="geometry does not match"):
-        dicom_seg.write_dicom_seg(
+        seg_write.write_dicom_seg(
             series, segments, tmp_path / "seg.dcm", model_hash=HASH, mask_affine=shifted
         )
     _assert_nothing_written(tmp_path, before)
-    out = dicom_seg.write_dicom_seg(
+    out = seg_write.write_dicom_seg(
         series,
         segments[2:],
         tmp_path / "ok.dcm",
         model_hash=HASH,
-        mask_affine=dicom_seg.series_affine(series),
+        mask_affine=dseries.series_affine(series),
     )
     assert out.is_file()
 
@@ -418,28 +420,28 @@ def test_geometry_mismatch_is_refused_and_leaves_nothing(tmp_path, series, segme
 def test_empty_segmentation_is_refused(tmp_path, series, segments):
     empty = np.zeros_like(segments[0].mask_kji)
     with pytest.raises(ValueError, match="empty"):
-        dicom_seg.write_dicom_seg(series, [SegmentSpec("a", empty)], tmp_path / "seg.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(series, [SegmentSpec("a", empty)], tmp_path / "seg.dcm", model_hash=HASH)
     with pytest.raises(ValueError, match="no segments"):
-        dicom_seg.write_dicom_seg(series, [], tmp_path / "seg.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(series, [], tmp_path / "seg.dcm", model_hash=HASH)
     assert only_file(tmp_path) == []
 
 
 def test_missing_output_folder_is_refused(tmp_path, series, segments):
     with pytest.raises(FileNotFoundError, match="output folder does not exist"):
-        dicom_seg.write_dicom_seg(series, segments, tmp_path / "nope" / "seg.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(series, segments, tmp_path / "nope" / "seg.dcm", model_hash=HASH)
     assert not (tmp_path / "nope").exists()
 
 
 def test_float_mask_needs_fractional(tmp_path, series, segments):
     with pytest.raises(ValueError, match="fractional=True"):
-        dicom_seg.write_dicom_seg(
+        seg_write.write_dicom_seg(
             series,
             [SegmentSpec("p", segments[0].mask_kji.astype(float))],
             tmp_path / "s.dcm",
             model_hash=HASH,
         )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        dicom_seg.write_dicom_seg(
+        seg_write.write_dicom_seg(
             series,
             [SegmentSpec("p", segments[0].mask_kji * 2.0)],
             tmp_path / "s.dcm",
@@ -458,20 +460,25 @@ def test_failure_during_write_leaves_no_partial_file(tmp_path, series, segments,
 
     monkeypatch.setattr(pydicom.Dataset, "save_as", explode)
     with pytest.raises(OSError, match="disk full"):
-        dicom_seg.write_dicom_seg(series, segments, target, model_hash=HASH)
+        seg_write.write_dicom_seg(series, segments, target, model_hash=HASH)
     assert only_file(tmp_path) == ["seg.dcm"]
     assert target.read_bytes() == b"previous export"
 
 
 def test_unsorted_datasets_are_refused(tmp_path, series, segments):
     with pytest.raises(ValueError, match="not sorted"):
-        dicom_seg.write_dicom_seg(series[::-1], segments, tmp_path / "s.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(series[::-1], segments, tmp_path / "s.dcm", model_hash=HASH)
     assert only_file(tmp_path) == []
 
 
 def _tilt(n, ds):
     if n == 5:
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9805807, -0.1961161]
+
+
+def _gantry_tilt(n, ds):
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y + (z + 766.5) * 0.2679, z]  # 15° tilt: y moves with z
 
 
 def _gap(n, ds):
@@ -493,10 +500,6 @@ def _no_orientation(n, ds):
         del ds.ImageOrientationPatient
 
 
-def _no_frame_of_reference(n, ds):
-    del ds.FrameOfReferenceUID
-
-
 def _blank_study_uid(n, ds):
     ds.StudyInstanceUID = ""
 
@@ -509,10 +512,10 @@ def _duplicate_position(n, ds):
 BAD_SERIES = {
     "mixed orientations": (_tilt, "mixed orientations"),
     "gap": (_gap, "uneven slice spacing"),
+    "gantry tilt": (_gantry_tilt, "gantry tilt"),
     "several series": (_other_series, "different SeriesInstanceUIDs"),
     "no position": (_no_position, "ImagePositionPatient"),
     "no orientation": (_no_orientation, "ImageOrientationPatient"),
-    "no frame of reference": (_no_frame_of_reference, "FrameOfReferenceUID"),
     "blank study uid": (_blank_study_uid, "StudyInstanceUID"),
     "duplicate position": (_duplicate_position, "same position"),
 }
@@ -523,7 +526,7 @@ def test_bad_series_is_refused_with_a_clear_error(name, tmp_path, segments):
     edit, message = BAD_SERIES[name]
     folder = _series_copy(tmp_path, edit)
     with pytest.raises(ValueError, match=message):
-        dicom_seg.read_series_datasets(folder)
+        dseries.read_series_datasets(folder)
     # the writer checks the same when handed the datasets directly (e.g. from Slicer's DICOM database)
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir())]
     datasets.sort(key=lambda ds: float(ds.get("ImagePositionPatient", [0, 0, 0])[2]))
@@ -531,16 +534,16 @@ def test_bad_series_is_refused_with_a_clear_error(name, tmp_path, segments):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(ValueError, match=message):
-        dicom_seg.write_dicom_seg(datasets, masks, out_dir / "seg.dcm", model_hash=HASH)
+        seg_write.write_dicom_seg(datasets, masks, out_dir / "seg.dcm", model_hash=HASH)
     assert only_file(out_dir) == []
 
 
 def test_missing_series_folder_and_non_dicom_files(tmp_path):
     with pytest.raises(FileNotFoundError):
-        dicom_seg.read_series_datasets(tmp_path / "nope")
+        dseries.read_series_datasets(tmp_path / "nope")
     (tmp_path / "notes.txt").write_text("not dicom")
     with pytest.raises(ValueError, match="no DICOM images"):
-        dicom_seg.read_series_datasets(tmp_path)
+        dseries.read_series_datasets(tmp_path)
 
 
 def test_seg_next_to_the_series_is_ignored_and_other_files_skipped(tmp_path, seg_path, series):
@@ -548,7 +551,7 @@ def test_seg_next_to_the_series_is_ignored_and_other_files_skipped(tmp_path, seg
     shutil.copytree(CT, folder)
     shutil.copy(seg_path, folder / "seg.dcm")
     (folder / "README").write_text("hello")
-    datasets = dicom_seg.read_series_datasets(folder)
+    datasets = dseries.read_series_datasets(folder)
     assert [ds.SOPInstanceUID for ds in datasets] == [ds.SOPInstanceUID for ds in series]
 
 
@@ -557,12 +560,12 @@ def test_read_refuses_a_seg_of_another_series(seg_path, series):
     for ds in other:
         ds.FrameOfReferenceUID = "1.2.3.4"
     with pytest.raises(ValueError, match="FrameOfReferenceUID"):
-        dicom_seg.read_dicom_seg(seg_path, other)
+        seg_read.read_dicom_seg(seg_path, other)
     for ds in other:
         ds.FrameOfReferenceUID = series[0].FrameOfReferenceUID
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(ValueError, match="does not reference"):
-        dicom_seg.read_dicom_seg(seg_path, other)
+        seg_read.read_dicom_seg(seg_path, other)
 
 
 # ------------------------------------------------------------------------------------------- provenance
@@ -591,9 +594,9 @@ def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") ->
 def test_provenance_round_trips_through_the_seg_in_lps(tmp_path, series, segments):
     prov = _provenance(segment="liver, left lobe = 1 ü")
     spec = SegmentSpec("liver, left lobe = 1 ü", segments[0].mask_kji, provenance=prov)
-    out = dicom_seg.write_dicom_seg(series, [spec, segments[1]], tmp_path / "p.dcm", model_hash=HASH)
+    out = seg_write.write_dicom_seg(series, [spec, segments[1]], tmp_path / "p.dcm", model_hash=HASH)
 
-    back = dicom_seg.read_dicom_seg_provenance(out)
+    back = seg_read.read_dicom_seg_provenance(out)
     assert back == {"liver, left lobe = 1 ü": prov}  # spleen has no provenance: left out
     seg = pydicom.dcmread(out)
     liver, spleen = seg.SegmentSequence
@@ -619,14 +622,14 @@ def test_provenance_round_trips_through_the_seg_in_lps(tmp_path, series, segment
 def test_long_prompt_lists_are_cut_with_a_marker_and_stay_valid(tmp_path, series, segments):
     prov = _provenance(n_points=300, n_slices=900)
     spec = SegmentSpec("liver", segments[0].mask_kji, provenance=prov)
-    out = dicom_seg.write_dicom_seg(series, [spec], tmp_path / "long.dcm", model_hash=HASH)
+    out = seg_write.write_dicom_seg(series, [spec], tmp_path / "long.dcm", model_hash=HASH)
 
     seg = pydicom.dcmread(out)
     text = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     assert len(text) <= provenance.MAX_LT_LENGTH
     assert seg.ContentDescription.endswith("; parameters truncated") and len(seg.ContentDescription) <= 64
     assert dciodvfy_errors(out) == []
-    back = dicom_seg.read_dicom_seg_provenance(out)["liver"]
+    back = seg_read.read_dicom_seg_provenance(out)["liver"]
     assert back.truncated.startswith("kept points ") and back.truncated.endswith("...")
     # The slice list goes first; what is kept is an exact prefix; the prompts are all there.
     assert back.points_ras == prov.points_ras and back.rois_ras == prov.rois_ras

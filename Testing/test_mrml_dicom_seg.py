@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
-from SAMMed2DSegmentLib.formats.dicom_seg import read_series_datasets
+from SAMMed2DSegmentLib.formats.dicom.series import read_series_datasets
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,

@@ -24,7 +24,8 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMMed2DSegment"))
 
-from SAMMed2DSegmentLib.formats.dicom_seg import SegmentSpec, read_series_datasets, write_dicom_seg  # noqa: E402
+from SAMMed2DSegmentLib.formats.dicom.seg_write import SegmentSpec, write_dicom_seg  # noqa: E402
+from SAMMed2DSegmentLib.formats.dicom.series import read_series_datasets  # noqa: E402
 
 CT = REPO / "Testing" / "Data" / "totalseg-example-ct"
 SLICES = 200

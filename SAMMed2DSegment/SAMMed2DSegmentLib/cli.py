@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
     seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
     seg.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    conv = sub.add_parser(
+        "convert",
+        help="DICOM-SEG (any tool's) -> .seg.nrrd on its source volume, or .seg.nrrd -> DICOM-SEG",
+        description="convert --dicom-seg IN.dcm --volume SOURCE --out OUT.seg.nrrd, or "
+        "convert --seg IN.seg.nrrd --volume DICOM_FOLDER --dicom-seg OUT.dcm",
+    )
+    conv.add_argument(
+        "--volume", required=True, help="the source: a DICOM series folder, or a volume file on the same grid"
+    )
+    conv.add_argument("--dicom-seg", help="input DICOM-SEG (with --out), or output DICOM-SEG (with --seg)")
+    conv.add_argument("--seg", help="input .seg.nrrd to export as DICOM-SEG (with --dicom-seg)")
+    conv.add_argument("--out", help="output .seg.nrrd (with an input --dicom-seg)")
+    conv.add_argument("--quiet", action="store_true", help="no summary on stderr")
     from .finetune.training import add_parser as add_finetune_parser
 
     add_finetune_parser(sub)
@@ -295,7 +308,7 @@ def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str)
 def _dicom_source(args: argparse.Namespace, volume) -> list:
     """The source series for --dicom-seg (as read with the volume, now held to what a SEG needs), checked
     against the volume before any work is done."""
-    from .formats.dicom_series import check_series_grid, sort_series_datasets
+    from .formats.dicom.series import check_series_grid, sort_series_datasets
 
     if not volume.dicom_files:
         raise CommandError(
@@ -537,6 +550,95 @@ def _raise_on_sigterm(signum: int, frame) -> None:
     raise Interrupted(status=128 + signal.SIGTERM)
 
 
+def _check_convert(args: argparse.Namespace) -> tuple[str, str]:
+    """The direction of a `convert` run and its (input, output), with the output plan checked."""
+    if args.seg:
+        if args.out or not args.dicom_seg:
+            raise CommandError("convert --seg IN.seg.nrrd needs --dicom-seg OUT.dcm (and no --out)")
+        source, target, direction = args.seg, args.dicom_seg, "to-dicom"
+        if not target.lower().endswith(".dcm"):
+            raise CommandError(f"--dicom-seg must end in .dcm, got {Path(target).name}")
+        outputs, inputs = [("--dicom-seg", target)], [("--seg", Path(source))]
+    else:
+        if not args.dicom_seg or not args.out:
+            raise CommandError(
+                "convert needs --dicom-seg IN.dcm --out OUT.seg.nrrd, "
+                "or --seg IN.seg.nrrd --dicom-seg OUT.dcm"
+            )
+        source, target, direction = args.dicom_seg, args.out, "from-dicom"
+        if not target.endswith(".seg.nrrd"):
+            raise CommandError(f"--out must end in .seg.nrrd, got {Path(target).name}")
+        outputs, inputs = [("--out", target)], [("--dicom-seg", Path(source))]
+    if not Path(source).is_file():
+        raise CommandError(f"{'--seg' if args.seg else '--dicom-seg'}: no such file: {source}")
+    try:
+        check_output_plan(outputs, [*inputs, *input_files("--volume", args.volume)])
+    except OutputPlanError as exc:
+        raise CommandError(str(exc)) from None
+    volume = Path(args.volume)
+    if direction == "to-dicom" and volume.is_dir() and same_file(Path(target).resolve().parent, volume):
+        raise CommandError(
+            f"--dicom-seg {target} is inside the source DICOM folder {volume}; write it elsewhere "
+            "(one series per folder)"
+        )
+    return direction, target
+
+
+def run_convert(args: argparse.Namespace) -> dict:
+    """`convert`: a DICOM-SEG from any tool onto its source volume as .seg.nrrd (through the same import the
+    module uses), or a .seg.nrrd onto its DICOM series as DICOM-SEG. Same rules as `segment`: everything is
+    checked before anything is written, and the output appears complete or not at all."""
+    from .formats.volumes import read_volume
+    from .mrml import scene, segmentations, volumes
+    from .mrml.dicom_segmentations import export_dicom_seg, import_dicom_seg
+
+    direction, target = _check_convert(args)
+    try:
+        volume = read_volume(args.volume)
+        hs = scene.create_headless_scene()
+        volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
+        if direction == "from-dicom":
+            datasets = None
+            if volume.dicom_files:
+                from .formats.dicom.series import REQUIRED_FOR_GEOMETRY, sort_series_datasets
+
+                required = (*REQUIRED_FOR_GEOMETRY, "SOPInstanceUID")
+                datasets = sort_series_datasets(volume.dicom_datasets, required)
+            seg_node = import_dicom_seg(hs, args.dicom_seg, volume_node, datasets)
+        else:
+            datasets = _dicom_source(args, volume)
+            seg_node = segmentations.load_segmentation(hs, args.seg)
+            segmentations.check_segments_on_grid(seg_node, volume_node, Path(args.seg).name)
+            earlier = _earlier_provenance(Path(args.seg))
+    except (ValueError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from exc
+    segment_names = [
+        seg_node.GetSegmentation().GetNthSegment(n).GetName()
+        for n in range(seg_node.GetSegmentation().GetNumberOfSegments())
+    ]
+    try:
+        with commit_outputs() as outputs:
+            if direction == "from-dicom":
+                segmentations.save_segmentation(seg_node, outputs.path(target, suffix=".tmp.seg.nrrd"))
+            else:
+                by_segment = {p.segment: p for p in earlier}  # the latest run on each segment
+                try:
+                    export_dicom_seg(
+                        seg_node, volume_node, datasets, outputs.path(target, suffix=".tmp.dcm"), None,
+                        provenance=by_segment,
+                    )  # fmt: skip
+                except ValueError as exc:
+                    raise CommandError(f"--dicom-seg: {exc}") from exc
+    except OSError as exc:
+        raise OutputError(f"cannot write the output ({_os_reason(exc)}); nothing written") from None
+    return {"output": target, "segments": segment_names}
+
+
+def _convert_summary(result: dict) -> str:
+    names = ", ".join(result["segments"])
+    return f"wrote {len(result['segments'])} segment(s) to {result['output']}: {names}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .finetune.training import FinetuneError, run_finetune
 
@@ -544,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.command == "finetune":
         run, summary = run_finetune, _finetune_summary
+    elif args.command == "convert":
+        run, summary = run_convert, _convert_summary
     else:
         run, summary = run_segment, _segment_summary
     previous = None

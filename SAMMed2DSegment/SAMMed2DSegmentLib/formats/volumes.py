@@ -58,7 +58,7 @@ def _read_dicom_folder(folder: Path):
     beside the series) are ignored with a warning."""
     import SimpleITK as sitk
 
-    from .dicom_series import REQUIRED_FOR_GEOMETRY, read_series_datasets
+    from .dicom.series import REQUIRED_FOR_GEOMETRY, read_series_datasets
 
     try:
         datasets = read_series_datasets(folder, required=REQUIRED_FOR_GEOMETRY)

@@ -58,7 +58,7 @@ def source_datasets(volume_node: vtk.vtkObject, database: DicomDatabase | None) 
     """Headers (no pixels) of the source series, sorted along the slice normal, for `export_dicom_seg`."""
     import pydicom  # here, not at import: Slicer's process reads no DICOM itself (the engine does)
 
-    from ..formats.dicom_series import sort_series_datasets
+    from ..formats.dicom.series import sort_series_datasets
 
     return sort_series_datasets(
         pydicom.dcmread(path, stop_before_pixels=True) for path in source_files(volume_node, database)

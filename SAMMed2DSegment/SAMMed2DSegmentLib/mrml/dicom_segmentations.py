@@ -1,5 +1,5 @@
 """Segmentation nodes ↔ DICOM-SEG files: what the command line's `--dicom-seg` and the module's
-"Export DICOM-SEG" / reopen actions call. The DICOM work itself is the pure layer's `dicom_seg`."""
+"Export DICOM-SEG" / reopen actions call. The DICOM work itself is the pure layer's `formats.dicom`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from pathlib import Path
 
 import vtk
 
-from ..engine.geometry import SliceGeometry
-from ..formats.dicom_seg import (
-    Provenance,
-    SegmentSpec,
-    check_series_grid,
-    parse_slicer_terminology,
-    read_dicom_seg,
-    series_affine,
-    write_dicom_seg,
-)
+from ..engine.geometry import LPS_TO_RAS, SliceGeometry
+from ..formats.dicom.seg_read import read_seg_segments
+from ..formats.dicom.seg_write import SegmentSpec, parse_slicer_terminology, write_dicom_seg
+from ..formats.dicom.series import check_series_grid, series_affine
+from ..formats.provenance import Provenance
 from .scene import HeadlessScene
 from .segmentations import ensure_segment, ensure_segmentation, segment_array, write_segment_slices
 from .volumes import volume_ijk_to_world
@@ -35,7 +30,7 @@ def export_dicom_seg(
     volume_node: vtk.vtkObject,
     datasets: Sequence,
     path: str | os.PathLike[str],
-    model_hash: str,
+    model_hash: str | None,
     algorithm_name: str = "SAM-Med2D",
     segment_ids: Sequence[str] | None = None,
     provenance: Mapping[str, Provenance] | None = None,
@@ -75,19 +70,28 @@ def import_dicom_seg(
     hs: HeadlessScene,
     path: str | os.PathLike[str],
     volume_node: vtk.vtkObject,
-    datasets: Sequence,
+    datasets: Sequence | None = None,
     seg_node: vtk.vtkObject | None = None,
+    threshold: float = 0.5,
 ) -> vtk.vtkObject:
-    """Read a DICOM-SEG of `datasets` back into a segmentation node on `volume_node`'s grid (one segment per
-    SEG segment, by name), so a user can reopen a case and continue."""
-    _check_volume_matches_series(volume_node, datasets)
-    masks = read_dicom_seg(path, datasets)
+    """Read a DICOM-SEG (ours or any tool's) into a segmentation node on `volume_node`'s grid: one segment per
+    SEG segment, with its label as name, its colour, and its category/type/region as Slicer's terminology
+    entry; FRACTIONAL segments are thresholded at `threshold` (a .seg.nrrd holds binary labelmaps). With
+    `datasets` (the sorted source series) the SEG must belong to that series; without (a volume file), its
+    frames must lie on the volume's grid. What `convert --dicom-seg` and the module's reopen action call."""
+    image = volume_node.GetImageData()
+    shape = tuple(reversed(image.GetDimensions())) if image is not None else (0, 0, 0)
+    if datasets is not None:
+        _check_volume_matches_series(volume_node, datasets)
+    ijk_to_lps = LPS_TO_RAS @ volume_ijk_to_world(volume_node)  # the flip is its own inverse
+    segments = read_seg_segments(path, shape, ijk_to_lps, datasets)
     seg_node = ensure_segmentation(hs, volume_node, seg_node, name=Path(path).stem)
-    geometry = SliceGeometry.create(
-        tuple(reversed(volume_node.GetImageData().GetDimensions())), volume_ijk_to_world(volume_node), "axial"
-    )
-    for label, mask in masks.items():
-        segment_id = ensure_segment(seg_node, label)
+    geometry = SliceGeometry.create(shape, volume_ijk_to_world(volume_node), "axial")
+    for read in segments:
+        segment_id = ensure_segment(seg_node, read.label, read.color_rgb)
+        segment = seg_node.GetSegmentation().GetSegment(segment_id)
+        segment.SetTag(segment.GetTerminologyEntryTagName(), read.terminology)
+        mask = read.mask_kji >= threshold if read.mask_kji.dtype.kind == "f" else read.mask_kji
         # Put the [k, j, i] mask in through the slice views, so every slice of it is written exactly.
         slices = {index: geometry.extract(mask, index) for index in range(geometry.num_slices)}
         write_segment_slices(seg_node, segment_id, volume_node, geometry, slices)

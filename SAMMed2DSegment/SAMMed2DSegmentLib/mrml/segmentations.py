@@ -376,7 +376,7 @@ def read_segmentation_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def read_segmentation_provenance(path: str | os.PathLike[str]) -> list:
-    """The SAM-Med2D runs recorded in a .seg.nrrd header as `dicom_seg.Provenance` records (prompts in RAS,
+    """The SAM-Med2D runs recorded in a .seg.nrrd header as `Provenance` records (prompts in RAS,
     per-slice confidence, model and hash), oldest first, the latest last; empty when there are none.
     ValueError when the fields are there but malformed."""
     from ..formats.provenance import provenance_history
@@ -390,7 +390,7 @@ def save_segmentation(
     """Write a .seg.nrrd with Slicer's segmentation storage node, atomically: into a temporary file next to
     the target, then renamed over it, so a failure at any point leaves an existing file as it was.
     `metadata` (provenance: prompts, model hash, …) goes into the NRRD header as `SAMMed2D_<key>:=value`;
-    `dicom_seg.Provenance.to_metadata()` gives the fields `read_segmentation_provenance` reads back."""
+    `Provenance.to_metadata()` gives the fields `read_segmentation_provenance` reads back."""
     path = Path(path)
     if not path.name.lower().endswith(SEG_NRRD):
         raise ValueError(f"segmentation files are written as {SEG_NRRD}, got {path.name}")

@@ -240,15 +240,9 @@ class EngineServer:
     def op_export_dicom_seg(self, job: int, header: dict, arrays: dict) -> dict:
         import pydicom
 
-        from ..formats.dicom_seg import (
-            Provenance,
-            SegmentSpec,
-            check_series_grid,
-            parse_slicer_terminology,
-            series_affine,
-            sort_series_datasets,
-            write_dicom_seg,
-        )
+        from ..formats.dicom.seg_write import SegmentSpec, parse_slicer_terminology, write_dicom_seg
+        from ..formats.dicom.series import check_series_grid, series_affine, sort_series_datasets
+        from ..formats.provenance import Provenance
 
         datasets = sort_series_datasets(pydicom.dcmread(f, stop_before_pixels=True) for f in header["files"])
         shape = tuple(header["shape"])

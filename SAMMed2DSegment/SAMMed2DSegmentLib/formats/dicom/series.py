@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ..engine.geometry import LPS_TO_RAS
+from ...engine.geometry import LPS_TO_RAS
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,13 @@ SPACING_REL_TOL = 0.01  # slice steps may deviate from the median step by 1 %
 
 #: What a volume's geometry needs from every image.
 REQUIRED_FOR_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-#: What a DICOM-SEG referencing the series needs besides.
+#: What a DICOM-SEG referencing the series needs besides (FrameOfReferenceUID, often stripped by anonymisers,
+#: is derived when missing: see headers.py).
 REQUIRED_FOR_SEG = (
     "SOPInstanceUID",
     "SOPClassUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
-    "FrameOfReferenceUID",
     *REQUIRED_FOR_GEOMETRY,
 )
 #: One series belongs to one patient, study, series and frame of reference.
@@ -209,7 +209,11 @@ def _validate_stack(datasets: Sequence[Dataset], required: Sequence[str] = REQUI
             f"{_name(multiframe[0], 0)}: multi-frame source images are not supported; the series must be "
             "single-frame images"
         )
-    if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) > 1:
+    try:
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed Rows or Columns ({exc})") from exc
+    if len(sizes) > 1:
         raise ValueError("the source images have different sizes (Rows x Columns)")
     try:
         spacing = np.asarray([[float(v) for v in ds.PixelSpacing] for ds in datasets])
@@ -252,6 +256,18 @@ def _check_regular_steps(ordered: Sequence[Dataset]) -> None:
     if median <= 1e-6 or lengths.min() <= 1e-6 * max(median, 1.0):
         n = int(np.argmin(lengths))
         raise ValueError(f"{_DUPLICATES}: {_name(ordered[n], n)} and {_name(ordered[n + 1], n + 1)}")
+    iop = np.asarray([float(v) for v in ordered[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    typical = np.median(steps, axis=0)
+    along = float(typical @ normal)
+    sideways = float(np.linalg.norm(typical - along * normal))
+    if sideways > SPACING_REL_TOL * np.linalg.norm(typical):
+        # ITK and most viewers would stack such slices straight: refused rather than read with wrong geometry.
+        angle = np.degrees(np.arctan2(sideways, abs(along)))
+        raise ValueError(
+            f"the slices are sheared by {angle:.1f}° against their ImageOrientationPatient (gantry tilt?); "
+            "resample the series to an orthogonal grid first"
+        )
     deviation = np.linalg.norm(steps - np.median(steps, axis=0), axis=1)
     worst = int(np.argmax(deviation))
     if deviation[worst] > SPACING_REL_TOL * median:

@@ -1,20 +1,20 @@
-"""DICOM-SEG export and import (pure layer: numpy + pydicom + highdicom; no Slicer, no VTK).
+"""DICOM-SEG writing (pure layer: numpy + pydicom + highdicom; no Slicer, no VTK). Reading is seg_read.py.
 
 Mask convention ("KJI"): a mask is a numpy array indexed ``[k, j, i]`` on the source series' own voxel grid:
 
-* ``k`` follows the source datasets as sorted by :func:`read_series_datasets` / :func:`sort_series_datasets`:
-  ascending position along the slice normal ``row_cosines x column_cosines`` (for an axial LPS series
-  with ImageOrientationPatient ``[1,0,0, 0,1,0]`` this is ascending z, inferior to superior);
+* ``k`` follows the source datasets as sorted by series.py's :func:`read_series_datasets` /
+  :func:`sort_series_datasets`: ascending position along the slice normal ``row_cosines x column_cosines``
+  (for an axial LPS series with ImageOrientationPatient ``[1,0,0, 0,1,0]`` this is ascending z, inferior to
+  superior);
 * ``j`` is the row and ``i`` the column of the DICOM pixel array.
 
 So ``mask_kji[k]`` lies exactly on ``source_datasets[k].pixel_array``. :func:`series_affine` gives the
 matching 4x4 matrix from ``(i, j, k, 1)`` to LPS millimetres; callers that resample from another grid
 (Slicer's RAS labelmaps) can pass it as ``mask_affine`` so a geometry mismatch is refused, not written.
 
-Real-world headers are often defective. Missing or malformed *optional* patient/study attributes (Type 2/3:
-PatientName, PatientSex, StudyDate, ...) are written empty instead of crashing highdicom; attributes without
-which a correct SEG cannot be made (UIDs, ImagePositionPatient, ImageOrientationPatient, FrameOfReferenceUID,
-PixelSpacing) raise :class:`ValueError` naming the problem.
+What the SEG takes from the source headers is checked by rule in headers.py (repaired, left out, written
+empty, or refused naming the attribute; a missing FrameOfReferenceUID is derived). Geometry is validated by
+series.py. Any error highdicom or pydicom still raises becomes one ValueError line.
 
 Writes are atomic: the file is written to a temporary name in the destination folder and moved into place
 with :func:`os.replace`; on any failure nothing is left behind.
@@ -30,7 +30,6 @@ first) and a ``truncated`` entry says how much was kept. :func:`read_dicom_seg_p
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -40,34 +39,25 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
 
-from .. import __version__
-from ..choices import SEGMENT_COLORS
-from ..files import atomic_path
-from .dicom_series import (  # noqa: F401  series reading lives there (no highdicom); re-exported here
-    _DUPLICATES,
-    ORIENTATION_TOL,
-    SEG_SOP_CLASS_UID,
-    SPACING_REL_TOL,
-    _check_regular_steps,
-    _validate_stack,
-    check_series_grid,
-    read_series_datasets,
-    series_affine,
-    sort_series_datasets,
-)
-from .provenance import (
+from ... import __version__
+from ...choices import SEGMENT_COLORS
+from ...files import atomic_path
+from ..provenance import (
     MAX_LT_LENGTH,
     TRUNCATED,
     Provenance,
     format_algorithm_parameters,
     parameters_length,
-    parse_algorithm_parameters,
+)
+from .headers import DERIVED_FOR_NOTE, source_headers
+from .series import (
+    _DUPLICATES,
+    _check_regular_steps,
+    _validate_stack,
+    series_affine,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +108,7 @@ def write_dicom_seg(
     segments: Sequence[SegmentSpec],
     out_path: str | os.PathLike,
     *,
-    model_hash: str,
+    model_hash: str | None,
     algorithm_name: str = "SAM-Med2D",
     algorithm_version: str = __version__,
     fractional: bool = False,
@@ -146,8 +136,6 @@ def write_dicom_seg(
         raise FileNotFoundError(f"output folder does not exist: {out_path.parent}")
     if out_path.is_dir():
         raise IsADirectoryError(f"output path is a folder, expected a file name: {out_path}")
-    if not model_hash:
-        raise ValueError("model_hash (the checkpoint's SHA-256) is required")
 
     datasets = list(source_datasets)
     if not datasets:
@@ -171,24 +159,65 @@ def write_dicom_seg(
     pixel_array = _stack_masks(segments, shape, fractional)
 
     measures = _pixel_measures(datasets)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=_clean_label(spec.label, number),
-            segmented_property_category=_coded(spec.category or DEFAULT_CATEGORY),
-            segmented_property_type=_coded(spec.type or DEFAULT_TYPE),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
-            algorithm_identification=_algorithm(spec, model_hash, algorithm_name, algorithm_version),
-            display_color=_color(spec.color_rgb, number),
-        )
-        for number, spec in enumerate(segments, start=1)
-    ]
+    headers, derived_frame = source_headers(datasets, float(measures[0].SliceThickness))
+    descriptions = [_description(spec, number, model_hash, algorithm_name, algorithm_version)
+                    for number, spec in enumerate(segments, start=1)]  # fmt: skip
     if series_description is None:
-        series_description = f"{algorithm_name} segmentation, checkpoint {str(model_hash)[:12]}"
+        series_description = (
+            f"{algorithm_name} segmentation, checkpoint {str(model_hash)[:12]}" if model_hash
+            else f"Segmentation by {algorithm_name}"
+        )  # fmt: skip
     if content_description is None:
         content_description = _default_content_description(segments)
-    seg = hd.seg.Segmentation(
-        source_images=[_sanitized_header(datasets[0], measures), *datasets[1:]],
+    if derived_frame:  # the note matters more than the summary, which AlgorithmParameters keeps anyway
+        content_description = DERIVED_FOR_NOTE
+    try:
+        seg = _segmentation(
+            headers, pixel_array, fractional, descriptions, measures, series_number, content_label,
+            content_description, series_description,
+        )
+        _atomic_save(seg, out_path)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # highdicom and pydicom check what they write; whatever slipped past the rules is one line here.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot write the DICOM-SEG ({type(exc).__name__}: {first})") from exc
+    return out_path
+
+
+def _description(
+    spec: SegmentSpec, number: int, model_hash: str | None, algorithm_name: str, algorithm_version: str
+) -> hd.seg.SegmentDescription:
+    """A segment made by SAM-Med2D (it has provenance, or a checkpoint hash is given) is SEMIAUTOMATIC with
+    its parameters; one from elsewhere (``convert`` of a .seg.nrrd without provenance) is MANUAL: we cannot
+    say what made it."""
+    made = spec.provenance is not None or bool(model_hash)
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=_clean_label(spec.label, number),
+        segmented_property_category=_coded(spec.category or DEFAULT_CATEGORY),
+        segmented_property_type=_coded(spec.type or DEFAULT_TYPE),
+        algorithm_type=_ALGORITHM_TYPES[made],
+        algorithm_identification=(
+            _algorithm(spec, model_hash or "", algorithm_name, algorithm_version) if made else None
+        ),
+        display_color=_color(spec.color_rgb, number),
+    )
+
+
+_ALGORITHM_TYPES = {
+    True: hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+    False: hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+}
+
+
+def _segmentation(
+    headers: list[Dataset], pixel_array: np.ndarray, fractional: bool, descriptions: list,
+    measures: hd.PixelMeasuresSequence, series_number: int | None, content_label: str,
+    content_description: str | None, series_description: str,
+) -> hd.seg.Segmentation:  # fmt: skip
+    """highdicom's Segmentation from the rule-checked headers (nothing else of the source)."""
+    return hd.seg.Segmentation(
+        source_images=headers,
         pixel_array=pixel_array,
         segmentation_type=(
             hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
@@ -196,7 +225,7 @@ def write_dicom_seg(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
-        series_number=series_number if series_number is not None else _default_series_number(datasets[0]),
+        series_number=series_number if series_number is not None else _default_series_number(headers[0]),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="SAMMed2D",
@@ -209,8 +238,6 @@ def write_dicom_seg(
         pixel_measures=measures,
         omit_empty_frames=True,
     )
-    _atomic_save(seg, out_path)
-    return out_path
 
 
 def _stack_masks(
@@ -286,57 +313,6 @@ def _pixel_measures(datasets: Sequence[Dataset]) -> hd.PixelMeasuresSequence:
     )
 
 
-def _sanitized_header(ds: Dataset, measures: hd.PixelMeasuresSequence) -> Dataset:
-    """A copy of ``ds`` whose optional patient/study attributes highdicom copies are present and valid, and
-    whose SliceThickness (which highdicom copies into the SEG, where it is Type 1) is set."""
-    header = Dataset()
-    for elem in ds:
-        if elem.keyword != "PixelData":
-            header.add(copy.deepcopy(elem))
-    if hasattr(ds, "file_meta"):
-        header.file_meta = copy.deepcopy(ds.file_meta)
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-    ):
-        value = header.get(keyword)
-        if value is None or value == "":
-            _set(header, keyword, None)
-            continue
-        try:
-            if keyword in ("PatientBirthDate", "StudyDate"):
-                DA(str(value))
-            elif keyword == "StudyTime":
-                TM(str(value))
-            elif keyword == "PatientSex":
-                sex = str(value).strip().upper()[:1]
-                if sex not in ("M", "F", "O"):
-                    raise ValueError(value)
-                _set(header, keyword, sex)
-            elif keyword in ("AccessionNumber", "StudyID") and len(str(value)) > 16:
-                raise ValueError(value)
-        except (ValueError, TypeError):
-            log.warning("source %s %r is malformed; written empty", keyword, value)
-            _set(header, keyword, None)
-    _set(header, "SliceThickness", measures[0].SliceThickness)
-    if not header.get("Modality"):
-        _set(header, "Modality", "OT")
-    return header
-
-
-def _set(ds: Dataset, keyword: str, value) -> None:
-    if keyword in ds:
-        del ds[keyword]
-    setattr(ds, keyword, value)
-
-
 def _default_series_number(ds: Dataset) -> int:
     try:
         return int(ds.get("SeriesNumber")) + 1000
@@ -392,6 +368,8 @@ def _parameters(spec: SegmentSpec, model_hash: str) -> dict[str, str]:
         raise ValueError(f"segment label of {len(str(spec.label))} characters is too long to keep")
     if spec.provenance is not None:
         params = spec.provenance.to_algorithm_parameters(MAX_LT_LENGTH - reserve)
+    elif not model_hash:
+        params = {}
     else:
         params = {"checkpoint_sha256": str(model_hash)}
     return {**params, **label}
@@ -454,6 +432,8 @@ def _declare_character_set(dataset: Dataset) -> None:
 
     if not all(text.isascii() for text in texts(dataset)):
         dataset.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet  # plain ASCII: the default repertoire
 
 
 def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:
@@ -474,79 +454,3 @@ def parse_slicer_terminology(entry: str) -> tuple[Code3 | None, Code3 | None]:
         return (value, scheme, meaning)
 
     return code(1), code(2)
-
-
-def read_dicom_seg(
-    path: str | os.PathLike, source_datasets: Sequence[Dataset], *, threshold: float = 0.5
-) -> dict[str, np.ndarray]:
-    """Read a DICOM-SEG back onto the KJI grid of ``source_datasets`` (sorted as for writing).
-
-    Returns ``{segment label: bool mask}``; FRACTIONAL segments are thresholded at ``threshold``. A repeated
-    label gets its segment number appended. Raises ValueError when the SEG is not a segmentation of this
-    series (other frame of reference, or none of the series' instances referenced).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DICOM-SEG file not found: {path}")
-    datasets = list(source_datasets)
-    try:
-        seg = hd.seg.segread(path)
-    except (InvalidDicomError, AttributeError, KeyError) as exc:
-        raise ValueError(f"{path} is not a readable DICOM-SEG: {exc}") from exc
-    if str(seg.get("FrameOfReferenceUID")) != str(datasets[0].get("FrameOfReferenceUID")):
-        raise ValueError("the DICOM-SEG has a different FrameOfReferenceUID than the source series")
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    referenced = {uid for _study, _series, uid in seg.get_source_image_uids()}
-    if not referenced.intersection(uids):
-        raise ValueError("the DICOM-SEG does not reference any instance of the source series")
-    numbers = list(seg.get_segment_numbers())
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        segment_numbers=numbers,
-        assert_missing_frames_are_empty=True,
-        rescale_fractional=True,
-        dtype=np.float32 if seg.SegmentationType == "FRACTIONAL" else np.uint8,
-    )
-    labels = _segment_labels(seg)
-    result: dict[str, np.ndarray] = {}
-    for index, number in enumerate(numbers):
-        plane = pixels[..., index]
-        result[labels[number]] = plane >= threshold if plane.dtype.kind == "f" else plane != 0
-    return result
-
-
-def read_dicom_seg_provenance(path: str | os.PathLike) -> dict[str, Provenance]:
-    """The provenance of each segment of a DICOM-SEG written by :func:`write_dicom_seg`, keyed by segment
-    label as :func:`read_dicom_seg` keys the masks; prompts are converted back to RAS. Segments without
-    SAM-Med2D provenance are left out; ``Provenance.truncated`` says when the file had to shorten a list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DICOM-SEG file not found: {path}")
-    try:
-        seg = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError as exc:
-        raise ValueError(f"{path} is not a readable DICOM-SEG: {exc}") from exc
-    if seg.get("SOPClassUID") != SEG_SOP_CLASS_UID:
-        raise ValueError(f"{path} is not a DICOM-SEG")
-    labels = _segment_labels(seg)
-    result = {}
-    for item in seg.get("SegmentSequence", []):
-        algorithms = item.get("SegmentationAlgorithmIdentificationSequence") or [Dataset()]
-        params = parse_algorithm_parameters(algorithms[0].get("AlgorithmParameters", ""))
-        provenance = Provenance.from_algorithm_parameters(params)
-        if provenance is not None:
-            result[labels[int(item.SegmentNumber)]] = provenance
-    return result
-
-
-def _segment_labels(seg: Dataset) -> dict[int, str]:
-    """Segment number → label: the full label kept in AlgorithmParameters when SegmentLabel had to be cut,
-    else SegmentLabel; a repeated label gets its segment number appended."""
-    labels: dict[int, str] = {}
-    for item in seg.get("SegmentSequence", []):
-        number = int(item.SegmentNumber)
-        algorithms = item.get("SegmentationAlgorithmIdentificationSequence") or [Dataset()]
-        params = parse_algorithm_parameters(algorithms[0].get("AlgorithmParameters", ""))
-        label = params.get("label") or str(item.get("SegmentLabel", ""))
-        labels[number] = f"{label} [{number}]" if label in labels.values() else label
-    return labels
