@@ -9,7 +9,7 @@ DEMO_LABELS := Testing/Data/totalseg-example-ct/labels/labels_on_ct_grid.nrrd
 DEMO_OUT ?= out/demo
 TRAIN_CT := Testing/Data/totalseg-example-ct/nifti
 
-.PHONY: test demo demo-model evaluate-model bench bench-volume bench-dicom-seg lint clean
+.PHONY: test demo demo-model evaluate-model bench bench-engine bench-volume bench-dicom-seg lint clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_encoder.py
+
+bench-engine: $(STAMP)
+	$(PY) benchmarks/bench_engine.py
 
 bench-volume: $(STAMP)
 	$(PY) benchmarks/bench_volume.py
