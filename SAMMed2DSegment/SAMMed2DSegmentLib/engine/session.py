@@ -200,26 +200,6 @@ class SegmentationSession:
         up = geometry.normal_sign
         yield from engine.iterate(seeds, direction, up, roi_boxes=roi_boxes or None, result=result)
 
-    def segment(
-        self,
-        points: Sequence[PointPrompt] = (),
-        rois: Sequence[RoiPrompt] = (),
-        axis: str = "axial",
-        direction: str = "both",
-        settings: PropagationSettings | None = None,
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> VolumeSegmentation:
-        """`propagate` to the end (or until `should_cancel()`); returns `self.last`."""
-        walk = self.propagate(points, rois, axis, direction, settings)
-        try:
-            for _ in walk:
-                if should_cancel is not None and should_cancel():
-                    self.last.result.cancelled = True
-                    break
-        finally:
-            walk.close()
-        return self.last
-
     def prefetch(
         self, axis: str, indices: Iterable[int], should_cancel: Callable[[], bool] | None = None
     ) -> list[int]:
