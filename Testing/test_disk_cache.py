@@ -42,12 +42,14 @@ def _encode_all(session: SegmentationSession, axis: str = "axial") -> list[int]:
 def test_a_second_session_encodes_nothing_and_gets_the_same_masks(small_model, tmp_path, volume):
     point = [PointPrompt(tuple((IJK_TO_RAS @ [20, 18, 2, 1])[:3]), 1)]
     first = _session(small_model, tmp_path, volume)
-    run1 = first.segment(point)
+    list(first.propagate(point))
+    run1 = first.last
     assert run1.result.encoded_slices > 0
     assert len(list(tmp_path.glob("*.safetensors"))) == run1.result.encoded_slices
 
     second = _session(small_model, tmp_path, volume.copy())  # a new session, a new copy of the voxels
-    run2 = second.segment(point)
+    list(second.propagate(point))
+    run2 = second.last
     assert run2.result.encoded_slices == 0
     assert second.cache.disk.hits == run1.result.encoded_slices
     masks1, masks2 = run1.result.masks(), run2.result.masks()
