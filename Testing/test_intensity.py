@@ -343,17 +343,53 @@ def test_subsampling_is_deterministic_and_close_to_exact_percentiles():
     assert (exact_w.low, exact_w.high) == tuple(np.percentile(exact, [0.5, 99.5]))
 
 
-def test_default_window_ct_gets_soft_tissue_and_others_percentiles():
-    from SAMMed2DSegmentLib.engine.intensity import default_window, looks_like_ct
+def test_the_sa_med2d_20m_rule_gives_the_exact_expected_grey_levels():
+    """0.5th/99.5th percentiles of every voxel, padding included, then linear to 0..255: on 1000 voxels the
+    percentiles fall at ranks 4.995 and 994.005, inside the 10 padding and the 10 metal voxels, so the
+    window is exactly −3024..3000 and the grey levels follow by hand: (HU + 3024) / 6024 · 255, rounded."""
+    from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M
+
+    values = np.concatenate([np.full(10, -3024), np.linspace(-1000, 1000, 980), np.full(10, 3000)])
+    vol = np.random.default_rng(0).permutation(values).astype(np.int16).reshape(10, 10, 10)
+    w = compute_window(vol, SA_MED2D_20M)
+    assert (w.low, w.high) == (-3024.0, 3000.0)
+    assert w.method.startswith("SA-Med2D-20M rule")
+    probe = np.array([-3024, -1000, 0, 1000, 3000], dtype=np.int16)
+    assert to_uint8(probe, w).tolist() == [0, 86, 128, 170, 255]
+    # Leaving the padding out ("auto") would map air to 0 instead: the rule is not that variant.
+    assert to_uint8(probe, compute_window(vol, "auto"))[1] == 0
+    # The percentiles are the rule's own, whatever `percentiles` says.
+    assert compute_window(vol, SA_MED2D_20M, percentiles=(10, 90)) == w
+
+
+def test_default_window_is_the_models_rule_for_every_modality():
+    from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M, default_window
 
     rng = np.random.default_rng(1)
     ct = np.full((4, 40, 40), -1000, np.int16)
     ct[:, 10:30, 10:30] = rng.normal(40, 20, (4, 20, 20)).astype(np.int16)
     mr = (rng.random((4, 40, 40)) * 900).astype(np.uint16)
-    assert looks_like_ct(ct) and not looks_like_ct(mr)
-    w = default_window(ct)
-    assert (w.low, w.high) == (-160.0, 240.0)
-    assert default_window(mr, "CT").low == -160.0  # the DICOM tag wins
-    w_mr = default_window(mr)
-    assert w_mr == compute_window(mr, "auto")
-    assert default_window(ct, "MR") == compute_window(ct, "auto", modality="MR")
+    assert default_window(ct) == compute_window(ct, SA_MED2D_20M)
+    assert default_window(ct, "CT") == compute_window(ct, SA_MED2D_20M, modality="CT")
+    assert default_window(mr) == compute_window(mr, SA_MED2D_20M)
+    # Another rule named by a model is honoured.
+    assert default_window(mr, None, "auto") == compute_window(mr, "auto")
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.float32])
+def test_the_rule_is_exact_and_ignores_voxel_order(dtype):
+    """The rule's window is np.percentile over every finite voxel, with no sampling, even on volumes far
+    above ``max_samples``: the same scan stored flipped or with its axes permuted gets the same window."""
+    from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M
+
+    rng = np.random.default_rng(7)
+    vol = rng.integers(0 if dtype == np.uint16 else -2048, 3000, size=(30, 300, 300)).astype(dtype)
+    if dtype == np.float32:
+        vol += rng.random(vol.shape, dtype=np.float32)
+        vol[0, 0, :5] = np.nan
+    w = compute_window(vol, SA_MED2D_20M, max_samples=1000)
+    finite = vol[np.isfinite(vol)]
+    np.testing.assert_allclose((w.low, w.high), np.percentile(finite, [0.5, 99.5]), rtol=0, atol=1e-9)
+    assert "sampled" not in w.method
+    for other in (vol[::-1, :, ::-1], np.transpose(vol, (2, 0, 1)), np.asfortranarray(vol)):
+        assert compute_window(other, SA_MED2D_20M, max_samples=1000) == w

@@ -8,6 +8,7 @@ import socket
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from SAMMed2DSegmentLib.weights.registry import (
@@ -217,6 +218,21 @@ def test_registry_entries():
         official.build == "vit_b" and official.urls and all(u.startswith("https://") for u in official.urls)
     )
     assert official.sha256 is None and "no published" in official.verification
+
+
+def test_every_model_names_its_intensity_rule():
+    """"auto" means the model's own conversion: SA-Med2D-20M's rule for the official release and for the
+    demo model trained to match it; a checkpoint the registry does not know is a SAM-Med2D fine-tune."""
+    from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M, compute_window
+    from SAMMed2DSegmentLib.weights.registry import intensity_rule
+
+    for name, entry in REGISTRY.items():
+        assert entry.intensity == SA_MED2D_20M, name
+        assert intensity_rule(name) == entry.intensity
+        assert intensity_rule(f"/somewhere/{entry.filename}") == entry.intensity  # by its file
+        compute_window(np.arange(100.0).reshape(1, 10, 10), entry.intensity)  # a rule compute_window knows
+    assert intensity_rule("/elsewhere/my-finetune.pth") == SA_MED2D_20M
+    assert intensity_rule(None) == SA_MED2D_20M
 
 
 def test_local_file_checks(tmp_path):

@@ -9,61 +9,36 @@ mean/std; it contains no CT/MR conversion. This module is the volume engine's co
 
 Neither function modifies its input: the volume node's voxels are never touched (design §2.2).
 
-What SA-Med2D-20M did, and how sure we are
+What SA-Med2D-20M did: the model's own rule
 -------------------------------------------
 Source: J. Ye, J. Cheng, J. Chen, Z. Deng, T. Li, H. Wang, et al., "SA-Med2D-20M Dataset: Segment Anything in
-2D Medical Imaging with 20 Million masks", arXiv:2311.11969 (2023), https://arxiv.org/abs/2311.11969: its
-section on how the collected datasets were processed. SAM-Med2D (arXiv:2308.16184) was trained on this data.
+2D Medical Imaging with 20 Million masks", arXiv:2311.11969 (2023): its section on how the collected 3-D
+volumes were processed. SAM-Med2D (arXiv:2308.16184) was trained on this data. The rule is reported to be:
+clip each volume's voxels at its 0.5th and 99.5th percentiles, then scale linearly to 0–255, once per
+volume, before slicing. The paper's own text was not available to us (the stored summaries break off at
+"Voxel values are streamlined to a unified"), so the rule is **checked against the slices the official
+repository ships** (`data_demo/`, kept in the project's reference material as `sa-med2d-20m-samples/`):
 
-**The paper's exact rule could not be found.** The full text was not available to us; every source we could
-read stops short of the numbers:
+* ``amos_0006_90.png`` (AMOS CT): outside the scan circle 0, air inside the body ≈ 78–81, soft tissue
+  ≈ 150–165, bone up to 254. A fixed HU window cannot give that (W400/L40 puts air at 0 and saturates
+  bone). The percentile rule does when the scanner's padding value (here −2048 HU, about a fifth of the
+  voxels) is among the lowest 0.5 % and the 99.5th percentile is ≈ 1300 HU: air (−1000) → 80, soft tissue
+  (+50) → 160, padding → 0.
+* What it gives therefore depends on the scanner's padding: the project's DICOM CT (no padding; p0.5
+  −1024, p99.5 ≈ 495 HU) maps air to 5 and the liver to ≈ 188; the same CT padded with −3024 would map air
+  to ≈ 148. The demo model is trained with every common padding value for this reason
+  (``finetune/training.py``).
 
-* the abstract (arxiv.org/abs/2311.11969, huggingface.co/papers/2311.11969) only says the paper "details how
-  to process these datasets";
-* the summary at emergentmind.com/papers/2311.11969 says the preprocessing "normalizes voxel values" and,
-  under "Data Processing and Normalization", "Voxel values are streamlined to a unified" — where the stored
-  copy breaks off, before the range or the method;
-* the review at nubint.ai (SA-Med2D-20M 论文解读) only says the paper describes data collection,
-  normalisation and mask processing;
-* the maintainers, in OpenGVLab/SAM-Med2D issues #19 and #26, say to preprocess "as described in detail in
-  our paper" and that their conversion code "will be released in the next version" (we found no such
-  release); issue #1 of openmedlab/SAM-Med2D, which asked for the window level/width and the DICOM → RGB
-  steps, was answered only with an invitation to a chat group. Issue #57 says CT was sliced along the X, Y
-  and Z axes (from an earlier reading; not re-read for this revision);
-* the official repository's PyQt viewer demo (PyQt/BasePyQT.py) rescales each displayed slice by its own
-  min–max. That is a viewer, not the dataset pipeline, and is not used as evidence here.
+So :data:`SA_MED2D_20M` is that rule: the 0.5th and 99.5th percentiles of **all** finite voxels (padding
+included, as the samples require), linear to 0..255, one window per volume. Each model in the weights
+registry names its rule; ``"auto"`` in the module and the command line means "the model's own rule"
+(:func:`default_window`). Named CT presets (:data:`PRESETS`) and a level/width stay available.
 
-So what is confirmed is only this: the voxel values of each 3-D volume were normalised to one unified range
-before slicing (the released slices are 8-bit PNGs, 0–255), and slices were cut along all three axes. Which
-percentiles or clipping limits, whether background was excluded, and whether CT got fixed HU windows are
-**not known**. The defaults below are therefore kept as they were, a documented choice rather than the
-paper's rule; replace this section once someone has read the paper's processing section itself.
+``"auto"`` (the method name kept from before the rule was settled) is a variant that leaves out the voxels
+at the volume minimum (constant padding or zero background) before taking the percentiles; it is not what
+the dataset did and is no model's default.
 
-The default rule ("auto") and why
----------------------------------
-``auto`` = clip at the **0.5th and 99.5th percentiles of the volume's foreground voxels**, then map that range
-linearly to 0..255. Foreground means the finite voxels strictly above the volume minimum. One window is
-computed for the whole volume. Reasons:
-
-* It is a single, modality-agnostic, data-driven rule applied to the whole 3-D volume before slicing. That
-  matches the one thing the sources do confirm: one unified normalisation of the volume.
-* The same research community normalises 3-D medical volumes to 0–255 for SAM-style training this way.
-  MedSAM (Ma et al., Nat. Commun. 2024) clips non-CT images to their 0.5th–99.5th percentiles, and
-  nnU-Net clips CT at the 0.5/99.5 percentiles of the labelled-foreground intensities. These are sibling
-  conventions, not evidence of what SA-Med2D-20M did.
-* Leaving out the voxels at the volume minimum removes constant padding or background: outside-FOV CT
-  padding (−2048/−3024 HU), zero MR/PET background, and zero-filled skull-stripped brains. Otherwise that
-  padding can drag the lower percentile far below the tissue. This step is **our choice**. We could not
-  confirm that the paper does it. Use ``method="percentile"`` to include every voxel.
-
-The volume engine's default is :func:`default_window`: CT (DICOM modality, or untagged data in Hounsfield
-units) gets the soft-tissue window L40/W400, as the volume-engine issue asks; other modalities get ``auto``.
-
-The ``modality`` hint ("CT", "MR", "PT") does **not** change the ``auto`` rule. We could not confirm that the
-paper distinguishes modalities. The hint is only recorded in :attr:`IntensityWindow.method`. For CT, a user
-who prefers another radiological window can pick one from :data:`PRESETS` or give ``level``/``width``.
-
-Where we differ from the dataset pipeline, even if its rule is the one above:
+Where we differ from the dataset pipeline:
 
 * On volumes with more than ``max_samples`` voxels, the percentiles come from a deterministic random sample
   of ``max_samples`` voxels (``numpy.random.default_rng(seed)``). This makes them fast and light on memory:
@@ -92,7 +67,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PRESETS", "IntensityWindow", "compute_window", "default_window", "looks_like_ct", "to_uint8"]
+__all__ = [
+    "PRESETS",
+    "SA_MED2D_20M",
+    "IntensityWindow",
+    "compute_window",
+    "default_window",
+    "looks_like_ct",
+    "to_uint8",
+]
+
+#: The SA-Med2D-20M rule (see the module docstring): what ``"auto"`` means for every model in the registry.
+SA_MED2D_20M = "sa-med2d-20m"
 
 #: Named CT windows as ``name: (level, width)`` in HU. These are common radiology display presets; exact
 #: values vary between sources and institutions. Soft tissue W400/L40 and brain W80/L40 are also the windows
@@ -105,8 +91,12 @@ PRESETS: dict[str, tuple[float, float]] = {
     "ct-liver": (60.0, 160.0),
 }
 
-METHODS = ("auto", "percentile", "window", "minmax")
+METHODS = (SA_MED2D_20M, "auto", "percentile", "window", "minmax")
 MODALITIES = ("CT", "MR", "PT")
+
+# Integer volumes whose value range is below this are counted exactly (a 16 MiB table at most); others go
+# through one float copy of their finite voxels.
+_MAX_COUNTED_RANGE = 1 << 21
 
 # Elements per block when a whole volume is streamed through float64 arithmetic (32 MiB of float64).
 _BLOCK_ELEMENTS = 1 << 22
@@ -178,8 +168,9 @@ def compute_window(
 
     ``method``:
 
-    * ``"auto"``: the SA-Med2D-20M-like default. It takes ``percentiles`` (default 0.5/99.5) of the finite
-      voxels above the volume minimum (see the module docstring for what is and is not confirmed).
+    * ``"sa-med2d-20m"`` (:data:`SA_MED2D_20M`): the 0.5/99.5 percentiles of all finite voxels, the rule
+      SAM-Med2D's training data went through (``percentiles`` is ignored: the rule fixes them).
+    * ``"auto"``: ``percentiles`` of the finite voxels above the volume minimum (padding left out).
     * ``"percentile"``: ``percentiles`` of all finite voxels, with no background exclusion.
     * ``"window"``: the user's ``level``/``width``. Both are required, must be finite, and width must be > 0.
     * a key of :data:`PRESETS`, e.g. ``"ct-soft-tissue"``: that preset window.
@@ -211,6 +202,8 @@ def compute_window(
         return IntensityWindow.from_level_width(level, width, f"window W{float(width):g}/L{float(level):g}")
 
     tag = f" [{modality}]" if modality else ""
+    if method == SA_MED2D_20M:
+        percentiles = (0.5, 99.5)
     if method == "minmax":
         vmin, vmax = _finite_min_max(volume)
         return _window_or_fallback(vmin, vmax, "minmax" + tag)
@@ -220,6 +213,8 @@ def compute_window(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
+    if method == SA_MED2D_20M:
+        return _rule_window(volume, tag)
     sample, sampled = _sample(volume, max_samples, int(seed))
     if sample.dtype.kind == "f":
         sample = sample[np.isfinite(sample)]
@@ -387,6 +382,34 @@ def _sample(volume: np.ndarray, max_samples: int, seed: int) -> tuple[np.ndarray
     return volume[np.unravel_index(index, volume.shape)], True
 
 
+def _rule_window(volume: np.ndarray, tag: str) -> IntensityWindow:
+    """The SA-Med2D-20M window, computed exactly so that it depends only on the voxel values: flipping or
+    permuting the volume's axes (the same scan stored another way) must not change what the model sees."""
+    what = "SA-Med2D-20M rule: percentile 0.5–99.5 of all voxels" + tag
+    vmin, vmax = _finite_min_max(volume)
+    if volume.dtype.kind in "iu" and vmax - vmin < _MAX_COUNTED_RANGE:
+        counts = np.zeros(int(vmax - vmin) + 1, dtype=np.int64)
+        blocks = [volume.reshape(1)] if volume.ndim == 0 else (volume[a:b] for a, b in _block_ranges(volume))
+        for block in blocks:
+            counts += np.bincount((block.astype(np.int64) - int(vmin)).ravel(), minlength=counts.size)
+        cumulative = np.cumsum(counts)
+        low, high = (vmin + _ranked_value(cumulative, q) for q in (0.5, 99.5))
+    else:
+        low, high = (float(v) for v in np.percentile(_all_finite(volume), [0.5, 99.5]))
+    if high > low:
+        return IntensityWindow(low, high, what)
+    return _window_or_fallback(vmin, vmax, what + "; percentiles coincide, fell back to min–max")
+
+
+def _ranked_value(cumulative: np.ndarray, q: float) -> float:
+    """``np.percentile``'s linear rule read from cumulative counts of the values ``0, 1, 2, …``."""
+    position = (int(cumulative[-1]) - 1) * q / 100.0
+    below = math.floor(position)
+    lower, upper = (int(np.searchsorted(cumulative, rank, side="right")) for rank in (below, below + 1))
+    fraction = position - below
+    return float(lower) if fraction == 0 else lower + (upper - lower) * fraction
+
+
 def _window_or_fallback(vmin: float, vmax: float, what: str) -> IntensityWindow:
     if vmax > vmin:
         return IntensityWindow(vmin, vmax, what)
@@ -405,11 +428,9 @@ def looks_like_ct(volume: np.ndarray) -> bool:
     return bool(sample.min() >= -3100 and sample.max() <= 5000 and air > 0.02)
 
 
-def default_window(volume: np.ndarray, modality: str | None = None) -> IntensityWindow:
-    """The volume engine's default: CT gets the soft-tissue window (L40/W400), the organs and lesions users
-    most often segment and the window of the golden CT reference; other modalities get the "auto"
-    percentile rule. CT is recognised from the DICOM modality, or from the value range when untagged."""
-    modality = _check_modality(modality)
-    if modality == "CT" or (modality is None and looks_like_ct(volume)):
-        return IntensityWindow.from_preset("ct-soft-tissue")
-    return compute_window(volume, "auto", modality=modality)
+def default_window(
+    volume: np.ndarray, modality: str | None = None, rule: str = SA_MED2D_20M
+) -> IntensityWindow:
+    """The window a model sees a volume through when the user picks none: the model's own ``rule`` (from the
+    weights registry; SA-Med2D-20M's for every model so far), computed once for the whole volume."""
+    return compute_window(volume, rule, modality=modality)

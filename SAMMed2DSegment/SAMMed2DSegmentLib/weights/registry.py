@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.intensity import SA_MED2D_20M
 from ..files import HashCancelled, sha256_file
 from .cache_dir import default_cache_dir
 
@@ -57,6 +58,9 @@ class ModelEntry:
     approx_size: int | None = None  # for messages when the exact size is not known
     bundled: Path | None = None  # shipped with the extension instead of downloaded
     manual_url: str = ""  # a page where a person can download the file by hand
+    #: How the model expects a volume's intensities to become 8-bit images: what "auto" means for it
+    #: (a method of `engine.intensity.compute_window`).
+    intensity: str = SA_MED2D_20M
 
     @property
     def verification(self) -> str:
@@ -89,6 +93,18 @@ REGISTRY: dict[str, ModelEntry] = {
         manual_url="https://github.com/OpenGVLab/SAM-Med2D#-model-checkpoints",
     ),
 }
+
+
+def intensity_rule(model: str | os.PathLike[str] | None) -> str:
+    """The intensity rule of a registry model, given by name or by its file; a checkpoint the registry does
+    not know is a SAM-Med2D fine-tune, so it gets the rule SAM-Med2D's training data went through."""
+    if model is None:
+        return SA_MED2D_20M
+    entry = REGISTRY.get(str(model))
+    if entry is None:
+        name = Path(model).name
+        entry = next((e for e in REGISTRY.values() if e.filename == name), None)
+    return entry.intensity if entry is not None else SA_MED2D_20M
 
 
 def models_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -369,6 +385,7 @@ __all__ = [
     "check_local_file",
     "download",
     "fetch_model",
+    "intensity_rule",
     "model_path",
     "models_dir",
     "resolve_model",
