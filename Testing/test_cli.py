@@ -393,6 +393,7 @@ def test_provenance_in_the_seg_nrrd_and_the_dicom_seg(env, tmp_path):
     ]
     assert second.model_sha256 == rep["model"]["sha256"]
     assert second.window == (rep["window"]["low"], rep["window"]["high"])
+    assert second.window_method == rep["window"]["method"] and second.window_method.startswith("SA-Med2D-20M")
     x, y, z = env["liver_lps"]
     assert second.points_ras[0].position == pytest.approx((-x, -y, z), abs=1e-9)
 

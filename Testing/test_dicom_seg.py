@@ -588,6 +588,7 @@ def _provenance(n_points: int = 2, n_slices: int = 5, segment: str = "liver") ->
     return provenance.build_provenance(
         points, rois, outcomes, model="SAM-Med2D vit_b", model_sha256=HASH, axis="axial", propagate="both",
         segment=segment, window=(-160.0, 240.0),
+        window_method="SA-Med2D-20M rule: percentile 0.5–99.5 of all voxels",
     )  # fmt: skip
 
 

@@ -379,6 +379,7 @@ def test_provenance_round_trips_through_the_seg_nrrd_header(setup, tmp_path):
         return build_provenance(
             points, rois, outcomes, model="SAM-Med2D small", model_sha256="cd" * 32, axis="coronal",
             propagate="up", segment=segment, window=(-3.25, 1 / 7),
+            window_method="window W400/L40 (ct-soft-tissue)",
         )  # fmt: skip
 
     earlier, latest = run("A", 3), run("B", 400)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from SAMMed2DSegmentLib.engine.geometry import VIEW_ORIENTATIONS
+from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M, IntensityWindow, compute_window
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.engine.prompts import PointPrompt
 from SAMMed2DSegmentLib.engine.propagation import PropagationResult, SliceOutcome
@@ -42,7 +43,11 @@ def _session(model, snapshot) -> SegmentationSession:
 
 def test_window_choices(snapshot):
     volume = snapshot.array_kji
-    assert window_for(volume, None, "auto").method.endswith("(ct-soft-tissue)")
+    # "auto" is the model's own rule (SA-Med2D-20M's unless the model names another); presets and a custom
+    # level/width override it whatever the rule.
+    assert window_for(volume, None, "auto") == compute_window(volume, SA_MED2D_20M)
+    assert window_for(volume, None, "auto", rule="auto") == compute_window(volume, "auto")
+    assert window_for(volume, None, "ct-soft-tissue", rule="auto").low == -160
     lung = window_for(volume, None, "ct-lung")
     assert (lung.level, lung.width) == (-600, 1500)
     custom = window_for(volume, None, "custom", level=10, width=100)
@@ -51,6 +56,18 @@ def test_window_choices(snapshot):
         window_for(volume, None, "custom")
     with pytest.raises(ValueError, match="unknown intensity window"):
         window_for(volume, None, "bright")
+
+
+def test_the_session_sees_a_volume_through_its_models_rule_unless_told_otherwise(small_model, snapshot):
+    session = SegmentationSession(SamMed2DPredictor(small_model), intensity_rule="auto")
+    session.set_volume(snapshot.array_kji, snapshot.ijk_to_ras, key=snapshot.key)
+    assert session.window == compute_window(snapshot.array_kji, "auto")
+    explicit = IntensityWindow.from_level_width(40, 400)
+    session.set_volume(snapshot.array_kji, snapshot.ijk_to_ras, window=explicit, key=snapshot.key)
+    assert session.window == explicit
+    default = SegmentationSession(SamMed2DPredictor(small_model))
+    default.set_volume(snapshot.array_kji, snapshot.ijk_to_ras, key=snapshot.key)
+    assert default.window.method.startswith("SA-Med2D-20M rule")
 
 
 def test_prefetch_encodes_neighbours_once_and_clicks_reuse_them(small_model, snapshot):

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--window",
         default="auto",
-        help="intensity window: 'auto', a preset name, or LEVEL,WIDTH (e.g. 40,400)",
+        help="intensity window: 'auto' (the model's own rule; SA-Med2D-20M's percentile 0.5–99.5 rule for "
+        "every registry model), a preset name, or LEVEL,WIDTH (e.g. 40,400)",
     )
     seg.add_argument(
         "--iou-threshold",
@@ -119,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--seg", help="input .seg.nrrd to export as DICOM-SEG (with --dicom-seg)")
     conv.add_argument("--out", help="output .seg.nrrd (with an input --dicom-seg)")
     conv.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    from .evaluation.command import add_parser as add_evaluate_parser
     from .finetune.training import add_parser as add_finetune_parser
 
     add_finetune_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -162,11 +165,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise CommandError(f"--cache-mb must be ≥ 0, got {args.cache_mb}")
 
 
-def _window(spec: str, volume: np.ndarray, modality: str | None):
+def _window(spec: str, volume: np.ndarray, modality: str | None, rule: str):
+    """--window: "auto" is the model's own `rule` (weights registry), else a preset or LEVEL,WIDTH."""
     from .engine.intensity import PRESETS, IntensityWindow, default_window
 
     if spec == "auto":
-        return default_window(volume, modality if modality in ("CT", "MR", "PT") else None)
+        return default_window(volume, modality if modality in ("CT", "MR", "PT") else None, rule)
     if spec in PRESETS:
         level, width = PRESETS[spec]
         return IntensityWindow.from_level_width(level, width, method=f"preset {spec}")
@@ -252,6 +256,12 @@ def _load_prompts(hs, args: argparse.Namespace):
     return points, rois
 
 
+def _intensity_rule(args: argparse.Namespace) -> str:
+    from .weights.registry import intensity_rule
+
+    return intensity_rule(args.checkpoint or args.model or "demo")
+
+
 def _model(args: argparse.Namespace):
     """--checkpoint FILE, else --model NAME from the weights registry, else the bundled demo model."""
     from .weights.checkpoint import load_model
@@ -328,7 +338,7 @@ def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window, 
     return build_provenance(
         points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,
         axis=args.axis, propagate=args.propagate, segment=args.segment_name, window=(window.low, window.high),
-        precision=precision,
+        precision=precision, window_method=window.method,
     )  # fmt: skip
 
 
@@ -370,7 +380,7 @@ def run_segment(args: argparse.Namespace) -> dict:
         seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
         if existing is not None:
             segmentations.check_segments_on_grid(seg_node, volume_node, out.name)
-        window = _window(args.window, volume.array_kji, volume.modality)
+        window = _window(args.window, volume.array_kji, volume.modality, _intensity_rule(args))
         t = time.perf_counter()
         model, info = _model(args)
         timings["load_model_s"] = time.perf_counter() - t
@@ -648,6 +658,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run, summary = run_finetune, _finetune_summary
     elif args.command == "convert":
         run, summary = run_convert, _convert_summary
+    elif args.command == "evaluate":
+        from .evaluation.command import run_evaluate
+        from .evaluation.command import summary as evaluate_summary
+
+        run, summary = run_evaluate, evaluate_summary
     else:
         run, summary = run_segment, _segment_summary
     previous = None

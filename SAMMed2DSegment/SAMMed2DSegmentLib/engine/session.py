@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from .geometry import AXES, VIEW_ORIENTATIONS, SliceGeometry
-from .intensity import PRESETS, IntensityWindow, default_window
+from .intensity import PRESETS, SA_MED2D_20M, IntensityWindow, default_window
 from .prompts import PointPrompt, RoiPrompt, prompts_by_slice
 
 if TYPE_CHECKING:  # torch-free at import (see the module docstring)
@@ -52,10 +52,11 @@ def window_for(
     choice: str,
     level: float | None = None,
     width: float | None = None,
+    rule: str = SA_MED2D_20M,
 ) -> IntensityWindow:
-    """The window the "Intensity window" choice means for this volume."""
+    """The window the "Intensity window" choice means for this volume; "auto" is the model's own `rule`."""
     if choice == "auto":
-        return default_window(array_kji, modality)
+        return default_window(array_kji, modality, rule)
     if choice == "custom":
         if level is None or width is None:
             raise ValueError("a custom intensity window needs a level and a width")
@@ -111,13 +112,17 @@ class SegmentationSession:
         cache_bytes: int | None = None,
         disk_cache: DiskEmbeddingCache | str | os.PathLike[str] | None = None,
         model_sha256: str | None = None,
+        intensity_rule: str = SA_MED2D_20M,
     ) -> None:
         """`disk_cache` (a folder or a `DiskEmbeddingCache`) keeps embeddings across sessions, keyed by the
-        volume's content and `model_sha256` (the checkpoint file's hash; else hashed from the weights)."""
+        volume's content and `model_sha256` (the checkpoint file's hash; else hashed from the weights).
+        `intensity_rule` is the model's own conversion (`weights.registry.intensity_rule`), used when
+        `set_volume` gets no window."""
         from .disk_cache import DiskEmbeddingCache, weights_hash  # torch
         from .embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 
         self.predictor = predictor
+        self.intensity_rule = intensity_rule
         if disk_cache is not None and not isinstance(disk_cache, DiskEmbeddingCache):
             disk_cache = DiskEmbeddingCache(disk_cache)
         memory_bytes = DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes
@@ -138,7 +143,7 @@ class SegmentationSession:
         window: IntensityWindow | None = None,
         key: str | None = None,
     ) -> None:
-        """The volume to segment, and the window the model sees it through (default: the automatic one).
+        """The volume to segment, and the window the model sees it through (default: the model's rule).
         `key` names this state of the volume: embeddings cached under another key are never reused."""
         array_kji = np.asarray(array_kji)
         if array_kji.ndim != 3 or min(array_kji.shape) < 1:
@@ -146,7 +151,9 @@ class SegmentationSession:
         if key is None:
             key = f"volume-{id(array_kji)}"
         self.volume = VolumeSnapshot(key, array_kji, np.asarray(ijk_to_ras, dtype=np.float64), modality)
-        self.window = window if window is not None else default_window(array_kji, modality)
+        if window is None:
+            window = default_window(array_kji, modality, self.intensity_rule)
+        self.window = window
         self.cache_key = key
         if self.cache.disk is not None:  # on disk only the content can name the volume (hashed once here)
             from .disk_cache import content_key

@@ -73,6 +73,9 @@ class Provenance:
     truncated: str = ""
     #: encoder precision the run used ("fp32", "bf16", "fp16"); "" in files written before it was recorded
     precision: str = ""
+    #: how the window was chosen (e.g. "SA-Med2D-20M rule: percentile 0.5–99.5 of all voxels"); "" in files
+    #: written before it was recorded
+    window_method: str = ""
 
     # -- .seg.nrrd header (complete, RAS) ---------------------------------------------------------------
 
@@ -104,6 +107,8 @@ class Provenance:
         }
         if self.window is not None:
             meta["Window"] = f"{self.window[0]!r} {self.window[1]!r}"
+        if self.window_method:
+            meta["WindowMethod"] = self.window_method
         if self.precision:
             meta["Precision"] = self.precision
         if earlier:
@@ -135,6 +140,7 @@ class Provenance:
                 slices=parse_slices(meta.get("Slices", "")),
                 window=_pair(window.split()) if window else None,
                 precision=meta.get("Precision", ""),
+                window_method=meta.get("WindowMethod", ""),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed SAM-Med2D provenance in the file header: {exc!r}") from exc
@@ -167,6 +173,8 @@ class Provenance:
         }
         if self.window is not None:
             base["window_low_high"] = f"{_num(self.window[0])} {_num(self.window[1])}"
+        if self.window_method:
+            base["window_method"] = self.window_method
         if self.precision:
             base["precision"] = self.precision
 
@@ -229,6 +237,7 @@ class Provenance:
                 window=_pair(window.split()) if window else None,
                 truncated=params.get("truncated", ""),
                 precision=params.get("precision", ""),
+                window_method=params.get("window_method", ""),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed SAM-Med2D AlgorithmParameters: {exc}") from exc
@@ -255,6 +264,7 @@ def build_provenance(
     segment: str = "",
     window: tuple[float, float] | None = None,
     precision: str = "",
+    window_method: str = "",
 ) -> Provenance:
     """Provenance of one run, from what the engine used and produced: ``points`` (``PointPrompt``: RAS
     ``position``, ``label``), ``rois`` (``RoiPrompt``: RAS ``center``, ``axes`` columns, ``size``) and the
@@ -283,6 +293,7 @@ def build_provenance(
         ),
         window=None if window is None else _pair(window),
         precision=str(precision),
+        window_method=str(window_method),
     )
 
 

@@ -349,6 +349,7 @@ class InteractiveSegmentation:
                 job.points, job.rois, job.rows.values(), model=f"SAM-Med2D {self.model.get('build', '')}",
                 model_sha256=self.model["sha256"], axis=job.geometry.axis, propagate=job.options.direction,
                 segment=name, window=tuple(window) if window else None,
+                window_method=job.result.get("window_method", ""),
             )  # fmt: skip
 
     # -- pre-encoding and export -----------------------------------------------------------------------

@@ -132,7 +132,12 @@ class EngineServer:
         choice = predictor.precision_choice
         log.info("model %s on %s, precision %s (%s)", info.build, device, choice.precision, choice.reason)
         disk_cache = _disk_cache(header)
-        self.session = SegmentationSession(predictor, disk_cache=disk_cache, model_sha256=info.sha256)
+        from ..weights.registry import intensity_rule
+
+        rule = intensity_rule(header.get("name") or header["path"])
+        self.session = SegmentationSession(predictor, disk_cache=disk_cache, model_sha256=info.sha256,
+                                           intensity_rule=rule)  # fmt: skip
+        self._windows = {}  # "auto" depends on the model's rule
         self.model_info = {"path": header["path"], "device": str(device), "build": info.build,
                            "sha256": info.sha256, "precision": choice.precision,
                            "precision_reason": choice.reason}  # fmt: skip
@@ -170,7 +175,8 @@ class EngineServer:
         w = header.get("window") or {}
         spec = (self.volume["key"], w.get("choice", "auto"), w.get("level"), w.get("width"))
         if spec not in self._windows:  # "auto" looks at every voxel: once per volume, not once per click
-            self._windows = {spec: window_for(self.volume["array"], self.volume["modality"], *spec[1:])}
+            array, modality, rule = self.volume["array"], self.volume["modality"], self.session.intensity_rule
+            self._windows = {spec: window_for(array, modality, *spec[1:], rule=rule)}
         self.session.set_window(self._windows[spec])
         return self.session
 
@@ -210,6 +216,7 @@ class EngineServer:
             "cancelled": cancelled,
             "axis": axis,
             "window": [last.window.low, last.window.high],
+            "window_method": last.window.method,
             "seeds": sorted(last.seeds),
             "encoded": result.encoded_slices,
             "encode_seconds": result.encode_seconds,
