@@ -249,21 +249,67 @@ def test_command_line_trains_and_exports(crop, tmp_path, capsys):
 
 
 def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp_path):
-    """An MR-like volume (no Hounsfield air) is shown to the model as inference will show it: the
-    percentile rule, never a CT window."""
+    """Every volume is shown to the model as inference will show it: the model's rule (SA-Med2D-20M's) on
+    the volume as stored; only CT gets the scanner-padding augmentation."""
     image_path, label_path = crop
     image = sitk.ReadImage(str(image_path))
     shifted = sitk.Cast(image, sitk.sitkFloat32) + 2000.0
     mr_path = tmp_path / "mr.nii.gz"
     sitk.WriteImage(shifted, str(mr_path))
     data = finetune.load_training_set([(mr_path, label_path)], tiny())
-    assert data.defaults[0].method.startswith("auto")
-    assert data.defaults[0].low > 500
+    info = data.intensity[0]
+    assert not info.is_ct and info.rule.method.startswith("SA-Med2D-20M rule") and info.rule.low > 500
     batch = finetune.make_batch(data, np.random.default_rng(0), 4, (1, 1, 1))
     assert batch.images.shape == (4, 3, 256, 256) and torch.isfinite(batch.images).all()
     full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
     ct = finetune.load_training_set([full_ct], tiny())
-    assert ct.defaults[0].method.endswith("(ct-soft-tissue)")
+    assert ct.intensity[0].is_ct and ct.intensity[0].rule.method.startswith("SA-Med2D-20M rule")
+
+
+def test_the_padding_augmentation_reproduces_the_rule_on_a_padded_volume():
+    """The window the rule would give if a fraction of the voxels were scanner padding, computed from the
+    unpadded sample, equals the rule on the volume padded for real."""
+    from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M, compute_window
+
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(0, 300, 40_000).clip(-1000, 2000).astype(np.float32)
+    sample = np.sort(tissue)
+    for padding, fraction in [(-1024.0, 0.1), (-2048.0, 0.2), (-3024.0, 0.3)]:
+        count = int(round(fraction * tissue.size / (1 - fraction)))
+        padded = np.concatenate([tissue, np.full(count, padding, np.float32)]).reshape(1, 1, -1)
+        real = compute_window(padded, SA_MED2D_20M)
+        low, high = finetune.padded_rule_window(sample, padding, count / padded.size)
+        assert low == real.low == padding
+        assert high == pytest.approx(real.high, abs=1.0)
+    assert finetune.padded_rule_window(sample, None, 0.2) == tuple(np.percentile(sample, [0.5, 99.5]))
+
+
+def test_ct_batches_see_the_padding_values_scanners_use():
+    """Under the rule the padding outside the field of view is grey 0 and air lands anywhere from ≈ 5
+    (no padding) to ≈ 150 (−3024): the model must see that whole range."""
+    full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
+    data = finetune.load_training_set([full_ct], tiny())
+    rng = np.random.default_rng(1)
+    mappings = [finetune._intensity_mapping(data.intensity[0], rng) for _ in range(400)]
+    paddings = {m[2] for m in mappings}
+    assert paddings == set(finetune.PADDING_VALUES)
+    air_grey = [255 * (-1000 - low) / (high - low) for low, high, padding in mappings if padding is not None]
+    assert min(air_grey) < 20 and max(air_grey) > 120
+
+
+def test_exported_models_are_byte_identical_for_the_same_weights(tmp_path):
+    """safetensors writes its metadata map in hash order (different in every process); the export sorts
+    the header, so `make demo-model` can reproduce the bundled file byte for byte."""
+    from SAMMed2DSegmentLib.model import build_sam_med2d
+
+    torch.manual_seed(0)
+    model = build_sam_med2d("small")
+    meta = {f"key{i}": str(i) for i in range(12)}
+    finetune.export_model(model, tmp_path / "a.safetensors", meta)
+    finetune.export_model(model, tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded, info = load_model(tmp_path / "a.safetensors")
+    assert info.build == "small"
 
 
 def test_the_mask_prompt_is_given_as_probabilities_like_the_engine_does():

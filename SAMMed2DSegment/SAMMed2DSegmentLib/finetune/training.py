@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.geometry import AXES, SliceGeometry
-from ..engine.intensity import IntensityWindow, compute_window, default_window
+from ..engine.intensity import SA_MED2D_20M, IntensityWindow, compute_window, looks_like_ct
 from ..engine.masks import interior_point
 from ..engine.preprocessing import opencv_nearest_indices
 from ..files import OutputPlanError, atomic_path, check_output_plan, input_files
-from ..formats.volumes import read_volume
+from ..formats.volumes import read_labels_on_grid, read_volume
 from ..model import CONFIGS, SamMed2D, build_sam_med2d
 from ..model.sam import PIXEL_MEAN, PIXEL_STD
 
@@ -67,8 +67,12 @@ class FinetuneConfig:
     val_fraction: float = 0.15
     eval_every: int = 250
     save_every: int = 100
-    #: Probability that a batch gets a second, corrective prompting round.
-    correction_probability: float = 0.5
+    #: Probability that a batch gets corrective prompting rounds after the first prompt, and at most how
+    #: many (each adds a click from the error region, as the interactive evaluation does).
+    correction_probability: float = 0.6
+    correction_rounds: int = 3
+    #: Probability that the correction rounds also get the previous prediction as mask prompt.
+    mask_prompt_probability: float = 0.8
     freeze_encoder: bool = False
     init_checkpoint: str | None = None
     #: "fp32", or "bf16": the forward and backward products under bf16 autocast, the weights, gradients and
@@ -78,11 +82,15 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.build not in CONFIGS:
             raise FinetuneError(f"unknown build {self.build!r}; known: {', '.join(CONFIGS)}")
-        for name in ("steps", "batch_size", "eval_every", "save_every", "min_pixels"):
+        for name in ("steps", "batch_size", "eval_every", "save_every", "min_pixels", "correction_rounds"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneError(f"lr must be a positive number, got {self.lr}")
+        for name in ("correction_probability", "mask_prompt_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                value = getattr(self, name)
+                raise FinetuneError(f"{name.replace('_', '-')} must be within 0..1, got {value}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise FinetuneError(f"val-fraction must be within 0..0.5, got {self.val_fraction}")
         if len(self.axis_weights) != 3 or min(self.axis_weights) < 0 or sum(self.axis_weights) <= 0:
@@ -105,37 +113,21 @@ class LabelledSlice:
     index: int
 
 
+@dataclass(frozen=True)
+class VolumeIntensity:
+    """What the intensity augmentation needs of one volume."""
+
+    rule: IntensityWindow  # the model's rule on the volume as stored: what inference and validation use
+    sorted_sample: np.ndarray  # up to 200 000 finite voxels, sorted: the rule's window under other paddings
+    is_ct: bool
+
+
 @dataclass
 class TrainingSet:
     slices: list[list[LabelledSlice]]  # per axis (axial, coronal, sagittal)
     validation: list[tuple[LabelledSlice, int]]  # (slice, label) pairs held out
-    #: Per volume: the engine's "auto" percentile window and its default window (what inference will use).
-    windows: list[tuple[float, float]]
-    defaults: list[IntensityWindow] = field(default_factory=list)
-    is_ct: list[bool] = field(default_factory=list)
+    intensity: list[VolumeIntensity] = field(default_factory=list)  # per volume
     samples_per_axis: list[int] = field(default_factory=list)
-
-
-def _read_labels(path: str | os.PathLike[str], shape: tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
-    """Label map on the image grid. A label map on another grid is refused: resampling labels silently
-    would train on shifted masks."""
-    labels = read_volume(path)
-    if labels.array_kji.dtype.kind not in "iub":
-        raise FinetuneError(f"{path}: label maps must hold integers, got {labels.array_kji.dtype}")
-    if labels.array_kji.shape != tuple(shape):
-        raise FinetuneError(
-            f"{path}: label map size {labels.array_kji.shape[::-1]} does not match the image "
-            f"{tuple(shape)[::-1]} (IJK); resample it onto the image grid first"
-        )
-    scale = np.abs(ijk_to_ras[:3, :3]).max()
-    if not np.allclose(labels.ijk_to_ras, ijk_to_ras, atol=1e-3 * max(scale, 1.0), rtol=0):
-        raise FinetuneError(
-            f"{path}: label map geometry (origin, spacing or direction) does not match the image; "
-            "resample it onto the image grid first"
-        )
-    if not labels.array_kji.any():
-        raise FinetuneError(f"{path}: the label map is empty (no labelled voxel)")
-    return labels.array_kji
 
 
 def load_training_set(
@@ -146,7 +138,7 @@ def load_training_set(
         raise FinetuneError("no training data: give at least one --image/--labels pair")
     per_axis: list[list[LabelledSlice]] = [[], [], []]
     validation: list[tuple[LabelledSlice, int]] = []
-    windows, defaults, is_ct = [], [], []
+    intensity: list[VolumeIntensity] = []
     for number, (image_path, label_path) in enumerate(pairs):
         try:
             image = read_volume(image_path)
@@ -156,17 +148,16 @@ def load_training_set(
             if str(label_path).lower().endswith(".seg.nrrd"):
                 labels = _read_segmentation(label_path, image.array_kji, image.ijk_to_ras)
             else:
-                labels = _read_labels(label_path, image.array_kji.shape, image.ijk_to_ras)
+                labels = read_labels_on_grid(label_path, image.array_kji.shape, image.ijk_to_ras)
         except FinetuneError:
             raise
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
         values = image.array_kji.astype(np.float32)
-        auto = compute_window(values, "auto")
-        windows.append((auto.low, auto.high))
-        modality = image.modality if image.modality in ("CT", "MR", "PT") else None
-        defaults.append(default_window(values, modality))
-        is_ct.append(defaults[-1].method.endswith("(ct-soft-tissue)"))
+        finite = values[np.isfinite(values)].ravel()
+        sample = np.sort(finite[:: max(1, finite.size // 200_000)])
+        is_ct = image.modality == "CT" or (image.modality is None and looks_like_ct(values))
+        intensity.append(VolumeIntensity(compute_window(values, SA_MED2D_20M), sample, is_ct))
         # The held-out axial band is also blanked out of the other views' labels, so no held-out voxel is
         # ever trained on.
         axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
@@ -192,7 +183,7 @@ def load_training_set(
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
-    return TrainingSet(per_axis, validation, windows, defaults, is_ct, samples)
+    return TrainingSet(per_axis, validation, intensity, samples)
 
 
 def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
@@ -269,6 +260,59 @@ def _normalise(gray255: torch.Tensor) -> torch.Tensor:
     return (gray255[None].expand(3, -1, -1) - mean) / std
 
 
+#: What scanners fill outside the reconstructed field of view with (HU); None: no padding. The SA-Med2D-20M
+#: rule counts padding among the volume's voxels, so the grey level of air (5 to ≈ 150) depends on it.
+PADDING_VALUES: tuple[float | None, ...] = (None, -1024.0, -2000.0, -2048.0, -3024.0)
+
+
+def padded_rule_window(
+    sorted_sample: np.ndarray, padding: float | None, fraction: float
+) -> tuple[float, float]:
+    """The SA-Med2D-20M rule's window (0.5th/99.5th percentiles of all voxels) of the volume if `fraction`
+    of its voxels were `padding`, below every tissue value: the padding takes the lowest ranks, so the low end
+    is the padding value and the high end is the volume's own (100 − 0.5/(1 − fraction))th percentile."""
+    if padding is None or fraction <= 0:
+        low, high = np.percentile(sorted_sample, [0.5, 99.5])
+        return float(low), float(high)
+    if fraction < 0.005:
+        raise ValueError(f"a padding fraction below 0.5 % does not set the low end, got {fraction}")
+    high = float(np.percentile(sorted_sample, 100.0 - 0.5 / (1.0 - fraction)))
+    return float(min(padding, sorted_sample[0])), high
+
+
+def _field_of_view(axis: str, rng: np.random.Generator) -> torch.Tensor:
+    """Pixels outside a scanner's reconstruction circle (axial) or cylinder (side views) in a 256² slice."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
+                            indexing="ij")  # fmt: skip
+    cx, cy = (SIZE / 2) * (1 + rng.uniform(-0.08, 0.08, 2))
+    if axis == "axial":
+        radius = SIZE * rng.uniform(0.42, 0.62)
+        return (xx - cx) ** 2 + (yy - cy) ** 2 > radius**2
+    return (xx - cx).abs() > SIZE * rng.uniform(0.35, 0.55)
+
+
+def _intensity_mapping(
+    info: VolumeIntensity, rng: np.random.Generator
+) -> tuple[float, float, float | None]:
+    """(low, high, padding value or None) for one sample. CT: mostly the model's rule under one of the common
+    padding values and a range of upper ends (the 99.5th percentile depends on how much bone, contrast or
+    metal the field holds: ≈ 270–630 HU in the project's CTs, ≈ 1300 HU in the dataset's AMOS sample), and
+    15 % radiological soft-tissue windows so a user's preset still works. Other modalities: the rule,
+    jittered by ±10 % of its span."""
+    if not info.is_ct:
+        low, high = info.rule.low, info.rule.high
+        span = high - low
+        return low + rng.uniform(-0.1, 0.1) * span, high + rng.uniform(-0.1, 0.1) * span, None
+    if rng.random() < 0.15:
+        level, width = rng.uniform(0, 100), rng.uniform(250, 600)
+        return level - width / 2, level + width / 2, None
+    padding = PADDING_VALUES[int(rng.integers(len(PADDING_VALUES)))]
+    low, high = padded_rule_window(info.sorted_sample, padding, float(rng.uniform(0.05, 0.35)))
+    if rng.random() < 0.5:
+        high = math.exp(rng.uniform(math.log(max(high * 0.9, 150.0)), math.log(max(high, 1500.0))))
+    return low, max(high, low + 1.0), padding
+
+
 def make_batch(
     data: TrainingSet, rng: np.random.Generator, batch_size: int, axis_weights: Sequence[float]
 ) -> Batch:
@@ -284,27 +328,27 @@ def make_batch(
         mask = _resize((item.labels == value).astype(np.float32), False) > 0.5
         if not mask.any():
             continue
+        info = data.intensity[item.volume]
+        low, high, padding = _intensity_mapping(info, rng)
+        # Outside the slice the image is filled with the scanner's padding, else its own minimum (air).
+        fill = float(image.min()) if padding is None else padding
         if rng.random() < 0.9:
             theta = _affine(rng, mask)[None]
             grid = F.affine_grid(theta, [1, 1, SIZE, SIZE], align_corners=False)
-            # Outside the slice the image is padded with its own minimum (air), like a scanner's field.
-            fill = float(image.min())
             moved = F.grid_sample((image - fill)[None, None], grid, mode="bilinear", align_corners=False)
             moved_mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=False)
             if moved_mask.sum() >= 10:
                 image, mask = moved[0, 0] + fill, moved_mask[0, 0] > 0.5
-        if rng.random() < 0.6 and data.is_ct[item.volume]:  # soft-tissue-like, around the CT default L40/W400
-            level, width = rng.uniform(0, 100), rng.uniform(250, 600)
-            low, high = level - width / 2, level + width / 2
-        else:  # the percentile rule ("auto"), jittered
-            low, high = data.windows[item.volume]
-            span = high - low
-            low, high = low + rng.uniform(-0.1, 0.1) * span, high + rng.uniform(-0.1, 0.1) * span
-        # Noise in proportion to the window (0–15 HU on the CT default): the same meaning for any modality.
-        noise = rng.uniform(0, 0.0375) * (high - low)
+        if padding is not None and rng.random() < 0.7:
+            # Air outside the reconstruction field becomes padding; tissue there is left alone, so a cropped
+            # training volume never loses anatomy to the simulated circle.
+            outside = _field_of_view(item.axis, rng) & (image < -900)
+            image = torch.where(outside, torch.tensor(padding), image)
+        # Noise in proportion to the window (0–15 HU on a W400 window): the same meaning for any mapping.
+        noise = rng.uniform(0, 0.0375) * min(high - low, 400.0 if info.is_ct else high - low)
         if noise > 0.0025 * (high - low):
             image = image + torch.from_numpy(rng.normal(0, noise, (SIZE, SIZE)).astype(np.float32))
-        gamma = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+        gamma = math.exp(rng.uniform(math.log(0.9), math.log(1.1)))
         images.append(_normalise(_to_uint8_like(image, low, high, gamma)))
         masks.append(mask)
     return Batch(torch.stack(images), torch.stack(masks))
@@ -346,8 +390,9 @@ def _jittered_box(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 def sample_prompts(masks: torch.Tensor, rng: np.random.Generator) -> Prompts:
     """One prompt kind per batch (the prompt encoder takes a box for all samples or for none): 1–3 include
-    points (40 %), a jittered box (30 %), or a box with one include point, as propagation prompts (30 %)."""
-    kind = rng.choice(3, p=[0.4, 0.3, 0.3])
+    points (30 %), a jittered box (35 %: the evaluation's first prompt), or a box with one include point, as
+    propagation prompts (35 %)."""
+    kind = rng.choice(3, p=[0.3, 0.35, 0.35])
     batch = masks.shape[0]
     if kind == 0:
         count = int(rng.integers(1, 4))
@@ -360,18 +405,30 @@ def sample_prompts(masks: torch.Tensor, rng: np.random.Generator) -> Prompts:
     return Prompts(coords, torch.ones(batch, 1, dtype=torch.int64), boxes)
 
 
+def _inner_error(error: torch.Tensor) -> torch.Tensor:
+    """Error pixels whose 7×7 neighbourhood is all error: clicks away from the region's rim, closer to the
+    evaluation's "deepest point of the largest error region" (empty where the errors are thin)."""
+    eroded = -F.max_pool2d(-error[None, None].float(), 7, stride=1, padding=3)[0, 0]
+    return eroded > 0.5
+
+
 def correction_prompts(
     prompts: Prompts, predicted: torch.Tensor, masks: torch.Tensor, low_res: torch.Tensor,
-    rng: np.random.Generator,
+    rng: np.random.Generator, mask_prompt: bool | None = None,
 ) -> Prompts:  # fmt: skip
-    """Second round: one point from each sample's error region (include where the mask was missed, exclude
-    where it spilled over) and, half of the time, the previous prediction as mask prompt: sigmoid of its
+    """A corrective round: one point from each sample's error region (include where the mask was missed,
+    exclude where it spilled over; half of the time from the error's interior) added to the earlier points,
+    and with `mask_prompt` (drawn 50/50 when None) the previous prediction as mask prompt: sigmoid of its
     logits, as SAM-Med2D trains and as the engine feeds it (`PropagationSettings.use_mask_prompt`)."""
     points, labels = [], []
     for pred, truth in zip(predicted, masks, strict=True):
         error = pred ^ truth
         if not error.any():  # already right: confirm with an include point
             error = truth
+        if rng.random() < 0.5:
+            inner = _inner_error(error)
+            if inner.any():
+                error = inner
         xy = _random_pixels(error, 1, rng)[0]
         points.append(xy)
         labels.append(int(truth[int(xy[1]), int(xy[0])]))
@@ -382,7 +439,9 @@ def correction_prompts(
     else:
         coords = torch.cat([prompts.coords, new_xy], dim=1)
         point_labels = torch.cat([prompts.labels, new_labels], dim=1)
-    mask_input = torch.sigmoid(low_res.detach()) if rng.random() < 0.5 else None
+    if mask_prompt is None:
+        mask_prompt = bool(rng.random() < 0.5)
+    mask_input = torch.sigmoid(low_res.detach()) if mask_prompt else None
     return Prompts(coords, point_labels, prompts.boxes, mask_input)
 
 
@@ -428,22 +487,27 @@ def round_loss(
 
 
 def training_step(
-    model: SamMed2D, batch: Batch, rng: np.random.Generator, correction_probability: float
+    model: SamMed2D, batch: Batch, rng: np.random.Generator, config: FinetuneConfig
 ) -> torch.Tensor:
+    """The first prompt, then (with `config.correction_probability`) 1..`correction_rounds` corrective
+    clicks, each round seeing the mask the predictor would have shown; the loss is the rounds' mean."""
     features = model.image_encoder(batch.images)
     prompts = sample_prompts(batch.masks, rng)
     logits, iou_pred = decode(model, features, prompts)
     loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point)
-    if rng.random() < correction_probability:
-        with torch.no_grad():
-            predicted = (
-                F.interpolate(chosen_logits, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
-            )
-        prompts = correction_prompts(prompts, predicted, batch.masks, chosen_logits, rng)
-        logits, iou_pred = decode(model, features, prompts)
-        loss2, _ = round_loss(logits, iou_pred, batch.masks, single_point=False)
-        loss = (loss + loss2) / 2
-    return loss
+    losses = [loss]
+    if rng.random() < config.correction_probability:
+        rounds = int(rng.integers(1, config.correction_rounds + 1))
+        mask_prompt = bool(rng.random() < config.mask_prompt_probability)
+        for _ in range(rounds):
+            with torch.no_grad():
+                upsampled = F.interpolate(chosen_logits, (SIZE, SIZE), mode="bilinear", align_corners=False)
+                predicted = upsampled[:, 0] > 0
+            prompts = correction_prompts(prompts, predicted, batch.masks, chosen_logits, rng, mask_prompt)
+            logits, iou_pred = decode(model, features, prompts)
+            loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, single_point=False)
+            losses.append(loss)
+    return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,8 +515,8 @@ def training_step(
 
 
 def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, list[tuple[float, float]]]]:
-    """Held-out (slice, label) pairs in their volume's default window (what inference uses), no
-    augmentation; with each mask's interior point for the point prompt."""
+    """Held-out (slice, label) pairs through the model's intensity rule on the volume as stored (what
+    inference uses), no augmentation; with each mask's interior point for the point prompt."""
     out = []
     items = []
     for item, value in data.validation:
@@ -461,7 +525,7 @@ def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, 
         if mask.sum() < 10:
             continue
         x, y = interior_point(mask.numpy())
-        window = data.defaults[item.volume]
+        window = data.intensity[item.volume].rule
         gray = _to_uint8_like(image, window.low, window.high, 1.0)
         items.append((_normalise(gray), mask, (float(x), float(y))))
     for start in range(0, len(items), size):
@@ -571,13 +635,27 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted. safetensors writes the metadata map in hash order,
+    which differs between processes, so two identical trainings gave different bytes; a key order changes
+    neither the header's length nor any offset."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # cannot happen for a header safetensors wrote compactly; keep the file as is
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
+
+
 def export_model(model: SamMed2D, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
-    """Inference weights as plain safetensors (what `checkpoint.load_model` reads), written atomically."""
+    """Inference weights as plain safetensors (what `checkpoint.load_model` reads), written atomically and
+    byte for byte the same for the same weights and metadata."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(Path(path), suffix=".tmp.safetensors") as temporary:
-        temporary.write_bytes(save(tensors, metadata={"format": MODEL_FORMAT, **metadata}))
+        data = save(tensors, metadata={"format": MODEL_FORMAT, **metadata})
+        temporary.write_bytes(canonical_safetensors(data))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,7 +744,7 @@ def finetune(
             group["lr"] = learning_rate(config, step)
         batch = make_batch(data, rng, config.batch_size, config.axis_weights)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            loss = training_step(model, batch, rng, config.correction_probability)
+            loss = training_step(model, batch, rng, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -98,3 +98,26 @@ def read_volume(path: str | Path) -> Volume:
     return Volume(
         sitk.GetArrayFromImage(image), ijk_to_ras_from_itk(image), str(p), modality, files, datasets
     )
+
+
+def read_labels_on_grid(path: str | Path, shape: tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
+    """An integer label map that lies on the image grid (`shape` KJI, `ijk_to_ras`), as a KJI array. A label
+    map on another grid is refused: resampling labels silently would train on, or score against, shifted
+    masks."""
+    labels = read_volume(path)
+    if labels.array_kji.dtype.kind not in "iub":
+        raise VolumeReadError(f"{path}: label maps must hold integers, got {labels.array_kji.dtype}")
+    if labels.array_kji.shape != tuple(shape):
+        raise VolumeReadError(
+            f"{path}: label map size {labels.array_kji.shape[::-1]} does not match the image "
+            f"{tuple(shape)[::-1]} (IJK); resample it onto the image grid first"
+        )
+    scale = np.abs(ijk_to_ras[:3, :3]).max()
+    if not np.allclose(labels.ijk_to_ras, ijk_to_ras, atol=1e-3 * max(scale, 1.0), rtol=0):
+        raise VolumeReadError(
+            f"{path}: label map geometry (origin, spacing or direction) does not match the image; "
+            "resample it onto the image grid first"
+        )
+    if not labels.array_kji.any():
+        raise VolumeReadError(f"{path}: the label map is empty (no labelled voxel)")
+    return labels.array_kji
