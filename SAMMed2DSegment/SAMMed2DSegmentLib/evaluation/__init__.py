@@ -1,0 +1,2 @@
+"""Accuracy measured the way interactive segmentation is reported: a first prompt (box or point), then
+simulated corrective clicks (`clicks.py`, `protocol.py`), and the `evaluate` command (`command.py`)."""

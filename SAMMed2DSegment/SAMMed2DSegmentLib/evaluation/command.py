@@ -1,0 +1,136 @@
+"""`python -m SAMMed2DSegmentLib evaluate`: the interactive protocol (`protocol.py`) on a volume with a
+reference label map, written as one JSON file. The options are a contract: automated checks call them.
+
+    evaluate --volume CT --labels LABELS --label-value N [--axis axial] [--model NAME | --checkpoint FILE]
+        [--precision ...] --protocol clicks --max-clicks 5 [--first box|point] --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..engine.geometry import AXES
+from .protocol import FIRST_PROMPTS
+
+MAX_CLICKS_LIMIT = 50
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="interactive accuracy (first prompt + corrective clicks) against a reference label"
+    )
+    p.add_argument("--volume", required=True, help="volume file, or a folder with one DICOM series")
+    p.add_argument("--labels", required=True, help="integer label map on the volume's grid")
+    p.add_argument("--label-value", type=int, required=True, help="the structure's value in --labels")
+    p.add_argument("--axis", default="axial", choices=AXES)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="checkpoint file (official .pth, state dict, or .safetensors)")
+    model.add_argument("--model", help="model name from the registry (default: demo)")
+    p.add_argument("--download", action="store_true", help="download a registry model not in the cache yet")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--window", default="auto",
+                   help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
+    p.add_argument("--protocol", default="clicks", choices=["clicks"],
+                   help="first prompt, then simulated corrective clicks")  # fmt: skip
+    p.add_argument("--first", default="box", choices=FIRST_PROMPTS,
+                   help="first prompt: the label's box (default) or its deepest point")  # fmt: skip
+    p.add_argument("--max-clicks", type=int, default=5, help="corrective clicks after the first prompt")
+    p.add_argument("--min-pixels", type=int, default=1,
+                   help="score slices with at least this many label pixels (default 1: all)")  # fmt: skip
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    """Check every input and the output path first, then run; the JSON is written atomically at the end."""
+    import numpy as np
+
+    from ..cli import CommandError, _intensity_rule, _model, _window
+    from ..engine.predictor import SamMed2DPredictor
+    from ..engine.session import SegmentationSession
+    from ..files import OutputPlanError, atomic_path, check_output_plan, input_files
+    from ..formats.volumes import read_labels_on_grid, read_volume
+    from ..weights.checkpoint import CheckpointError
+    from .protocol import evaluate_structure
+
+    if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
+        raise CommandError(f"--max-clicks must be within 0..{MAX_CLICKS_LIMIT}, got {args.max_clicks}")
+    if args.min_pixels < 1:
+        raise CommandError(f"--min-pixels must be ≥ 1, got {args.min_pixels}")
+    if not str(args.json).lower().endswith(".json"):
+        raise CommandError(f"--json must name a .json file, got {args.json}")
+    inputs = input_files("--volume", args.volume) + input_files("--labels", args.labels)
+    if args.checkpoint:
+        inputs += input_files("--checkpoint", args.checkpoint)
+    try:
+        check_output_plan([("--json", args.json)], inputs)
+    except OutputPlanError as exc:
+        raise CommandError(str(exc)) from None
+
+    t0 = time.perf_counter()
+    try:
+        volume = read_volume(args.volume)
+        labels = read_labels_on_grid(args.labels, volume.array_kji.shape, volume.ijk_to_ras)
+        truth = labels == args.label_value
+        if not truth.any():
+            present = ", ".join(str(v) for v in np.unique(labels[labels > 0])[:20])
+            raise CommandError(
+                f"--label-value {args.label_value} is not in {args.labels} (present: {present})"
+            )
+        window = _window(args.window, volume.array_kji, volume.modality, _intensity_rule(args))
+        model, info = _model(args)
+        predictor = SamMed2DPredictor(model, precision=args.precision)
+        session = SegmentationSession(
+            predictor, model_sha256=info.sha256, intensity_rule=_intensity_rule(args)
+        )
+        session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
+        engine = session.engine(args.axis)
+        geometry = session.volume.geometry(args.axis)
+
+        def progress(index: int, curve: list[float]) -> None:
+            if not args.quiet:
+                print(f"slice {index}: Dice " + " ".join(f"{v:.3f}" for v in curve), file=sys.stderr)
+
+        result = evaluate_structure(
+            engine, geometry, volume.array_kji, truth, first=args.first, max_clicks=args.max_clicks,
+            min_pixels=args.min_pixels, on_slice=progress,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        raise CommandError(str(exc)) from exc
+    out = {
+        "volume": str(args.volume),
+        "labels": str(args.labels),
+        "label_value": args.label_value,
+        "axis": args.axis,
+        "protocol": args.protocol,
+        "first": args.first,
+        "max_clicks": args.max_clicks,
+        "model": {"build": info.build, "sha256": info.sha256, "precision": predictor.precision},
+        "window": {"low": window.low, "high": window.high, "method": window.method},
+        **result.as_json(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    import json
+
+    try:
+        with atomic_path(Path(args.json), suffix=".tmp.json") as temporary:
+            temporary.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        from ..cli import OutputError, _os_reason
+
+        raise OutputError(f"cannot write {args.json} ({_os_reason(exc)}); nothing written") from None
+    return out
+
+
+def summary(out: dict) -> str:
+    curve = " ".join(f"{v:.3f}" for v in out["dice_per_click"])
+    base = out["baseline"]
+    return (
+        f"Dice per click {curve}; AUC {out['dice_auc']:.3f}, final {out['final_dice']:.3f}; propagation "
+        f"{out['propagation_dice']:.3f}; region grow {base['dice']:.3f} per slice, "
+        f"{base['propagation_dice']:.3f} in 3-D"
+    )
