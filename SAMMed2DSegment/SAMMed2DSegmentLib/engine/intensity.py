@@ -40,12 +40,15 @@ the dataset did and is no model's default.
 
 Where we differ from the dataset pipeline:
 
-* On volumes with more than ``max_samples`` voxels, the percentiles come from a deterministic random sample
-  of ``max_samples`` voxels (``numpy.random.default_rng(seed)``). This makes them fast and light on memory:
-  0.14 s and about 20 MiB of temporaries for a C-ordered 512×512×300 int16 volume on a 2-vCPU Xeon
-  (0.2–0.35 s for float32 or Fortran order). The estimate is accurate in rank. With ``m`` samples, the
-  sample p-quantile lies between the exact (p ± 5·sqrt(p(1−p)/m)) quantiles, except with negligible
-  probability. For the 0.5th percentile and m = 2 000 000, that is between the 0.475th and 0.525th
+* None in the percentiles of the model's rule: they are exact and do not depend on voxel order (integer
+  volumes are counted value by value, others go through ``np.percentile`` over all finite voxels), so a
+  flipped or transposed copy of a volume gets the same window. Only the ``"auto"`` variant estimates them.
+* For the ``"auto"`` variant, on volumes with more than ``max_samples`` voxels, the percentiles come from a
+  deterministic random sample of ``max_samples`` voxels (``numpy.random.default_rng(seed)``). This makes them
+  fast and light on memory: 0.14 s and about 20 MiB of temporaries for a C-ordered 512×512×300 int16 volume on
+  a 2-vCPU Xeon (0.2–0.35 s for float32 or Fortran order). The estimate is accurate in rank. With ``m``
+  samples, the sample p-quantile lies between the exact (p ± 5·sqrt(p(1−p)/m)) quantiles, except with
+  negligible probability. For the 0.5th percentile and m = 2 000 000, that is between the 0.475th and 0.525th
   percentiles.
 * The window comes from the volume as loaded (after any resampling or cropping in Slicer). The dataset used
   the original files.
