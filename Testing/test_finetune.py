@@ -343,6 +343,20 @@ def test_the_correction_round_starts_from_the_mask_the_predictor_would_pick():
     torch.testing.assert_close(chosen, logits[:, 2:3])
 
 
+def test_the_iou_head_loss_is_weighted_and_the_weight_is_checked():
+    masks = torch.zeros(2, 256, 256, dtype=torch.bool)
+    masks[:, 64:192, 64:192] = True
+    logits = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    iou_pred = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
+    base = float(finetune.round_loss(logits, iou_pred, masks, False, 0.0)[0])
+    one = float(finetune.round_loss(logits, iou_pred, masks, False, 1.0)[0])
+    ten = float(finetune.round_loss(logits, iou_pred, masks, False, 10.0)[0])
+    assert one > base
+    assert ten - base == pytest.approx(10 * (one - base), rel=1e-5)
+    with pytest.raises(FinetuneError, match="iou-loss-weight"):
+        FinetuneConfig(iou_loss_weight=-1.0).check()
+
+
 def test_held_out_voxels_are_never_trained_on(crop, tmp_path):
     """A structure only inside the held-out axial band must be absent from every training view."""
     image_path, label_path = crop
