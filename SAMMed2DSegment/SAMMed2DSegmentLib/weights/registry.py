@@ -79,7 +79,7 @@ REGISTRY: dict[str, ModelEntry] = {
         filename="sammed2d_demo_small.safetensors",
         description="small demonstration model shipped with the extension (CPU-friendly, limited accuracy)",
         bundled=_MODULE_DIR / "Resources" / "Models" / "sammed2d_demo_small.safetensors",
-        sha256="3b6d8adde994991fb3a7b0565d76522175f4e970a194f73e18fee2f6289d43ea",  # see MODEL_CARD.md
+        sha256="418ef2c04642ba3edee9bc07f65fd2d6a89cd34ac9a94f74c5d489537fce81f6",  # see MODEL_CARD.md
     ),
     "sam-med2d_b": ModelEntry(
         name="sam-med2d_b",
