@@ -49,13 +49,15 @@ demo: $(STAMP)
 # trained on with 2 threads; another CPU's bf16 kernels may give other bytes (see the model card). Replacing
 # the bundled file (and its SHA-256 in the registry) is a deliberate second step.
 BUNDLED_DEMO := SAMMed2DSegment/Resources/Models/sammed2d_demo_small.safetensors
+DEMO_MODEL_DIR := build/demo-model
+TRAINED_DEMO := $(DEMO_MODEL_DIR)/sammed2d_demo_small.safetensors
 demo-model: $(STAMP)
-	mkdir -p build/demo-model
+	mkdir -p $(DEMO_MODEL_DIR)
 	$(PY) -m SAMMed2DSegmentLib finetune --image $(TRAIN_CT)/example_ct_sm.nii.gz \
-		--labels $(TRAIN_CT)/example_seg.nii.gz --out-dir build/demo-model --steps 4000 --eval-every 250 \
-		--seed 0 --threads 2 --precision bf16 --resume --export build/demo-model/sammed2d_demo_small.safetensors
-	sha256sum build/demo-model/sammed2d_demo_small.safetensors $(BUNDLED_DEMO)
-	cmp build/demo-model/sammed2d_demo_small.safetensors $(BUNDLED_DEMO) && echo "identical to the bundled model"
+		--labels $(TRAIN_CT)/example_seg.nii.gz --out-dir $(DEMO_MODEL_DIR) --steps 4000 --eval-every 250 \
+		--seed 0 --threads 2 --precision bf16 --resume --export $(TRAINED_DEMO)
+	sha256sum $(TRAINED_DEMO) $(BUNDLED_DEMO)
+	cmp $(TRAINED_DEMO) $(BUNDLED_DEMO) && echo "identical to the bundled model"
 
 # The interactive protocol (box + 5 corrective clicks, propagation, region-grow baseline) for liver, spleen,
 # kidneys and stomach on both bundled CTs; one table (JSON per case in out/evaluate/).
