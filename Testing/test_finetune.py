@@ -3,6 +3,7 @@ interrupted run resumes exactly, and bad training input is refused with a clear 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,26 @@ def test_existing_state_is_not_overwritten_and_resume_checks_settings(crop, tmp_
     with pytest.raises(FinetuneError, match="other settings"):
         finetune.finetune(tiny(steps=3, lr=1e-2), [crop], tmp_path, resume=True)
     assert (tmp_path / "last.safetensors").read_bytes() == before
+
+
+def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop, tmp_path):
+    """A state whose run JSON lacks settings added later (as states of earlier versions do) resumes when
+    the run asks for their defaults, and is refused when it asks for something else."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    finetune.finetune(tiny(steps=2), [crop], tmp_path, stop_after=1)
+    path = tmp_path / "last.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    run = json.loads(metadata["run"])
+    for key in ("precision", "iou_rank_weight", "all_tokens", "size_exponent", "prompt_mix"):
+        del run["config"][key]
+    path.write_bytes(save(tensors, metadata={**metadata, "run": json.dumps(run)}))
+    with pytest.raises(FinetuneError, match="other settings"):
+        finetune.finetune(tiny(steps=2, all_tokens=True), [crop], tmp_path, resume=True)
+    assert finetune.finetune(tiny(steps=2), [crop], tmp_path, resume=True).steps == 2
 
 
 def test_freezing_the_encoder_trains_only_its_adapters(crop, tmp_path):
@@ -355,6 +376,73 @@ def test_the_iou_head_loss_is_weighted_and_the_weight_is_checked():
     assert ten - base == pytest.approx(10 * (one - base), rel=1e-5)
     with pytest.raises(FinetuneError, match="iou-loss-weight"):
         FinetuneConfig(iou_loss_weight=-1.0).check()
+
+
+def test_the_ranking_loss_rewards_the_right_order_and_its_settings_are_checked():
+    """The loss falls when the head ranks the actually best token first, whatever the IoUs' scale."""
+    masks = torch.zeros(1, 256, 256, dtype=torch.bool)
+    masks[0, 64:192, 64:192] = True
+    logits = torch.full((1, 4, 64, 64), -5.0)
+    logits[0, 3, 16:48, 16:48] = 5.0  # token 3: the whole square
+    logits[0, 1, 16:32, 16:32] = 5.0  # token 1: a quarter of it
+    logits[0, 2, 16:24, 16:24] = 5.0  # token 2: less
+    right = torch.tensor([[0.5, 0.3, 0.2, 0.4]])
+    wrong = torch.tensor([[0.5, 0.4, 0.3, 0.2]])
+    _, iou = finetune._mask_losses(logits, masks)
+    assert float(finetune.iou_ranking_loss(right, iou)) < float(finetune.iou_ranking_loss(wrong, iou))
+    base = float(finetune.round_loss(logits, wrong, masks, False, 1.0, 0.0)[0])
+    ranked = float(finetune.round_loss(logits, wrong, masks, False, 1.0, 2.0)[0])
+    assert ranked - base == pytest.approx(2 * float(finetune.iou_ranking_loss(wrong, iou)), rel=1e-5)
+    for bad in ({"iou_rank_weight": -1.0}, {"iou_rank_weight": float("nan")}, {"size_exponent": -0.5},
+                {"prompt_mix": (0.5, 0.5, 0.5)}, {"prompt_mix": (1.2, -0.2, 0.0)}):  # fmt: skip
+        with pytest.raises(FinetuneError, match="rank-weight|size-exponent|prompt mix"):
+            FinetuneConfig(**bad).check()
+
+
+def test_all_tokens_trains_every_multimask_token_on_the_structure():
+    """SAM's best-of-three ignores two wrong tokens; `all_tokens` charges them (token 0 alike either way)."""
+    masks = torch.zeros(1, 256, 256, dtype=torch.bool)
+    masks[0, 64:192, 64:192] = True
+    logits = torch.full((1, 4, 64, 64), -8.0)
+    logits[0, 3, 16:48, 16:48] = 8.0  # token 3 exact, tokens 0..2 empty
+    iou_pred = torch.zeros(1, 4)
+    losses, _ = finetune._mask_losses(logits, masks)
+    best = float(finetune.round_loss(logits, iou_pred, masks, True, 0.0)[0])
+    every = float(finetune.round_loss(logits, iou_pred, masks, True, 0.0, all_tokens=True)[0])
+    assert best == pytest.approx(float(losses[0, 3]), rel=1e-5)
+    assert every == pytest.approx(float(losses[0, 1:].mean()), rel=1e-5)
+    assert every > best + 0.5
+
+
+def test_the_size_exponent_draws_large_structures_more_often_and_the_mix_sets_the_prompt_kind(tmp_path):
+    """A volume with one large and one small structure on every slice: uniform draws take each about half
+    of the time; exponent 2 keeps the small one with probability (256 / 4096)² and so almost never."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((8, 64, 64), np.uint8)
+    labels[:, 8:48, 8:48] = 1  # 160×160 of 256² once resized
+    labels[:, 54:58, 54:58] = 2  # 16×16
+    paths = tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 100, labels.shape).astype(np.int16)), str(paths[0]))
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(paths[1]))
+    data = finetune.load_training_set([paths], tiny(val_fraction=0.0))
+    small_share = []
+    for exponent in (0.0, 2.0):
+        batch = finetune.make_batch(data, np.random.default_rng(5), 64, (1, 0, 0), size_exponent=exponent)
+        small_share.append(float((batch.masks.sum(dim=(1, 2)) < 4096).float().mean()))
+    assert 0.25 < small_share[0] < 0.75 and small_share[1] < 0.1
+    # The size rule draws only when it is on (so a recipe without it keeps its random sequence): an exponent
+    # that keeps every structure gives the same kind of batch but leaves the generator elsewhere.
+    states = []
+    for exponent in (0.0, 1e-12):
+        generator = np.random.default_rng(5)
+        finetune.make_batch(data, generator, 8, (1, 0, 0), size_exponent=exponent)
+        states.append(generator.integers(1 << 30))
+    assert states[1] != states[0]
+    rng = np.random.default_rng(0)
+    for mix, has_box, has_points in (((1, 0, 0), False, True), ((0, 1, 0), True, False),
+                                     ((0, 0, 1), True, True)):  # fmt: skip
+        prompts = finetune.sample_prompts(batch.masks, rng, mix)
+        assert (prompts.boxes is not None) == has_box and (prompts.coords is not None) == has_points
 
 
 def test_held_out_voxels_are_never_trained_on(crop, tmp_path):

@@ -78,6 +78,20 @@ class FinetuneConfig:
     #: predictions within ±0.05 while the outputs' Dice differ by 0.5), so it often picks a part of an organ.
     #: Weight 10 did not fix that in the same 4,000 steps (see the model card), so SAM's weight 1 stays.
     iou_loss_weight: float = 1.0
+    #: Weight of a ranking loss on the IoU head: cross-entropy between which multimask token is best
+    #: (softmax of the actual IoUs at `RANK_TEMPERATURE`) and the head's own softmax. The MSE alone left
+    #: the head unable to tell the whole organ from a part (model card); the predictor needs the order.
+    iou_rank_weight: float = 0.0
+    #: Train every multimask token on the structure instead of SAM's best-of-three. SAM's rule lets two
+    #: tokens learn parts of a whole for the IoU head to rank; where the labels are whole structures there
+    #: are no parts to learn, and a head too weak to rank (model card) then picks parts of organs.
+    all_tokens: bool = False
+    #: Structures are drawn uniformly per (slice, label) and then kept with probability
+    #: min(1, (area / LARGE_AREA_PX)^size_exponent) of their 256×256 mask: 0 keeps all (most are small); 0.5
+    #: shows large organs, the structures users start from, more often.
+    size_exponent: float = 0.0
+    #: Probabilities of the first prompt's kind: include points, a box, a box with one include point.
+    prompt_mix: tuple[float, float, float] = (0.3, 0.35, 0.35)
     freeze_encoder: bool = False
     init_checkpoint: str | None = None
     #: "fp32", or "bf16": the forward and backward products under bf16 autocast, the weights, gradients and
@@ -96,8 +110,14 @@ class FinetuneConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 value = getattr(self, name)
                 raise FinetuneError(f"{name.replace('_', '-')} must be within 0..1, got {value}")
-        if not (self.iou_loss_weight >= 0 and math.isfinite(self.iou_loss_weight)):
-            raise FinetuneError(f"iou-loss-weight must be a number ≥ 0, got {self.iou_loss_weight}")
+        for name in ("iou_loss_weight", "iou_rank_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise FinetuneError(f"{name.replace('_', '-')} must be a number ≥ 0, got {value}")
+        if not (self.size_exponent >= 0 and math.isfinite(self.size_exponent)):
+            raise FinetuneError(f"size-exponent must be a number ≥ 0, got {self.size_exponent}")
+        if len(self.prompt_mix) != 3 or min(self.prompt_mix) < 0 or not math.isclose(sum(self.prompt_mix), 1):
+            raise FinetuneError(f"prompt mix must be three probabilities summing to 1, got {self.prompt_mix}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise FinetuneError(f"val-fraction must be within 0..0.5, got {self.val_fraction}")
         if len(self.axis_weights) != 3 or min(self.axis_weights) < 0 or sum(self.axis_weights) <= 0:
@@ -320,9 +340,14 @@ def _intensity_mapping(
     return low, max(high, low + 1.0), padding
 
 
+#: The mask area (pixels of 256×256) from which `FinetuneConfig.size_exponent` keeps every structure.
+LARGE_AREA_PX = 4096
+
+
 def make_batch(
-    data: TrainingSet, rng: np.random.Generator, batch_size: int, axis_weights: Sequence[float]
-) -> Batch:
+    data: TrainingSet, rng: np.random.Generator, batch_size: int, axis_weights: Sequence[float],
+    size_exponent: float = 0.0,
+) -> Batch:  # fmt: skip
     weights = np.asarray([w if data.slices[a] else 0.0 for a, w in enumerate(axis_weights)], dtype=float)
     weights /= weights.sum()
     images, masks = [], []
@@ -334,6 +359,8 @@ def make_batch(
         image = _resize(item.image, smooth)
         mask = _resize((item.labels == value).astype(np.float32), False) > 0.5
         if not mask.any():
+            continue
+        if size_exponent and rng.random() > (int(mask.sum()) / LARGE_AREA_PX) ** size_exponent:
             continue
         info = data.intensity[item.volume]
         low, high, padding = _intensity_mapping(info, rng)
@@ -395,11 +422,13 @@ def _jittered_box(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.clip(box, 0, SIZE - 1)).float()
 
 
-def sample_prompts(masks: torch.Tensor, rng: np.random.Generator) -> Prompts:
-    """One prompt kind per batch (the prompt encoder takes a box for all samples or for none): 1–3 include
-    points (30 %), a jittered box (35 %: the evaluation's first prompt), or a box with one include point, as
-    propagation prompts (35 %)."""
-    kind = rng.choice(3, p=[0.3, 0.35, 0.35])
+def sample_prompts(
+    masks: torch.Tensor, rng: np.random.Generator, mix: Sequence[float] = FinetuneConfig.prompt_mix
+) -> Prompts:
+    """One prompt kind per batch (the prompt encoder takes a box for all samples or for none), drawn by
+    `mix`: 1–3 include points, a jittered box (the evaluation's first prompt), or a box with one include
+    point, as propagation prompts."""
+    kind = rng.choice(3, p=list(mix))
     batch = masks.shape[0]
     if kind == 0:
         count = int(rng.integers(1, 4))
@@ -478,21 +507,38 @@ def _mask_losses(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tenso
     return bce + dice, iou
 
 
+#: Softness of the ranking target: tokens whose IoUs differ by less than this share the credit.
+RANK_TEMPERATURE = 0.05
+
+
+def iou_ranking_loss(iou_pred: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head's choice among the multimask tokens 1..3 against the actual best (soft)."""
+    target = torch.softmax(iou[:, 1:].float() / RANK_TEMPERATURE, dim=1)
+    chosen = torch.log_softmax(iou_pred[:, 1:].float() / RANK_TEMPERATURE, dim=1)
+    return -(target * chosen).sum(dim=1).mean()
+
+
 def round_loss(
     logits: torch.Tensor,
     iou_pred: torch.Tensor,
     masks: torch.Tensor,
     single_point: bool,
     iou_weight: float = 1.0,
+    rank_weight: float = 0.0,
+    all_tokens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's rule: the multimask tokens 1..3 learn by their best mask only; the single-mask token 0 is
-    trained too when the prompt is unambiguous. The IoU head learns every token's actual IoU.
+    trained too when the prompt is unambiguous. The IoU head learns every token's actual IoU, and with
+    `rank_weight` also which token is best; with `all_tokens` every multimask token learns the structure.
     Returns (loss, the low-res logits of the token the predictor would pick: highest predicted IoU)."""
     losses, iou = _mask_losses(logits, masks)
-    loss = losses[:, 1:].min(dim=1).values.mean()
+    multimask = losses[:, 1:].mean(dim=1) if all_tokens else losses[:, 1:].min(dim=1).values
+    loss = multimask.mean()
     if not single_point:
         loss = loss + losses[:, 0].mean()
     loss = loss + iou_weight * F.mse_loss(iou_pred, iou)
+    if rank_weight:
+        loss = loss + rank_weight * iou_ranking_loss(iou_pred, iou)
     chosen = iou_pred[:, 1:].detach().argmax(dim=1) + 1
     return loss, logits[torch.arange(logits.shape[0]), chosen][:, None]
 
@@ -503,10 +549,10 @@ def training_step(
     """The first prompt, then (with `config.correction_probability`) 1..`correction_rounds` corrective
     clicks, each round seeing the mask the predictor would have shown; the loss is the rounds' mean."""
     features = model.image_encoder(batch.images)
-    prompts = sample_prompts(batch.masks, rng)
+    prompts = sample_prompts(batch.masks, rng, config.prompt_mix)
     logits, iou_pred = decode(model, features, prompts)
-    weight = config.iou_loss_weight
-    loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point, weight)
+    weights = config.iou_loss_weight, config.iou_rank_weight, config.all_tokens
+    loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point, *weights)
     losses = [loss]
     if rng.random() < config.correction_probability:
         rounds = int(rng.integers(1, config.correction_rounds + 1))
@@ -517,7 +563,7 @@ def training_step(
                 predicted = upsampled[:, 0] > 0
             prompts = correction_prompts(prompts, predicted, batch.masks, chosen_logits, rng, mask_prompt)
             logits, iou_pred = decode(model, features, prompts)
-            loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, False, weight)
+            loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, False, *weights)
             losses.append(loss)
     return torch.stack(losses).mean()
 
@@ -733,8 +779,10 @@ def finetune(
                  "history": []}  # fmt: skip
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
-        # States written before `precision` existed were fp32 runs.
-        if {"precision": "fp32", **saved["config"]} != json.loads(json.dumps(asdict(config))):
+        # States written before a setting existed (precision, the loss and sampling options) ran with its
+        # default.
+        defaults = json.loads(json.dumps(asdict(FinetuneConfig())))
+        if {**defaults, **saved["config"]} != json.loads(json.dumps(asdict(config))):
             raise FinetuneError(f"{state_path} was written with other settings; use them or a new folder")
         model.load_state_dict(model_sd)
         _restore_optimizer(optimizer, optim_tensors, saved)
@@ -754,7 +802,7 @@ def finetune(
     for step in range(start_step, min(last, config.steps)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        batch = make_batch(data, rng, config.batch_size, config.axis_weights)
+        batch = make_batch(data, rng, config.batch_size, config.axis_weights, config.size_exponent)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             loss = training_step(model, batch, rng, config)
         optimizer.zero_grad(set_to_none=True)
@@ -822,6 +870,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--build", default="small", choices=sorted(CONFIGS))
     p.add_argument("--init", help="checkpoint to start from (required for vit_b)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the encoder's adapters")
+    p.add_argument("--iou-rank-weight", type=float, default=FinetuneConfig.iou_rank_weight,
+                   help="weight of the IoU head's ranking loss (0: SAM's MSE only)")  # fmt: skip
+    p.add_argument("--all-tokens", action="store_true",
+                   help="train every multimask token on the whole structure (not SAM's best of three)")
+    p.add_argument("--size-exponent", type=float, default=FinetuneConfig.size_exponent,
+                   help="draw large structures more often: keep each with (area / 4096 px)^exponent")
+    p.add_argument("--prompt-mix", type=float, nargs=3, default=list(FinetuneConfig.prompt_mix),
+                   metavar=("POINTS", "BOX", "BOX_POINT"), help="probabilities of the first prompt's kind")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
@@ -845,20 +901,24 @@ def run_finetune(args) -> FinetuneResult:
         raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..engine.precision import resolve_precision
+    from ..engine.precision import cpu_bf16_capable, resolve_precision
 
     choice = resolve_precision(args.precision, "cpu")
     config = replace(
         FinetuneConfig(),
         build=args.build, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         eval_every=args.eval_every, save_every=args.save_every, freeze_encoder=args.freeze_encoder,
-        init_checkpoint=args.init, precision=choice.precision,
+        init_checkpoint=args.init, precision=choice.precision, iou_rank_weight=args.iou_rank_weight,
+        size_exponent=args.size_exponent, prompt_mix=tuple(args.prompt_mix), all_tokens=args.all_tokens,
     )  # fmt: skip
     if args.export and not args.export.endswith(".safetensors"):
         raise FinetuneError(f"--export must end in .safetensors, got {args.export}")
     _check_finetune_outputs(args)
     if not args.quiet:  # only once the inputs and outputs passed: a refusal stays one line
         print(f"training precision: {choice.precision} ({choice.reason})", file=sys.stderr)
+        if choice.precision == "bf16" and not cpu_bf16_capable():
+            print("warning: this CPU has no bf16 instructions (AMX or AVX512-BF16): bf16 is emulated here "
+                  "and many times slower than fp32", file=sys.stderr)  # fmt: skip
     result = finetune(
         config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
         progress=None if args.quiet else _print_progress,
