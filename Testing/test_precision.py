@@ -110,6 +110,14 @@ def test_auto_is_fp32_where_the_cpu_reports_no_bf16():
     assert not calls  # no calibration without the instructions
 
 
+def test_requested_bf16_says_when_the_cpu_only_emulates_it():
+    """The request is honoured either way; the reason (printed and in the report) tells the user the cost."""
+    emulated = prec.resolve_precision("bf16", "cpu", bf16_capable=lambda: False)
+    assert emulated.precision == "bf16" and "emulated" in emulated.reason
+    native = prec.resolve_precision("bf16", "cpu", bf16_capable=lambda: True)
+    assert native.precision == "bf16" and native.reason == "requested"
+
+
 def test_auto_is_bf16_where_supported_and_faster_and_fp32_where_slower():
     faster = prec.resolve_precision("auto", "cpu", bf16_capable=lambda: True, speedup=lambda: 4.0)
     assert faster.precision == "bf16" and faster.dtype == torch.bfloat16

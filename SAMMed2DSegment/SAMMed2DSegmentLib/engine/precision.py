@@ -140,6 +140,9 @@ def resolve_precision(
     if requested == "fp16" and device.type == "cpu":
         raise ValueError("fp16 runs on CUDA and MPS only; on a CPU use bf16 or fp32")
     if requested != "auto":
+        if requested == "bf16" and device.type == "cpu" and not bf16_capable():
+            emulated = "this CPU has no bf16 instructions (AMX or AVX512-BF16): emulated, many times slower"
+            return PrecisionChoice("bf16", f"requested; {emulated} than fp32")
         return PrecisionChoice(requested, "requested")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():

@@ -901,7 +901,7 @@ def run_finetune(args) -> FinetuneResult:
         raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..engine.precision import cpu_bf16_capable, resolve_precision
+    from ..engine.precision import resolve_precision
 
     choice = resolve_precision(args.precision, "cpu")
     config = replace(
@@ -916,9 +916,6 @@ def run_finetune(args) -> FinetuneResult:
     _check_finetune_outputs(args)
     if not args.quiet:  # only once the inputs and outputs passed: a refusal stays one line
         print(f"training precision: {choice.precision} ({choice.reason})", file=sys.stderr)
-        if choice.precision == "bf16" and not cpu_bf16_capable():
-            print("warning: this CPU has no bf16 instructions (AMX or AVX512-BF16): bf16 is emulated here "
-                  "and many times slower than fp32", file=sys.stderr)  # fmt: skip
     result = finetune(
         config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
         progress=None if args.quiet else _print_progress,
