@@ -375,7 +375,7 @@ def test_report_is_strict_json():
 def test_air_prompt_does_not_replace_an_existing_slice(data, existing, tmp_path, capsys):
     out, _ = copy_existing(existing, tmp_path)
     liver_before = read_segment(out, data["volume"], "SAM-Med2D")
-    assert liver_before[10].sum() > 2_000  # a real mask to protect (the demo model covers part of the liver)
+    assert liver_before[10].sum() > 2_000  # a real mask to protect
     before = snapshot(tmp_path)
     args = ["--volume", data["series"], "--include", data["air"], "--out", out]
     assert segment(*args) == cli.EXIT_BAD_INPUT

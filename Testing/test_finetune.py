@@ -428,7 +428,7 @@ def test_the_size_exponent_draws_large_structures_more_often_and_the_mix_sets_th
     small_share = []
     for exponent in (0.0, 2.0):
         batch = finetune.make_batch(data, np.random.default_rng(5), 64, (1, 0, 0), size_exponent=exponent)
-        small_share.append(float((batch.masks.sum(dim=(1, 2)) < 4096).float().mean()))
+        small_share.append(float((batch.masks.sum(dim=(1, 2)) < finetune.LARGE_AREA_PX).float().mean()))
     assert 0.25 < small_share[0] < 0.75 and small_share[1] < 0.1
     # The size rule draws only when it is on (so a recipe without it keeps its random sequence): an exponent
     # that keeps every structure gives the same kind of batch but leaves the generator elsewhere.

@@ -74,9 +74,9 @@ class FinetuneConfig:
     #: Probability that the correction rounds also get the previous prediction as mask prompt.
     mask_prompt_probability: float = 0.8
     #: Weight of the IoU head's MSE beside BCE + Dice. The predictor picks among the three multimask outputs
-    #: by predicted IoU, and in the shipped demo model the head barely ranks them (one point on the liver:
-    #: predictions within ±0.05 while the outputs' Dice differ by 0.5), so it often picks a part of an organ.
-    #: Weight 10 did not fix that in the same 4,000 steps (see the model card), so SAM's weight 1 stays.
+    #: by predicted IoU, and in demo model version 2 the head barely ranked them (one point on the liver:
+    #: predictions within ±0.05 while the outputs' Dice differed by 0.5), so it often picked a part of an
+    #: organ. Weight 10 did not fix that in the same 4,000 steps (see the model card), so SAM's 1 stays.
     iou_loss_weight: float = 1.0
     #: Weight of a ranking loss on the IoU head: cross-entropy between which multimask token is best
     #: (softmax of the actual IoUs at `RANK_TEMPERATURE`) and the head's own softmax. The MSE alone left
@@ -110,12 +110,10 @@ class FinetuneConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 value = getattr(self, name)
                 raise FinetuneError(f"{name.replace('_', '-')} must be within 0..1, got {value}")
-        for name in ("iou_loss_weight", "iou_rank_weight"):
+        for name in ("iou_loss_weight", "iou_rank_weight", "size_exponent"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise FinetuneError(f"{name.replace('_', '-')} must be a number ≥ 0, got {value}")
-        if not (self.size_exponent >= 0 and math.isfinite(self.size_exponent)):
-            raise FinetuneError(f"size-exponent must be a number ≥ 0, got {self.size_exponent}")
         if len(self.prompt_mix) != 3 or min(self.prompt_mix) < 0 or not math.isclose(sum(self.prompt_mix), 1):
             raise FinetuneError(f"prompt mix must be three probabilities summing to 1, got {self.prompt_mix}")
         if not 0.0 <= self.val_fraction < 0.5:
@@ -551,8 +549,8 @@ def training_step(
     features = model.image_encoder(batch.images)
     prompts = sample_prompts(batch.masks, rng, config.prompt_mix)
     logits, iou_pred = decode(model, features, prompts)
-    weights = config.iou_loss_weight, config.iou_rank_weight, config.all_tokens
-    loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point, *weights)
+    options = config.iou_loss_weight, config.iou_rank_weight, config.all_tokens
+    loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, prompts.single_point, *options)
     losses = [loss]
     if rng.random() < config.correction_probability:
         rounds = int(rng.integers(1, config.correction_rounds + 1))
@@ -563,7 +561,7 @@ def training_step(
                 predicted = upsampled[:, 0] > 0
             prompts = correction_prompts(prompts, predicted, batch.masks, chosen_logits, rng, mask_prompt)
             logits, iou_pred = decode(model, features, prompts)
-            loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, False, *weights)
+            loss, chosen_logits = round_loss(logits, iou_pred, batch.masks, False, *options)
             losses.append(loss)
     return torch.stack(losses).mean()
 
@@ -875,7 +873,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--all-tokens", action="store_true",
                    help="train every multimask token on the whole structure (not SAM's best of three)")
     p.add_argument("--size-exponent", type=float, default=FinetuneConfig.size_exponent,
-                   help="draw large structures more often: keep each with (area / 4096 px)^exponent")
+                   help=f"draw large structures more often: keep each with (area / {LARGE_AREA_PX} px)^this")
     p.add_argument("--prompt-mix", type=float, nargs=3, default=list(FinetuneConfig.prompt_mix),
                    metavar=("POINTS", "BOX", "BOX_POINT"), help="probabilities of the first prompt's kind")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
