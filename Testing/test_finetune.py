@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from safetensors import safe_open
 
 from SAMMed2DSegmentLib import cli
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
@@ -269,6 +270,27 @@ def test_command_line_trains_and_exports(crop, tmp_path, capsys):
     assert info.build == "small"
 
 
+def test_command_line_sets_the_correction_rounds(crop, tmp_path, capsys):
+    """The corrective-click settings reach the run (the exported model's metadata records its config); a
+    bad one is refused in one line before anything is written."""
+    image_path, label_path = crop
+    out = tmp_path / "model.safetensors"
+
+    def argv(rounds: str, folder: str) -> list[str]:
+        return ["finetune", "--image", str(image_path), "--labels", str(label_path), "--steps", "1",
+                "--batch-size", "2", "--correction-probability", "0.9", "--correction-rounds", rounds,
+                "--out-dir", str(tmp_path / folder), "--export", str(out), "--quiet"]  # fmt: skip
+
+    assert cli.main(argv("5", "run")) == 0
+    with safe_open(str(out), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert (config["correction_probability"], config["correction_rounds"]) == (0.9, 5)
+    assert cli.main(argv("0", "refused")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "correction-rounds must be ≥ 1" in err[0], err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp_path):
     """Every volume is shown to the model as inference will show it: the model's rule (SA-Med2D-20M's) on
     the volume as stored; only CT gets the scanner-padding augmentation."""
@@ -450,7 +472,7 @@ def test_held_out_voxels_are_never_trained_on(crop, tmp_path):
     image_path, label_path = crop
     labels = sitk.ReadImage(str(label_path))
     arr = sitk.GetArrayFromImage(labels)
-    held = finetune._held_out(arr.shape[0], FinetuneConfig.val_fraction)
+    held = finetune.held_out_band(arr.shape[0], FinetuneConfig.val_fraction)
     marked = arr.copy()
     marked[held.start : held.stop, 5:25, 5:25] = 9
     path = _write_like(tmp_path / "marked.nii.gz", marked, labels)
@@ -482,3 +504,68 @@ def test_slicer_segmentation_files_are_training_labels(crop, tmp_path):
     assert from_seg.samples_per_axis == from_map.samples_per_axis
     for a, b in zip(from_seg.slices[0], from_map.slices[0], strict=True):
         np.testing.assert_array_equal(a.labels > 0, b.labels > 0)
+
+
+@pytest.fixture(scope="module")
+def other_patient(tmp_path_factory) -> tuple[Path, Path]:
+    """A 10×96×96 crop of MSD spleen 8 (a patient with a manual label) around its spleen."""
+    msd = Path(__file__).parent / "Data" / "msd-spleen-8"
+    folder = tmp_path_factory.mktemp("msd")
+    image = sitk.ReadImage(str(msd / "spleen_8_ct.nii.gz"))
+    labels = sitk.ReadImage(str(msd / "spleen_8_label.nii.gz"))
+    k, j, i = (int(np.mean(a)) for a in np.nonzero(sitk.GetArrayFromImage(labels)))
+    box = dict(index=[i - 48, j - 48, k - 5], size=[96, 96, 10])
+    paths = folder / "image.nii.gz", folder / "labels.nii.gz"
+    sitk.WriteImage(sitk.RegionOfInterest(image, box["size"], box["index"]), str(paths[0]))
+    sitk.WriteImage(sitk.RegionOfInterest(labels, box["size"], box["index"]), str(paths[1]))
+    return paths
+
+
+def test_a_validation_volume_is_never_trained_on(crop, other_patient):
+    """Every labelled axial slice of a --val-image volume is validation, and none of it is a training slice
+    in any view; the training volume keeps exactly its own slices and held-out band."""
+    alone = finetune.load_training_set([crop], tiny())
+    both = finetune.load_training_set([crop], tiny(), validation_pairs=[other_patient])
+    assert [len(s) for s in both.slices] == [len(s) for s in alone.slices]
+    assert all(item.volume == 0 for items in both.slices for item in items)
+    extra = [(item, v) for item, v in both.validation if item.volume == 1]
+    assert len(both.validation) == len(alone.validation) + len(extra)
+    labelled = sitk.GetArrayFromImage(sitk.ReadImage(str(other_patient[1]))).reshape(10, -1).sum(axis=1)
+    assert {item.axis for item, _ in extra} == {"axial"}
+    assert len(extra) == int((labelled >= tiny().min_pixels).sum()) > 0
+
+
+def test_validation_averages_per_volume_then_over_volumes(crop, other_patient):
+    """A second patient counts as much as the first, whatever its number of slices."""
+    data = finetune.load_training_set([crop], tiny(), validation_pairs=[other_patient])
+    torch.manual_seed(0)
+    model = finetune.build_sam_med2d("small")
+    batches = finetune._validation_batches(data, size=4)
+    both = finetune.validate(model, batches)
+    alone = []
+    for volume in (0, 1):
+        subset = finetune.TrainingSet(data.slices, [p for p in data.validation if p[0].volume == volume],
+                                      data.intensity)  # fmt: skip
+        alone.append(finetune.validate(model, finetune._validation_batches(subset)))
+    counts = [sum(1 for p in data.validation if p[0].volume == v) for v in (0, 1)]
+    for name in ("point", "box"):
+        # Batches of other sizes change the last float digits.
+        expected = (alone[0][name] + alone[1][name]) / 2
+        assert both[name] == pytest.approx(expected, abs=1e-5)
+        pooled = (counts[0] * alone[0][name] + counts[1] * alone[1][name]) / sum(counts)
+        assert abs(pooled - expected) > 1e-3  # else the test could not tell the two rules apart
+    assert both["volume 1"] == pytest.approx(alone[1]["mean"], abs=1e-5)
+    assert "volume 0" not in alone[0]  # one volume: the scores as before
+
+
+def test_command_line_validation_volumes_come_in_pairs(crop, other_patient, tmp_path, capsys):
+    image_path, label_path = crop
+    argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--steps", "1",
+            "--out-dir", str(tmp_path / "r"), "--batch-size", "2", "--quiet",
+            "--val-image", str(other_patient[0])]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--val-labels: give them in pairs" in err[0], err
+    assert cli.main([*argv, "--val-labels", str(other_patient[1])]) == 0
+    with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:
+        assert "volume 1" in json.loads(f.metadata()["validation"])

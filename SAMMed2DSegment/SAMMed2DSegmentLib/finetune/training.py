@@ -155,16 +155,22 @@ class TrainingSet:
     samples_per_axis: list[int] = field(default_factory=list)
 
 
+Pair = tuple[str | os.PathLike[str], str | os.PathLike[str]]
+
+
 def load_training_set(
-    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]], config: FinetuneConfig
+    pairs: Sequence[Pair], config: FinetuneConfig, validation_pairs: Sequence[Pair] = ()
 ) -> TrainingSet:
-    """Cut every labelled volume into slices of the three views; hold out a central axial band."""
+    """Cut every labelled volume into slices of the three views; hold out a central axial band. Volumes of
+    `validation_pairs` are never trained on: every labelled axial slice of theirs is validation."""
     if not pairs:
         raise FinetuneError("no training data: give at least one --image/--labels pair")
     per_axis: list[list[LabelledSlice]] = [[], [], []]
     validation: list[tuple[LabelledSlice, int]] = []
     intensity: list[VolumeIntensity] = []
-    for number, (image_path, label_path) in enumerate(pairs):
+    everything = [*pairs, *validation_pairs]
+    for number, (image_path, label_path) in enumerate(everything):
+        validation_only = number >= len(pairs)
         try:
             image = read_volume(image_path)
         except ValueError as exc:
@@ -186,12 +192,13 @@ def load_training_set(
         # The held-out axial band is also blanked out of the other views' labels, so no held-out voxel is
         # ever trained on.
         axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
-        held = _held_out(axial.num_slices, config.val_fraction)
+        count = axial.num_slices
+        held = range(count) if validation_only else held_out_band(count, config.val_fraction)
         training_labels = labels.copy()
         selector: list[object] = [slice(None)] * 3
         selector[2 - axial.slice_axis] = slice(held.start, held.stop)
         training_labels[tuple(selector)] = 0
-        for a, axis in enumerate(AXES):
+        for a, axis in enumerate(AXES[:1] if validation_only else AXES):
             geometry = SliceGeometry.create(values.shape, image.ijk_to_ras, axis)
             source = labels if a == 0 else training_labels
             for index in range(geometry.num_slices):
@@ -224,7 +231,8 @@ def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_r
     return labels
 
 
-def _held_out(num_slices: int, fraction: float) -> range:
+def held_out_band(num_slices: int, fraction: float) -> range:
+    """The central axial slices validation holds out (also what `benchmarks/select_model.py` scores)."""
     count = int(round(num_slices * fraction))
     start = (num_slices - count) // 2
     return range(start, start + count)
@@ -570,7 +578,14 @@ def training_step(
 # Validation
 
 
-def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, list[tuple[float, float]]]]:
+@dataclass
+class ValidationBatch:
+    batch: Batch
+    points: list[tuple[float, float]]  # each mask's interior point (x, y), the point prompt
+    volumes: list[int]  # which volume each sample comes from
+
+
+def _validation_batches(data: TrainingSet, size: int = 16) -> list[ValidationBatch]:
     """Held-out (slice, label) pairs through the model's intensity rule on the volume as stored (what
     inference uses), no augmentation; with each mask's interior point for the point prompt."""
     out = []
@@ -583,11 +598,11 @@ def _validation_batches(data: TrainingSet, size: int = 16) -> list[tuple[Batch, 
         x, y = interior_point(mask.numpy())
         window = data.intensity[item.volume].rule
         gray = _to_uint8_like(image, window.low, window.high, 1.0)
-        items.append((_normalise(gray), mask, (float(x), float(y))))
+        items.append((_normalise(gray), mask, (float(x), float(y)), item.volume))
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
-        out.append((Batch(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])),
-                    [c[2] for c in chunk]))  # fmt: skip
+        batch = Batch(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]))
+        out.append(ValidationBatch(batch, [c[2] for c in chunk], [c[3] for c in chunk]))
     return out
 
 
@@ -597,14 +612,18 @@ def _dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: SamMed2D, batches) -> dict[str, float]:
+def validate(model: SamMed2D, batches: list[ValidationBatch]) -> dict[str, float]:
     """Mean Dice with one interior include point and with the tight box; the selected mask is the best of
-    tokens 1..3 by predicted IoU, as the predictor picks it."""
+    tokens 1..3 by predicted IoU, as the predictor picks it. Averaged per volume first, then over volumes,
+    so a second patient counts as much as the first however many slices each has ("volume N": its mean)."""
     if not batches:
         return {}
     model.eval()
     scores: dict[str, list[float]] = {"point": [], "box": []}
-    for batch, points in batches:
+    volumes: list[int] = []
+    for item in batches:
+        batch, points = item.batch, item.points
+        volumes += item.volumes
         features = model.image_encoder(batch.images)
         coords = torch.tensor(points, dtype=torch.float32)[:, None]
         ones = torch.ones(len(points), 1, dtype=torch.int64)
@@ -616,8 +635,15 @@ def validate(model: SamMed2D, batches) -> dict[str, float]:
             pred = F.interpolate(chosen, (SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0] > 0
             scores[name] += _dice(pred, batch.masks).tolist()
     model.train()
-    result = {name: float(np.mean(values)) for name, values in scores.items()}
+    number = np.asarray(volumes)
+    per_volume = {
+        v: {name: float(np.mean(np.asarray(values)[number == v])) for name, values in scores.items()}
+        for v in sorted(set(volumes))
+    }
+    result = {name: float(np.mean([means[name] for means in per_volume.values()])) for name in scores}
     result["mean"] = float(np.mean(list(result.values())))
+    if len(per_volume) > 1:
+        result |= {f"volume {v}": float(np.mean(list(means.values()))) for v, means in per_volume.items()}
     return result
 
 
@@ -753,21 +779,23 @@ def _initial_model(config: FinetuneConfig) -> SamMed2D:
 
 def finetune(
     config: FinetuneConfig,
-    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    pairs: Sequence[Pair],
     out_dir: str | os.PathLike[str],
     *,
+    validation_pairs: Sequence[Pair] = (),
     resume: bool = False,
     progress: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
 ) -> FinetuneResult:
     """Train and keep `last.safetensors` (resumable state) and `best.safetensors` (inference weights of the
-    best validation score) in `out_dir`. `stop_after` ends the run at that step, like an interruption."""
+    best validation score) in `out_dir`. `stop_after` ends the run at that step, like an interruption.
+    `validation_pairs`: volumes only validated on (see `load_training_set`)."""
     config.check()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"the output folder {out} is a file")
     state_path, best_path = out / "last.safetensors", out / "best.safetensors"
-    data = load_training_set(pairs, config)
+    data = load_training_set(pairs, config, validation_pairs)
     torch.manual_seed(config.seed)  # the initial weights of a build trained from scratch
     model = _initial_model(config)
     _freeze(model, config.freeze_encoder)
@@ -864,6 +892,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image", action="append", default=[], required=True, help="image volume (repeatable)")
     p.add_argument("--labels", action="append", default=[], required=True,
                    help="label map on the image's grid, one per --image (same order)")  # fmt: skip
+    p.add_argument("--val-image", action="append", default=[],
+                   help="a volume only validated on, never trained on (repeatable)")
+    p.add_argument("--val-labels", action="append", default=[], help="its label map, one per --val-image")
     p.add_argument("--out-dir", required=True, help="folder for last.safetensors and best.safetensors")
     p.add_argument("--build", default="small", choices=sorted(CONFIGS))
     p.add_argument("--init", help="checkpoint to start from (required for vit_b)")
@@ -876,6 +907,10 @@ def add_parser(subparsers) -> None:
                    help=f"draw large structures more often: keep each with (area / {LARGE_AREA_PX} px)^this")
     p.add_argument("--prompt-mix", type=float, nargs=3, default=list(FinetuneConfig.prompt_mix),
                    metavar=("POINTS", "BOX", "BOX_POINT"), help="probabilities of the first prompt's kind")
+    p.add_argument("--correction-probability", type=float, default=FinetuneConfig.correction_probability,
+                   help="share of batches that go on with corrective clicks after the first prompt")
+    p.add_argument("--correction-rounds", type=int, default=FinetuneConfig.correction_rounds,
+                   help="at most this many corrective clicks in such a batch (1..this, drawn)")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
@@ -895,6 +930,10 @@ def add_parser(subparsers) -> None:
 def run_finetune(args) -> FinetuneResult:
     if len(args.image) != len(args.labels):
         raise FinetuneError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
+    if len(args.val_image) != len(args.val_labels):
+        raise FinetuneError(
+            f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs"
+        )
     if args.threads < 0:
         raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
@@ -908,6 +947,7 @@ def run_finetune(args) -> FinetuneResult:
         eval_every=args.eval_every, save_every=args.save_every, freeze_encoder=args.freeze_encoder,
         init_checkpoint=args.init, precision=choice.precision, iou_rank_weight=args.iou_rank_weight,
         size_exponent=args.size_exponent, prompt_mix=tuple(args.prompt_mix), all_tokens=args.all_tokens,
+        correction_probability=args.correction_probability, correction_rounds=args.correction_rounds,
     )  # fmt: skip
     if args.export and not args.export.endswith(".safetensors"):
         raise FinetuneError(f"--export must end in .safetensors, got {args.export}")
@@ -916,6 +956,7 @@ def run_finetune(args) -> FinetuneResult:
         print(f"training precision: {choice.precision} ({choice.reason})", file=sys.stderr)
     result = finetune(
         config, list(zip(args.image, args.labels, strict=True)), args.out_dir, resume=args.resume,
+        validation_pairs=list(zip(args.val_image, args.val_labels, strict=True)),
         progress=None if args.quiet else _print_progress,
     )  # fmt: skip
     best = Path(args.out_dir) / "best.safetensors"
@@ -930,6 +971,8 @@ def _check_finetune_outputs(args) -> None:
     (images, labels, --init) or another output, links included; --out-dir may be missing (it is created)."""
     inputs = [item for path in args.image for item in input_files("--image", path)]
     inputs += [item for path in args.labels for item in input_files("--labels", path)]
+    inputs += [item for path in args.val_image for item in input_files("--val-image", path)]
+    inputs += [item for path in args.val_labels for item in input_files("--val-labels", path)]
     if args.init:
         inputs += input_files("--init", args.init)
     out = Path(args.out_dir)
