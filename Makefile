@@ -46,16 +46,19 @@ demo: $(STAMP)
 
 # Re-train the demo model as shipped, in two stages (see its model card). Stage 1 (about 37 minutes on 2 quiet
 # cores of a CPU with AVX512-BF16 or AMX; bf16 is emulated and impractically slow on other CPUs) trains the
-# network from scratch; stage 2 (fp32, about 12 minutes) retrains its decoder and encoder adapters so that
-# every multimask output covers the whole structure. The result goes to build/demo-model/ and is compared with
-# the bundled file: byte-identical on the CPU it was trained on with 2 threads; another CPU's kernels may give
-# other bytes (see the model card). Replacing the bundled file (and its SHA-256 in the registry) is a
+# network from scratch; stage 2 (fp32, about 2.5 minutes) retrains its decoder and encoder adapters so that
+# every multimask output covers the whole structure and corrective clicks are followed. The result goes to
+# build/demo-model/ and is compared with the bundled file: byte-identical on the CPU it was trained on with 2
+# threads; another CPU's kernels may give other bytes (see the model card). Replacing the bundled file (and its SHA-256 in the registry) is a
 # deliberate second step. `make demo-model-stage2` runs stage 2 alone from an existing stage 1 file.
 BUNDLED_DEMO := SAMMed2DSegment/Resources/Models/sammed2d_demo_small.safetensors
 DEMO_MODEL_DIR := build/demo-model
 STAGE1_DEMO := $(DEMO_MODEL_DIR)/stage1.safetensors
 TRAINED_DEMO := $(DEMO_MODEL_DIR)/sammed2d_demo_small.safetensors
 TRAIN_PAIR := --image $(TRAIN_CT)/example_ct_sm.nii.gz --labels $(TRAIN_CT)/example_seg.nii.gz
+# A second validation patient, never trained on: it takes part in choosing stage 2's checkpoint.
+MSD := Testing/Data/msd-spleen-8
+VALIDATION_PAIR := --val-image $(MSD)/spleen_8_ct.nii.gz --val-labels $(MSD)/spleen_8_label.nii.gz
 demo-model: $(STAMP)
 	mkdir -p $(DEMO_MODEL_DIR)
 	$(PY) -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage1 --steps 4000 \
@@ -64,9 +67,10 @@ demo-model: $(STAMP)
 
 demo-model-stage2: $(STAMP)
 	test -f $(STAGE1_DEMO) || { echo "$(STAGE1_DEMO) is missing: run make demo-model"; exit 1; }
-	$(PY) -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage2 --init $(STAGE1_DEMO) \
-		--freeze-encoder --all-tokens --size-exponent 0.75 --prompt-mix 0.6 0.2 0.2 --lr 3e-4 --steps 800 \
-		--eval-every 100 --seed 0 --threads 2 --precision fp32 --resume --export $(TRAINED_DEMO)
+	$(PY) -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) $(VALIDATION_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage2 \
+		--init $(STAGE1_DEMO) --freeze-encoder --all-tokens --size-exponent 0.75 --prompt-mix 0.6 0.2 0.2 \
+		--correction-probability 0.9 --correction-rounds 5 --lr 3e-4 --steps 100 --eval-every 50 --seed 0 \
+		--threads 2 --precision fp32 --resume --export $(TRAINED_DEMO)
 	sha256sum $(TRAINED_DEMO) $(BUNDLED_DEMO)
 	cmp $(TRAINED_DEMO) $(BUNDLED_DEMO) && echo "identical to the bundled model"
 

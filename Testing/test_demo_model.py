@@ -24,10 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 CT = REPO / "Testing" / "Data" / "totalseg-example-ct"
 PROMPT = REPO / "demo" / "liver-point.mrk.json"
 LIVER = 5
-# Measured 0.630 with the shipped model, version 3 (MODEL_CARD.md: propagation shrinks away from the seed);
-# the threshold leaves room for the last digits of floating-point arithmetic on other CPUs, not for a
-# different model.
-LIVER_DICE_MIN = 0.60
+# Measured 0.754 with the shipped model, version 4 (MODEL_CARD.md; version 3 gave 0.630); the threshold
+# leaves room for the last digits of floating-point arithmetic on other CPUs, not for a different model.
+LIVER_DICE_MIN = 0.72
 ENTRY = weights.REGISTRY["demo"]
 
 

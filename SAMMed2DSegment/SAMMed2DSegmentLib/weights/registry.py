@@ -79,7 +79,7 @@ REGISTRY: dict[str, ModelEntry] = {
         filename="sammed2d_demo_small.safetensors",
         description="small demonstration model shipped with the extension (CPU-friendly, limited accuracy)",
         bundled=_MODULE_DIR / "Resources" / "Models" / "sammed2d_demo_small.safetensors",
-        sha256="e0dfd7b6cc5925802505ce13ff084fb36664c9ae12dc292c43e2912b3910c704",  # see MODEL_CARD.md
+        sha256="d62a0991596c8e10a832598a4bb5253caa66689057dbc45c98c0028e91d8fcc1",  # see MODEL_CARD.md
     ),
     "sam-med2d_b": ModelEntry(
         name="sam-med2d_b",
