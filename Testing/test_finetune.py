@@ -535,6 +535,16 @@ def test_a_validation_volume_is_never_trained_on(crop, other_patient):
     assert len(extra) == int((labelled >= tiny().min_pixels).sum()) > 0
 
 
+def test_a_validation_volume_without_a_structure_is_refused(crop, other_patient, tmp_path):
+    """A label too small to count on any slice would leave the patient out of the score without a word."""
+    labels = sitk.ReadImage(str(other_patient[1])) * 0
+    labels[48, 48, 5] = 1
+    speck = tmp_path / "speck.nii.gz"
+    sitk.WriteImage(labels, str(speck))
+    with pytest.raises(FinetuneError, match="nothing to validate on"):
+        finetune.load_training_set([crop], tiny(), validation_pairs=[(other_patient[0], speck)])
+
+
 def test_validation_averages_per_volume_then_over_volumes(crop, other_patient):
     """A second patient counts as much as the first, whatever its number of slices."""
     data = finetune.load_training_set([crop], tiny(), validation_pairs=[other_patient])

@@ -212,6 +212,11 @@ def load_training_set(
                     validation += [(item, v) for v in keep]
                 else:
                     per_axis[a].append(item)
+        if validation_only and not any(item.volume == number for item, _ in validation):
+            raise FinetuneError(
+                f"{label_path}: no axial slice holds a label with ≥ {config.min_pixels} pixels, nothing to "
+                "validate on"
+            )
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
