@@ -116,6 +116,32 @@ def test_existing_state_is_not_overwritten_and_resume_checks_settings(crop, tmp_
     assert (tmp_path / "last.safetensors").read_bytes() == before
 
 
+def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
+    """A resumed run must see the volumes it started with: other training data would mix two trainings,
+    another validation patient would compare best-step scores of two validation sets. A state from before
+    the inputs were recorded is taken on trust."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    image_path, label_path = crop
+    finetune.finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], stop_after=1)
+    relabelled = tmp_path / "relabelled.nii.gz"
+    labels = sitk.ReadImage(str(label_path))
+    sitk.WriteImage(sitk.ChangeLabel(labels, {LIVER: 7}), str(relabelled))
+    for pairs, validation in (([(image_path, relabelled)], [other_patient]), ([crop], []), ([crop], [crop])):
+        with pytest.raises(FinetuneError, match="other volumes or labels"):
+            finetune.finetune(tiny(steps=3), pairs, tmp_path, validation_pairs=validation, resume=True)
+    path = tmp_path / "last.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    assert json.loads(metadata["run"])["inputs"]["validation"]
+    run = {k: v for k, v in json.loads(metadata["run"]).items() if k != "inputs"}
+    path.write_bytes(save(tensors, metadata={**metadata, "run": json.dumps(run)}))
+    result = finetune.finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], resume=True)
+    assert result.steps == 3
+
+
 def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop, tmp_path):
     """A state whose run JSON lacks settings added later (as states of earlier versions do) resumes when
     the run asks for their defaults, and is refused when it asks for something else."""

@@ -15,6 +15,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -153,6 +154,8 @@ class TrainingSet:
     validation: list[tuple[LabelledSlice, int]]  # (slice, label) pairs held out
     intensity: list[VolumeIntensity] = field(default_factory=list)  # per volume
     samples_per_axis: list[int] = field(default_factory=list)
+    #: Per volume, SHA-256 of its voxels, label map and geometry as read: what a resumed run must see again.
+    digests: list[str] = field(default_factory=list)
 
 
 Pair = tuple[str | os.PathLike[str], str | os.PathLike[str]]
@@ -168,6 +171,7 @@ def load_training_set(
     per_axis: list[list[LabelledSlice]] = [[], [], []]
     validation: list[tuple[LabelledSlice, int]] = []
     intensity: list[VolumeIntensity] = []
+    digests: list[str] = []
     everything = [*pairs, *validation_pairs]
     for number, (image_path, label_path) in enumerate(everything):
         validation_only = number >= len(pairs)
@@ -185,6 +189,10 @@ def load_training_set(
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
         values = image.array_kji.astype(np.float32)
+        digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
+        for array in (labels.astype(np.int64), np.asarray(image.ijk_to_ras, np.float64)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digests.append(digest.hexdigest())
         finite = values[np.isfinite(values)].ravel()
         sample = np.sort(finite[:: max(1, finite.size // 200_000)])
         is_ct = image.modality == "CT" or (image.modality is None and looks_like_ct(values))
@@ -220,7 +228,7 @@ def load_training_set(
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
-    return TrainingSet(per_axis, validation, intensity, samples)
+    return TrainingSet(per_axis, validation, intensity, samples, digests)
 
 
 def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
@@ -806,8 +814,9 @@ def finetune(
     _freeze(model, config.freeze_encoder)
     optimizer = _optimizer(model, config)
     rng = np.random.default_rng(config.seed)
-    run: dict = {"config": asdict(config), "step": 0, "seconds": 0.0, "best_step": -1, "best_score": {},
-                 "history": []}  # fmt: skip
+    inputs = {"training": data.digests[: len(pairs)], "validation": data.digests[len(pairs) :]}
+    run: dict = {"config": asdict(config), "inputs": inputs, "step": 0, "seconds": 0.0, "best_step": -1,
+                 "best_score": {}, "history": []}  # fmt: skip
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
         # States written before a setting existed (precision, the loss and sampling options) ran with its
@@ -815,10 +824,17 @@ def finetune(
         defaults = json.loads(json.dumps(asdict(FinetuneConfig())))
         if {**defaults, **saved["config"]} != json.loads(json.dumps(asdict(config))):
             raise FinetuneError(f"{state_path} was written with other settings; use them or a new folder")
+        # Other volumes would mix two trainings in one run, and best-step scores from two validation sets.
+        # States written before the inputs were recorded lack them and are taken on trust.
+        if saved.get("inputs", inputs) != inputs:
+            raise FinetuneError(
+                f"{state_path} was written for other volumes or labels (training or validation); give the "
+                "same ones or use a new folder"
+            )
         model.load_state_dict(model_sd)
         _restore_optimizer(optimizer, optim_tensors, saved)
         rng.bit_generator.state = saved["rng"]
-        run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")}
+        run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")} | {"inputs": inputs}
         running = run.pop("running_loss", None)
     elif state_path.exists() and not resume:
         raise FinetuneError(f"{state_path} exists: pass --resume to continue it, or use a new folder")
