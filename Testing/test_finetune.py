@@ -120,7 +120,6 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     """A resumed run must see the volumes it started with: other training data would mix two trainings,
     another validation patient would compare best-step scores of two validation sets. A state from before
     the inputs were recorded is taken on trust."""
-    from safetensors import safe_open
     from safetensors.torch import save
 
     image_path, label_path = crop
@@ -128,7 +127,10 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     relabelled = tmp_path / "relabelled.nii.gz"
     labels = sitk.ReadImage(str(label_path))
     sitk.WriteImage(sitk.ChangeLabel(labels, {LIVER: 7}), str(relabelled))
-    for pairs, validation in (([(image_path, relabelled)], [other_patient]), ([crop], []), ([crop], [crop])):
+    other_labels = tmp_path / "other-relabelled.nii.gz"
+    sitk.WriteImage(sitk.ChangeLabel(sitk.ReadImage(str(other_patient[1])), {1: 2}), str(other_labels))
+    for pairs, validation in (([(image_path, relabelled)], [other_patient]), ([crop], []),
+                              ([crop], [(other_patient[0], other_labels)])):  # fmt: skip
         with pytest.raises(FinetuneError, match="other volumes or labels"):
             finetune.finetune(tiny(steps=3), pairs, tmp_path, validation_pairs=validation, resume=True)
     path = tmp_path / "last.safetensors"
@@ -145,7 +147,6 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
 def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop, tmp_path):
     """A state whose run JSON lacks settings added later (as states of earlier versions do) resumes when
     the run asks for their defaults, and is refused when it asks for something else."""
-    from safetensors import safe_open
     from safetensors.torch import save
 
     finetune.finetune(tiny(steps=2), [crop], tmp_path, stop_after=1)
@@ -561,14 +562,28 @@ def test_a_validation_volume_is_never_trained_on(crop, other_patient):
     assert len(extra) == int((labelled >= tiny().min_pixels).sum()) > 0
 
 
-def test_a_validation_volume_without_a_structure_is_refused(crop, other_patient, tmp_path):
-    """A label too small to count on any slice would leave the patient out of the score without a word."""
-    labels = sitk.ReadImage(str(other_patient[1])) * 0
-    labels[48, 48, 5] = 1
-    speck = tmp_path / "speck.nii.gz"
-    sitk.WriteImage(labels, str(speck))
-    with pytest.raises(FinetuneError, match="nothing to validate on"):
-        finetune.load_training_set([crop], tiny(), validation_pairs=[(other_patient[0], speck)])
+def test_a_validation_volume_without_a_structure_is_refused(crop, tmp_path):
+    """A label too small to score would leave the patient out of the mean without a word: under
+    `min_pixels` on every slice, or large enough there (36 pixels of 512²) but under 10 pixels once the
+    slice is resized to 256² (9). Refused before the output folder is made."""
+    msd = Path(__file__).parent / "Data" / "msd-spleen-8"
+    image = msd / "spleen_8_ct.nii.gz"
+    for name, size in (("speck", 1), ("small", 6)):
+        labels = sitk.ReadImage(str(msd / "spleen_8_label.nii.gz")) * 0
+        for i in range(size):
+            for j in range(size):
+                labels[256 + i, 256 + j, 16] = 1
+        path = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(labels, str(path))
+        out = tmp_path / name
+        with pytest.raises(FinetuneError, match="nothing to validate on"):
+            finetune.finetune(tiny(steps=1), [crop], out, validation_pairs=[(image, path)])
+        assert not out.exists()
+
+
+def test_a_training_volume_is_refused_as_validation_volume(crop):
+    with pytest.raises(FinetuneError, match="also a training volume"):
+        finetune.load_training_set([crop], tiny(), validation_pairs=[crop])
 
 
 def test_validation_averages_per_volume_then_over_volumes(crop, other_patient):
@@ -602,6 +617,16 @@ def test_command_line_validation_volumes_come_in_pairs(crop, other_patient, tmp_
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--val-labels: give them in pairs" in err[0], err
-    assert cli.main([*argv, "--val-labels", str(other_patient[1])]) == 0
+    both = ["--val-labels", str(other_patient[1])]
+    assert cli.main([*argv, *both, "--val-labels", str(label_path)]) == 2
+    assert "1 --val-image but 2 --val-labels" in capsys.readouterr().err
+    # A validation volume is an input: no output may replace it (here through a link).
+    link = tmp_path / "labels-link.safetensors"
+    link.symlink_to(other_patient[1])
+    assert cli.main([*argv, "--val-labels", str(link), "--export", str(link)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "same file" in err[0] and "--val-labels" in err[0], err
+    assert not (tmp_path / "r").exists()
+    assert cli.main([*argv, *both]) == 0
     with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:
         assert "volume 1" in json.loads(f.metadata()["validation"])

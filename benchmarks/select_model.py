@@ -7,7 +7,7 @@ then averaged over the patients:
 - the training patient's held-out axial band (the slices `finetune` never trains on), every labelled
   structure with ≥ 25 pixels, as `finetune` validates;
 - MSD spleen 8 (`Testing/Data/msd-spleen-8`), a contrast CT with a manual label that no demo model is
-  trained on, every axial slice holding the spleen.
+  trained on, every axial slice holding ≥ 25 spleen pixels.
 
 The DICOM CT, where the model card's targets are measured, takes no part.
 
@@ -47,7 +47,9 @@ PROTOCOLS = ("point", "box", "box + 5 clicks")
 
 def score_patient(
     session: SegmentationSession, image: Path, labels: Path, band_only: bool
-) -> dict[str, float]:
+) -> dict[str, float | int]:
+    """Mean Dice per protocol over the patient's (slice, structure) pairs, and their number ("pairs"):
+    the pairs `finetune` validates on, scored through the engine at the slice's own resolution."""
     volume = read_volume(image)
     label_map = read_labels_on_grid(labels, volume.array_kji.shape, volume.ijk_to_ras)
     session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, key=str(image))

@@ -190,7 +190,7 @@ def load_training_set(
             raise FinetuneError(str(exc)) from exc
         values = image.array_kji.astype(np.float32)
         digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
-        for array in (labels.astype(np.int64), np.asarray(image.ijk_to_ras, np.float64)):
+        for array in (np.asarray(values.shape), labels.astype(np.int64), np.asarray(image.ijk_to_ras, float)):
             digest.update(np.ascontiguousarray(array).tobytes())
         digests.append(digest.hexdigest())
         finite = values[np.isfinite(values)].ravel()
@@ -220,14 +220,12 @@ def load_training_set(
                     validation += [(item, v) for v in keep]
                 else:
                     per_axis[a].append(item)
-        if validation_only and not any(item.volume == number for item, _ in validation):
-            raise FinetuneError(
-                f"{label_path}: no axial slice holds a label with ≥ {config.min_pixels} pixels, nothing to "
-                "validate on"
-            )
     samples = [sum(len(s.label_values) for s in items) for items in per_axis]
     if sum(samples) == 0:
         raise FinetuneError(f"no slice holds a label with ≥ {config.min_pixels} pixels")
+    for (image_path, _), digest in zip(validation_pairs, digests[len(pairs) :], strict=True):
+        if digest in digests[: len(pairs)]:
+            raise FinetuneError(f"--val-image {image_path} is also a training volume: validate on another")
     return TrainingSet(per_axis, validation, intensity, samples, digests)
 
 
@@ -593,6 +591,8 @@ def training_step(
 
 @dataclass
 class ValidationBatch:
+    """Held-out samples with what scoring them per prompt and per volume needs."""
+
     batch: Batch
     points: list[tuple[float, float]]  # each mask's interior point (x, y), the point prompt
     volumes: list[int]  # which volume each sample comes from
@@ -617,6 +617,20 @@ def _validation_batches(data: TrainingSet, size: int = 16) -> list[ValidationBat
         batch = Batch(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]))
         out.append(ValidationBatch(batch, [c[2] for c in chunk], [c[3] for c in chunk]))
     return out
+
+
+def _check_validation_volumes(
+    batches: list[ValidationBatch], validation_pairs: Sequence[Pair], first: int, min_pixels: int
+) -> None:
+    """A validation volume with nothing left to score (every structure too small on its slices, or under 10
+    pixels once resized to 256²) would silently drop out of the per-volume mean."""
+    scored = {volume for item in batches for volume in item.volumes}
+    for number, (_, label_path) in enumerate(validation_pairs, start=first):
+        if number not in scored:
+            raise FinetuneError(
+                f"{label_path}: no axial slice holds a structure large enough to score (≥ {min_pixels} "
+                "pixels, ≥ 10 once resized to 256×256): nothing to validate on"
+            )
 
 
 def _dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -841,6 +855,7 @@ def finetune(
     else:
         running = None
     val_batches = _validation_batches(data)
+    _check_validation_volumes(val_batches, validation_pairs, first=len(pairs), min_pixels=config.min_pixels)
     out.mkdir(parents=True, exist_ok=True)  # created only once the inputs have been read and checked
     model.train()
     start_step, t_start = run["step"], time.perf_counter()
@@ -989,7 +1004,8 @@ def run_finetune(args) -> FinetuneResult:
 
 def _check_finetune_outputs(args) -> None:
     """The same output plan as `segment`: no output (the states in --out-dir, --export) may be an input
-    (images, labels, --init) or another output, links included; --out-dir may be missing (it is created)."""
+    (images, labels, validation images and labels, --init) or another output, links included; --out-dir may
+    be missing (it is created)."""
     inputs = [item for path in args.image for item in input_files("--image", path)]
     inputs += [item for path in args.labels for item in input_files("--labels", path)]
     inputs += [item for path in args.val_image for item in input_files("--val-image", path)]
