@@ -197,15 +197,17 @@ def load_training_set(
         sample = np.sort(finite[:: max(1, finite.size // 200_000)])
         is_ct = image.modality == "CT" or (image.modality is None and looks_like_ct(values))
         intensity.append(VolumeIntensity(compute_window(values, SA_MED2D_20M), sample, is_ct))
-        # The held-out axial band is also blanked out of the other views' labels, so no held-out voxel is
-        # ever trained on.
         axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
         count = axial.num_slices
         held = range(count) if validation_only else held_out_band(count, config.val_fraction)
-        training_labels = labels.copy()
-        selector: list[object] = [slice(None)] * 3
-        selector[2 - axial.slice_axis] = slice(held.start, held.stop)
-        training_labels[tuple(selector)] = 0
+        training_labels = labels  # a validation volume is only seen along the axial axis
+        if not validation_only:
+            # The held-out axial band is also blanked out of the other views' labels, so no held-out voxel
+            # is ever trained on.
+            training_labels = labels.copy()
+            selector: list[object] = [slice(None)] * 3
+            selector[2 - axial.slice_axis] = slice(held.start, held.stop)
+            training_labels[tuple(selector)] = 0
         for a, axis in enumerate(AXES[:1] if validation_only else AXES):
             geometry = SliceGeometry.create(values.shape, image.ijk_to_ras, axis)
             source = labels if a == 0 else training_labels
@@ -964,12 +966,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_finetune(args) -> FinetuneResult:
-    if len(args.image) != len(args.labels):
-        raise FinetuneError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
-    if len(args.val_image) != len(args.val_labels):
-        raise FinetuneError(
-            f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs"
-        )
+    for prefix, images, labels in (("", args.image, args.labels), ("val-", args.val_image, args.val_labels)):
+        if len(images) != len(labels):
+            raise FinetuneError(
+                f"{len(images)} --{prefix}image but {len(labels)} --{prefix}labels: give them in pairs"
+            )
     if args.threads < 0:
         raise FinetuneError(f"--threads must be ≥ 0 (0: torch's default), got {args.threads}")
     if args.threads:
@@ -1006,12 +1007,9 @@ def _check_finetune_outputs(args) -> None:
     """The same output plan as `segment`: no output (the states in --out-dir, --export) may be an input
     (images, labels, validation images and labels, --init) or another output, links included; --out-dir may
     be missing (it is created)."""
-    inputs = [item for path in args.image for item in input_files("--image", path)]
-    inputs += [item for path in args.labels for item in input_files("--labels", path)]
-    inputs += [item for path in args.val_image for item in input_files("--val-image", path)]
-    inputs += [item for path in args.val_labels for item in input_files("--val-labels", path)]
-    if args.init:
-        inputs += input_files("--init", args.init)
+    given = {"--image": args.image, "--labels": args.labels, "--val-image": args.val_image,
+             "--val-labels": args.val_labels, "--init": [args.init] if args.init else []}  # fmt: skip
+    inputs = [item for flag, paths in given.items() for path in paths for item in input_files(flag, path)]
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out-dir {out} is a file; give a folder (it is created if missing)")
