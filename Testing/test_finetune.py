@@ -14,8 +14,21 @@ from safetensors import safe_open
 
 from SAMMed2DSegmentLib import cli
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
-from SAMMed2DSegmentLib.finetune import training as finetune
-from SAMMed2DSegmentLib.finetune.training import FinetuneConfig, FinetuneError
+from SAMMed2DSegmentLib.finetune.batches import (
+    LARGE_AREA_PX,
+    PADDING_VALUES,
+    intensity_mapping,
+    make_batch,
+    padded_rule_window,
+)
+from SAMMed2DSegmentLib.finetune.data import TrainingSet, held_out_band, load_training_set
+from SAMMed2DSegmentLib.finetune.prompts import Prompts, correction_prompts, sample_prompts
+from SAMMed2DSegmentLib.finetune.settings import FinetuneConfig, FinetuneError
+from SAMMed2DSegmentLib.finetune.state import export_model, freeze, load_state
+from SAMMed2DSegmentLib.finetune.step import decode, iou_ranking_loss, mask_losses, round_loss
+from SAMMed2DSegmentLib.finetune.training import finetune
+from SAMMed2DSegmentLib.finetune.validation import validate, validation_batches
+from SAMMed2DSegmentLib.model import build_sam_med2d
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
 
 NIFTI = Path(__file__).parent / "Data" / "totalseg-example-ct" / "nifti"
@@ -50,22 +63,22 @@ def tiny(**changes) -> FinetuneConfig:
 
 def fixed_loss(model, data) -> float:
     """Loss on one fixed batch with fixed prompts, so before/after are comparable."""
-    batch = finetune.make_batch(data, np.random.default_rng(123), 8, (1, 1, 1))
-    prompts = finetune.sample_prompts(batch.masks, np.random.default_rng(7))
+    batch = make_batch(data, np.random.default_rng(123), 8, (1, 1, 1))
+    prompts = sample_prompts(batch.masks, np.random.default_rng(7))
     with torch.no_grad():
         features = model.image_encoder(batch.images)
-        logits, iou = finetune.decode(model, features, prompts)
-        return float(finetune.round_loss(logits, iou, batch.masks, prompts.single_point)[0])
+        logits, iou = decode(model, features, prompts)
+        return float(round_loss(logits, iou, batch.masks, prompts.single_point)[0])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_few_steps_reduce_the_loss_and_give_a_loadable_model(crop, tmp_path, precision):
     """In bf16 too (autocast, fp32 master weights): the exported weights are fp32 either way."""
     config = tiny(steps=25, batch_size=4, lr=1e-3, eval_every=25, save_every=25, precision=precision)
-    data = finetune.load_training_set([crop], config)
+    data = load_training_set([crop], config)
     torch.manual_seed(config.seed)
-    before = fixed_loss(finetune.build_sam_med2d("small").train(), data)
-    result = finetune.finetune(config, [crop], tmp_path)
+    before = fixed_loss(build_sam_med2d("small").train(), data)
+    result = finetune(config, [crop], tmp_path)
     assert result.steps == 25 and result.samples_per_second > 0
     model, info = load_model(tmp_path / "best.safetensors")
     assert info.build == "small"
@@ -84,12 +97,12 @@ def test_an_interrupted_run_resumes_exactly(crop, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     straight.mkdir(), interrupted.mkdir()
     config = tiny()
-    finetune.finetune(config, [crop], straight)
-    first = finetune.finetune(config, [crop], interrupted, stop_after=2)
+    finetune(config, [crop], straight)
+    first = finetune(config, [crop], interrupted, stop_after=2)
     assert first.steps == 2
-    finetune.finetune(config, [crop], interrupted, resume=True)
-    a, _, run_a = finetune.load_state(straight / "last.safetensors")
-    b, _, run_b = finetune.load_state(interrupted / "last.safetensors")
+    finetune(config, [crop], interrupted, resume=True)
+    a, _, run_a = load_state(straight / "last.safetensors")
+    b, _, run_b = load_state(interrupted / "last.safetensors")
     assert run_a["step"] == run_b["step"] == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -99,20 +112,20 @@ def test_an_interrupted_run_resumes_exactly(crop, tmp_path):
 
 def test_a_different_seed_trains_differently(crop, tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    finetune.finetune(tiny(steps=2), [crop], tmp_path / "a")
-    finetune.finetune(tiny(steps=2, seed=1), [crop], tmp_path / "b")
-    a, _, _ = finetune.load_state(tmp_path / "a" / "last.safetensors")
-    b, _, _ = finetune.load_state(tmp_path / "b" / "last.safetensors")
+    finetune(tiny(steps=2), [crop], tmp_path / "a")
+    finetune(tiny(steps=2, seed=1), [crop], tmp_path / "b")
+    a, _, _ = load_state(tmp_path / "a" / "last.safetensors")
+    b, _, _ = load_state(tmp_path / "b" / "last.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_existing_state_is_not_overwritten_and_resume_checks_settings(crop, tmp_path):
-    finetune.finetune(tiny(steps=1), [crop], tmp_path)
+    finetune(tiny(steps=1), [crop], tmp_path)
     before = (tmp_path / "last.safetensors").read_bytes()
     with pytest.raises(FinetuneError, match="--resume"):
-        finetune.finetune(tiny(steps=1), [crop], tmp_path)
+        finetune(tiny(steps=1), [crop], tmp_path)
     with pytest.raises(FinetuneError, match="other settings"):
-        finetune.finetune(tiny(steps=3, lr=1e-2), [crop], tmp_path, resume=True)
+        finetune(tiny(steps=3, lr=1e-2), [crop], tmp_path, resume=True)
     assert (tmp_path / "last.safetensors").read_bytes() == before
 
 
@@ -123,7 +136,7 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     from safetensors.torch import save
 
     image_path, label_path = crop
-    finetune.finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], stop_after=1)
+    finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], stop_after=1)
     relabelled = tmp_path / "relabelled.nii.gz"
     labels = sitk.ReadImage(str(label_path))
     sitk.WriteImage(sitk.ChangeLabel(labels, {LIVER: 7}), str(relabelled))
@@ -132,7 +145,7 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     for pairs, validation in (([(image_path, relabelled)], [other_patient]), ([crop], []),
                               ([crop], [(other_patient[0], other_labels)])):  # fmt: skip
         with pytest.raises(FinetuneError, match="other volumes or labels"):
-            finetune.finetune(tiny(steps=3), pairs, tmp_path, validation_pairs=validation, resume=True)
+            finetune(tiny(steps=3), pairs, tmp_path, validation_pairs=validation, resume=True)
     path = tmp_path / "last.safetensors"
     with safe_open(str(path), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -140,7 +153,7 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     assert json.loads(metadata["run"])["inputs"]["validation"]
     run = {k: v for k, v in json.loads(metadata["run"]).items() if k != "inputs"}
     path.write_bytes(save(tensors, metadata={**metadata, "run": json.dumps(run)}))
-    result = finetune.finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], resume=True)
+    result = finetune(tiny(steps=3), [crop], tmp_path, validation_pairs=[other_patient], resume=True)
     assert result.steps == 3
 
 
@@ -149,7 +162,7 @@ def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop
     the run asks for their defaults, and is refused when it asks for something else."""
     from safetensors.torch import save
 
-    finetune.finetune(tiny(steps=2), [crop], tmp_path, stop_after=1)
+    finetune(tiny(steps=2), [crop], tmp_path, stop_after=1)
     path = tmp_path / "last.safetensors"
     with safe_open(str(path), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -159,26 +172,26 @@ def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop
         del run["config"][key]
     path.write_bytes(save(tensors, metadata={**metadata, "run": json.dumps(run)}))
     with pytest.raises(FinetuneError, match="other settings"):
-        finetune.finetune(tiny(steps=2, all_tokens=True), [crop], tmp_path, resume=True)
-    assert finetune.finetune(tiny(steps=2), [crop], tmp_path, resume=True).steps == 2
+        finetune(tiny(steps=2, all_tokens=True), [crop], tmp_path, resume=True)
+    assert finetune(tiny(steps=2), [crop], tmp_path, resume=True).steps == 2
 
 
 def test_freezing_the_encoder_trains_only_its_adapters(crop, tmp_path):
-    model = finetune.build_sam_med2d("small")
-    finetune._freeze(model, True)
+    model = build_sam_med2d("small")
+    freeze(model, True)
     trainable = {n for n, p in model.image_encoder.named_parameters() if p.requires_grad}
     assert trainable and all(".Adapter." in n for n in trainable)
     assert all(p.requires_grad for p in model.mask_decoder.parameters())
     # End to end from a checkpoint: frozen encoder weights do not move, adapters do.
     start = tmp_path / "start"
     start.mkdir()
-    finetune.finetune(tiny(steps=1), [crop], start)
+    finetune(tiny(steps=1), [crop], start)
     run = tmp_path / "run"
     run.mkdir()
     config = tiny(steps=3, freeze_encoder=True, init_checkpoint=str(start / "best.safetensors"))
-    finetune.finetune(config, [crop], run)
+    finetune(config, [crop], run)
     before, _ = load_model(start / "best.safetensors")
-    after, _, _ = finetune.load_state(run / "last.safetensors")
+    after, _, _ = load_state(run / "last.safetensors")
     old = before.state_dict()
     assert torch.equal(
         old["image_encoder.blocks.0.attn.qkv.weight"], after["image_encoder.blocks.0.attn.qkv.weight"]
@@ -205,16 +218,16 @@ def test_label_maps_that_do_not_match_the_image_are_refused(crop, tmp_path):
     arr = sitk.GetArrayFromImage(labels)
     shifted = _write_like(tmp_path / "shifted.nii.gz", arr, labels, Origin=(10.0, 0.0, 0.0))
     with pytest.raises(FinetuneError, match="geometry .* does not match"):
-        finetune.load_training_set([(image_path, shifted)], tiny())
+        load_training_set([(image_path, shifted)], tiny())
     spaced = _write_like(tmp_path / "spaced.nii.gz", arr, labels, Spacing=(1.0, 1.0, 1.0))
     with pytest.raises(FinetuneError, match="geometry .* does not match"):
-        finetune.load_training_set([(image_path, spaced)], tiny())
+        load_training_set([(image_path, spaced)], tiny())
     smaller = _write_like(tmp_path / "small.nii.gz", arr[:, :, :40].copy(), labels)
     with pytest.raises(FinetuneError, match="size .* does not match"):
-        finetune.load_training_set([(image_path, smaller)], tiny())
+        load_training_set([(image_path, smaller)], tiny())
     floats = _write_like(tmp_path / "float.nii.gz", arr.astype(np.float32), labels)
     with pytest.raises(FinetuneError, match="integers"):
-        finetune.load_training_set([(image_path, floats)], tiny())
+        load_training_set([(image_path, floats)], tiny())
 
 
 def test_empty_label_maps_are_refused(crop, tmp_path):
@@ -222,20 +235,20 @@ def test_empty_label_maps_are_refused(crop, tmp_path):
     labels = sitk.ReadImage(str(label_path))
     empty = _write_like(tmp_path / "empty.nii.gz", np.zeros_like(sitk.GetArrayFromImage(labels)), labels)
     with pytest.raises(FinetuneError, match="empty"):
-        finetune.load_training_set([(image_path, empty)], tiny())
+        load_training_set([(image_path, empty)], tiny())
     with pytest.raises(FinetuneError, match="no slice holds a label"):
-        finetune.load_training_set([crop], tiny(min_pixels=100_000))
+        load_training_set([crop], tiny(min_pixels=100_000))
 
 
 def test_a_checkpoint_of_another_build_is_refused(crop, tmp_path):
-    finetune.finetune(tiny(steps=1), [crop], tmp_path)
+    finetune(tiny(steps=1), [crop], tmp_path)
     config = tiny(build="vit_b", init_checkpoint=str(tmp_path / "best.safetensors"))
     out = tmp_path / "vit"
     out.mkdir()
     with pytest.raises(FinetuneError, match="is a small checkpoint, but --build is vit_b"):
-        finetune.finetune(config, [crop], out)
+        finetune(config, [crop], out)
     with pytest.raises(FinetuneError, match="from scratch"):
-        finetune.finetune(tiny(build="vit_b"), [crop], out)
+        finetune(tiny(build="vit_b"), [crop], out)
     assert not any(out.iterdir())
 
 
@@ -326,13 +339,13 @@ def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp
     shifted = sitk.Cast(image, sitk.sitkFloat32) + 2000.0
     mr_path = tmp_path / "mr.nii.gz"
     sitk.WriteImage(shifted, str(mr_path))
-    data = finetune.load_training_set([(mr_path, label_path)], tiny())
+    data = load_training_set([(mr_path, label_path)], tiny())
     info = data.intensity[0]
     assert not info.is_ct and info.rule.method.startswith("SA-Med2D-20M rule") and info.rule.low > 500
-    batch = finetune.make_batch(data, np.random.default_rng(0), 4, (1, 1, 1))
+    batch = make_batch(data, np.random.default_rng(0), 4, (1, 1, 1))
     assert batch.images.shape == (4, 3, 256, 256) and torch.isfinite(batch.images).all()
     full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
-    ct = finetune.load_training_set([full_ct], tiny())
+    ct = load_training_set([full_ct], tiny())
     assert ct.intensity[0].is_ct and ct.intensity[0].rule.method.startswith("SA-Med2D-20M rule")
 
 
@@ -348,21 +361,21 @@ def test_the_padding_augmentation_reproduces_the_rule_on_a_padded_volume():
         count = int(round(fraction * tissue.size / (1 - fraction)))
         padded = np.concatenate([tissue, np.full(count, padding, np.float32)]).reshape(1, 1, -1)
         real = compute_window(padded, SA_MED2D_20M)
-        low, high = finetune.padded_rule_window(sample, padding, count / padded.size)
+        low, high = padded_rule_window(sample, padding, count / padded.size)
         assert low == real.low == padding
         assert high == pytest.approx(real.high, abs=1.0)
-    assert finetune.padded_rule_window(sample, None, 0.2) == tuple(np.percentile(sample, [0.5, 99.5]))
+    assert padded_rule_window(sample, None, 0.2) == tuple(np.percentile(sample, [0.5, 99.5]))
 
 
 def test_ct_batches_see_the_padding_values_scanners_use():
     """Under the rule the padding outside the field of view is grey 0 and air lands anywhere from ≈ 5
     (no padding) to ≈ 150 (−3024): the model must see that whole range."""
     full_ct = (NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_seg.nii.gz")
-    data = finetune.load_training_set([full_ct], tiny())
+    data = load_training_set([full_ct], tiny())
     rng = np.random.default_rng(1)
-    mappings = [finetune._intensity_mapping(data.intensity[0], rng) for _ in range(400)]
+    mappings = [intensity_mapping(data.intensity[0], rng) for _ in range(400)]
     paddings = {m[2] for m in mappings}
-    assert paddings == set(finetune.PADDING_VALUES)
+    assert paddings == set(PADDING_VALUES)
     air_grey = [255 * (-1000 - low) / (high - low) for low, high, padding in mappings if padding is not None]
     assert min(air_grey) < 20 and max(air_grey) > 120
 
@@ -375,8 +388,8 @@ def test_exported_models_are_byte_identical_for_the_same_weights(tmp_path):
     torch.manual_seed(0)
     model = build_sam_med2d("small")
     meta = {f"key{i}": str(i) for i in range(12)}
-    finetune.export_model(model, tmp_path / "a.safetensors", meta)
-    finetune.export_model(model, tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
+    export_model(model, tmp_path / "a.safetensors", meta)
+    export_model(model, tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     loaded, info = load_model(tmp_path / "a.safetensors")
     assert info.build == "small"
@@ -387,12 +400,12 @@ def test_the_mask_prompt_is_given_as_probabilities_like_the_engine_does():
     SAM-Med2D trains; training must feed the same range."""
     masks = torch.zeros(2, 256, 256, dtype=torch.bool)
     masks[:, 100:150, 100:150] = True
-    prompts = finetune.Prompts(None, None, torch.tensor([[90.0, 90, 160, 160]] * 2))
+    prompts = Prompts(None, None, torch.tensor([[90.0, 90, 160, 160]] * 2))
     logits = torch.full((2, 1, 64, 64), 8.0)
     logits[:, :, :10] = -8.0
     seen = []
     for seed in range(20):
-        p = finetune.correction_prompts(prompts, masks.clone(), masks, logits, np.random.default_rng(seed))
+        p = correction_prompts(prompts, masks.clone(), masks, logits, np.random.default_rng(seed))
         assert p.coords.shape == (2, 1, 2) and p.boxes is not None
         if p.mask_input is not None:
             seen.append(p.mask_input)
@@ -409,7 +422,7 @@ def test_the_correction_round_starts_from_the_mask_the_predictor_would_pick():
     logits[0, 1, 16:48, 16:48] = 5.0  # token 1: right, but predicted IoU low
     logits[0, 2, :8, :8] = 5.0  # token 2: wrong, predicted IoU high
     iou_pred = torch.tensor([[0.1, 0.2, 0.9, 0.3]])
-    _, chosen = finetune.round_loss(logits, iou_pred, masks, single_point=True)
+    _, chosen = round_loss(logits, iou_pred, masks, single_point=True)
     torch.testing.assert_close(chosen, logits[:, 2:3])
 
 
@@ -418,9 +431,9 @@ def test_the_iou_head_loss_is_weighted_and_the_weight_is_checked():
     masks[:, 64:192, 64:192] = True
     logits = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     iou_pred = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
-    base = float(finetune.round_loss(logits, iou_pred, masks, False, 0.0)[0])
-    one = float(finetune.round_loss(logits, iou_pred, masks, False, 1.0)[0])
-    ten = float(finetune.round_loss(logits, iou_pred, masks, False, 10.0)[0])
+    base = float(round_loss(logits, iou_pred, masks, False, iou_weight=0.0)[0])
+    one = float(round_loss(logits, iou_pred, masks, False, iou_weight=1.0)[0])
+    ten = float(round_loss(logits, iou_pred, masks, False, iou_weight=10.0)[0])
     assert one > base
     assert ten - base == pytest.approx(10 * (one - base), rel=1e-5)
     with pytest.raises(FinetuneError, match="iou-loss-weight"):
@@ -437,11 +450,11 @@ def test_the_ranking_loss_rewards_the_right_order_and_its_settings_are_checked()
     logits[0, 2, 16:24, 16:24] = 5.0  # token 2: less
     right = torch.tensor([[0.5, 0.3, 0.2, 0.4]])
     wrong = torch.tensor([[0.5, 0.4, 0.3, 0.2]])
-    _, iou = finetune._mask_losses(logits, masks)
-    assert float(finetune.iou_ranking_loss(right, iou)) < float(finetune.iou_ranking_loss(wrong, iou))
-    base = float(finetune.round_loss(logits, wrong, masks, False, 1.0, 0.0)[0])
-    ranked = float(finetune.round_loss(logits, wrong, masks, False, 1.0, 2.0)[0])
-    assert ranked - base == pytest.approx(2 * float(finetune.iou_ranking_loss(wrong, iou)), rel=1e-5)
+    _, iou = mask_losses(logits, masks)
+    assert float(iou_ranking_loss(right, iou)) < float(iou_ranking_loss(wrong, iou))
+    base = float(round_loss(logits, wrong, masks, False, rank_weight=0.0)[0])
+    ranked = float(round_loss(logits, wrong, masks, False, rank_weight=2.0)[0])
+    assert ranked - base == pytest.approx(2 * float(iou_ranking_loss(wrong, iou)), rel=1e-5)
     for bad in ({"iou_rank_weight": -1.0}, {"iou_rank_weight": float("nan")}, {"size_exponent": -0.5},
                 {"prompt_mix": (0.5, 0.5, 0.5)}, {"prompt_mix": (1.2, -0.2, 0.0)}):  # fmt: skip
         with pytest.raises(FinetuneError, match="rank-weight|size-exponent|prompt mix"):
@@ -455,9 +468,9 @@ def test_all_tokens_trains_every_multimask_token_on_the_structure():
     logits = torch.full((1, 4, 64, 64), -8.0)
     logits[0, 3, 16:48, 16:48] = 8.0  # token 3 exact, tokens 0..2 empty
     iou_pred = torch.zeros(1, 4)
-    losses, _ = finetune._mask_losses(logits, masks)
-    best = float(finetune.round_loss(logits, iou_pred, masks, True, 0.0)[0])
-    every = float(finetune.round_loss(logits, iou_pred, masks, True, 0.0, all_tokens=True)[0])
+    losses, _ = mask_losses(logits, masks)
+    best = float(round_loss(logits, iou_pred, masks, True, iou_weight=0.0)[0])
+    every = float(round_loss(logits, iou_pred, masks, True, iou_weight=0.0, all_tokens=True)[0])
     assert best == pytest.approx(float(losses[0, 3]), rel=1e-5)
     assert every == pytest.approx(float(losses[0, 1:].mean()), rel=1e-5)
     assert every > best + 0.5
@@ -473,24 +486,24 @@ def test_the_size_exponent_draws_large_structures_more_often_and_the_mix_sets_th
     paths = tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 100, labels.shape).astype(np.int16)), str(paths[0]))
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(paths[1]))
-    data = finetune.load_training_set([paths], tiny(val_fraction=0.0))
+    data = load_training_set([paths], tiny(val_fraction=0.0))
     small_share = []
     for exponent in (0.0, 2.0):
-        batch = finetune.make_batch(data, np.random.default_rng(5), 64, (1, 0, 0), size_exponent=exponent)
-        small_share.append(float((batch.masks.sum(dim=(1, 2)) < finetune.LARGE_AREA_PX).float().mean()))
+        batch = make_batch(data, np.random.default_rng(5), 64, (1, 0, 0), size_exponent=exponent)
+        small_share.append(float((batch.masks.sum(dim=(1, 2)) < LARGE_AREA_PX).float().mean()))
     assert 0.25 < small_share[0] < 0.75 and small_share[1] < 0.1
     # The size rule draws only when it is on (so a recipe without it keeps its random sequence): an exponent
     # that keeps every structure gives the same kind of batch but leaves the generator elsewhere.
     states = []
     for exponent in (0.0, 1e-12):
         generator = np.random.default_rng(5)
-        finetune.make_batch(data, generator, 8, (1, 0, 0), size_exponent=exponent)
+        make_batch(data, generator, 8, (1, 0, 0), size_exponent=exponent)
         states.append(generator.integers(1 << 30))
     assert states[1] != states[0]
     rng = np.random.default_rng(0)
     for mix, has_box, has_points in (((1, 0, 0), False, True), ((0, 1, 0), True, False),
                                      ((0, 0, 1), True, True)):  # fmt: skip
-        prompts = finetune.sample_prompts(batch.masks, rng, mix)
+        prompts = sample_prompts(batch.masks, rng, mix)
         assert (prompts.boxes is not None) == has_box and (prompts.coords is not None) == has_points
 
 
@@ -499,11 +512,11 @@ def test_held_out_voxels_are_never_trained_on(crop, tmp_path):
     image_path, label_path = crop
     labels = sitk.ReadImage(str(label_path))
     arr = sitk.GetArrayFromImage(labels)
-    held = finetune.held_out_band(arr.shape[0], FinetuneConfig.val_fraction)
+    held = held_out_band(arr.shape[0], FinetuneConfig.val_fraction)
     marked = arr.copy()
     marked[held.start : held.stop, 5:25, 5:25] = 9
     path = _write_like(tmp_path / "marked.nii.gz", marked, labels)
-    data = finetune.load_training_set([(image_path, path)], tiny())
+    data = load_training_set([(image_path, path)], tiny())
     assert any(value == 9 for _, value in data.validation)
     for items in data.slices:
         assert all(9 not in item.label_values and not (item.labels == 9).any() for item in items)
@@ -526,8 +539,8 @@ def test_slicer_segmentation_files_are_training_labels(crop, tmp_path):
         masks = {i: geometry.extract(labels == value, i) for i in range(geometry.num_slices)}
         segmentations.write_segment_slices(seg, segment_id, node, geometry, masks)
     path = segmentations.save_segmentation(seg, tmp_path / "labels.seg.nrrd")
-    from_seg = finetune.load_training_set([(image_path, path)], tiny())
-    from_map = finetune.load_training_set([crop], tiny())
+    from_seg = load_training_set([(image_path, path)], tiny())
+    from_map = load_training_set([crop], tiny())
     assert from_seg.samples_per_axis == from_map.samples_per_axis
     for a, b in zip(from_seg.slices[0], from_map.slices[0], strict=True):
         np.testing.assert_array_equal(a.labels > 0, b.labels > 0)
@@ -551,8 +564,8 @@ def other_patient(tmp_path_factory) -> tuple[Path, Path]:
 def test_a_validation_volume_is_never_trained_on(crop, other_patient):
     """Every labelled axial slice of a --val-image volume is validation, and none of it is a training slice
     in any view; the training volume keeps exactly its own slices and held-out band."""
-    alone = finetune.load_training_set([crop], tiny())
-    both = finetune.load_training_set([crop], tiny(), validation_pairs=[other_patient])
+    alone = load_training_set([crop], tiny())
+    both = load_training_set([crop], tiny(), validation_pairs=[other_patient])
     assert [len(s) for s in both.slices] == [len(s) for s in alone.slices]
     assert all(item.volume == 0 for items in both.slices for item in items)
     extra = [(item, v) for item, v in both.validation if item.volume == 1]
@@ -577,27 +590,27 @@ def test_a_validation_volume_without_a_structure_is_refused(crop, tmp_path):
         sitk.WriteImage(labels, str(path))
         out = tmp_path / name
         with pytest.raises(FinetuneError, match="nothing to validate on"):
-            finetune.finetune(tiny(steps=1), [crop], out, validation_pairs=[(image, path)])
+            finetune(tiny(steps=1), [crop], out, validation_pairs=[(image, path)])
         assert not out.exists()
 
 
 def test_a_training_volume_is_refused_as_validation_volume(crop):
     with pytest.raises(FinetuneError, match="also a training volume"):
-        finetune.load_training_set([crop], tiny(), validation_pairs=[crop])
+        load_training_set([crop], tiny(), validation_pairs=[crop])
 
 
 def test_validation_averages_per_volume_then_over_volumes(crop, other_patient):
     """A second patient counts as much as the first, whatever its number of slices."""
-    data = finetune.load_training_set([crop], tiny(), validation_pairs=[other_patient])
+    data = load_training_set([crop], tiny(), validation_pairs=[other_patient])
     torch.manual_seed(0)
-    model = finetune.build_sam_med2d("small")
-    batches = finetune._validation_batches(data, size=4)
-    both = finetune.validate(model, batches)
+    model = build_sam_med2d("small")
+    batches = validation_batches(data, size=4)
+    both = validate(model, batches)
     alone = []
     for volume in (0, 1):
-        subset = finetune.TrainingSet(data.slices, [p for p in data.validation if p[0].volume == volume],
+        subset = TrainingSet(data.slices, [p for p in data.validation if p[0].volume == volume],
                                       data.intensity)  # fmt: skip
-        alone.append(finetune.validate(model, finetune._validation_batches(subset)))
+        alone.append(validate(model, validation_batches(subset)))
     counts = [sum(1 for p in data.validation if p[0].volume == v) for v in (0, 1)]
     for name in ("point", "box"):
         # Batches of other sizes change the last float digits.

@@ -135,17 +135,18 @@ def pre_encoding_figures(model, precision: str) -> None:
 
 def finetune_figures(steps: int) -> None:
     """Samples/s of the small build's training loop (no validation, no saving), fp32 and bf16 autocast."""
-    from SAMMed2DSegmentLib.finetune import training
+    from SAMMed2DSegmentLib.finetune.settings import FinetuneConfig
+    from SAMMed2DSegmentLib.finetune.training import finetune
 
     nifti = ROOT / "Testing" / "Data" / "totalseg-example-ct" / "nifti"
     pairs = [(nifti / "example_ct_sm.nii.gz", nifti / "example_seg.nii.gz")]
     rates = {}
     for precision in ("fp32", "bf16"):
-        config = training.FinetuneConfig(steps=1000, eval_every=1000, save_every=1000, precision=precision)
+        config = FinetuneConfig(steps=1000, eval_every=1000, save_every=1000, precision=precision)
         with tempfile.TemporaryDirectory() as out:
-            training.finetune(config, pairs, out, stop_after=1)  # warm-up step (kernels, data loading)
+            finetune(config, pairs, out, stop_after=1)  # warm-up step (kernels, data loading)
         with tempfile.TemporaryDirectory() as out:
-            result = training.finetune(config, pairs, out, stop_after=steps)
+            result = finetune(config, pairs, out, stop_after=steps)
         rates[precision] = result.samples_per_second
     print(
         f"fine-tuning (small build, batch {config.batch_size}, {steps} steps): fp32 {rates['fp32']:.1f} "

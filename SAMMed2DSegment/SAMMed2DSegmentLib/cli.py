@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", help="output .seg.nrrd (with an input --dicom-seg)")
     conv.add_argument("--quiet", action="store_true", help="no summary on stderr")
     from .evaluation.command import add_parser as add_evaluate_parser
-    from .finetune.training import add_parser as add_finetune_parser
+    from .finetune.command import add_parser as add_finetune_parser
 
     add_finetune_parser(sub)
     add_evaluate_parser(sub)
@@ -650,7 +650,7 @@ def _convert_summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .finetune.training import FinetuneError, run_finetune
+    from .finetune.command import FinetuneError, run_finetune
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

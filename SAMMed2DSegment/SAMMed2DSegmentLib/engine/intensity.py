@@ -27,7 +27,7 @@ repository ships** (`data_demo/`, kept in the project's reference material as `s
 * What it gives therefore depends on the scanner's padding: the project's DICOM CT (no padding; p0.5
   −1024, p99.5 ≈ 495 HU) maps air to 5 and the liver to ≈ 188; the same CT padded with −3024 would map air
   to ≈ 148. The demo model is trained with every common padding value for this reason
-  (``finetune/training.py``).
+  (``finetune/batches.py``).
 
 So :data:`SA_MED2D_20M` is that rule: the 0.5th and 99.5th percentiles of **all** finite voxels (padding
 included, as the samples require), linear to 0..255, one window per volume. Each model in the weights
