@@ -349,6 +349,33 @@ def test_non_ct_volumes_train_and_validate_in_their_own_default_window(crop, tmp
     assert ct.intensity[0].is_ct and ct.intensity[0].rule.method.startswith("SA-Med2D-20M rule")
 
 
+def test_nan_and_infinite_voxels_train_as_the_engine_shows_them(crop, tmp_path):
+    """A float volume with NaN or infinite voxels: they become the volume's lowest (NaN, −inf) or highest
+    (+inf) finite value, grey 0 or 255 under the rule as in the engine, so no sample is blanked and the loss
+    stays finite."""
+    image_path, label_path = crop
+    image = sitk.ReadImage(str(image_path))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[:, :10, :10] = np.nan  # a corner of every axial slice
+    array[:, -3:, -3:] = np.inf
+    array[:, :3, -3:] = -np.inf
+    finite = array[np.isfinite(array)]
+    lowest, highest = float(finite.min()), float(finite.max())
+    path = _write_like(tmp_path / "nan.nrrd", array, image)  # NIfTI would not keep NaN
+    data = load_training_set([(path, label_path)], tiny())
+    assert data.intensity[0].rule.low >= lowest
+    for items in data.slices:
+        for item in items:
+            assert np.isfinite(item.image).all()
+    axial = [item.image for item in data.slices[0]]
+    assert any((a == lowest).any() for a in axial) and any((a == highest).any() for a in axial)
+    batch = make_batch(data, np.random.default_rng(0), 4, (1, 1, 1))
+    assert torch.isfinite(batch.images).all()
+    result = finetune(tiny(steps=2, eval_every=2), [(path, label_path)], tmp_path / "run")
+    entry = result.history[-1]
+    assert np.isfinite(entry["loss"]) and np.isfinite(entry["val_mean"])
+
+
 def test_the_padding_augmentation_reproduces_the_rule_on_a_padded_volume():
     """The window the rule would give if a fraction of the voxels were scanner padding, computed from the
     unpadded sample, equals the rule on the volume padded for real."""
@@ -609,7 +636,7 @@ def test_validation_averages_per_volume_then_over_volumes(crop, other_patient):
     alone = []
     for volume in (0, 1):
         subset = TrainingSet(data.slices, [p for p in data.validation if p[0].volume == volume],
-                                      data.intensity)  # fmt: skip
+                             data.intensity)  # fmt: skip
         alone.append(validate(model, validation_batches(subset)))
     counts = [sum(1 for p in data.validation if p[0].volume == v) for v in (0, 1)]
     for name in ("point", "box"):

@@ -650,7 +650,8 @@ def _convert_summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .finetune.command import FinetuneError, run_finetune
+    from .finetune.command import run_finetune
+    from .finetune.settings import FinetuneError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -84,6 +84,11 @@ def load_training_set(
         sample = np.sort(finite[:: max(1, finite.size // 200_000)])
         is_ct = image.modality == "CT" or (image.modality is None and looks_like_ct(values))
         intensity.append(VolumeIntensity(compute_window(values, SA_MED2D_20M), sample, is_ct))
+        if finite.size < values.size:
+            # The engine shows NaN voxels as grey 0 and clips infinities to the window's ends; the volume's
+            # lowest and highest finite values land there too, and unlike NaN they survive resizing and
+            # augmentation (one NaN would otherwise blank a whole sample or make the loss NaN).
+            values = np.nan_to_num(values, nan=finite.min(), posinf=finite.max(), neginf=finite.min())
         axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
         count = axial.num_slices
         held = range(count) if validation_only else held_out_band(count, config.val_fraction)
@@ -132,7 +137,8 @@ def _read_segmentation(path: str | os.PathLike[str], image: np.ndarray, ijk_to_r
 
 
 def held_out_band(num_slices: int, fraction: float) -> range:
-    """The central axial slices validation holds out (also what `benchmarks/select_model.py` scores)."""
+    """The central axial slices validation holds out (through `load_training_set`, also what
+    `benchmarks/select_model.py` scores)."""
     count = int(round(num_slices * fraction))
     start = (num_slices - count) // 2
     return range(start, start + count)

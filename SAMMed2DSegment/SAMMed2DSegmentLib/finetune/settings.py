@@ -1,4 +1,5 @@
-"""What a fine-tuning run is set by, checked before any data is read; the formats of its files."""
+"""What a fine-tuning run is set by, checked before any data is read; the formats of its files; the network's
+input size and its decoder's mask size."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class FinetuneConfig:
     #: organ. Weight 10 did not fix that in the same 4,000 steps (see the model card), so SAM's 1 stays.
     iou_loss_weight: float = 1.0
     #: Weight of a ranking loss on the IoU head: cross-entropy between which multimask token is best
-    #: (softmax of the actual IoUs at `RANK_TEMPERATURE`) and the head's own softmax. The MSE alone left
+    #: (softmax of the actual IoUs at `step.RANK_TEMPERATURE`) and the head's own softmax. The MSE alone left
     #: the head unable to tell the whole organ from a part (model card); the predictor needs the order.
     iou_rank_weight: float = 0.0
     #: Train every multimask token on the structure instead of SAM's best-of-three. SAM's rule lets two
@@ -53,8 +54,8 @@ class FinetuneConfig:
     #: are no parts to learn, and a head too weak to rank (model card) then picks parts of organs.
     all_tokens: bool = False
     #: Structures are drawn uniformly per (slice, label) and then kept with probability
-    #: min(1, (area / LARGE_AREA_PX)^size_exponent) of their 256×256 mask: 0 keeps all (most are small); 0.5
-    #: shows large organs, the structures users start from, more often.
+    #: min(1, (area / batches.LARGE_AREA_PX)^size_exponent) of their 256×256 mask: 0 keeps all (most are
+    #: small); 0.5 shows large organs, the structures users start from, more often.
     size_exponent: float = 0.0
     #: Probabilities of the first prompt's kind: include points, a box, a box with one include point.
     prompt_mix: tuple[float, float, float] = (0.3, 0.35, 0.35)

@@ -1,16 +1,16 @@
-"""Fine-tuning SAM-Med2D on one's own labelled volumes, with prompts simulated the way SAM-Med2D was trained.
+"""The training loop: batches, prompting rounds, validation every `eval_every` steps, the state every
+`save_every` steps.
 
 Why it looks like this:
 
-* Training samples are 2-D slices of labelled volumes in the three views, cut with the same `SliceGeometry`
-  the engine uses, so a model sees slices oriented and stretched exactly as it will at inference (the image
-  is resized to 256×256 without keeping the aspect ratio, as the official predictor does).
-* Prompts follow SAM-Med2D's recipe: random include points from the mask, boxes with jitter, and a second
-  round with a correction point from the error region and the previous logits as mask prompt.
+* Training samples are 2-D slices cut with the engine's own `SliceGeometry` (`data`), so a model sees slices
+  oriented and stretched exactly as it will at inference.
+* Prompts follow SAM-Med2D's recipe (`prompts`): random include points, jittered boxes, then corrective
+  rounds, each adding a click from the error region with the previous logits as mask prompt.
 * All randomness comes from one numpy generator whose state is saved with the weights, so a run is
   deterministic for a seed and an interrupted run resumes exactly where it stopped.
-* Training state is one safetensors file (tensors) with the run's JSON in its metadata: nothing is ever
-  unpickled, and a single atomic rename keeps weights, optimizer and counters consistent.
+* The state is one safetensors file (`state`): nothing is ever unpickled, and a single atomic rename keeps
+  weights, optimizer and counters consistent.
 """
 
 from __future__ import annotations
