@@ -157,6 +157,29 @@ def test_resume_refuses_other_volumes_or_labels(crop, other_patient, tmp_path):
     assert result.steps == 3
 
 
+def test_a_state_without_recorded_inputs_has_its_best_score_recomputed(crop, other_patient, tmp_path):
+    """States from before validation was averaged per volume scored several volumes as one pool; on resume
+    their best weights are rescored per volume, so the next steps are compared with a like score."""
+    from safetensors.torch import save
+
+    config = tiny(steps=4, eval_every=2, save_every=2)
+    finetune(config, [crop], tmp_path, validation_pairs=[other_patient], stop_after=2)
+    path = tmp_path / "last.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata()
+    run = {k: v for k, v in json.loads(metadata["run"]).items() if k != "inputs"}
+    true_best = dict(run["best_score"])
+    run["best_score"] = {**true_best, "mean": 0.999}  # a pooled score no later step could beat
+    path.write_bytes(save(tensors, metadata={**metadata, "run": json.dumps(run)}))
+    data = load_training_set([crop], config, [other_patient])
+    rescored = validate(load_model(tmp_path / "best.safetensors")[0], validation_batches(data))
+    assert rescored == pytest.approx(true_best, abs=1e-6)
+    result = finetune(config, [crop], tmp_path, validation_pairs=[other_patient], resume=True)
+    assert result.best_score["mean"] < 0.999
+    assert result.best_score["mean"] >= rescored["mean"] - 1e-9
+
+
 def test_a_state_from_before_the_newer_settings_resumes_with_their_defaults(crop, tmp_path):
     """A state whose run JSON lacks settings added later (as states of earlier versions do) resumes when
     the run asks for their defaults, and is refused when it asks for something else."""

@@ -39,7 +39,7 @@ from .state import (
     save_state,
 )
 from .step import training_step
-from .validation import check_validation_volumes, validate, validation_batches
+from .validation import ValidationBatch, check_validation_volumes, validate, validation_batches
 
 
 @dataclass
@@ -102,6 +102,8 @@ def finetune(
     inputs = {"training": data.digests[: len(pairs)], "validation": data.digests[len(pairs) :]}
     run: dict = {"config": asdict(config), "inputs": inputs, "step": 0, "seconds": 0.0, "best_step": -1,
                  "best_score": {}, "history": []}  # fmt: skip
+    val_batches = validation_batches(data)
+    check_validation_volumes(val_batches, validation_pairs, first=len(pairs), min_pixels=config.min_pixels)
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
         # States written before a setting existed (precision, the loss and sampling options) ran with its
@@ -121,12 +123,14 @@ def finetune(
         rng.bit_generator.state = saved["rng"]
         run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")} | {"inputs": inputs}
         running = run.pop("running_loss", None)
+        if "inputs" not in saved and len({v for item in val_batches for v in item.volumes}) > 1:
+            # Such states may come from before validation was averaged per volume, when several volumes
+            # were scored as one pool: rescore their best weights so later steps compare like with like.
+            run["best_score"] = _current_score(best_path, val_batches, run["best_score"])
     elif state_path.exists() and not resume:
         raise FinetuneError(f"{state_path} exists: pass --resume to continue it, or use a new folder")
     else:
         running = None
-    val_batches = validation_batches(data)
-    check_validation_volumes(val_batches, validation_pairs, first=len(pairs), min_pixels=config.min_pixels)
     out.mkdir(parents=True, exist_ok=True)  # created only once the inputs have been read and checked
     model.train()
     start_step, t_start = run["step"], time.perf_counter()
@@ -178,6 +182,22 @@ def finetune(
         best_score=run["best_score"],
         history=run["history"],
     )
+
+
+def _current_score(
+    best_path: Path, batches: list[ValidationBatch], recorded: dict[str, float]
+) -> dict[str, float]:
+    """The validation score of the weights in `best_path` as `validate` computes it now (`recorded` if
+    there are none yet)."""
+    from ..weights.checkpoint import CheckpointError, load_model
+
+    if not recorded or not best_path.is_file():
+        return recorded
+    try:
+        best, _ = load_model(best_path, device="cpu")
+    except CheckpointError as exc:
+        raise FinetuneError(str(exc)) from exc
+    return validate(best, batches)
 
 
 def _model_metadata(config: FinetuneConfig, step: int, score: dict[str, float]) -> dict[str, str]:
