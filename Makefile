@@ -49,8 +49,9 @@ demo: $(STAMP)
 # network from scratch; stage 2 (fp32, about 2.5 minutes) retrains its decoder and encoder adapters so that
 # every multimask output covers the whole structure and corrective clicks are followed. The result goes to
 # build/demo-model/ and is compared with the bundled file: byte-identical on the CPU it was trained on with 2
-# threads; another CPU's kernels may give other bytes (see the model card). Replacing the bundled file (and its SHA-256 in the registry) is a
-# deliberate second step. `make demo-model-stage2` runs stage 2 alone from an existing stage 1 file.
+# threads; another CPU's kernels may give other bytes (see the model card). Replacing the bundled file (and
+# its SHA-256 in the registry) is a deliberate second step. `make demo-model-stage2` runs stage 2 alone from an
+# existing stage 1 file.
 BUNDLED_DEMO := SAMMed2DSegment/Resources/Models/sammed2d_demo_small.safetensors
 DEMO_MODEL_DIR := build/demo-model
 STAGE1_DEMO := $(DEMO_MODEL_DIR)/stage1.safetensors

@@ -87,7 +87,7 @@ def load_training_set(
         if finite.size < values.size:
             # The engine shows NaN voxels as grey 0 and clips infinities to the window's ends; the volume's
             # lowest and highest finite values land there too, and unlike NaN they survive resizing and
-            # augmentation (one NaN would otherwise blank a whole sample or make the loss NaN).
+            # augmentation (one NaN voxel would make the whole augmented slice NaN, and the loss with it).
             values = np.nan_to_num(values, nan=finite.min(), posinf=finite.max(), neginf=finite.min())
         axial = SliceGeometry.create(values.shape, image.ijk_to_ras, AXES[0])
         count = axial.num_slices

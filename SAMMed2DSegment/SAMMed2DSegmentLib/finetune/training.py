@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..model import SamMed2D, build_sam_med2d
+from ..weights.checkpoint import CheckpointError, CheckpointInfo, load_model
 from .batches import make_batch
 from .data import Pair, load_training_set
 from .settings import FinetuneConfig, FinetuneError
@@ -52,19 +53,22 @@ class FinetuneResult:
     history: list[dict]
 
 
-def _initial_model(config: FinetuneConfig) -> SamMed2D:
-    from ..weights.checkpoint import CheckpointError, load_model
+def _load_checkpoint(path: str | os.PathLike[str]) -> tuple[SamMed2D, CheckpointInfo]:
+    """(model, info) of a checkpoint file; an unreadable or unsafe one is a `FinetuneError` (one line)."""
+    try:
+        return load_model(path, device="cpu")
+    except CheckpointError as exc:
+        raise FinetuneError(str(exc)) from exc
 
+
+def _initial_model(config: FinetuneConfig) -> SamMed2D:
     if config.init_checkpoint is None:
         if config.build != "small":
             raise FinetuneError(
                 f"training the {config.build} build from scratch is not supported; pass --init CHECKPOINT"
             )
         return build_sam_med2d(config.build)
-    try:
-        model, info = load_model(config.init_checkpoint, device="cpu")
-    except CheckpointError as exc:
-        raise FinetuneError(str(exc)) from exc
+    model, info = _load_checkpoint(config.init_checkpoint)
     if info.build != config.build:
         raise FinetuneError(
             f"--init {config.init_checkpoint} is a {info.build} checkpoint, but --build is {config.build}"
@@ -102,8 +106,7 @@ def finetune(
     inputs = {"training": data.digests[: len(pairs)], "validation": data.digests[len(pairs) :]}
     run: dict = {"config": asdict(config), "inputs": inputs, "step": 0, "seconds": 0.0, "best_step": -1,
                  "best_score": {}, "history": []}  # fmt: skip
-    val_batches = validation_batches(data)
-    check_validation_volumes(val_batches, validation_pairs, first=len(pairs), min_pixels=config.min_pixels)
+    pooled_state = False  # a resumed state that may hold a best score pooled over volumes
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
         # States written before a setting existed (precision, the loss and sampling options) ran with its
@@ -123,14 +126,18 @@ def finetune(
         rng.bit_generator.state = saved["rng"]
         run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")} | {"inputs": inputs}
         running = run.pop("running_loss", None)
-        if "inputs" not in saved and len({v for item in val_batches for v in item.volumes}) > 1:
-            # Such states may come from before validation was averaged per volume, when several volumes
-            # were scored as one pool: rescore their best weights so later steps compare like with like.
-            run["best_score"] = _current_score(best_path, val_batches, run["best_score"])
+        # States without recorded inputs may come from before validation was averaged per volume, when
+        # several volumes were scored as one pool.
+        pooled_state = "inputs" not in saved
     elif state_path.exists() and not resume:
         raise FinetuneError(f"{state_path} exists: pass --resume to continue it, or use a new folder")
     else:
         running = None
+    val_batches = validation_batches(data)
+    check_validation_volumes(val_batches, validation_pairs, first=len(pairs), min_pixels=config.min_pixels)
+    if pooled_state and len({v for item in val_batches for v in item.volumes}) > 1:
+        # Rescore their best weights so later steps compare like with like.
+        run["best_score"] = _current_score(best_path, val_batches, run["best_score"])
     out.mkdir(parents=True, exist_ok=True)  # created only once the inputs have been read and checked
     model.train()
     start_step, t_start = run["step"], time.perf_counter()
@@ -189,15 +196,9 @@ def _current_score(
 ) -> dict[str, float]:
     """The validation score of the weights in `best_path` as `validate` computes it now (`recorded` if
     there are none yet)."""
-    from ..weights.checkpoint import CheckpointError, load_model
-
     if not recorded or not best_path.is_file():
         return recorded
-    try:
-        best, _ = load_model(best_path, device="cpu")
-    except CheckpointError as exc:
-        raise FinetuneError(str(exc)) from exc
-    return validate(best, batches)
+    return validate(_load_checkpoint(best_path)[0], batches)
 
 
 def _model_metadata(config: FinetuneConfig, step: int, score: dict[str, float]) -> dict[str, str]:
