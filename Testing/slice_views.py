@@ -91,6 +91,14 @@ DISPLAYABLE_MANAGERS = (
 )
 
 
+def can_render() -> bool:
+    """Whether VTK can make an offscreen OpenGL context here (EGL, OSMesa or X). Events, clicks and placement
+    need none; only `render()` and `screenshot()` do."""
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    return bool(window.SupportsOpenGL())
+
+
 def _ensure_crosshair(scene: vtk.vtkObject) -> None:
     """The crosshair displayable manager and the slice interactor style's cursor update look for a crosshair
     node; the application adds one ("default") to every scene, so do we."""
@@ -181,6 +189,7 @@ class SliceView:
         return int(width), int(height)
 
     def render(self) -> None:
+        """Draw the view (offscreen). Events do not need it: widgets update from MRML, not from rendering."""
         self.render_window.Render()
 
     def show_volume(self, volume_node: vtk.vtkObject, fit: bool = True) -> None:
@@ -242,7 +251,6 @@ class SliceView:
         self.mouse_move(ras)
         self.interactor.LeftButtonPressEvent()
         self.interactor.LeftButtonReleaseEvent()
-        self.render()
 
     def drag(self, ras_from: Sequence[float], ras_to: Sequence[float], steps: int = 5) -> None:
         """Left press at `ras_from`, `steps` mouse moves along the line, left release at `ras_to`."""
@@ -252,7 +260,6 @@ class SliceView:
         for t in np.linspace(0.0, 1.0, max(int(steps), 1) + 1)[1:]:
             self.mouse_move(start + t * (end - start))
         self.interactor.LeftButtonReleaseEvent()
-        self.render()
 
     def key(self, keysym: str, key_code: str | None = None) -> None:
         """Key press and release (at the last mouse position), e.g. "Up", "Delete", "f"."""
@@ -264,7 +271,6 @@ class SliceView:
         self.interactor.CharEvent()
         self.interactor.KeyReleaseEvent()
         self.interactor.SetKeyEventInformation(0, 0, "\0", 0, "")
-        self.render()
 
     def screenshot(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the view as an RGB PNG."""
@@ -341,7 +347,6 @@ class SliceViews:
         """`volume_node` as the background of every view, fitted."""
         for view in self:
             view.show_volume(volume_node)
-        self.render()
 
     def render(self) -> None:
         for view in self:

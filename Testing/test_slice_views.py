@@ -14,7 +14,7 @@ from vtk.util import numpy_support
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene
 
-from .slice_views import SliceViews
+from .slice_views import SliceViews, can_render
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 PLACE = slicer.vtkMRMLInteractionNode.Place
@@ -229,6 +229,7 @@ def test_keys_reach_the_displayable_managers(views, ct_volume):
 # -- screenshots ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not can_render(), reason="no OpenGL context (EGL, OSMesa or X) for offscreen rendering")
 def test_screenshot_of_red_shows_the_ct(views, tmp_path):
     with_ct = png_pixels(views.screenshot("Red", tmp_path / "red.png"))
     assert with_ct.shape == (400, 400, 3)
