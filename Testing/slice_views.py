@@ -128,8 +128,9 @@ class SliceView:
         # A generic interactor: no X event loop, events come only from us.
         self.interactor = vtk.vtkGenericRenderWindowInteractor()
         self.interactor.SetRenderWindow(self.render_window)
-        # The essential line for clicks: a passive VTK style instead of the default trackball camera, which
-        # grabs the interactor's focus on a button press and so hides the release from Slicer's style.
+        # The essential line for clicks: a passive VTK style instead of VTK's default camera style
+        # (vtkInteractorStyleSwitch), which grabs the interactor's focus on a button press and so hides the
+        # release from Slicer's style (see the module docstring).
         self.interactor.SetInteractorStyle(vtk.vtkInteractorStyleUser())
 
         # Displayable managers, from the process-wide factory. Its application logic is what each new manager
