@@ -274,6 +274,20 @@ def test_every_mrml_widget_receives_the_scene():
     assert sorted(mrml_widgets - connected) == []
 
 
+def ui_strings() -> list[str]:
+    return [s.text or "" for s in ET.parse(UI_FILE).getroot().iter("string")]
+
+
+def test_ui_names_the_toggle_shortcut_the_script_installs():
+    """The panel must name the key sequence the module binds; a bare T toggles the slice view's layers."""
+    bound = re.findall(r'QKeySequence\("([^"]+)"\)', MODULE_SCRIPT.read_text(encoding="utf-8"))
+    assert bound == ["Shift+T"], bound
+    texts = ui_strings()
+    stale = [t for t in texts if re.search(r"Press T\b|\(T\)|shortcut: T\.", t)]
+    assert stale == []
+    assert sum("Shift+T" in t for t in texts) == 3
+
+
 # ----------------------------------------------------------------------------------------------------
 # (c) The module script compiles and has the shape Slicer looks for
 
