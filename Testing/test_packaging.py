@@ -328,7 +328,6 @@ S4EXT_REQUIRED = (
     "category",
     "iconurl",
     "description",
-    "screenshoturls",
     "enabled",
 )
 CMAKE_EXTENSION_VARIABLES = (
@@ -336,7 +335,6 @@ CMAKE_EXTENSION_VARIABLES = (
     "EXTENSION_CONTRIBUTORS",
     "EXTENSION_DESCRIPTION",
     "EXTENSION_ICONURL",
-    "EXTENSION_SCREENSHOTURLS",
     "EXTENSION_DEPENDS",
 )
 
@@ -385,6 +383,42 @@ def test_cmake_and_s4ext_agree():
     assert variables["EXTENSION_ICONURL"] == fields["iconurl"]
     assert variables["EXTENSION_SCREENSHOTURLS"].split() == fields["screenshoturls"].split()
     assert variables["EXTENSION_DEPENDS"].split() == fields["depends"].split()
+
+
+#: Where a URL of this repository's tree names a file: raw files and GitHub's blob/tree/raw pages.
+REPOSITORY_FILE_URL = (
+    r"https://(?:raw\.githubusercontent\.com/{repo}/[^/]+|github\.com/{repo}/(?:blob|tree|raw)/[^/]+)/(.+)$"
+)
+
+
+def metadata_urls() -> list[str]:
+    """Every URL in the extension metadata: the top-level CMakeLists.txt and the .s4ext file."""
+    texts = [_strip_cmake_comments((ROOT / "CMakeLists.txt").read_text(encoding="utf-8")),
+             "\n".join(read_s4ext(S4EXT).values())]  # fmt: skip
+    return [url.rstrip(".,)") for text in texts for url in re.findall(r"https?://[^\s\"']+", text)]
+
+
+def repository_path(url: str) -> str | None:
+    """The path inside this repository that a URL names, or None when it points elsewhere."""
+    homepage = top_cmake_variables()["EXTENSION_HOMEPAGE"]
+    repo = re.escape(homepage.removeprefix("https://github.com/").removesuffix(".git").strip("/"))
+    match = re.match(REPOSITORY_FILE_URL.format(repo=repo), url)
+    return match.group(1) if match else None
+
+
+def test_metadata_urls_into_this_repository_name_existing_files():
+    """A URL into the tree (icon, screenshots) must name a file that is committed, or the Extensions
+    Manager shows a broken image and the Extensions Index checker rejects it."""
+    inside = {url: repository_path(url) for url in metadata_urls() if repository_path(url)}
+    assert inside, "no metadata URL points into this repository; the pattern is probably wrong"
+    assert [url for url, path in inside.items() if not (ROOT / path).is_file()] == []
+
+
+def test_repository_path_reads_raw_and_blob_urls():
+    repo = top_cmake_variables()["EXTENSION_HOMEPAGE"].removeprefix("https://github.com/")
+    assert repository_path(f"https://raw.githubusercontent.com/{repo}/main/a/b.png") == "a/b.png"
+    assert repository_path(f"https://github.com/{repo}/blob/v1/README.md") == "README.md"
+    assert repository_path("https://raw.githubusercontent.com/other/repo/main/a.png") is None
 
 
 def test_icon_url_points_at_the_icon_in_this_repository():
