@@ -177,6 +177,24 @@ def test_module_cmake_builds_and_registers_tests():
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
 
 
+def test_licence_and_notice_are_installed_with_the_module_resources():
+    """Apache-2.0 section 4 asks for the licence and the NOTICE to travel with the distributed module, and
+    the module's acknowledgement refers to the NOTICE."""
+    text = _strip_cmake_comments((MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8"))
+    legal = cmake_set(text, "MODULE_LEGAL_FILES")
+    assert sorted(legal) == ["LICENSE", "NOTICE"]
+    for name in legal:
+        assert (ROOT / name).is_file(), name
+    loop = re.search(r"foreach\(\s*(\w+)\s+\$\{MODULE_LEGAL_FILES\}\s*\)(.*?)endforeach\(\)", text, re.S)
+    assert loop is not None, "MODULE_LEGAL_FILES is not iterated"
+    body = " ".join(loop.group(2).replace("${" + loop.group(1) + "}", "<file>").split())
+    source = "${CMAKE_CURRENT_SOURCE_DIR}/../<file>"
+    installed = "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources"  # where the module's resources go
+    built = "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources/<file>"
+    assert f"install( FILES {source} DESTINATION {installed} COMPONENT RuntimeLibraries )" in body, body
+    assert f"configure_file( {source} {built} COPYONLY )" in body, body
+
+
 def test_requirements_do_not_pull_torch():
     """torch must come from the PyTorch extension, never from a plain pip install."""
     lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
