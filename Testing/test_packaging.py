@@ -8,6 +8,7 @@ exercised by the pure-Python tests, so they are checked here.
 from __future__ import annotations
 
 import ast
+import json
 import py_compile
 import re
 import struct
@@ -24,6 +25,7 @@ LIB_DIR = MODULE_DIR / f"{MODULE_NAME}Lib"
 MODULE_SCRIPT = MODULE_DIR / f"{MODULE_NAME}.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui"
 S4EXT = ROOT / "SAMMed2D.s4ext"
+CATALOG_ENTRY = ROOT / "SAMMed2D.json"
 ICONS = [
     ROOT / "Resources" / "Icons" / "SAMMed2D.png",
     MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png",
@@ -410,9 +412,9 @@ REPOSITORY_FILE_URL = (
 
 
 def metadata_urls() -> list[str]:
-    """Every URL in the extension metadata: the top-level CMakeLists.txt and the .s4ext file."""
+    """Every URL in the extension metadata: the top-level CMakeLists.txt, the .s4ext and the catalog entry."""
     texts = [_strip_cmake_comments((ROOT / "CMakeLists.txt").read_text(encoding="utf-8")),
-             "\n".join(read_s4ext(S4EXT).values())]  # fmt: skip
+             "\n".join(read_s4ext(S4EXT).values()), CATALOG_ENTRY.read_text(encoding="utf-8")]  # fmt: skip
     return [url.rstrip(".,)") for text in texts for url in re.findall(r"https?://[^\s\"']+", text)]
 
 
@@ -437,6 +439,81 @@ def test_repository_path_reads_raw_and_blob_urls():
     assert repository_path(f"https://raw.githubusercontent.com/{repo}/main/a/b.png") == "a/b.png"
     assert repository_path(f"https://github.com/{repo}/blob/v1/README.md") == "README.md"
     assert repository_path("https://raw.githubusercontent.com/other/repo/main/a.png") is None
+
+
+# The catalog entry (SAMMed2D.json), as the Extensions Index's 5.10 and 5.12 branches take it. The schema is
+# Slicer/Slicer:Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (identical at v5.10.0 and v5.12.3,
+# and as schemas/ on the index's 5.10 and 5.12 branches; v1.0.2 is not on the 5.10 branch). Its constraints
+# are restated here, not copied: "required" (lines 7-11), "additionalProperties": false (line 12) and the
+# property types (lines 13-72).
+CATALOG_SCHEMA_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_SCHEMA_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str,
+                             "scm_type": str, "build_dependencies": list, "build_subdirectory": str,
+                             "enabled": bool, "tier": int}  # fmt: skip
+CATALOG_SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+
+
+def catalog_entry() -> dict:
+    return json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+
+
+def catalog_schema_errors(entry: dict) -> list[str]:
+    """What the v1.0.1 schema would reject in `entry` (the subset of JSON Schema that it uses)."""
+    errors = [f"missing {key}" for key in CATALOG_SCHEMA_REQUIRED if key not in entry]
+    for key, value in entry.items():
+        expected = CATALOG_SCHEMA_PROPERTIES.get(key)
+        if expected is None:
+            errors.append(f"unknown key {key}")
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            errors.append(f"{key} is not {expected.__name__}")
+    if not all(isinstance(item, str) for item in entry.get("build_dependencies", [])):
+        errors.append("build_dependencies holds a non-string")
+    if entry.get("scm_type", "git") not in ("git", "local"):
+        errors.append("scm_type is neither git nor local")
+    if not isinstance(entry.get("tier", 1), int) or not 1 <= entry.get("tier", 1) <= 5:
+        errors.append("tier outside 1..5")
+    return errors
+
+
+def test_catalog_entry_passes_the_schema():
+    entry = catalog_entry()
+    assert catalog_schema_errors(entry) == []
+    assert entry["$schema"] == CATALOG_SCHEMA_URL
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [({"scm_url": None}, "missing scm_url"), ({"homepage": "x"}, "unknown key homepage"),
+     ({"tier": 6}, "tier outside 1..5"), ({"enabled": 1}, "enabled is not bool"),
+     ({"build_dependencies": "PyTorch"}, "build_dependencies is not list")],
+)  # fmt: skip
+def test_catalog_schema_check_rejects_what_the_schema_rejects(change, error):
+    entry = {**catalog_entry(), **change}
+    entry = {key: value for key, value in entry.items() if value is not None}
+    assert error in catalog_schema_errors(entry)
+
+
+def test_catalog_entry_agrees_with_cmake_and_s4ext():
+    """The index names the extension after the file and checks it against project(); the factory builds
+    PyTorch first only when the entry lists it (it puts PyTorch on the test launcher's path too)."""
+    entry, variables, fields = catalog_entry(), top_cmake_variables(), read_s4ext(S4EXT)
+    project = re.search(r"\bproject\(\s*(\w+)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    assert project is not None and CATALOG_ENTRY.stem == project.group(1)
+    assert entry["build_dependencies"] == variables["EXTENSION_DEPENDS"].split() == fields["depends"].split()
+    assert entry["scm_url"].removesuffix(".git") == variables["EXTENSION_HOMEPAGE"] == fields["homepage"]
+    assert entry["scm_url"] == fields["scmurl"] and entry["scm_revision"] == fields["scmrevision"]
+    assert entry["category"] == fields["category"] == "Segmentation"  # one of the index's accepted categories
+    assert str(entry["tier"]) == fields["tier"]
+
+
+def test_catalog_entry_follows_the_index_naming_rules():
+    """scripts/check_description_files.py on the index's 5.10 and 5.12 branches: scm_url scheme git or https
+    (check_scm_url_syntax), extension name not starting with "Slicer" (check_extension_name), repository name
+    starting with "Slicer" (check_git_repository_name)."""
+    url = catalog_entry()["scm_url"]
+    assert url.split("://", 1)[0] in ("git", "https")
+    assert not CATALOG_ENTRY.stem.lower().startswith("slicer")
+    assert url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git").startswith("Slicer")
 
 
 def test_icon_url_points_at_the_icon_in_this_repository():
