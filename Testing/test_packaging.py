@@ -204,32 +204,7 @@ def test_requirements_do_not_pull_torch():
     names = [n for n in names if n and not n.startswith("#")]
     assert "safetensors" in names
     assert "torch" not in names
-
-
-#: What Slicer 5.12.3 bundles (SuperBuild/External_python-*.cmake at tag v5.12.3), as constraints-ci.txt pins.
-SLICER_5_12_3 = {"numpy": "2.4.6", "scipy": "1.17.1", "simpleitk": "2.5.5", "pydicom": "3.0.2",
-                 "highdicom": "0.27.0"}  # fmt: skip
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
-def test_requirements_are_satisfied_by_what_slicer_5_12_3_bundles():
-    """No requirement may force an upgrade of a package Slicer bundles (it would have to shadow Slicer's);
-    and CI runs the suite with exactly these versions."""
-    lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    requirements = [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
-    for requirement in requirements:
-        name, _, minimum = requirement.partition(">=")
-        bundled = SLICER_5_12_3.get(name.strip().lower())
-        if bundled is not None:
-            assert _version(bundled) >= _version(minimum), f"{requirement} needs more than Slicer's {bundled}"
-    pins = dict(line.lower().split("==") for line in (ROOT / "constraints-ci.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))  # fmt: skip
-    for name, version in SLICER_5_12_3.items():
-        if name in pins:
-            assert pins[name] == version, f"constraints-ci.txt: {name}=={pins[name]}, Slicer has {version}"
+    # The pins themselves, against what Slicer bundles, are checked in test_requirements.py.
 
 
 # ----------------------------------------------------------------------------------------------------
