@@ -417,10 +417,10 @@ def test_repository_path_reads_raw_and_blob_urls():
 
 
 # The catalog entry (SAMMed2D.json), as the Extensions Index's 5.10 and 5.12 branches take it. The schema is
-# Slicer/Slicer:Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (identical at v5.10.0 and v5.12.3,
-# and as schemas/ on the index's 5.10 and 5.12 branches; v1.0.2 is not on the 5.10 branch). Its constraints
-# are restated here, not copied: "required" (lines 7-11), "additionalProperties": false (line 12) and the
-# property types (lines 13-72).
+# Slicer/Slicer:Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json, the same at v5.10.0 and v5.12.3
+# ("required" line 7, "additionalProperties": false line 8, properties lines 9-65) and, formatted otherwise,
+# as schemas/ on the index's 5.10 and 5.12 branches (v1.0.2 is not on the 5.10 branch). Its constraints are
+# restated here, not copied (the Slicer licence would have to travel with a copy).
 CATALOG_SCHEMA_REQUIRED = ("$schema", "category", "scm_url")
 CATALOG_SCHEMA_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str,
                              "scm_type": str, "build_dependencies": list, "build_subdirectory": str,
