@@ -8,6 +8,7 @@ exercised by the pure-Python tests, so they are checked here.
 from __future__ import annotations
 
 import ast
+import json
 import py_compile
 import re
 import struct
@@ -24,6 +25,7 @@ LIB_DIR = MODULE_DIR / f"{MODULE_NAME}Lib"
 MODULE_SCRIPT = MODULE_DIR / f"{MODULE_NAME}.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui"
 S4EXT = ROOT / "SAMMed2D.s4ext"
+CATALOG_ENTRY = ROOT / "SAMMed2D.json"
 ICONS = [
     ROOT / "Resources" / "Icons" / "SAMMed2D.png",
     MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png",
@@ -177,6 +179,24 @@ def test_module_cmake_builds_and_registers_tests():
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
 
 
+def test_licence_and_notice_are_installed_with_the_module_resources():
+    """Apache-2.0 section 4 asks for the licence and the NOTICE to travel with the distributed module, and
+    the module's acknowledgement refers to the NOTICE."""
+    text = _strip_cmake_comments((MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8"))
+    legal = cmake_set(text, "MODULE_LEGAL_FILES")
+    assert sorted(legal) == ["LICENSE", "NOTICE"]
+    for name in legal:
+        assert (ROOT / name).is_file(), name
+    loop = re.search(r"foreach\(\s*(\w+)\s+\$\{MODULE_LEGAL_FILES\}\s*\)(.*?)endforeach\(\)", text, re.S)
+    assert loop is not None, "MODULE_LEGAL_FILES is not iterated"
+    body = " ".join(loop.group(2).replace("${" + loop.group(1) + "}", "<file>").split())
+    source = "${CMAKE_CURRENT_SOURCE_DIR}/../<file>"
+    installed = "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources"  # where the module's resources go
+    built = "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources/<file>"
+    assert f"install( FILES {source} DESTINATION {installed} COMPONENT RuntimeLibraries )" in body, body
+    assert f"configure_file( {source} {built} COPYONLY )" in body, body
+
+
 def test_requirements_do_not_pull_torch():
     """torch must come from the PyTorch extension, never from a plain pip install."""
     lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
@@ -184,32 +204,7 @@ def test_requirements_do_not_pull_torch():
     names = [n for n in names if n and not n.startswith("#")]
     assert "safetensors" in names
     assert "torch" not in names
-
-
-#: What Slicer 5.12.3 bundles (SuperBuild/External_python-*.cmake at tag v5.12.3), as constraints-ci.txt pins.
-SLICER_5_12_3 = {"numpy": "2.4.6", "scipy": "1.17.1", "simpleitk": "2.5.5", "pydicom": "3.0.2",
-                 "highdicom": "0.27.0"}  # fmt: skip
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
-def test_requirements_are_satisfied_by_what_slicer_5_12_3_bundles():
-    """No requirement may force an upgrade of a package Slicer bundles (it would have to shadow Slicer's);
-    and CI runs the suite with exactly these versions."""
-    lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    requirements = [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
-    for requirement in requirements:
-        name, _, minimum = requirement.partition(">=")
-        bundled = SLICER_5_12_3.get(name.strip().lower())
-        if bundled is not None:
-            assert _version(bundled) >= _version(minimum), f"{requirement} needs more than Slicer's {bundled}"
-    pins = dict(line.lower().split("==") for line in (ROOT / "constraints-ci.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))  # fmt: skip
-    for name, version in SLICER_5_12_3.items():
-        if name in pins:
-            assert pins[name] == version, f"constraints-ci.txt: {name}=={pins[name]}, Slicer has {version}"
+    # The pins themselves, against what Slicer bundles, are checked in test_requirements.py.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,6 +269,20 @@ def test_every_mrml_widget_receives_the_scene():
     assert sorted(mrml_widgets - connected) == []
 
 
+def ui_strings() -> list[str]:
+    return [s.text or "" for s in ET.parse(UI_FILE).getroot().iter("string")]
+
+
+def test_ui_names_the_toggle_shortcut_the_script_installs():
+    """The panel must name the key sequence the module binds; a bare T toggles the slice view's layers."""
+    bound = re.findall(r'QKeySequence\("([^"]+)"\)', MODULE_SCRIPT.read_text(encoding="utf-8"))
+    assert bound == ["Shift+T"], bound
+    texts = ui_strings()
+    stale = [t for t in texts if re.search(r"Press T\b|\(T\)|shortcut: T\.", t)]
+    assert stale == []
+    assert sum("Shift+T" in t for t in texts) == 3
+
+
 # ----------------------------------------------------------------------------------------------------
 # (c) The module script compiles and has the shape Slicer looks for
 
@@ -314,7 +323,6 @@ S4EXT_REQUIRED = (
     "category",
     "iconurl",
     "description",
-    "screenshoturls",
     "enabled",
 )
 CMAKE_EXTENSION_VARIABLES = (
@@ -322,7 +330,6 @@ CMAKE_EXTENSION_VARIABLES = (
     "EXTENSION_CONTRIBUTORS",
     "EXTENSION_DESCRIPTION",
     "EXTENSION_ICONURL",
-    "EXTENSION_SCREENSHOTURLS",
     "EXTENSION_DEPENDS",
 )
 
@@ -371,6 +378,117 @@ def test_cmake_and_s4ext_agree():
     assert variables["EXTENSION_ICONURL"] == fields["iconurl"]
     assert variables["EXTENSION_SCREENSHOTURLS"].split() == fields["screenshoturls"].split()
     assert variables["EXTENSION_DEPENDS"].split() == fields["depends"].split()
+
+
+#: Where a URL of this repository's tree names a file: raw files and GitHub's blob/tree/raw pages.
+REPOSITORY_FILE_URL = (
+    r"https://(?:raw\.githubusercontent\.com/{repo}/[^/]+|github\.com/{repo}/(?:blob|tree|raw)/[^/]+)/(.+)$"
+)
+
+
+def metadata_urls() -> list[str]:
+    """Every URL in the extension metadata: the top-level CMakeLists.txt, the .s4ext and the catalog entry."""
+    texts = [_strip_cmake_comments((ROOT / "CMakeLists.txt").read_text(encoding="utf-8")),
+             "\n".join(read_s4ext(S4EXT).values()), CATALOG_ENTRY.read_text(encoding="utf-8")]  # fmt: skip
+    return [url.rstrip(".,)") for text in texts for url in re.findall(r"https?://[^\s\"']+", text)]
+
+
+def repository_path(url: str) -> str | None:
+    """The path inside this repository that a URL names, or None when it points elsewhere."""
+    homepage = top_cmake_variables()["EXTENSION_HOMEPAGE"]
+    repo = re.escape(homepage.removeprefix("https://github.com/").removesuffix(".git").strip("/"))
+    match = re.match(REPOSITORY_FILE_URL.format(repo=repo), url)
+    return match.group(1) if match else None
+
+
+def test_metadata_urls_into_this_repository_name_existing_files():
+    """A URL into the tree (icon, screenshots) must name a file that is committed, or the Extensions
+    Manager shows a broken image and the Extensions Index checker rejects it."""
+    inside = {url: repository_path(url) for url in metadata_urls() if repository_path(url)}
+    assert inside, "no metadata URL points into this repository; the pattern is probably wrong"
+    assert [url for url, path in inside.items() if not (ROOT / path).is_file()] == []
+
+
+def test_repository_path_reads_raw_and_blob_urls():
+    repo = top_cmake_variables()["EXTENSION_HOMEPAGE"].removeprefix("https://github.com/")
+    assert repository_path(f"https://raw.githubusercontent.com/{repo}/main/a/b.png") == "a/b.png"
+    assert repository_path(f"https://github.com/{repo}/blob/v1/README.md") == "README.md"
+    assert repository_path("https://raw.githubusercontent.com/other/repo/main/a.png") is None
+
+
+# The catalog entry (SAMMed2D.json), as the Extensions Index's 5.10 and 5.12 branches take it. The schema is
+# Slicer/Slicer:Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json, the same at v5.10.0 and v5.12.3
+# ("required" line 7, "additionalProperties": false line 8, properties lines 9-65) and, formatted otherwise,
+# as schemas/ on the index's 5.10 and 5.12 branches (v1.0.2 is not on the 5.10 branch). Its constraints are
+# restated here, not copied (the Slicer licence would have to travel with a copy).
+CATALOG_SCHEMA_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_SCHEMA_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str,
+                             "scm_type": str, "build_dependencies": list, "build_subdirectory": str,
+                             "enabled": bool, "tier": int}  # fmt: skip
+CATALOG_SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+
+
+def catalog_entry() -> dict:
+    return json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+
+
+def catalog_schema_errors(entry: dict) -> list[str]:
+    """What the v1.0.1 schema would reject in `entry` (the subset of JSON Schema that it uses)."""
+    errors = [f"missing {key}" for key in CATALOG_SCHEMA_REQUIRED if key not in entry]
+    for key, value in entry.items():
+        expected = CATALOG_SCHEMA_PROPERTIES.get(key)
+        if expected is None:
+            errors.append(f"unknown key {key}")
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            errors.append(f"{key} is not {expected.__name__}")
+    if not all(isinstance(item, str) for item in entry.get("build_dependencies", [])):
+        errors.append("build_dependencies holds a non-string")
+    if entry.get("scm_type", "git") not in ("git", "local"):
+        errors.append("scm_type is neither git nor local")
+    if not isinstance(entry.get("tier", 1), int) or not 1 <= entry.get("tier", 1) <= 5:
+        errors.append("tier outside 1..5")
+    return errors
+
+
+def test_catalog_entry_passes_the_schema():
+    entry = catalog_entry()
+    assert catalog_schema_errors(entry) == []
+    assert entry["$schema"] == CATALOG_SCHEMA_URL
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [({"scm_url": None}, "missing scm_url"), ({"homepage": "x"}, "unknown key homepage"),
+     ({"tier": 6}, "tier outside 1..5"), ({"enabled": 1}, "enabled is not bool"),
+     ({"build_dependencies": "PyTorch"}, "build_dependencies is not list")],
+)  # fmt: skip
+def test_catalog_schema_check_rejects_what_the_schema_rejects(change, error):
+    entry = {**catalog_entry(), **change}
+    entry = {key: value for key, value in entry.items() if value is not None}
+    assert error in catalog_schema_errors(entry)
+
+
+def test_catalog_entry_agrees_with_cmake_and_s4ext():
+    """The index names the extension after the file and checks it against project(); the factory builds
+    PyTorch first only when the entry lists it (it puts PyTorch on the test launcher's path too)."""
+    entry, variables, fields = catalog_entry(), top_cmake_variables(), read_s4ext(S4EXT)
+    project = re.search(r"\bproject\(\s*(\w+)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    assert project is not None and CATALOG_ENTRY.stem == project.group(1)
+    assert entry["build_dependencies"] == variables["EXTENSION_DEPENDS"].split() == fields["depends"].split()
+    assert entry["scm_url"].removesuffix(".git") == variables["EXTENSION_HOMEPAGE"] == fields["homepage"]
+    assert entry["scm_url"] == fields["scmurl"] and entry["scm_revision"] == fields["scmrevision"]
+    assert entry["category"] == fields["category"] == "Segmentation"  # one of the index's accepted categories
+    assert str(entry["tier"]) == fields["tier"]
+
+
+def test_catalog_entry_follows_the_index_naming_rules():
+    """scripts/check_description_files.py on the index's 5.10 and 5.12 branches: scm_url scheme git or https
+    (check_scm_url_syntax), extension name not starting with "Slicer" (check_extension_name), repository name
+    starting with "Slicer" (check_git_repository_name)."""
+    url = catalog_entry()["scm_url"]
+    assert url.split("://", 1)[0] in ("git", "https")
+    assert not CATALOG_ENTRY.stem.lower().startswith("slicer")
+    assert url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git").startswith("Slicer")
 
 
 def test_icon_url_points_at_the_icon_in_this_repository():

@@ -1,0 +1,187 @@
+"""The engine-package installer (SAMMed2DSegmentLib.installer): real pip runs, offline, against a wheel built
+here; a failing install; a cancel while pip waits on a server that never answers, with pip started through a
+launcher the way PythonSlicer starts the real interpreter."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from SAMMed2DSegmentLib import requirements
+from SAMMed2DSegmentLib.installer import PipInstall
+
+PACKAGE, VERSION = "sammed2d_tiny", "1.0"
+
+
+def build_wheel(folder: Path) -> Path:
+    """A pure-Python wheel with one module (METADATA, WHEEL, RECORD with hashes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"{PACKAGE}-{VERSION}.dist-info"
+    files = {
+        f"{PACKAGE}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {VERSION}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = "\n".join(record) + "\n"
+    wheel = folder / f"{PACKAGE}-{VERSION}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+def run_to_end(install: PipInstall, limit: float = 300.0) -> tuple[list[str], object]:
+    """Poll the way the module's timer does; the limit only keeps a broken run from hanging the suite."""
+    lines, deadline = [], time.monotonic() + limit
+    while True:
+        progress = install.poll()
+        if progress.line and (not lines or lines[-1] != progress.line):
+            lines.append(progress.line)
+        if progress.finished:
+            return lines, progress
+        assert time.monotonic() < deadline, "pip did not end"
+        time.sleep(0.05)
+
+
+def offline(find_links: Path) -> list[str]:
+    return ["--no-index", "--find-links", str(find_links)]
+
+
+def test_install_puts_a_complete_importable_folder_in_place(tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels)
+    target = tmp_path / "cache" / "packages" / "py3-test"
+    install = PipInstall(sys.executable, [f"{PACKAGE}=={VERSION}"], target, pip_args=offline(wheels))
+    install.start()
+    lines, progress = run_to_end(install)
+    assert progress.succeeded and not progress.error and not progress.cancelled
+    assert lines and "\n" not in lines[-1]
+    assert (target / PACKAGE / "__init__.py").is_file()
+    assert requirements.folder_complete(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "the staging folder is left"
+    code = "import sys; "
+    code += f"sys.path.insert(0, {str(target)!r}); import {PACKAGE} as m; print(m.VALUE, m.__file__)"
+    shown = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
+    value, location = shown.stdout.split()
+    assert value == "42" and Path(location).parent.parent == target
+    # The checker now finds the package in the folder and hands the folder to the engine.
+    listed = tmp_path / "requirements.txt"
+    listed.write_text(f"{PACKAGE}=={VERSION}\n")
+    state = requirements.check_requirements(listed, target, search_path=[])
+    assert state.missing == () and state.package_dirs == (str(target),)
+
+
+def test_failing_install_reports_one_line_and_leaves_no_folder(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    target = tmp_path / "cache" / "packages" / "py3-test"
+    install = PipInstall(sys.executable, ["sammed2d-nonexistent==1.0"], target,
+                         pip_args=offline(tmp_path / "wheels"))  # fmt: skip
+    install.start()
+    _, progress = run_to_end(install)
+    assert progress.finished and not progress.succeeded
+    assert "sammed2d-nonexistent" in progress.error and "\n" not in progress.error
+    assert "ERROR" in install.output
+    assert not (tmp_path / "cache").exists(), "the folders made for the target must go too"
+
+
+def test_a_folder_in_the_way_is_never_removed(tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels)
+    target = tmp_path / "packages" / "py3-test"
+    target.mkdir(parents=True)
+    (target / "someone-elses.txt").write_text("keep me")
+    install = PipInstall(sys.executable, [f"{PACKAGE}=={VERSION}"], target, pip_args=offline(wheels))
+    install.start()
+    _, progress = run_to_end(install)
+    assert not progress.succeeded and "not a complete install" in progress.error
+    assert sorted(p.name for p in target.iterdir()) == ["someone-elses.txt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_an_install_finished_meanwhile_elsewhere_is_kept(tmp_path):
+    """Two Slicer sessions installing at once: the second finds the first one's complete folder."""
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels)
+    target = tmp_path / "packages" / "py3-test"
+    install = PipInstall(sys.executable, [f"{PACKAGE}=={VERSION}"], target, pip_args=offline(wheels))
+    install.start()
+    target.mkdir(parents=True)
+    requirements.write_marker(target, ["from the other session"])
+    _, progress = run_to_end(install)
+    assert progress.succeeded
+    assert "from the other session" in (target / requirements.COMPLETE_MARKER).read_text()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # a killed child whose parent is gone may wait as a zombie
+    return not (stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the launcher below is a POSIX shell script")
+def test_cancel_kills_pip_and_its_children_and_leaves_nothing(tmp_path):
+    # An index that accepts connections and never answers: pip is certainly mid-way when cancel comes.
+    listener = socket.create_server(("127.0.0.1", 0))
+    connected = threading.Event()
+    held = []
+
+    def accept() -> None:
+        try:
+            held.append(listener.accept()[0])
+            connected.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    # Like PythonSlicer: a launcher that starts the real interpreter as its child and waits for it.
+    launcher = tmp_path / "PythonLauncher"
+    launcher.write_text('#!/bin/sh\n"$REAL_PYTHON" "$@" &\necho $! > "$CHILD_PID"\nwait\n')
+    launcher.chmod(0o755)
+    env = {**os.environ, "REAL_PYTHON": sys.executable, "CHILD_PID": str(tmp_path / "child.pid")}
+    target = tmp_path / "cache" / "packages" / "py3-test"
+    index = f"http://127.0.0.1:{listener.getsockname()[1]}/simple"
+    install = PipInstall(str(launcher), [f"{PACKAGE}=={VERSION}"], target, env=env,
+                         pip_args=["--index-url", index, "--timeout", "600", "--retries", "0"])  # fmt: skip
+    try:
+        install.start()
+        while not connected.wait(0.05):
+            assert not install.poll().finished, install.output
+        child = int((tmp_path / "child.pid").read_text())
+        assert _alive(child)
+        progress = install.cancel()
+        assert progress.cancelled and progress.finished and not progress.succeeded
+        deadline = time.monotonic() + 30  # the kill is sent already; this only bounds the reaping
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the launcher's child (the real pip) survived the cancel"
+        assert not _alive(install.pid)
+        assert not (tmp_path / "cache").exists()
+        assert install.poll().cancelled
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+def test_an_empty_install_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        PipInstall(sys.executable, [], tmp_path / "x")
