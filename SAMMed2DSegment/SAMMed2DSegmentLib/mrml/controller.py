@@ -124,6 +124,8 @@ class InteractiveSegmentation:
         self.client.wait(job.engine_job if isinstance(job, SegmentationJob) else job, timeout)
 
     def cancel(self) -> None:
+        """Stop: the running job and every queued one. Loading the model and sending the volume are set-up,
+        not work, so the engine still does them (they are recorded as sent here)."""
         self.client.cancel(None)
 
     def scene_closing(self) -> None:
@@ -153,7 +155,8 @@ class InteractiveSegmentation:
             if event == "done":
                 self.model = header
             elif event in ("error", "cancelled"):
-                self._model_request = None
+                if self._model_request == wanted:  # not loaded: the next action asks for it again
+                    self._model_request = None
                 if event == "error" and on_error is not None:
                     on_error(header.get("message", ""), header.get("details", ""))
 
@@ -174,10 +177,16 @@ class InteractiveSegmentation:
 
     def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> Any:
         snapshot = self.snapshot(volume_node, modality)
-        if self._volume_sent != (snapshot.key, self.client.generation):
+        sent = (snapshot.key, self.client.generation)
+        if self._volume_sent != sent:
             header = {"ijk_to_ras": snapshot.ijk_to_ras.tolist(), "modality": modality, "key": snapshot.key}
-            self.client.submit_volume(snapshot.array_kji, header)
-            self._volume_sent = (snapshot.key, self.client.generation)
+
+            def on_event(event: str, reply: dict, arrays: dict) -> None:
+                if event in ("error", "cancelled") and self._volume_sent == sent:
+                    self._volume_sent = None  # not in the engine: the next action sends it again
+
+            self.client.submit_volume(snapshot.array_kji, header, on_event=on_event)
+            self._volume_sent = sent
         return snapshot
 
     # -- segmentation ------------------------------------------------------------------------------------

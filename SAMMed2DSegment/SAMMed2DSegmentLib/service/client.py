@@ -52,6 +52,8 @@ class Job:
     generation: int
     background: bool = False  # pre-encoding: not "busy" for the panel
     resources: list = field(default_factory=list)  # shared memory blocks to release when the job ends
+    state: str = "pending"  # → "done" | "error" | "cancelled", set before its last event is delivered
+    message: str = ""  # the one-line message of an "error"
 
 
 class EngineClient:
@@ -237,6 +239,7 @@ class EngineClient:
             del self.jobs[job.number]
             for resource in job.resources:
                 _release(resource)
+            job.state, job.message = event, header.get("message", "") if event == "error" else ""
         if job.on_event is not None:
             job.on_event(event, header, arrays)
         return 1
@@ -294,6 +297,8 @@ class EngineClient:
         self.jobs.clear()
         self._release_all(jobs)
         self._reset_connection()
+        for job in jobs:  # every state first: a callback may look at another job of the same engine
+            job.state, job.message = "error", message
         for job in jobs:
             if job.on_event is not None:
                 job.on_event("error", {"message": message, "details": message}, {})
