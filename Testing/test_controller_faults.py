@@ -10,6 +10,8 @@ a propagation cancelled or killed from its own slice callback, the engine's idle
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,3 +175,27 @@ def test_a_volume_the_engine_did_not_take_is_sent_again(case):
     assert transfer.state == "cancelled" and job.state == "failed"
     assert calls.errors == ["the volume was not sent to the engine; run the action again"]
     case.next_action_works()
+
+
+def test_an_engine_killed_while_idle_is_replaced_cleanly(case):
+    """L1: the engine dies while nothing is pending (SIGKILL during the idle pre-encoding; nobody polls): the
+    next action starts a new engine that works the first time (the dead engine's connection used to be read
+    as the new one's, and the new engine was killed)."""
+    case.next_action_works()
+    assert case.controller.prefetch(case.volume, "axial", LIVER_SLICE, SegmentOptions()) is not None
+    settle(case.client)  # the prefetch request is answered at once; the encoding goes on while idle
+    killed = kill_engine(case.client)
+    case.next_action_works()
+    assert case.client.pid != killed
+
+
+def kill_engine(client: EngineClient) -> int:
+    """SIGKILL the engine and wait until it has exited, without polling the client and without reaping it
+    (the client does that). Returns its pid."""
+    pid = client.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return pid

@@ -164,10 +164,16 @@ class InteractiveSegmentation:
         return self.client.submit("load_model", request, on_event=on_event)
 
     def _ensure_engine(self) -> None:
+        """A dead engine (also one that died unnoticed, while idle) is replaced before anything is sent: the
+        new one has no model and no volume."""
         if not self.client.running:
             self.client.start()  # a new engine: nothing loaded, nothing sent
             self._model_request = None
             self._volume_sent = None
+
+    def _model_requested(self) -> bool:
+        """Whether this engine has a model loaded or on its way (jobs may be queued behind it)."""
+        return self._model_request is not None and self._model_request[2] == self.client.generation
 
     def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None):
         """The voxels and geometry for the engine, copied again only when the volume changed."""
@@ -244,7 +250,8 @@ class InteractiveSegmentation:
             raise ValueError("select the input volume and the segmentation first")
         if seg_node.GetSegmentation().GetSegment(segment_id) is None:
             raise ValueError(f"no segment {segment_id!r} in {seg_node.GetName()!r}")
-        if self._model_request is None or self._model_request[2] != self.client.generation:
+        self._ensure_engine()
+        if not self._model_requested():
             raise RuntimeError("no model is loaded (choose one under Model)")
         snapshot = self._ensure_volume(volume_node, modality)
         geometry = snapshot.geometry(options.axis)
@@ -364,8 +371,9 @@ class InteractiveSegmentation:
     # -- pre-encoding and export -----------------------------------------------------------------------
     def prefetch(self, volume_node: vtk.vtkObject, axis: str, center: int, options: SegmentOptions,
                  modality: str | None = None) -> Job | None:  # fmt: skip
-        """While idle, the engine encodes the volume's `axis` slices from `center` outwards."""
-        if self._model_request is None or self._model_request[2] != self.client.generation:
+        """While idle, the engine encodes the volume's `axis` slices from `center` outwards (never starts an
+        engine: a courtesy is not worth one)."""
+        if not self.client.running or not self._model_requested():
             return None
         snapshot = self._ensure_volume(volume_node, modality)
         header = {"key": snapshot.key, "axis": axis, "center": int(center), "window": options.window_header()}

@@ -10,7 +10,8 @@ so this side needs no thread of its own (a Python thread inside Slicer would sta
 engine exits when the connection ends, so it never outlives the Slicer process; `close()` (or garbage
 collection) stops it too. If it dies (a torch crash, out of memory, `kill -9`), every pending job gets one
 "error" event with a one-line message, and the next request starts a new engine (`generation` counts them, so
-callers know to send the model and volume again).
+callers know to send the model and volume again). That holds also when it died while nothing was pending and
+nobody polled (e.g. during the idle pre-encoding): `start()` first clears what is left of the dead one.
 """
 
 from __future__ import annotations
@@ -97,9 +98,15 @@ class EngineClient:
 
     # -- start and stop ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start a new engine process (returns at once; it connects back while the caller polls)."""
+        """Start a new engine process (returns at once; it connects back while the caller polls). What is
+        left of a previous engine that died unnoticed (its connection, unsent requests, pending jobs) is
+        cleared first: read as the new engine's, its end of file would kill the new one."""
         if self.running:
             return
+        if self._process is not None:
+            self._engine_died()  # its pending jobs (if any) get their error now
+            if self.running:  # an error callback started one already
+                return
         key = self._key = secrets.token_bytes(32)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
@@ -156,7 +163,6 @@ class EngineClient:
     ) -> Job:
         """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed."""
         if not self.running:
-            self._reset_connection()
             self.start()
         job = Job(next(self._numbers), op, on_event, self.generation, background)
         self.jobs[job.number] = job
