@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import slicer
 
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
@@ -199,3 +200,51 @@ def kill_engine(client: EngineClient) -> int:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return pid
+
+
+STALE = {
+    "segment": "the segment was removed while the model was running",
+    "segmentation": "the volume or the segmentation was removed while the model was running",
+    "volume": "the volume changed while the model was running; run it again",
+}
+
+
+@pytest.mark.parametrize("change", sorted(STALE))
+def test_a_job_that_became_stale_says_so_once(case, change):
+    """C5: a propagation whose segment, segmentation or volume changes under it ends "stale" with the reason,
+    through `on_done`, exactly once, and writes nothing after the change (the panel used to keep showing
+    "Propagating…")."""
+
+    def change_on_first_slice(row) -> None:
+        if len(calls.slices) > 1:
+            return
+        if change == "segment":
+            case.seg.GetSegmentation().RemoveSegment(case.liver)
+        elif change == "segmentation":
+            case.hs.scene.RemoveNode(case.seg)
+        else:
+            voxels = slicer.util.arrayFromVolume(case.volume)
+            voxels[0, 0, 0] += 1
+            slicer.util.arrayFromVolumeModified(case.volume)
+
+    case.controller.request_model(DEMO, "cpu")
+    job, calls = case.start(SegmentOptions(direction="both"), on_slice=change_on_first_slice)
+    case.controller.wait(job, timeout=300)
+    settle(case.client)
+    assert job.state == "stale" and calls.done == [("stale", STALE[change])] and calls.errors == []
+    assert job.written == [LIVER_SLICE] and calls.slices == [LIVER_SLICE]  # nothing after the change
+    if change == "volume":
+        assert set(np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))) == {LIVER_SLICE}
+
+
+def test_the_jobs_of_a_closed_scene_end_stale_without_callbacks(case):
+    """The scene-closing case of C5: the caller resets itself, so no callback fires; the job says "stale"."""
+
+    def close_on_first_slice(row) -> None:
+        case.controller.scene_closing()
+
+    case.controller.request_model(DEMO, "cpu")
+    job, calls = case.start(SegmentOptions(direction="both"), on_slice=close_on_first_slice)
+    settle(case.client)
+    assert job.state == "stale" and job.message == "the scene was closed while the model was running"
+    assert calls.calls == 0 and job.written == [LIVER_SLICE] and calls.slices == [LIVER_SLICE]

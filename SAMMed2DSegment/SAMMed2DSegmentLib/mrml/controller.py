@@ -11,12 +11,23 @@ Rules every job follows:
 * A job whose engine dies is rolled back to the state before its first slice: nothing half-done stays. A
   cancelled job keeps the slices already written (the user pressed Stop). A stale job (scene closed, node
   deleted, volume edited) writes nothing more.
+
+How a segmentation job ends reaches its caller exactly once (the panel shows a status line for each):
+* `on_done(job)` for every end that is not a failure: `job.state` is "done", "cancelled" (`job.message`
+  empty after a Stop, else the reason) or "stale" (`job.message` the one-line reason: segment or node
+  removed, volume edited);
+* `on_error(message, details)` for a failure: `job.state` is "failed", `job.message == message` (one line),
+  `details` the engine's or the write's traceback; the slices it wrote are rolled back;
+* nothing after that, and nothing at all for the jobs of a closed scene (`scene_closing()`): the caller is
+  resetting itself; those jobs are marked "stale" at once.
+`on_slice(row)` comes before, once per visited slice.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +38,7 @@ import vtk
 
 from ..engine.geometry import SliceGeometry
 from ..service.client import EngineClient, Job
-from ..service.protocol import pack_mask, unpack_mask
+from ..service.protocol import one_line, pack_mask, unpack_mask
 from .editing import SliceWriter, WrittenSlices
 from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
 from .segmentations import segment_array
@@ -129,7 +140,11 @@ class InteractiveSegmentation:
         self.client.cancel(None)
 
     def scene_closing(self) -> None:
-        """Everything computed for the old scene is dropped, never written into the new one."""
+        """Everything computed for the old scene is dropped, never written into the new one. Its jobs end
+        "stale" here, without callbacks (see the module docstring)."""
+        for job in self.jobs:
+            if job.state == "running":
+                job.state, job.message = "stale", "the scene was closed while the model was running"
         self.epoch = next(self._epoch)
         self.client.forget()
         self._snapshot = None
@@ -270,21 +285,23 @@ class InteractiveSegmentation:
         arrays = {f"seed_{i}": pack_mask(m) for i, m in seeds.items()}
 
         def on_event(event: str, reply: dict, reply_arrays: dict) -> None:
+            if job.state != "running":
+                return  # it ended already (stale, failed while writing, its scene closed): said once
+            details = reply.get("details", "")
             try:
                 self._on_event(job, event, reply, reply_arrays, save_undo, on_slice)
             except Exception as error:  # a write failed: stop the job, undo its slices, report
-                import traceback
-
                 self.client.cancel(job.engine_job)
                 self._roll_back(job)
-                job.state, job.message = "failed", str(error)
+                job.state, job.message = "failed", one_line(error)
+                details = traceback.format_exc()
+            if job.state == "running" or job.epoch != self.epoch:
+                return  # more to come, or its scene was closed (in `on_slice`, say): no callbacks
+            if job.state == "failed":
                 if on_error is not None:
-                    on_error(str(error), traceback.format_exc())
-                return
-            if job.state in ("done", "cancelled") and on_done is not None and event != "slice":
+                    on_error(job.message, details)
+            elif on_done is not None:
                 on_done(job)
-            elif job.state == "failed" and on_error is not None and event == "error":
-                on_error(job.message, reply.get("details", ""))
 
         job.engine_job = self.client.submit("segment", header, arrays, on_event=on_event)
         self.jobs = [j for j in self.jobs if j.state == "running"] + [job]
@@ -302,8 +319,7 @@ class InteractiveSegmentation:
         return ""
 
     def _on_event(self, job, event, reply, arrays, save_undo, on_slice) -> None:
-        if job.state != "running":
-            return
+        """Advance the job by one engine event; `job.state` says whether it ended."""
         if event == "error":
             self._roll_back(job)
             job.state, job.message = "failed", reply.get("message", "the engine failed")

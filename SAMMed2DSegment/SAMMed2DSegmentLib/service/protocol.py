@@ -93,6 +93,14 @@ def unpack_mask(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.unpackbits(bits, count=count).astype(bool).reshape(shape)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as the one line a user reads (its type only where the text alone would not say what
+    went wrong); the traceback belongs in the details."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    plain = isinstance(error, (ValueError, RuntimeError, OSError))
+    return text if plain else f"{type(error).__name__}: {text}"
+
+
 def connect_engine(host: str, port: int, authkey: bytes) -> Connection:
     """The engine's end of the channel, as `multiprocessing.connection.Client` makes it but with Nagle's
     algorithm off on the socket: a message over 16 KiB (a slice's mask) goes out as two writes, and with Nagle

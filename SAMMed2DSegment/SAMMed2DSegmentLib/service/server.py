@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, SETUP_OPS, connect_engine, decode, encode, pack_mask, unpack_mask
+from .protocol import AUTHKEY_ENV, SETUP_OPS, connect_engine, decode, encode, one_line, pack_mask, unpack_mask
 
 log = logging.getLogger("SAMMed2D.engine")
 
@@ -119,7 +119,7 @@ class EngineServer:
         except JobCancelled:
             self.send({"job": job, "event": "cancelled"})
         except Exception as error:  # reported to the panel in one line; the details go to the log
-            self.send({"job": job, "event": "error", "message": _one_line(error),
+            self.send({"job": job, "event": "error", "message": one_line(error),
                        "details": traceback.format_exc()})  # fmt: skip
         finally:
             self._setup.discard(job)
@@ -318,12 +318,6 @@ def _attach_shared_memory(shared_memory: Any, name: str) -> Any:
 
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    plain = isinstance(error, (ValueError, RuntimeError, OSError))
-    return text if plain else f"{type(error).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
