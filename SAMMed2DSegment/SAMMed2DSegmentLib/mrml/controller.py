@@ -11,12 +11,23 @@ Rules every job follows:
 * A job whose engine dies is rolled back to the state before its first slice: nothing half-done stays. A
   cancelled job keeps the slices already written (the user pressed Stop). A stale job (scene closed, node
   deleted, volume edited) writes nothing more.
+
+How a segmentation job ends reaches its caller exactly once (the panel shows a status line for each):
+* `on_done(job)` for every end that is not a failure: `job.state` is "done", "cancelled" (`job.message`
+  empty after a Stop, else the reason) or "stale" (`job.message` the one-line reason: segment or node
+  removed, volume edited);
+* `on_error(message, details)` for a failure: `job.state` is "failed", `job.message == message` (one line),
+  `details` the engine's or the write's traceback; the slices it wrote are rolled back;
+* nothing after that, and nothing at all for the jobs of a closed scene (`scene_closing()`): the caller is
+  resetting itself; those jobs are marked "stale" at once.
+`on_slice(row)` comes before, once per visited slice.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +38,7 @@ import vtk
 
 from ..engine.geometry import SliceGeometry
 from ..service.client import EngineClient, Job
-from ..service.protocol import pack_mask, unpack_mask
+from ..service.protocol import one_line, pack_mask, unpack_mask
 from .editing import SliceWriter, WrittenSlices
 from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
 from .segmentations import segment_array
@@ -124,10 +135,16 @@ class InteractiveSegmentation:
         self.client.wait(job.engine_job if isinstance(job, SegmentationJob) else job, timeout)
 
     def cancel(self) -> None:
+        """Stop: the running job and every queued one. Loading the model and sending the volume are set-up,
+        not work, so the engine still does them (they are recorded as sent here)."""
         self.client.cancel(None)
 
     def scene_closing(self) -> None:
-        """Everything computed for the old scene is dropped, never written into the new one."""
+        """Everything computed for the old scene is dropped, never written into the new one. Its jobs end
+        "stale" here, without callbacks (see the module docstring)."""
+        for job in self.jobs:
+            if job.state == "running":
+                job.state, job.message = "stale", "the scene was closed while the model was running"
         self.epoch = next(self._epoch)
         self.client.forget()
         self._snapshot = None
@@ -153,7 +170,8 @@ class InteractiveSegmentation:
             if event == "done":
                 self.model = header
             elif event in ("error", "cancelled"):
-                self._model_request = None
+                if self._model_request == wanted:  # not loaded: the next action asks for it again
+                    self._model_request = None
                 if event == "error" and on_error is not None:
                     on_error(header.get("message", ""), header.get("details", ""))
 
@@ -161,10 +179,16 @@ class InteractiveSegmentation:
         return self.client.submit("load_model", request, on_event=on_event)
 
     def _ensure_engine(self) -> None:
+        """A dead engine (also one that died unnoticed, while idle) is replaced before anything is sent: the
+        new one has no model and no volume."""
         if not self.client.running:
             self.client.start()  # a new engine: nothing loaded, nothing sent
             self._model_request = None
             self._volume_sent = None
+
+    def _model_requested(self) -> bool:
+        """Whether this engine has a model loaded or on its way (jobs may be queued behind it)."""
+        return self._model_request is not None and self._model_request[2] == self.client.generation
 
     def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None):
         """The voxels and geometry for the engine, copied again only when the volume changed."""
@@ -174,10 +198,16 @@ class InteractiveSegmentation:
 
     def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> Any:
         snapshot = self.snapshot(volume_node, modality)
-        if self._volume_sent != (snapshot.key, self.client.generation):
+        sent = (snapshot.key, self.client.generation)
+        if self._volume_sent != sent:
             header = {"ijk_to_ras": snapshot.ijk_to_ras.tolist(), "modality": modality, "key": snapshot.key}
-            self.client.submit_volume(snapshot.array_kji, header)
-            self._volume_sent = (snapshot.key, self.client.generation)
+
+            def on_event(event: str, reply: dict, arrays: dict) -> None:
+                if event in ("error", "cancelled") and self._volume_sent == sent:
+                    self._volume_sent = None  # not in the engine: the next action sends it again
+
+            self.client.submit_volume(snapshot.array_kji, header, on_event=on_event)
+            self._volume_sent = sent
         return snapshot
 
     # -- segmentation ------------------------------------------------------------------------------------
@@ -235,7 +265,8 @@ class InteractiveSegmentation:
             raise ValueError("select the input volume and the segmentation first")
         if seg_node.GetSegmentation().GetSegment(segment_id) is None:
             raise ValueError(f"no segment {segment_id!r} in {seg_node.GetName()!r}")
-        if self._model_request is None or self._model_request[2] != self.client.generation:
+        self._ensure_engine()
+        if not self._model_requested():
             raise RuntimeError("no model is loaded (choose one under Model)")
         snapshot = self._ensure_volume(volume_node, modality)
         geometry = snapshot.geometry(options.axis)
@@ -254,21 +285,23 @@ class InteractiveSegmentation:
         arrays = {f"seed_{i}": pack_mask(m) for i, m in seeds.items()}
 
         def on_event(event: str, reply: dict, reply_arrays: dict) -> None:
+            if job.state != "running":
+                return  # it ended already (stale, failed while writing, its scene closed): said once
+            details = reply.get("details", "")
             try:
                 self._on_event(job, event, reply, reply_arrays, save_undo, on_slice)
             except Exception as error:  # a write failed: stop the job, undo its slices, report
-                import traceback
-
                 self.client.cancel(job.engine_job)
                 self._roll_back(job)
-                job.state, job.message = "failed", str(error)
+                job.state, job.message = "failed", one_line(error)
+                details = traceback.format_exc()
+            if job.state == "running" or job.epoch != self.epoch:
+                return  # more to come, or its scene was closed (in `on_slice`, say): no callbacks
+            if job.state == "failed":
                 if on_error is not None:
-                    on_error(str(error), traceback.format_exc())
-                return
-            if job.state in ("done", "cancelled") and on_done is not None and event != "slice":
+                    on_error(job.message, details)
+            elif on_done is not None:
                 on_done(job)
-            elif job.state == "failed" and on_error is not None and event == "error":
-                on_error(job.message, reply.get("details", ""))
 
         job.engine_job = self.client.submit("segment", header, arrays, on_event=on_event)
         self.jobs = [j for j in self.jobs if j.state == "running"] + [job]
@@ -286,8 +319,7 @@ class InteractiveSegmentation:
         return ""
 
     def _on_event(self, job, event, reply, arrays, save_undo, on_slice) -> None:
-        if job.state != "running":
-            return
+        """Advance the job by one engine event; `job.state` says whether it ended."""
         if event == "error":
             self._roll_back(job)
             job.state, job.message = "failed", reply.get("message", "the engine failed")
@@ -355,8 +387,9 @@ class InteractiveSegmentation:
     # -- pre-encoding and export -----------------------------------------------------------------------
     def prefetch(self, volume_node: vtk.vtkObject, axis: str, center: int, options: SegmentOptions,
                  modality: str | None = None) -> Job | None:  # fmt: skip
-        """While idle, the engine encodes the volume's `axis` slices from `center` outwards."""
-        if self._model_request is None or self._model_request[2] != self.client.generation:
+        """While idle, the engine encodes the volume's `axis` slices from `center` outwards (never starts an
+        engine: a courtesy is not worth one)."""
+        if not self.client.running or not self._model_requested():
             return None
         snapshot = self._ensure_volume(volume_node, modality)
         header = {"key": snapshot.key, "axis": axis, "center": int(center), "window": options.window_header()}

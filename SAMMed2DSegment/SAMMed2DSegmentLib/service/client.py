@@ -10,7 +10,8 @@ so this side needs no thread of its own (a Python thread inside Slicer would sta
 engine exits when the connection ends, so it never outlives the Slicer process; `close()` (or garbage
 collection) stops it too. If it dies (a torch crash, out of memory, `kill -9`), every pending job gets one
 "error" event with a one-line message, and the next request starts a new engine (`generation` counts them, so
-callers know to send the model and volume again).
+callers know to send the model and volume again). That holds also when it died while nothing was pending and
+nobody polled (e.g. during the idle pre-encoding): `start()` first clears what is left of the dead one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Job:
     generation: int
     background: bool = False  # pre-encoding: not "busy" for the panel
     resources: list = field(default_factory=list)  # shared memory blocks to release when the job ends
+    state: str = "pending"  # → "done" | "error" | "cancelled", set before its last event is delivered
+    message: str = ""  # the one-line message of an "error"
 
 
 class EngineClient:
@@ -95,9 +98,15 @@ class EngineClient:
 
     # -- start and stop ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start a new engine process (returns at once; it connects back while the caller polls)."""
+        """Start a new engine process (returns at once; it connects back while the caller polls). What is
+        left of a previous engine that died unnoticed (its connection, unsent requests, pending jobs) is
+        cleared first: read as the new engine's, its end of file would kill the new one."""
         if self.running:
             return
+        if self._process is not None:
+            self._engine_died()  # its pending jobs (if any) get their error now
+            if self.running:  # an error callback started one already
+                return
         key = self._key = secrets.token_bytes(32)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
@@ -154,7 +163,6 @@ class EngineClient:
     ) -> Job:
         """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed."""
         if not self.running:
-            self._reset_connection()
             self.start()
         job = Job(next(self._numbers), op, on_event, self.generation, background)
         self.jobs[job.number] = job
@@ -237,6 +245,7 @@ class EngineClient:
             del self.jobs[job.number]
             for resource in job.resources:
                 _release(resource)
+            job.state, job.message = event, header.get("message", "") if event == "error" else ""
         if job.on_event is not None:
             job.on_event(event, header, arrays)
         return 1
@@ -294,6 +303,8 @@ class EngineClient:
         self.jobs.clear()
         self._release_all(jobs)
         self._reset_connection()
+        for job in jobs:  # every state first: a callback may look at another job of the same engine
+            job.state, job.message = "error", message
         for job in jobs:
             if job.on_event is not None:
                 job.on_event("error", {"message": message, "details": message}, {})

@@ -8,6 +8,11 @@ channel itself is `multiprocessing.connection` on the loopback interface, opened
 Requests (Slicer → engine): {"op": ..., "job": N, ...}. Replies (engine → Slicer): {"job": N, "event": ...}
 with event "progress" (e.g. bytes downloaded), "slice" (one finished slice of a propagation, mask attached),
 "done" (the job's result), "error" (one-line message), "cancelled".
+
+"Cancel all" ({"op": "cancel", "target": null}) stops work (segment, prefetch, export, download), never
+set-up: a queued `load_model` or `set_volume` still runs, because the Slicer side has recorded it as sent and
+the next action relies on it (a Stop pressed while the first volume is on its way must not break every later
+action on that volume). A cancel naming one job cancels that job, set-up or not.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ OPS = (
     "cancel",
     "shutdown",
 )
+
+#: Requests that set the engine up for later work; "cancel all" leaves them to run (see above).
+SETUP_OPS = frozenset({"load_model", "set_volume"})
 
 #: Environment variable through which the engine process reads its auth key (hex); never on the command line.
 AUTHKEY_ENV = "SAMMED2D_ENGINE_AUTHKEY"
@@ -83,6 +91,14 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
 def unpack_mask(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     count = int(np.prod(shape))
     return np.unpackbits(bits, count=count).astype(bool).reshape(shape)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as the one line a user reads (its type only where the text alone would not say what
+    went wrong); the traceback belongs in the details."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    plain = isinstance(error, (ValueError, RuntimeError, OSError))
+    return text if plain else f"{type(error).__name__}: {text}"
 
 
 def connect_engine(host: str, port: int, authkey: bytes) -> Connection:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, connect_engine, decode, encode, pack_mask, unpack_mask
+from .protocol import AUTHKEY_ENV, SETUP_OPS, connect_engine, decode, encode, one_line, pack_mask, unpack_mask
 
 log = logging.getLogger("SAMMed2D.engine")
 
@@ -44,7 +44,8 @@ class EngineServer:
         self.inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self._cancelled: set[int] = set()
-        self._cancel_below = 0  # every job with a smaller number is cancelled ("cancel all")
+        self._cancel_below = 0  # every job with a smaller number is cancelled ("cancel all"), but set-up
+        self._setup: set[int] = set()  # queued set-up jobs (load_model, set_volume): "cancel all" spares them
         self.session = None
         self.model_info: dict[str, Any] = {}
         self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
@@ -76,10 +77,14 @@ class EngineServer:
                 if self.cancelled(running[0]) and running[2] < 0:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
                 continue
+            if header.get("op") in SETUP_OPS:
+                self._setup.add(int(header.get("job", 0)))
             self.inbox.put((header, arrays))
 
     def cancelled(self, job: int) -> bool:
-        return job < self._cancel_below or job in self._cancelled
+        if job in self._cancelled:
+            return True
+        return job < self._cancel_below and job not in self._setup
 
     def check(self, job: int) -> None:
         if self.cancelled(job):
@@ -114,8 +119,10 @@ class EngineServer:
         except JobCancelled:
             self.send({"job": job, "event": "cancelled"})
         except Exception as error:  # reported to the panel in one line; the details go to the log
-            self.send({"job": job, "event": "error", "message": _one_line(error),
+            self.send({"job": job, "event": "error", "message": one_line(error),
                        "details": traceback.format_exc()})  # fmt: skip
+        finally:
+            self._setup.discard(job)
 
     # -- requests ------------------------------------------------------------------------------------------
     def op_ping(self, job: int, header: dict, arrays: dict) -> dict:
@@ -311,12 +318,6 @@ def _attach_shared_memory(shared_memory: Any, name: str) -> Any:
 
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    plain = isinstance(error, (ValueError, RuntimeError, OSError))
-    return text if plain else f"{type(error).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
