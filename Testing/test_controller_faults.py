@@ -248,3 +248,28 @@ def test_the_jobs_of_a_closed_scene_end_stale_without_callbacks(case):
     settle(case.client)
     assert job.state == "stale" and job.message == "the scene was closed while the model was running"
     assert calls.calls == 0 and job.written == [LIVER_SLICE] and calls.slices == [LIVER_SLICE]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first model", "after a model"])
+def test_a_failed_model_load_is_one_error(ct, client, tmp_path, first):
+    """R12: a checkpoint that cannot be loaded gives one error; the segmentation queued right behind it ends
+    "cancelled" with the reason instead of raising a second error ("no model is loaded", on a new engine),
+    and it never runs on the model loaded before (on an engine that had one)."""
+    if first:
+        client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path / "cache")})
+    case = new_case(ct, client)
+    if not first:
+        case.controller.request_model(DEMO, "cpu")
+    bad = tmp_path / "x.pth"
+    bad.write_text("not a checkpoint\n")
+    errors: list[str] = []
+    case.controller.request_model(str(bad), "cpu", lambda message, details: errors.append(message))
+    job, calls = case.start()
+    settle(case.client)
+    assert len(errors) == 1 and calls.errors == [] and "\n" not in errors[0]
+    assert calls.done == [("cancelled", f"not run: the model did not load ({errors[0]})")]
+    assert job.written == [] and case.liver_voxels().sum() == 0
+    assert case.controller.model == {}
+    case.next_action_works()
+    if first:
+        client.close()

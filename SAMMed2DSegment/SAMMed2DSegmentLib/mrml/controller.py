@@ -18,6 +18,9 @@ How a segmentation job ends reaches its caller exactly once (the panel shows a s
   removed, volume edited);
 * `on_error(message, details)` for a failure: `job.state` is "failed", `job.message == message` (one line),
   `details` the engine's or the write's traceback; the slices it wrote are rolled back;
+* a failed model load is one error, reported to `request_model`'s `on_error`; a job that was queued behind
+  that load ends "cancelled" through `on_done`, its `job.message` saying the model did not load (it never
+  ran: the engine drops the old model before loading, so nothing runs on a model the user moved away from);
 * nothing after that, and nothing at all for the jobs of a closed scene (`scene_closing()`): the caller is
   resetting itself; those jobs are marked "stale" at once.
 `on_slice(row)` comes before, once per visited slice.
@@ -90,6 +93,7 @@ class SegmentationJob:
     rollback: Any = None  # vtkSegmentationHistory holding the state before the first write
     writer: SliceWriter | None = None
     engine_job: Job | None = None
+    model_load: Job | None = None  # the model request it was queued behind, while that was pending
     state: str = "running"  # running → done | cancelled | failed | stale
     message: str = ""
     result: dict = field(default_factory=dict)
@@ -119,6 +123,7 @@ class InteractiveSegmentation:
         self._epoch = itertools.count(1)
         self.epoch = next(self._epoch)
         self._model_request: tuple | None = None  # (path, device, engine generation, precision) requested
+        self._model_job: Job | None = None  # that request
         self._volume_sent: tuple | None = None  # (snapshot key, engine generation) sent
         self._snapshot = None
         self.jobs: list[SegmentationJob] = []
@@ -159,7 +164,8 @@ class InteractiveSegmentation:
     def request_model(
         self, path: str, device: str = "auto", on_error: Callable | None = None, precision: str = "auto"
     ) -> Job | None:
-        """Load the model in the engine unless this one is loaded there already (or on its way)."""
+        """Load the model in the engine unless this one is loaded there already (or on its way). A failure
+        goes to `on_error` (once: the jobs queued behind it end "cancelled", see the module docstring)."""
         self._ensure_engine()
         wanted = (str(path), device, self.client.generation, precision)
         if self._model_request == wanted:
@@ -172,18 +178,21 @@ class InteractiveSegmentation:
             elif event in ("error", "cancelled"):
                 if self._model_request == wanted:  # not loaded: the next action asks for it again
                     self._model_request = None
+                if event == "error":
+                    self.model = {}  # the engine dropped the old one before loading
                 if event == "error" and on_error is not None:
                     on_error(header.get("message", ""), header.get("details", ""))
 
         request = {"path": str(path), "device": device, "precision": precision}
-        return self.client.submit("load_model", request, on_event=on_event)
+        self._model_job = self.client.submit("load_model", request, on_event=on_event)
+        return self._model_job
 
     def _ensure_engine(self) -> None:
         """A dead engine (also one that died unnoticed, while idle) is replaced before anything is sent: the
         new one has no model and no volume."""
         if not self.client.running:
             self.client.start()  # a new engine: nothing loaded, nothing sent
-            self._model_request = None
+            self._model_request = self._model_job = None
             self._volume_sent = None
 
     def _model_requested(self) -> bool:
@@ -272,6 +281,8 @@ class InteractiveSegmentation:
         geometry = snapshot.geometry(options.axis)
         job = SegmentationJob(volume_node, seg_node, segment_id, geometry, snapshot.key, self.epoch, points,
                               rois, options, protected)  # fmt: skip
+        if self._model_job is not None and self._model_job.state == "pending":
+            job.model_load = self._model_job
         header = {
             "key": snapshot.key,
             "axis": options.axis,
@@ -322,7 +333,11 @@ class InteractiveSegmentation:
         """Advance the job by one engine event; `job.state` says whether it ended."""
         if event == "error":
             self._roll_back(job)
-            job.state, job.message = "failed", reply.get("message", "the engine failed")
+            load = job.model_load
+            if load is not None and load.state == "error":  # said once already, by the load
+                job.state, job.message = "cancelled", f"not run: the model did not load ({load.message})"
+            else:
+                job.state, job.message = "failed", reply.get("message", "the engine failed")
             return
         stale = self._stale_reason(job)
         if stale:

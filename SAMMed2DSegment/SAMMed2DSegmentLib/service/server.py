@@ -129,10 +129,14 @@ class EngineServer:
         return {"pid": os.getpid(), "python": sys.version.split()[0]}
 
     def op_load_model(self, job: int, header: dict, arrays: dict) -> dict:
+        """Replace the model. The old one is dropped first, so a load that fails leaves none: work queued
+        behind it then fails at once instead of running on a model the user has moved away from."""
         from ..engine.predictor import SamMed2DPredictor
         from ..engine.session import SegmentationSession
         from ..weights.checkpoint import load_model, resolve_device
 
+        self.session, self.model_info, self._windows = None, {}, {}
+        self.idle_plan.clear()  # it would encode with the old model
         device = resolve_device(header.get("device", "auto"))
         model, info = load_model(header["path"], device=device)
         predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"))
