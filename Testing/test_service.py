@@ -21,6 +21,7 @@ from SAMMed2DSegmentLib.mrml import (
     create_headless_scene,
     ensure_segment,
     ensure_segmentation,
+    provenance_tags,
 )
 from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentOptions
 from SAMMed2DSegmentLib.mrml.segmentations import segment_array
@@ -103,7 +104,7 @@ def test_segment_one_slice_then_propagate_with_streamed_slices(case):
     written = sorted(int(k) for k in np.flatnonzero(labelmap.any(axis=(1, 2))))
     assert written == sorted(job.written) and len(written) >= 10
     assert undo_saved == [1, 1]  # one undo step per action
-    assert controller.provenance[(seg.GetID(), "liver")].propagate == "both"
+    assert provenance_tags.stored(seg, liver).propagate == "both"  # kept on the segment, saved with it
 
 
 def test_cancel_in_mid_propagation_keeps_finished_slices(case):

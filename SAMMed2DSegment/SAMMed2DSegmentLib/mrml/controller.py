@@ -42,6 +42,7 @@ import vtk
 from ..engine.geometry import SliceGeometry
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
+from . import provenance_tags
 from .editing import SliceWriter, WrittenSlices
 from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
 from .segmentations import segment_array
@@ -118,7 +119,6 @@ class InteractiveSegmentation:
         self.editor_node = editor_node
         self.app_logic = app_logic
         self.written = WrittenSlices()
-        self.provenance: dict[tuple[str, str], Any] = {}  # (segmentation ID, segment name) → Provenance
         self.model: dict = {}  # what the engine reported for the loaded model
         self._epoch = itertools.count(1)
         self.epoch = next(self._epoch)
@@ -155,7 +155,6 @@ class InteractiveSegmentation:
         self._snapshot = None
         self._volume_sent = None
         self.written.clear()
-        self.provenance.clear()
 
     def shutdown(self) -> None:
         self.client.close()
@@ -392,12 +391,12 @@ class InteractiveSegmentation:
 
             name = job.seg_node.GetSegmentation().GetSegment(job.segment_id).GetName()
             window = job.result.get("window")
-            self.provenance[(job.seg_node.GetID(), name)] = build_provenance(
+            provenance_tags.record(job.seg_node, job.segment_id, build_provenance(
                 job.points, job.rois, job.rows.values(), model=f"SAM-Med2D {self.model.get('build', '')}",
                 model_sha256=self.model["sha256"], axis=job.geometry.axis, propagate=job.options.direction,
                 segment=name, window=tuple(window) if window else None,
                 window_method=job.result.get("window_method", ""),
-            )  # fmt: skip
+            ))  # fmt: skip
 
     # -- pre-encoding and export -----------------------------------------------------------------------
     def prefetch(self, volume_node: vtk.vtkObject, axis: str, center: int, options: SegmentOptions,
@@ -431,7 +430,7 @@ class InteractiveSegmentation:
             shape = mask.shape
             tag = vtk.reference("")
             segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
-            provenance = self.provenance.get((seg_node.GetID(), segment.GetName()))
+            provenance = provenance_tags.stored(seg_node, segment_id)
             segments.append({"label": segment.GetName(), "color": list(segment.GetColor()),
                              "terminology": str(tag),
                              "provenance": provenance.to_metadata() if provenance else None})  # fmt: skip
