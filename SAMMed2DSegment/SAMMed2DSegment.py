@@ -196,7 +196,8 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._toggleShortcut.connect("activated()", self.onToggleIncludeExclude)
             self._toggleShortcut.setEnabled(False)
         # The engine process ends with Slicer even if this panel was never shown again.
-        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
+        self._quitHandler = self.logic.shutdown  # the same object for disconnect() (a module reload)
+        slicer.app.connect("aboutToQuit()", self._quitHandler)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -209,7 +210,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._toggleShortcut is not None:
             self._toggleShortcut.setParent(None)
             self._toggleShortcut = None
-        slicer.app.disconnect("aboutToQuit()", self.logic.shutdown)  # a reloaded module keeps no old logic
+        slicer.app.disconnect("aboutToQuit()", self._quitHandler)  # a reloaded module keeps no old logic
         self.logic.shutdown()
 
     def enter(self) -> None:
