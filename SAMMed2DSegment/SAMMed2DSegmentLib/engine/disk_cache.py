@@ -2,10 +2,20 @@
 
 An entry's key names everything the embedding depends on: the volume's voxel content and geometry (a hash of
 the array bytes and ijk_to_ras, not a node name or a time stamp), the axis, the intensity window, the model's
-SHA-256 and the encoder precision, and the slice index. Each entry is one safetensors file (no pickle) holding
-the embedding in the precision it was computed in, with its full key and a SHA-256 of the tensor bytes in the
-header: an entry that is truncated, damaged, or written for another key is deleted and never used. Files are
-written atomically, and the folder is bounded in bytes, least recently used entries evicted first.
+SHA-256 (of the checkpoint file actually loaded, never a claim written inside it) and the encoder precision,
+and the slice index. Each entry is one safetensors file (no pickle) named by the hash of its key, holding the
+embedding in the precision it was computed in, with its full key and a SHA-256 of the tensor bytes in the
+header.
+
+The cache is an optimisation, so nothing in its folder may cost the user data or a run:
+* it works only in a folder it made and marked (`weights.cache_dir.owned_folder`): a named folder that holds
+  other files gets a marked `sammed2d-embeddings` subfolder, and only files named like its entries are ever
+  deleted;
+* an entry is checked from its header (key, dtype, shape, byte size against the file's size, the folder's
+  bound) before any data is read, then its checksum and finiteness: anything else is deleted and encoded
+  again, never fatal, and a huge or sparse file is never read;
+* the bound is the folder's measured total, evicted under a lock file, so processes sharing it hold it too;
+* a folder that cannot be used or written is one warning per cache object (one per run), not one per slice.
 """
 
 from __future__ import annotations
@@ -13,25 +23,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import stat
 import struct
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..files import atomic_path
+from ..weights.cache_dir import folder_lock, owned_folder
 
 log = logging.getLogger("SAMMed2D.disk_cache")
 
 DEFAULT_DISK_BYTES = 2 << 30  # ≈ 16,000 vit_b slices in bf16, 8,000 in fp32
 FORMAT = "sammed2d-embedding-v1"
 SUFFIX = ".safetensors"
+PURPOSE = "slice-embedding cache"
+SUBFOLDER = "sammed2d-embeddings"
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}" + re.escape(SUFFIX))
+_MAX_HEADER = 1 << 16  # a real header is ≈ 500 bytes
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def volume_content_hash(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> str:
@@ -70,80 +88,153 @@ def _key_text(key: Hashable) -> str:
 
 
 class DiskEmbeddingCache:
-    """A folder of embedding files bounded to `max_bytes`; safe against damaged files, not against two
-    processes evicting at once (the worst case is a miss)."""
+    """A folder of embedding files bounded to `max_bytes`, shared safely by several processes; see the module
+    docstring for what it promises about the folder."""
 
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = DEFAULT_DISK_BYTES) -> None:
         if max_bytes < 0:
             raise ValueError(f"disk cache size must be ≥ 0 bytes, got {max_bytes}")
-        self.folder = Path(folder)
         self.max_bytes = int(max_bytes)
-        self._index: dict[Path, tuple[float, int]] | None = None  # path → (last use, size), read lazily
+        self.folder = Path(folder).expanduser()
         self._lock = threading.Lock()
+        self._usable = self._writable = True
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: torch.dtype | None = None
         self.hits = self.misses = self.writes = self.discarded = 0
+        try:
+            self.folder = owned_folder(self.folder, PURPOSE, SUBFOLDER)
+        except NotADirectoryError:
+            self._off(f"embedding cache off: {self.folder} is not a folder")
+        except OSError as exc:
+            self._off(f"embedding cache off: cannot use {self.folder} ({_reason(exc)})")
+
+    def _off(self, message: str) -> None:
+        """Stop using the folder, saying so once: a run must not print a line per slice."""
+        if self._usable:
+            log.warning("%s", message)
+        self._usable = self._writable = False
+
+    def expect(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """The shape and dtype the model's embeddings have: an entry holding anything else is discarded."""
+        self._shape, self._dtype = tuple(int(n) for n in shape), dtype
 
     def path_for(self, key: Hashable) -> Path:
         return self.folder / (hashlib.sha256(_key_text(key).encode()).hexdigest() + SUFFIX)
 
+    def _entries(self) -> dict[Path, tuple[int, int]]:
+        """The folder's entries as they are now (other processes' too): path → (last use in ns, size).
+        Only plain files named like an entry count; nothing else in the folder is ours."""
+        found: dict[Path, tuple[int, int]] = {}
+        if not self._usable:
+            return found
+        try:
+            with os.scandir(self.folder) as it:
+                for item in it:
+                    if _ENTRY_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
+                        try:
+                            st = item.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        found[Path(item.path)] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            pass
+        return found
+
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(size for _, size in self._entries().values())
-
-    def _entries(self) -> dict[Path, tuple[float, int]]:
-        if self._index is None:
-            self._index = {}
-            if self.folder.is_dir():
-                for path in self.folder.glob("*" + SUFFIX):
-                    try:
-                        st = path.stat()
-                    except OSError:
-                        continue
-                    self._index[path] = (st.st_mtime, st.st_size)
-        return self._index
+        """Bytes the folder's entries take now, whichever process wrote them."""
+        return sum(size for _, size in self._entries().values())
 
     def get(self, key: Hashable) -> torch.Tensor | None:
-        """The embedding stored under `key`, or None (a damaged or mismatched file is deleted)."""
+        """The embedding stored under `key`, or None. An invalid entry (damaged, written for another key,
+        shape, dtype or size, holding NaN) is deleted so it is encoded and written again."""
         path = self.path_for(key)
+        if not self._usable:
+            self.misses += 1
+            return None
         try:
-            data = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
         except OSError:
             self.misses += 1
             return None
-        tensor = self._decode(data, _key_text(key))
+        with os.fdopen(fd, "rb") as fh:
+            tensor = self._read(fh, _key_text(key))
         with self._lock:
             if tensor is None:
                 self.discarded += 1
                 self.misses += 1
-                path.unlink(missing_ok=True)
-                self._entries().pop(path, None)
-                log.warning("discarded a damaged or mismatched embedding file %s", path.name)
+                self._discard(path)
                 return None
             self.hits += 1
-            try:
-                os.utime(path)  # its last use, for the LRU order (atime is often off)
-                self._entries()[path] = (path.stat().st_mtime, len(data))
-            except OSError:
-                pass
+        try:
+            os.utime(path)  # its last use, for the LRU order (atime is often off)
+        except OSError:
+            pass
         return tensor
 
-    @staticmethod
-    def _decode(data: bytes, key_text: str) -> torch.Tensor | None:
+    def _discard(self, path: Path) -> None:
+        log.info("discarded an invalid embedding file %s", path.name)
         try:
-            (header_len,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-            if meta.get("format") != FORMAT or meta.get("key") != key_text:
+            if stat.S_ISREG(path.lstat().st_mode):
+                path.unlink()
+        except OSError:
+            pass
+
+    def _read(self, fh: BinaryIO, key_text: str) -> torch.Tensor | None:
+        """The entry's tensor, or None when it is invalid; the data is read only after its header passed."""
+        try:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size < 8:
                 return None
-            tensor = load_safetensors(data)["embedding"]
-        except (struct.error, ValueError, KeyError, SafetensorError):
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > _MAX_HEADER or 8 + header_len > st.st_size:
+                return None
+            header = json.loads(fh.read(header_len))
+            spec = self._valid_header(header, key_text)
+            if spec is None:
+                return None
+            dtype, shape, nbytes = spec
+            if 8 + header_len + nbytes != st.st_size or nbytes > self.max_bytes:
+                return None
+            data = bytearray(nbytes)
+            if fh.readinto(data) != nbytes:
+                return None
+        except (OSError, ValueError, struct.error):
             return None
-        if hashlib.sha256(_tensor_bytes(tensor)).hexdigest() != meta.get("sha256"):
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+        if hashlib.sha256(data).hexdigest() != header["__metadata__"].get("sha256"):
+            return None
+        if not bool(torch.isfinite(tensor).all()):
             return None
         return tensor
+
+    def _valid_header(self, header: object, key_text: str) -> tuple[torch.dtype, tuple[int, ...], int] | None:
+        """(dtype, shape, byte size) the header announces, when it is an entry for `key_text` of the
+        expected kind; else None."""
+        if not isinstance(header, dict) or set(header) != {"__metadata__", "embedding"}:
+            return None
+        meta, entry = header["__metadata__"], header["embedding"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("key") != key_text:
+            return None
+        if not isinstance(entry, dict):
+            return None
+        dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if dtype is None or not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+            return None
+        shape = tuple(shape)
+        if self._shape is not None and (shape != self._shape or dtype != self._dtype):
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if any(n < 1 for n in shape) or offsets != [0, nbytes]:
+            return None
+        return dtype, shape, nbytes
 
     def put(self, key: Hashable, tensor: torch.Tensor) -> None:
         """Store `tensor` under `key` (atomically), then evict the least recently used beyond the bound.
-        A write error (full or read-only disk) is logged, never raised: the cache is an optimisation."""
+        A write error (full or read-only disk) is one warning, after which this cache only reads."""
+        if not self._writable:
+            return
         tensor = tensor.detach().cpu().contiguous()
         meta = {
             "format": FORMAT,
@@ -153,37 +244,49 @@ class DiskEmbeddingCache:
         data = save_safetensors({"embedding": tensor}, metadata=meta)
         if len(data) > self.max_bytes:
             return
-        path = self.path_for(key)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
+            with atomic_path(self.path_for(key)) as tmp:
                 tmp.write_bytes(data)
-            mtime = path.stat().st_mtime
         except OSError as exc:
-            log.warning("could not write an embedding to %s: %s", self.folder, exc)
+            log.warning("embedding cache: cannot write to %s (%s); not writing more in this run", self.folder,
+                        _reason(exc))  # fmt: skip
+            self._writable = False
             return
         with self._lock:
-            entries = self._entries()
-            entries[path] = (mtime, len(data))
             self.writes += 1
-            self._evict(entries)
+        self._evict()
 
-    def _evict(self, entries: dict[Path, tuple[float, int]]) -> None:
-        total = sum(size for _, size in entries.values())
-        if total <= self.max_bytes:
-            return
-        for path, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):
-            if total <= self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
-            del entries[path]
-            total -= size
+    def _evict(self) -> None:
+        """Delete the least recently used entries until the folder's measured total is within the bound,
+        under the folder's lock so that processes sharing it do not each keep a bound's worth."""
+        with folder_lock(self.folder):
+            entries = self._entries()
+            total = sum(size for _, size in entries.values())
+            for path, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):
+                if total <= self.max_bytes:
+                    break
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                total -= size
 
     def clear(self) -> None:
-        with self._lock:
-            for path in list(self._entries()):
+        """Delete every entry (and nothing else) in the folder."""
+        with folder_lock(self.folder):
+            for path in self._entries():
                 path.unlink(missing_ok=True)
-            self._index = {}
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(type(n) is int for n in value)
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError as a few words (its strerror), not a repr."""
+    return exc.strerror or str(exc)
 
 
 __all__ = ["DEFAULT_DISK_BYTES", "DiskEmbeddingCache", "content_key", "volume_content_hash", "weights_hash"]

@@ -127,6 +127,10 @@ class SegmentationSession:
             disk_cache = DiskEmbeddingCache(disk_cache)
         memory_bytes = DEFAULT_MAX_BYTES if cache_bytes is None else cache_bytes
         self.cache = EmbeddingCache(memory_bytes, disk=disk_cache)
+        if disk_cache is not None:  # an entry of another shape or dtype on disk is discarded, not fatal
+            prompts = predictor.model.prompt_encoder
+            shape = (1, prompts.embed_dim, *prompts.image_embedding_size)
+            disk_cache.expect(shape, predictor.embedding_dtype)
         if disk_cache is not None and model_sha256 is None:
             model_sha256 = weights_hash(predictor.model)
         self.model_sha256 = model_sha256
