@@ -398,8 +398,47 @@ def test_convert_to_safetensors_round_trip(tmp_path, trained, monkeypatch):
 
     model, info = load_model(dst)
     _assert_same(model, sd)
-    assert info.sha256 == expected_sha  # the source's hash, read from the metadata
+    assert info.sha256 == hashlib.sha256(dst.read_bytes()).hexdigest()  # the loaded file's, not a claim in it
     assert info.used_cache is False
+
+
+def test_the_identity_is_the_loaded_files_hash_never_a_claim_inside_it(tmp_path, trained, monkeypatch):
+    """Two different weights files whose metadata both claim one source hash get two identities; the
+    hash of each is remembered (not recomputed) while the file is unchanged."""
+    from safetensors.torch import save_file
+
+    sd, _ = trained
+    claim = {"format": ck.FORMAT_TAG, "build": "small", "source_sha256": "c" * 64}
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(first), metadata=claim)
+    save_file({k: (v * 1.5).contiguous() for k, v in sd.items()}, str(second), metadata=claim)
+    cache = tmp_path / "cache"
+    infos = [load_model(path, cache_dir=cache)[1] for path in (first, second)]
+    assert [i.sha256 for i in infos] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, second)]
+    hashed = []
+    real_hash = ck.sha256_file
+    monkeypatch.setattr(
+        ck, "sha256_file", lambda path, *a, **k: hashed.append(path) or real_hash(path, *a, **k)
+    )
+    assert load_model(first, cache_dir=cache)[1].sha256 == infos[0].sha256 and hashed == []
+    first.write_bytes(second.read_bytes())  # replaced: hashed again
+    assert load_model(first, cache_dir=cache)[1].sha256 == infos[1].sha256 and hashed == [first]
+
+
+def test_a_stale_conversion_is_deleted_only_when_it_is_ours(tmp_path, trained):
+    sd, _ = trained
+    src, cache = tmp_path / "model.pth", tmp_path / "cache"
+    torch.save(sd, src)
+    load_model(src, cache_dir=cache)
+    stale = cached_safetensors_path(src, cache)
+    stale.write_bytes(b"the user's own file under that name")
+    torch.save({k: v * 2 for k, v in sd.items()}, src)  # a new version: the old conversion is stale
+    load_model(src, cache_dir=cache)
+    assert stale.read_bytes() == b"the user's own file under that name"
+    ours = cached_safetensors_path(src, cache)
+    torch.save({k: v * 3 for k, v in sd.items()}, src)  # and now ours, which is deleted
+    load_model(src, cache_dir=cache)
+    assert not ours.exists() and cached_safetensors_path(src, cache).is_file()
 
 
 def test_conversion_failure_leaves_no_file(tmp_path, trained, monkeypatch):

@@ -16,6 +16,9 @@ Why this module exists:
   unchanged; ctime is set by the system on every write, rename or `touch`, so no replacement keeps it.
 * A checkpoint enters the cache only after it loaded strictly and holds finite weights: a rejected file
   leaves nothing behind.
+* The model's identity (`CheckpointInfo.sha256`, which keys the embeddings on disk and goes into reports and
+  DICOM-SEG) is the SHA-256 of the file actually loaded (remembered the same way), never the `source_sha256`
+  written inside a safetensors file: a file can claim any hash.
 """
 
 from __future__ import annotations
@@ -402,6 +405,7 @@ def source_sha256(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
 def _remember_sha256(src: Path, base: Path, sha: str, identity: list[int]) -> str | None:
     """Record `sha` for `src`; returns the SHA-256 recorded before (another version), if any."""
     index = _index_path(src, base)
+    index.parent.mkdir(parents=True, exist_ok=True)
     previous = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
         previous = json.loads(index.read_text(encoding="utf-8")).get("sha256")
@@ -480,21 +484,46 @@ class _Source:
     to_cache: tuple[Path, dict[str, str], list[int]] | None = None
 
 
+def _check_unchanged(path: Path, identity: list[int]) -> None:
+    """The hash taken must be the hash of the weights read: refuse a file replaced in between."""
+    if _identity(path.expanduser().resolve().stat()) != identity:
+        raise CheckpointError(f"{path} changed while it was being read; load it again")
+
+
+def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
+    """Delete the conversion of an earlier version of `path`, only when it is one we wrote (our format tag
+    and that version's hash inside): a file of the user's that happens to have its name is left alone."""
+    from safetensors import SafetensorError, safe_open
+
+    stale = _content_path(path, sha, base)
+    try:
+        with safe_open(str(stale), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        if metadata.get("format") == FORMAT_TAG and metadata.get("source_sha256") == sha:
+            stale.unlink()
+    except (OSError, SafetensorError):
+        pass
+
+
 def _read_source(
     path: Path, cache_dir: str | os.PathLike[str] | None, use_cache: bool, build: str | None
 ) -> _Source:
     """The model state dict of `path` and its provenance (build left empty), via the cache when allowed.
     A conversion is only prepared here; `load_model` writes it once the weights have loaded."""
     source = str(path.expanduser().resolve())
-    if _sniff(path) == "safetensors":
-        tensors, metadata = _load_safetensors(path)
-        sd, notes = extract_state_dict(tensors)
-        sha = metadata.get("source_sha256") if metadata.get("format") == FORMAT_TAG else None
-        return _Source(sd, CheckpointInfo("", source, sha or sha256_file(path), False, False, source, notes))
-
     base = _cache_base(cache_dir)
     identity = _identity(path.expanduser().resolve().stat())
     remembered = _remembered_sha256(path, base) if use_cache else None
+    if _sniff(path) == "safetensors":
+        # The identity is the hash of this file: a `source_sha256` in its metadata is only a claim, and a
+        # file claiming another model's hash would get that model's cached embeddings and provenance.
+        tensors, _ = _load_safetensors(path)
+        sd, notes = extract_state_dict(tensors)
+        sha = remembered or sha256_file(path)
+        _check_unchanged(path, identity)
+        info = CheckpointInfo("", source, sha, False, False, source, notes)
+        return _Source(sd, info, None if remembered or not use_cache else (path, {}, identity))
+
     sha = remembered or sha256_file(path)
     if use_cache:
         cached = _content_path(path, sha, base)
@@ -509,8 +538,7 @@ def _read_source(
             except CheckpointError as exc:
                 log.warning("ignoring unreadable cached copy %s (%s); converting again", cached, exc)
     sd, notes = extract_state_dict(load_checkpoint_object(path))
-    if _identity(path.expanduser().resolve().stat()) != identity:
-        raise CheckpointError(f"{path} changed while it was being read; load it again")
+    _check_unchanged(path, identity)
     info = CheckpointInfo("", source, sha, False, False, source, notes)
     if not use_cache:
         return _Source(sd, info)
@@ -532,8 +560,7 @@ def _store_in_cache(path: Path, source: _Source, cache_dir: str | os.PathLike[st
         log.warning("cannot write the checkpoint cache in %s (%s); loaded %s directly", base, exc, path)
         return source.info
     if previous is not None:  # the earlier version of this file: its conversion is stale now
-        with contextlib.suppress(OSError):
-            _content_path(path, previous, base).unlink()
+        _delete_stale_conversion(path, previous, base)
     if not metadata:
         return source.info
     return dataclasses.replace(source.info, used_cache=True, converted=True, loaded_from=str(cached))
