@@ -103,10 +103,8 @@ class DiskEmbeddingCache:
         self.hits = self.misses = self.writes = self.discarded = 0
         try:
             self.folder = owned_folder(self.folder, PURPOSE, SUBFOLDER)
-        except NotADirectoryError:
-            self._off(f"embedding cache off: {self.folder} is not a folder")
         except OSError as exc:
-            self._off(f"embedding cache off: cannot use {self.folder} ({_reason(exc)})")
+            self._off(f"embedding cache off: {_reason(exc)}")
 
     def _off(self, message: str) -> None:
         """Stop using the folder, saying so once: a run must not print a line per slice."""
@@ -248,8 +246,7 @@ class DiskEmbeddingCache:
             with atomic_path(self.path_for(key)) as tmp:
                 tmp.write_bytes(data)
         except OSError as exc:
-            log.warning("embedding cache: cannot write to %s (%s); not writing more in this run", self.folder,
-                        _reason(exc))  # fmt: skip
+            log.warning("embedding cache: cannot write (%s); not writing more in this run", _reason(exc))
             self._writable = False
             return
         with self._lock:
@@ -285,8 +282,10 @@ def _ints(value: object) -> bool:
 
 
 def _reason(exc: OSError) -> str:
-    """An OSError as a few words (its strerror), not a repr."""
-    return exc.strerror or str(exc)
+    """An OSError as one short line naming the path, not a repr."""
+    if exc.strerror is None:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
 
 
 __all__ = ["DEFAULT_DISK_BYTES", "DiskEmbeddingCache", "content_key", "volume_content_hash", "weights_hash"]

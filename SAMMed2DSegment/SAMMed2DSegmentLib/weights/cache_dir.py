@@ -66,8 +66,9 @@ def owned_folder(folder: str | os.PathLike[str], purpose: str, subfolder: str) -
     else the marked `subfolder` inside it. Raises NotADirectoryError when `folder` is not a folder, OSError
     when it cannot be created or marked, and FileExistsError when not even `subfolder` is ours."""
     folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is not a folder")
     if _claim(folder, purpose):
         return folder
     inner = folder / subfolder
