@@ -362,3 +362,14 @@ def test_a_checkpoint_claiming_another_models_hash_gets_its_own_embeddings(tmp_p
     (sha_a, encoded_a), (sha_b, encoded_b) = runs
     assert sha_a != sha_b and "c" * 64 not in (sha_a, sha_b)
     assert len(encoded_a) == len(encoded_b) == SLICES
+
+
+def test_a_short_ledger_left_by_a_killed_run_is_measured_again(tmp_path):
+    from SAMMed2DSegmentLib.engine.disk_cache import LEDGER
+
+    cache = DiskEmbeddingCache(tmp_path, max_bytes=3 * 270_000)
+    for i in range(3):
+        cache.put(("k", i), torch.full(EMBEDDING, float(i)))
+    (tmp_path / LEDGER).write_text("0")  # as if entries had been written without being counted
+    DiskEmbeddingCache(tmp_path, max_bytes=3 * 270_000).put(("k", 3), torch.zeros(EMBEDDING))
+    assert cache.nbytes <= cache.max_bytes and len(list(tmp_path.glob("*.safetensors"))) == 2
