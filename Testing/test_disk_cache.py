@@ -373,3 +373,26 @@ def test_a_short_ledger_left_by_a_killed_run_is_measured_again(tmp_path):
     (tmp_path / LEDGER).write_text("0")  # as if entries had been written without being counted
     DiskEmbeddingCache(tmp_path, max_bytes=3 * 270_000).put(("k", 3), torch.zeros(EMBEDDING))
     assert cache.nbytes <= cache.max_bytes and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "deep-json", "link"])
+def test_an_entry_that_is_not_a_plain_file_or_header_is_a_miss_that_never_blocks(tmp_path, kind):
+    import os
+    import struct
+
+    cache = DiskEmbeddingCache(tmp_path / "c")
+    key = ("k", 0)
+    path = cache.path_for(key)
+    outside, theirs = tmp_path / "outside.safetensors", _entry_bytes(key, torch.zeros(EMBEDDING))
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "deep-json":
+        path.write_bytes(struct.pack("<Q", 60_000) + b"[" * 60_000)
+    else:
+        outside.write_bytes(theirs)
+        path.symlink_to(outside)
+    assert cache.get(key) is None
+    cache.put(key, torch.ones(EMBEDDING))  # replaced by a real entry; a link's target is left alone
+    assert torch.equal(cache.get(key), torch.ones(EMBEDDING))
+    if kind == "link":
+        assert outside.read_bytes() == theirs

@@ -156,7 +156,9 @@ class DiskEmbeddingCache:
             self.misses += 1
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+            # no link followed, and a FIFO named like an entry must not block the open
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
         except OSError:
             self.misses += 1
             return None
@@ -202,7 +204,7 @@ class DiskEmbeddingCache:
             data = bytearray(nbytes)
             if fh.readinto(data) != nbytes:
                 return None
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, struct.error, RecursionError):
             return None
         tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
         if hashlib.sha256(data).hexdigest() != header["__metadata__"].get("sha256"):
