@@ -396,3 +396,20 @@ def test_an_entry_that_is_not_a_plain_file_or_header_is_a_miss_that_never_blocks
     assert torch.equal(cache.get(key), torch.ones(EMBEDDING))
     if kind == "link":
         assert outside.read_bytes() == theirs
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_a_later_run(tmp_path):
+    import os
+    import time
+
+    cache = DiskEmbeddingCache(tmp_path)
+    name = cache.path_for(("k", 0)).name
+    stale, live = tmp_path / f".{name}.0a1b2c.part", tmp_path / f".{name}.3d4e5f.part"
+    users = tmp_path / f".{name}.mine.tmp"  # not a name the cache gives its temporary files
+    for path in (stale, live, users):
+        path.write_bytes(b"half an entry")
+    old = time.time() - 2 * 3600
+    for path in (stale, users):
+        os.utime(path, (old, old))
+    DiskEmbeddingCache(tmp_path).put(("k", 1), torch.zeros(EMBEDDING))
+    assert not stale.exists() and live.exists() and users.exists()

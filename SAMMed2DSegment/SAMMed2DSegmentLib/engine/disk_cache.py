@@ -15,7 +15,7 @@ The cache is an optimisation, so nothing in its folder may cost the user data or
   bound) before any data is read, then its checksum and finiteness: anything else is deleted and encoded
   again, never fatal, and a huge or sparse file is never read;
 * the bound is the folder's total, kept in a ledger and evicted under a lock file, so processes sharing it
-  hold one bound between them;
+  hold one bound between them, and a killed writer's temporary file is removed by a later run;
 * a folder that cannot be used or written is one warning per cache object (one per run), not one per slice.
 """
 
@@ -31,6 +31,7 @@ import re
 import stat
 import struct
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +51,9 @@ SUFFIX = ".safetensors"
 PURPOSE = "slice-embedding cache"
 SUBFOLDER = "sammed2d-embeddings"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}" + re.escape(SUFFIX))
+PART = ".part"  # the end of an entry's temporary name while it is written (beside it, hidden)
+_PART_NAME = re.compile(r"\.[0-9a-f]{64}" + re.escape(SUFFIX) + r"\..+" + re.escape(PART))
+STALE_PART_SECONDS = 3600  # a write takes milliseconds: a part this old is a killed run's
 _MAX_HEADER = 1 << 16  # a real header is ≈ 500 bytes
 LEDGER = ".sammed2d-total"  # the folder's total bytes, shared by the processes using it
 LOW_WATER = 0.9  # an eviction frees a tenth of the bound, so the folder is not measured on every write
@@ -250,7 +254,7 @@ class DiskEmbeddingCache:
         if len(data) > self.max_bytes:
             return
         try:
-            with atomic_path(self.path_for(key)) as tmp:
+            with atomic_path(self.path_for(key), suffix=PART) as tmp:
                 tmp.write_bytes(data)
         except OSError as exc:
             log.warning("embedding cache: cannot write (%s); not writing more in this run", _reason(exc))
@@ -272,6 +276,7 @@ class DiskEmbeddingCache:
         with folder_lock(self.folder):
             total = None if not self._measured else _read_total(self.folder / LEDGER)
             if total is None:
+                self._remove_stale_parts()
                 total = self.nbytes
                 self._measured = True
             else:
@@ -280,6 +285,17 @@ class DiskEmbeddingCache:
                 total = self._evict(int(self.max_bytes * LOW_WATER))
             with contextlib.suppress(OSError):
                 (self.folder / LEDGER).write_text(str(total), encoding="ascii")
+
+    def _remove_stale_parts(self) -> None:
+        """Delete the temporary files of entries whose writer was killed (named after an entry, ending in
+        `PART`, older than an hour): they hold disk space outside the bound and nobody else removes them."""
+        cutoff = time.time() - STALE_PART_SECONDS
+        with contextlib.suppress(OSError), os.scandir(self.folder) as it:
+            for item in it:
+                if _PART_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        if item.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(item.path)
 
     def _evict(self, target: int) -> int:
         """Delete the least recently used entries (files named like ours, nothing else) until the folder's
