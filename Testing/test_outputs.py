@@ -48,6 +48,10 @@ def test_existing_ct_volume_named_seg_nrrd_is_refused_not_rewritten(data, tmp_pa
     line = one_error_line(capsys)
     assert "--out" in line and "is not a segmentation" in line, line
     assert digest(out) == before
+    empty = tmp_path / "empty.seg.nrrd"  # an empty file holds nothing to lose: it is written as a new one
+    empty.touch()
+    assert segment("--volume", data["series"], "--include", data["liver"], "--out", empty) == 0
+    assert read_segment(empty, data["volume"], "SAM-Med2D")[10].any()
 
 
 def test_existing_report_or_dicom_seg_of_another_kind_is_refused(data, tmp_path, capsys):

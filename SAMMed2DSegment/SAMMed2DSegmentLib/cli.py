@@ -406,7 +406,8 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         points, rois = _load_prompts(hs, args)
         geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, args.axis)
         prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice point limit
-        existing = segmentations.load_segmentation(hs, out) if out.exists() else None
+        # An empty --out holds nothing (the output plan lets it be replaced): it is written as a new file.
+        existing = segmentations.load_segmentation(hs, out) if out.exists() and out.stat().st_size else None
         earlier = _earlier_provenance(out) if existing is not None else []
         datasets = _dicom_source(args, volume) if args.dicom_seg else None
         volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")

@@ -123,15 +123,19 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     for entry in entries:
         if not TEMPORARY_NAME.match(entry.name) or not entry.is_file(follow_symlinks=False):
             continue
+        if fcntl is None:  # pragma: no cover - Windows refuses to delete a file a live run holds open
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             continue
         try:
-            if fcntl is not None and not _lock(fd, wait=False):
-                continue  # a live run's file
-            os.unlink(entry.path)  # Windows refuses while the owner holds it open
-            removed.append(Path(entry.path))
+            if _lock(fd, wait=False):  # else a live run's file
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
         except OSError:
             continue
         finally:
