@@ -5,7 +5,8 @@ output, links included), the inputs, an existing `OUT.seg.nrrd`, and then the mo
 written to temporary files beside their targets and renamed only when every one is complete, so a failure or
 an interruption (Ctrl-C, SIGTERM) changes none of them. An existing `OUT.seg.nrrd` is updated (other segments
 and untouched slices kept), never replaced. Exit status: 2 and one line on stderr for bad input, 1 and one
-line when an output cannot be written (disk full), 130 (SIGINT) or 143 (SIGTERM) when interrupted.
+line when an output cannot be written (disk full), 130 (SIGINT), 143 (SIGTERM) or 129 (SIGHUP) when
+interrupted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ import numpy as np
 
 from .engine.geometry import AXES
 from .engine.propagation import DIRECTIONS, PropagationSettings
-from .files import OutputPlanError, check_output_plan, commit_outputs, input_files, same_file
+from .files import commit_outputs, same_file
+from .outputs import (
+    DICOM_SEG,
+    SEGMENT_REPORT,
+    SEGMENTATION,
+    STDOUT,
+    OutputPlan,
+    OutputPlanError,
+    input_files,
+    plan_outputs,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -103,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--embedding-cache-mb", type=int, default=2048, help="bound of the --embedding-cache folder in MB"
     )
-    seg.add_argument("--out", required=True, help="output .seg.nrrd (updated if it exists)")
+    seg.add_argument(
+        "--out", required=True, help="output .seg.nrrd (updated if it exists; a symlink is written through)"
+    )
     seg.add_argument("--dicom-seg", help="also write a DICOM-SEG file")
-    seg.add_argument("--report", help="write a JSON report (per-slice IoU, area, status, timings)")
+    seg.add_argument(
+        "--report", help="write a JSON report (per-slice IoU, area, status, timings); - for standard output"
+    )
     seg.add_argument("--quiet", action="store_true", help="no progress on stderr")
     conv = sub.add_parser(
         "convert",
@@ -118,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--dicom-seg", help="input DICOM-SEG (with --out), or output DICOM-SEG (with --seg)")
     conv.add_argument("--seg", help="input .seg.nrrd to export as DICOM-SEG (with --dicom-seg)")
-    conv.add_argument("--out", help="output .seg.nrrd (with an input --dicom-seg)")
+    conv.add_argument(
+        "--out",
+        help="output .seg.nrrd (with an input --dicom-seg); an existing one is updated: the SEG's segments "
+        "are added or replace those of the same name, its other segments stay",
+    )
     conv.add_argument("--quiet", action="store_true", help="no summary on stderr")
     from .evaluation.command import add_parser as add_evaluate_parser
     from .finetune.command import add_parser as add_finetune_parser
@@ -138,7 +157,15 @@ def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return inputs
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def planned(outputs, inputs, missing_folders_ok: bool = False) -> OutputPlan:
+    """`outputs.plan_outputs`, its refusal as a CommandError (one line, exit status 2)."""
+    try:
+        return plan_outputs(outputs, inputs, missing_folders_ok)
+    except OutputPlanError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _check_outputs(args: argparse.Namespace) -> OutputPlan:
     out = Path(args.out)
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder; give a file name ending in .seg.nrrd")
@@ -146,11 +173,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise CommandError(f"--out must end in .seg.nrrd, got {out.name}")
     if args.dicom_seg and not args.dicom_seg.lower().endswith(".dcm"):
         raise CommandError(f"--dicom-seg must end in .dcm, got {Path(args.dicom_seg).name}")
-    outputs = [("--out", args.out), ("--dicom-seg", args.dicom_seg), ("--report", args.report)]
-    try:
-        check_output_plan(outputs, _input_files(args))
-    except OutputPlanError as exc:
-        raise CommandError(str(exc)) from None
+    outputs = [("--out", args.out, SEGMENTATION), ("--dicom-seg", args.dicom_seg, DICOM_SEG),
+               ("--report", args.report, SEGMENT_REPORT)]  # fmt: skip
+    plan = planned(outputs, _input_files(args))
     volume = Path(args.volume)
     if args.dicom_seg and volume.is_dir() and same_file(Path(args.dicom_seg).resolve().parent, volume):
         # Refused rather than recognised later: a SEG beside its source is read as part of the folder by
@@ -163,6 +188,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise CommandError(f"--iou-threshold must be within 0..1, got {args.iou_threshold}")
     if args.cache_mb < 0:
         raise CommandError(f"--cache-mb must be ≥ 0, got {args.cache_mb}")
+    return plan
 
 
 def _window(spec: str, volume: np.ndarray, modality: str | None, rule: str):
@@ -354,6 +380,14 @@ def _earlier_provenance(out: Path) -> list:
 
 
 def run_segment(args: argparse.Namespace) -> dict:
+    """`segment`: the output plan is checked, then the run holds the lock beside --out from reading the
+    existing file to the final rename, so two runs updating one file take turns and both segments stay."""
+    plan = _check_outputs(args)
+    with plan.lock("--out", quiet=args.quiet):
+        return _segment_locked(args)
+
+
+def _segment_locked(args: argparse.Namespace) -> dict:
     from .engine.geometry import SliceGeometry
     from .engine.predictor import SamMed2DPredictor
     from .engine.prompts import prompts_by_slice
@@ -363,7 +397,6 @@ def run_segment(args: argparse.Namespace) -> dict:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    _check_outputs(args)
     out = Path(args.out)
     try:
         # Everything is read and checked before the (slow) segmentation, and before anything is written.
@@ -373,7 +406,8 @@ def run_segment(args: argparse.Namespace) -> dict:
         points, rois = _load_prompts(hs, args)
         geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, args.axis)
         prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice point limit
-        existing = segmentations.load_segmentation(hs, out) if out.exists() else None
+        # An empty --out holds nothing (the output plan lets it be replaced): it is written as a new file.
+        existing = segmentations.load_segmentation(hs, out) if out.exists() and out.stat().st_size else None
         earlier = _earlier_provenance(out) if existing is not None else []
         datasets = _dicom_source(args, volume) if args.dicom_seg else None
         volume_node = volumes.add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "volume")
@@ -446,8 +480,9 @@ def run_segment(args: argparse.Namespace) -> dict:
             timings["decode_s"] = result.decode_seconds
             timings["total_s"] = time.perf_counter() - t0
             report["timings"] = {k: round(v, 4) for k, v in timings.items()}
-            if args.report:
-                outputs.path(args.report).write_text(report_json(report), encoding="utf-8")
+            if args.report and args.report != STDOUT:
+                report_file = outputs.path(args.report, suffix=".tmp.json")
+                report_file.write_text(report_json(report), encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write the outputs ({_os_reason(exc)}); nothing written") from None
     except KeyboardInterrupt as exc:
@@ -455,6 +490,8 @@ def run_segment(args: argparse.Namespace) -> dict:
             status = getattr(exc, "status", 130)
             raise Interrupted("interrupted after the outputs were written", status) from None
         raise
+    if args.report == STDOUT:
+        print(report_json(report), flush=True)
     return report
 
 
@@ -555,20 +592,25 @@ def _finetune_summary(result) -> str:
     )
 
 
-def _raise_on_sigterm(signum: int, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C (temporary files removed, outputs untouched) instead of killing."""
-    raise Interrupted(status=128 + signal.SIGTERM)
+#: Signals that unwind like Ctrl-C: SIGTERM (a scheduler, `kill`) and SIGHUP (the terminal went away).
+UNWINDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def _check_convert(args: argparse.Namespace) -> tuple[str, str]:
-    """The direction of a `convert` run and its (input, output), with the output plan checked."""
+def _raise_on_signal(signum: int, frame) -> None:
+    """SIGTERM or SIGHUP unwinds like Ctrl-C (temporary files removed, outputs untouched) instead of
+    killing the process mid-write; the exit status is 128 + the signal's number."""
+    raise Interrupted(status=128 + signum)
+
+
+def _check_convert(args: argparse.Namespace) -> tuple[str, str, OutputPlan]:
+    """The direction of a `convert` run, its output and the checked output plan."""
     if args.seg:
         if args.out or not args.dicom_seg:
             raise CommandError("convert --seg IN.seg.nrrd needs --dicom-seg OUT.dcm (and no --out)")
         source, target, direction = args.seg, args.dicom_seg, "to-dicom"
         if not target.lower().endswith(".dcm"):
             raise CommandError(f"--dicom-seg must end in .dcm, got {Path(target).name}")
-        outputs, inputs = [("--dicom-seg", target)], [("--seg", Path(source))]
+        outputs, inputs = [("--dicom-seg", target, DICOM_SEG)], [("--seg", Path(source))]
     else:
         if not args.dicom_seg or not args.out:
             raise CommandError(
@@ -578,31 +620,43 @@ def _check_convert(args: argparse.Namespace) -> tuple[str, str]:
         source, target, direction = args.dicom_seg, args.out, "from-dicom"
         if not target.endswith(".seg.nrrd"):
             raise CommandError(f"--out must end in .seg.nrrd, got {Path(target).name}")
-        outputs, inputs = [("--out", target)], [("--dicom-seg", Path(source))]
+        outputs, inputs = [("--out", target, SEGMENTATION)], [("--dicom-seg", Path(source))]
     if not Path(source).is_file():
         raise CommandError(f"{'--seg' if args.seg else '--dicom-seg'}: no such file: {source}")
-    try:
-        check_output_plan(outputs, [*inputs, *input_files("--volume", args.volume)])
-    except OutputPlanError as exc:
-        raise CommandError(str(exc)) from None
+    plan = planned(outputs, [*inputs, *input_files("--volume", args.volume)])
     volume = Path(args.volume)
     if direction == "to-dicom" and volume.is_dir() and same_file(Path(target).resolve().parent, volume):
         raise CommandError(
             f"--dicom-seg {target} is inside the source DICOM folder {volume}; write it elsewhere "
             "(one series per folder)"
         )
-    return direction, target
+    return direction, target, plan
 
 
 def run_convert(args: argparse.Namespace) -> dict:
     """`convert`: a DICOM-SEG from any tool onto its source volume as .seg.nrrd (through the same import the
     module uses), or a .seg.nrrd onto its DICOM series as DICOM-SEG. Same rules as `segment`: everything is
-    checked before anything is written, and the output appears complete or not at all."""
+    checked before anything is written, the output appears complete or not at all, and an existing --out is
+    updated under its lock: the SEG's segments are added, or replace the segments of the same name; the
+    file's other segments (and their provenance) stay."""
+    direction, target, plan = _check_convert(args)
+    with plan.lock("--out", quiet=args.quiet):
+        return _convert_locked(args, direction, target)
+
+
+def _kept_provenance_metadata(out: Path, replaced: set[str]) -> dict[str, str] | None:
+    """The provenance of an updated file's segments that a convert did not replace, as header fields."""
+    kept = [p for p in _earlier_provenance(out) if p.segment not in replaced]
+    return kept[-1].to_metadata(kept[:-1]) if kept else None
+
+
+def _convert_locked(args: argparse.Namespace, direction: str, target: str) -> dict:
     from .formats.volumes import read_volume
     from .mrml import scene, segmentations, volumes
     from .mrml.dicom_segmentations import export_dicom_seg, import_dicom_seg
 
-    direction, target = _check_convert(args)
+    out = Path(target)
+    existing, metadata = None, None
     try:
         volume = read_volume(args.volume)
         hs = scene.create_headless_scene()
@@ -614,7 +668,10 @@ def run_convert(args: argparse.Namespace) -> dict:
 
                 required = (*REQUIRED_FOR_GEOMETRY, "SOPInstanceUID")
                 datasets = sort_series_datasets(volume.dicom_datasets, required)
-            seg_node = import_dicom_seg(hs, args.dicom_seg, volume_node, datasets)
+            if out.exists() and out.stat().st_size:
+                existing = segmentations.load_segmentation(hs, out)
+                segmentations.check_segments_on_grid(existing, volume_node, out.name)
+            seg_node = import_dicom_seg(hs, args.dicom_seg, volume_node, datasets, seg_node=existing)
         else:
             datasets = _dicom_source(args, volume)
             seg_node = segmentations.load_segmentation(hs, args.seg)
@@ -626,10 +683,16 @@ def run_convert(args: argparse.Namespace) -> dict:
         seg_node.GetSegmentation().GetNthSegment(n).GetName()
         for n in range(seg_node.GetSegmentation().GetNumberOfSegments())
     ]
+    if existing is not None:
+        from .formats.dicom.seg_read import read_seg_labels
+
+        metadata = _kept_provenance_metadata(out, set(read_seg_labels(args.dicom_seg)))
     try:
         with commit_outputs() as outputs:
             if direction == "from-dicom":
-                segmentations.save_segmentation(seg_node, outputs.path(target, suffix=".tmp.seg.nrrd"))
+                segmentations.save_segmentation(
+                    seg_node, outputs.path(target, suffix=".tmp.seg.nrrd"), metadata
+                )
             else:
                 by_segment = {p.segment: p for p in earlier}  # the latest run on each segment
                 try:
@@ -666,12 +729,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run, summary = run_evaluate, evaluate_summary
     else:
         run, summary = run_segment, _segment_summary
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        previous = {signum: signal.signal(signum, _raise_on_signal) for signum in UNWINDING_SIGNALS}
     try:
         outcome = run(args)
-    except (CommandError, FinetuneError) as exc:
+    except (CommandError, FinetuneError, OutputPlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OutputError as exc:
@@ -686,8 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return getattr(exc, "status", 130)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not args.quiet:
         print(summary(outcome), file=sys.stderr)
     return 0

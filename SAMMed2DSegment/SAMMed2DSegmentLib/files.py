@@ -7,32 +7,178 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
+
+#: Our temporary files: `.<target name, maybe shortened>.<12 hex digits>.tmp[.<extension>]`, hidden, beside
+#: their target. A run killed outright (SIGKILL, power loss) leaves one behind; the next run's output plan
+#: removes those in its folders (only names of this pattern, only when no live run holds them).
+TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[A-Za-z0-9]+)*$")
+_TOKEN_BYTES = 6
+
+
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name (in bytes) the file system holding `folder` accepts (255 where it cannot say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _fit(prefix: str, tail: str, limit: int) -> str:
+    """`prefix + tail`, with `prefix` shortened (whole characters) so the UTF-8 name fits `limit` bytes."""
+    room = limit - len(tail.encode())
+    encoded = prefix.encode()
+    if len(encoded) > room:
+        prefix = encoded[: max(room, 1)].decode(errors="ignore") or "."
+    return prefix + tail
+
+
+def temporary_name(target: Path, suffix: str, limit: int | None = None) -> str:
+    """A fresh temporary name for `target` that fits the folder's name limit: a 250-byte output name must
+    not fail only at the end, after all the work, because the name beside it is too long."""
+    limit = limit if limit is not None else name_max(target.parent)
+    return _fit(f".{target.name}", f".{secrets.token_hex(_TOKEN_BYTES)}{suffix}", limit)
+
+
+def lock_name(target: Path, limit: int | None = None) -> str:
+    """The hidden lock file beside `target` that serialises runs updating it (always the same name)."""
+    limit = limit if limit is not None else name_max(target.parent)
+    return _fit(f".{target.name}", ".lock", limit)
+
+
+def write_target(target: str | os.PathLike[str]) -> Path:
+    """Where bytes for `target` go: a symlink is written through to the file it names (the link stays a
+    link and its target gets the new content, atomically), anything else is itself."""
+    target = Path(target)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """An exclusive advisory lock on an open file (fcntl on POSIX, msvcrt on Windows): True when taken."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    while True:  # pragma: no cover - Windows
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not wait:
+                return False
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the advisory lock file `path` for the block (created if missing; `on_wait` is called once if
+    another run holds it). It is removed while still held, so it never stays behind; a run that was waiting
+    on the removed file sees that its path is gone or another file, and locks again."""
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _lock(fd, wait=False):
+            if on_wait is not None and not waited:
+                on_wait()
+            waited = True
+            _lock(fd, wait=True)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows keeps a file that is open: it stays, empty
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove our temporary files (`TEMPORARY_NAME`, regular files only) that no live run holds: what a
+    killed run left. A live run keeps its temporary files locked (POSIX) or open (Windows), so they stay."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not TEMPORARY_NAME.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if fcntl is None:  # pragma: no cover - Windows refuses to delete a file a live run holds open
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _lock(fd, wait=False):  # else a live run's file
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 class OutputSet:
     """Several outputs of one run committed as a unit: each gets a temporary file beside its target, and only
-    once every one is complete are they renamed over their targets, with SIGINT/SIGTERM held back during the
-    renames, so a failure or an interruption while writing never leaves one output new and another old.
+    once every one is complete are they renamed over their targets, with SIGINT/SIGTERM/SIGHUP held back
+    during the renames, so a failure or an interruption while writing never leaves one output new and another
+    old. A symlinked target is written through to the file it names. Each temporary file is held locked
+    until the end so another run's cleanup of stale temporaries leaves it alone.
     Use it through :func:`commit_outputs` (or :func:`atomic_path` for a single file)."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self._held: list[int] = []
         self.committed = False
 
     def path(self, target: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
         """A fresh, empty temporary file beside `target` (hidden, same folder so the rename is atomic); its
         name ends in `suffix` for writers that choose the format by extension."""
-        target = Path(target)
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}{suffix}")
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        target = write_target(target)
+        while True:
+            temporary = target.with_name(temporary_name(target, suffix))
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            if fcntl is not None:
+                _lock(fd, wait=True)
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(temporary)):
+                    break
+            except FileNotFoundError:
+                pass  # removed by a cleanup between its creation and the lock: take another name
+            os.close(fd)
+        self._held.append(fd)
         self._pending.append((temporary, target))
         return temporary
+
+    def _release(self) -> None:
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
 
     def commit(self) -> None:
         """fsync every temporary file, then rename each over its target (keeping an existing target's
@@ -42,6 +188,7 @@ class OutputSet:
                 shutil.copymode(target, temporary)
             with temporary.open("rb") as f:
                 os.fsync(f.fileno())
+        self._release()  # Windows cannot rename a file that is open
         with _signals_held():
             for temporary, target in self._pending:
                 os.replace(temporary, target)
@@ -53,14 +200,15 @@ class OutputSet:
         for temporary, _ in self._pending:
             temporary.unlink(missing_ok=True)
         self._pending.clear()
+        self._release()
 
 
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM (main thread, POSIX) until the block ends; elsewhere a plain block."""
+    """Defer SIGINT/SIGTERM/SIGHUP (main thread, POSIX) until the block ends; elsewhere a plain block."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,7 +235,12 @@ def commit_outputs() -> Iterator[OutputSet]:
 def atomic_path(target: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a fresh temporary path next to `target` to write to; on success it is fsynced and renamed over
     `target` (same folder, so the rename is atomic), keeping an existing file's permissions, else the
-    usual ones (umask applied). On any failure the temporary file is removed and `target` is untouched."""
+    usual ones (umask applied). On any failure the temporary file is removed and `target` is untouched.
+    A `target` that is itself one of our temporary files (a writer called by an `OutputSet`) is written
+    directly: its owner renames it, and a temporary of a temporary would only be left behind by a kill."""
+    if TEMPORARY_NAME.match(Path(target).name):
+        yield Path(target)
+        return
     with commit_outputs() as outputs:
         yield outputs.path(target, suffix)
 
@@ -119,45 +272,3 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
-
-
-class OutputPlanError(ValueError):
-    """An output would overwrite an input or another output, or cannot be written where it is named."""
-
-
-def input_files(role: str, path: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """The files an input option reads, with their role for messages: a folder (a DICOM series) stands for
-    every file in it."""
-    path = Path(path)
-    if path.is_dir():
-        return [(f"file {p.name} of the {role} folder", p) for p in sorted(path.iterdir()) if p.is_file()]
-    return [(role, path)] if path.exists() else []
-
-
-def check_output_plan(
-    outputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
-    inputs: Sequence[tuple[str, Path]],
-    missing_folders_ok: bool = False,
-) -> None:
-    """Refuse, before any work, an output that is a folder, sits in a missing (unless `missing_folders_ok`:
-    the caller creates it) or read-only folder, or is the same file (by inode, so symlinks and hard links
-    count, or by resolved path) as an input or as another output. Raises OutputPlanError naming both roles."""
-    seen: list[tuple[str, Path]] = []
-    for role, name in outputs:
-        if not name:
-            continue
-        path = Path(name)
-        if path.is_dir():
-            raise OutputPlanError(f"{role} {name} is a folder; give a file name")
-        parent = path.resolve().parent
-        if parent.is_dir():
-            if not os.access(parent, os.W_OK):
-                raise OutputPlanError(f"{role}: output folder is not writable: {parent}")
-        elif not missing_folders_ok:
-            raise OutputPlanError(f"{role}: output folder does not exist: {parent}")
-        for other_role, other in [*inputs, *seen]:
-            if same_file(path, other):
-                raise OutputPlanError(
-                    f"{role} {name} is the same file as {other_role} {other}; choose another output path"
-                )
-        seen.append((role, path))

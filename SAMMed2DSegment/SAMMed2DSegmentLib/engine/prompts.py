@@ -22,6 +22,8 @@ EXCLUDE = 0
 #: (iterative correction clicks), so more points do not help, while the decoder's attention over the prompt
 #: tokens grows quadratically with their number (10,000 points on one slice peaked at 7.2 GB RSS).
 MAX_POINTS_PER_SLICE = 64
+#: An ROI must span at least this many pixels in both directions of the slices it prompts.
+MIN_ROI_PIXELS = 1.0
 
 
 class PromptError(ValueError):
@@ -129,9 +131,20 @@ def roi_slices(roi: RoiPrompt, geometry: SliceGeometry) -> dict[int, np.ndarray]
         box = roi_box_on_slice(corners, index, geometry)
         if box is not None:
             boxes[index] = box
+    label = f"ROI {roi.name!r}" if roi.name else "ROI"
     if not boxes:
-        label = f"ROI {roi.name!r}" if roi.name else "ROI"
         raise PromptError(f"{label} lies outside the volume")
+    # Degenerate: thinner than a pixel across the slices (a 1e-9 mm side). It would prompt with a box around
+    # nothing, whose empty mask says nothing; refused here, at input. A flat ROI across the slices (as placed
+    # in a slice view) is fine.
+    low = np.min([b[:2] for b in boxes.values()], axis=0)
+    high = np.max([b[2:] for b in boxes.values()], axis=0)
+    if (high - low).min() < MIN_ROI_PIXELS:
+        width, height = (high - low) * np.asarray(geometry.pixel_spacing)[::-1]
+        raise PromptError(
+            f"{label} is degenerate on the {geometry.axis} slices: {width:.3g} × {height:.3g} mm, less than "
+            "a pixel across; draw a box around the structure"
+        )
     return boxes
 
 

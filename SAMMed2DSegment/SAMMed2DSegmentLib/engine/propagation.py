@@ -90,8 +90,10 @@ class PropagationResult:
     encoded_slices: int = 0
 
     def masks(self) -> dict[int, np.ndarray]:
-        """Accepted masks by slice index: what should be written into the segment."""
-        return {i: o.mask for i, o in sorted(self.slices.items()) if o.accepted and o.mask is not None}
+        """Accepted, non-empty masks by slice index: what should be written into the segment. An empty mask
+        says the model found nothing there; it never replaces voxels the segment already has."""
+        kept = {i: o for i, o in sorted(self.slices.items()) if o.accepted and o.mask is not None}
+        return {i: o.mask for i, o in kept.items() if o.mask.any()}
 
 
 ProgressCallback = Callable[[int, SliceOutcome], None]

@@ -49,11 +49,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """Check every input and the output path first, then run; the JSON is written atomically at the end."""
     import numpy as np
 
-    from ..cli import CommandError, _intensity_rule, _model, _window
+    from ..cli import CommandError, _intensity_rule, _model, _window, planned
     from ..engine.predictor import SamMed2DPredictor
     from ..engine.session import SegmentationSession
-    from ..files import OutputPlanError, atomic_path, check_output_plan, input_files
+    from ..files import atomic_path
     from ..formats.volumes import read_labels_on_grid, read_volume
+    from ..outputs import Kind, input_files, json_with
     from ..weights.checkpoint import CheckpointError
     from .protocol import evaluate_structure
 
@@ -66,10 +67,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     inputs = input_files("--volume", args.volume) + input_files("--labels", args.labels)
     if args.checkpoint:
         inputs += input_files("--checkpoint", args.checkpoint)
-    try:
-        check_output_plan([("--json", args.json)], inputs)
-    except OutputPlanError as exc:
-        raise CommandError(str(exc)) from None
+    planned([("--json", args.json, Kind("an evaluation result", json_with("volume", "protocol")))], inputs)
 
     t0 = time.perf_counter()
     try:

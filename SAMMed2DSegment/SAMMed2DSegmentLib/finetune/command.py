@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..files import OutputPlanError, atomic_path, check_output_plan, input_files
+from ..files import atomic_path
 from ..model import CONFIGS
+from ..outputs import Kind, OutputPlanError, input_files, plan_outputs, safetensors_of
 from .batches import LARGE_AREA_PX
-from .settings import FinetuneConfig, FinetuneError
+from .settings import MODEL_FORMAT, STATE_FORMAT, FinetuneConfig, FinetuneError
 from .training import FinetuneResult, finetune
 
 
@@ -93,10 +94,15 @@ def run_finetune(args) -> FinetuneResult:
     return result
 
 
+MODEL_WEIGHTS = Kind("model weights written by finetune", safetensors_of(MODEL_FORMAT))
+TRAINING_STATE = Kind("a finetune training state", safetensors_of(STATE_FORMAT))
+
+
 def _check_finetune_outputs(args) -> None:
     """The same output plan as `segment`: no output (the states in --out-dir, --export) may be an input
-    (images, labels, validation images and labels, --init) or another output, links included; --out-dir may
-    be missing (it is created)."""
+    (images, labels, validation images and labels, --init) or another output, links included, nor a file of
+    another kind; --out-dir may be missing (it is created). An earlier run's best.safetensors is replaced
+    only by the run that continues it (--resume with its last.safetensors), never by a new training."""
     given = {"--image": args.image, "--labels": args.labels, "--val-image": args.val_image,
              "--val-labels": args.val_labels, "--init": [args.init] if args.init else []}  # fmt: skip
     inputs = [item for flag, paths in given.items() for path in paths for item in input_files(flag, path)]
@@ -105,11 +111,21 @@ def _check_finetune_outputs(args) -> None:
         raise FinetuneError(f"--out-dir {out} is a file; give a folder (it is created if missing)")
     if args.export and not Path(args.export).resolve().parent.is_dir():
         raise FinetuneError(f"--export: output folder does not exist: {Path(args.export).resolve().parent}")
-    outputs = [(f"--out-dir's {name}", out / name) for name in ("last.safetensors", "best.safetensors")]
+    last, best = out / "last.safetensors", out / "best.safetensors"
+    outputs = [
+        ("--out-dir's last.safetensors", last, TRAINING_STATE),
+        ("--out-dir's best.safetensors", best, MODEL_WEIGHTS),
+        ("--export", args.export, MODEL_WEIGHTS),
+    ]
     try:
-        check_output_plan([*outputs, ("--export", args.export)], inputs, missing_folders_ok=True)
+        plan_outputs(outputs, inputs, missing_folders_ok=True)
     except OutputPlanError as exc:
         raise FinetuneError(str(exc)) from None
+    if best.exists() and not (args.resume and last.is_file()):
+        raise FinetuneError(
+            f"{best} holds an earlier run's best weights; it is not replaced: continue that run with "
+            "--resume (needs its last.safetensors), or use a new --out-dir"
+        )
 
 
 def _print_progress(event: dict) -> None:

@@ -401,8 +401,12 @@ class PanelModel:
         return ""
 
     def export_dicom_seg(self, p: Any, path: str) -> bool:
-        """Write every segment as a DICOM-SEG of the input volume's source series (in the engine process).
-        Refuses an output path that is one of the source images."""
+        """Write every segment as a DICOM-SEG of the input volume's source series (in the engine process),
+        through the command line's output plan: the path may not be a source image (by inode, links
+        included), nor an existing file that is not a DICOM-SEG, nor a device or FIFO."""
+        from pathlib import Path
+
+        from ..outputs import DICOM_SEG, plan_outputs
         from .dicom_database import source_files
 
         try:
@@ -410,8 +414,8 @@ class PanelModel:
             if problem:
                 raise ValueError(problem)
             files = source_files(p.inputVolume, self._dicom_database())
-            if os.path.exists(path) and any(os.path.samefile(path, f) for f in files):
-                raise ValueError(f"{path} is one of the source images; choose another file name")
+            inputs = [("source image", Path(f)) for f in files]
+            plan_outputs([("The DICOM-SEG file", path, DICOM_SEG)], inputs)
             self.controller.start_export(
                 p.outputSegmentation, p.inputVolume, files, path, self._model_sha256(p),
                 on_done=lambda out: self._end(f"DICOM-SEG written to {out}"),

@@ -267,6 +267,13 @@ def read_dicom_seg_provenance(path: str | os.PathLike) -> dict[str, Provenance]:
     return result
 
 
+def read_seg_labels(path: str | os.PathLike) -> list[str]:
+    """The segment names a DICOM-SEG's import gives (as `read_seg_segments` labels them), from its header
+    only: what `convert` replaces when it updates an existing .seg.nrrd."""
+    seg = pydicom.dcmread(Path(path), stop_before_pixels=True)
+    return list(_segment_labels(seg).values())
+
+
 def _segment_labels(seg: Dataset) -> dict[int, str]:
     """Segment number → label: the full label kept in AlgorithmParameters when SegmentLabel had to be cut,
     else SegmentLabel; a repeated label gets its segment number appended."""
