@@ -253,8 +253,11 @@ class DiskEmbeddingCache:
         data = save_safetensors({"embedding": tensor}, metadata=meta)
         if len(data) > self.max_bytes:
             return
+        path = self.path_for(key)
         try:
-            with atomic_path(self.path_for(key), suffix=PART) as tmp:
+            if path.is_symlink():  # an entry's name is ours; a link there must not carry the write outside
+                path.unlink()
+            with atomic_path(path, suffix=PART) as tmp:
                 tmp.write_bytes(data)
         except OSError as exc:
             log.warning("embedding cache: cannot write (%s); not writing more in this run", _reason(exc))
