@@ -67,8 +67,9 @@ def write_target(target: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
-def _lock(fd: int, wait: bool) -> bool:
-    """An exclusive advisory lock on an open file (fcntl on POSIX, msvcrt on Windows): True when taken."""
+def lock_file(fd: int, wait: bool = True) -> bool:
+    """An exclusive advisory lock on an open file (fcntl on POSIX, msvcrt on Windows): True when taken.
+    Closing the file releases it (or `unlock_file`)."""
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -85,6 +86,16 @@ def _lock(fd: int, wait: bool) -> bool:
             time.sleep(0.1)
 
 
+def unlock_file(fd: int) -> None:
+    """Release `lock_file`'s lock before the file is closed (Windows wants it released explicitly)."""
+    with contextlib.suppress(OSError):
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
 @contextlib.contextmanager
 def locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the advisory lock file `path` for the block (created if missing; `on_wait` is called once if
@@ -93,11 +104,11 @@ def locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[No
     waited = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        if not _lock(fd, wait=False):
+        if not lock_file(fd, wait=False):
             if on_wait is not None and not waited:
                 on_wait()
             waited = True
-            _lock(fd, wait=True)
+            lock_file(fd, wait=True)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -133,7 +144,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
         except OSError:
             continue
         try:
-            if _lock(fd, wait=False):  # else a live run's file
+            if lock_file(fd, wait=False):  # else a live run's file
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
@@ -164,7 +175,7 @@ class OutputSet:
             temporary = target.with_name(temporary_name(target, suffix))
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             if fcntl is not None:
-                _lock(fd, wait=True)
+                lock_file(fd, wait=True)
             try:
                 if os.path.samestat(os.fstat(fd), os.stat(temporary)):
                     break

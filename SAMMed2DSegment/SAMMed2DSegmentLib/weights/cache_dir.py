@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..files import lock_file, unlock_file
+
 CACHE_ENV = "SAMMED2D_CACHE_DIR"
 
 MARKER = "CACHEDIR.TAG"
@@ -90,40 +92,15 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        locked = _lock(fd)
+        try:
+            taken = lock_file(fd)
+        except OSError:  # a file system that refuses locks
+            taken = False
         yield
     finally:
-        if locked:
-            _unlock(fd)
+        if taken:
+            unlock_file(fd)
         os.close(fd)
-
-
-def _lock(fd: int) -> bool:
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return True
-    except OSError:
-        return False
-
-
-def _unlock(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        if os.name == "nt":
-            import msvcrt
-
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 __all__ = ["CACHE_ENV", "LOCK", "MARKER", "default_cache_dir", "folder_lock", "is_owned", "owned_folder"]
