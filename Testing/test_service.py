@@ -273,6 +273,33 @@ def test_no_engine_outlives_its_client():
     assert not _alive(pid)
 
 
+def test_closing_during_a_propagation_is_quick_and_leaves_no_engine(ct, tmp_path):
+    """R5: Slicer quitting while the engine propagates waits one slice at most, not for the whole walk: the
+    engine is told to cancel and to exit, and does so itself within the 2 s `close` gives it before a kill.
+    The volume is new to this engine's empty cache, so every slice is encoded (about 1.5 s each here)."""
+    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path)})
+    hs = create_headless_scene()
+    volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
+    seg = ensure_segmentation(hs, volume)
+    liver = ensure_segment(seg, "liver")
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
+    client.wait(controller.request_model(str(resolve_model("demo")), "cpu"), timeout=120)
+    include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
+    include.AddControlPoint(-LIVER_LPS[0], -LIVER_LPS[1], LIVER_LPS[2])
+    slices = []
+    both = SegmentOptions(direction="both")
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=slices.append)
+    deadline = time.monotonic() + 120
+    while not slices and time.monotonic() < deadline:
+        client.poll() or time.sleep(0.005)
+    assert slices and job.state == "running" and len(slices) < 5  # well inside the 20-slice walk
+    pid, started = client.pid, time.monotonic()
+    code = client.close()
+    assert time.monotonic() - started < 2.5 and code == 0  # it exited as asked, it was not killed
+    assert not _alive(pid) and client.pid is None and not client.jobs
+
+
 def test_engine_exits_when_the_slicer_side_dies():
     """A process that starts an engine and is then killed (Slicer crashing) leaves no engine behind."""
     code = (

@@ -132,25 +132,30 @@ class EngineClient:
             self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
         )
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the engine (asking first, then killing) and drop every pending job without callbacks."""
-        if self._conn is not None:
+    def close(self, timeout: float = 2.0) -> int | None:
+        """Stop the engine and drop every pending job without callbacks. Slicer waits for this while it
+        quits, so the engine is told to cancel everything (a propagation stops within one slice) and to
+        exit; one that has not exited after `timeout` seconds, or has not even connected yet, is killed.
+        Returns its exit status (0: it exited as asked; negative: killed), None without an engine."""
+        process, connected = self._process, self._conn is not None
+        if connected:
             try:
+                self._conn.send_bytes(encode({"op": "cancel", "job": next(self._numbers), "target": None}))
                 self._conn.send_bytes(encode({"op": "shutdown", "job": 0}))
             except OSError:
                 pass
-        process = self._process
         if process is not None:
             try:
-                process.wait(timeout)
+                process.wait(timeout if connected else 0)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait(timeout)
+                process.wait()
         self._release_all()
         self.jobs.clear()
         if self._finalizer is not None:
             self._finalizer()
         self._conn, self._process, self._listener = None, None, None
+        return process.returncode if process is not None else None
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(

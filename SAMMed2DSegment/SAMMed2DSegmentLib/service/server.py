@@ -46,6 +46,7 @@ class EngineServer:
         self._cancelled: set[int] = set()
         self._cancel_below = 0  # every job with a smaller number is cancelled ("cancel all"), but set-up
         self._setup: set[int] = set()  # queued set-up jobs (load_model, set_volume): "cancel all" spares them
+        self._closing = False  # "shutdown" or the end of the connection: stop the running job, answer no more
         self.session = None
         self.model_info: dict[str, Any] = {}
         self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
@@ -61,28 +62,33 @@ class EngineServer:
             self.conn.send_bytes(data)
 
     def _read(self) -> None:
+        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs."""
         while True:
             try:
                 header, arrays = decode(self.conn.recv_bytes())
             except (EOFError, OSError):
+                self._closing = True
                 self.inbox.put(_EOF)
                 return
-            if header.get("op") == "cancel":
-                target = header.get("target")
-                if target is None:
+            op = header.get("op")
+            if op in ("cancel", "shutdown"):
+                if op == "shutdown":
+                    self._closing = True
+                elif header.get("target") is None:
                     self._cancel_below = max(self._cancel_below, int(header["job"]))
                 else:
-                    self._cancelled.add(int(target))
+                    self._cancelled.add(int(header["target"]))
                 running = self._running
                 if self.cancelled(running[0]) and running[2] < 0:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
-                continue
+                if op == "cancel":
+                    continue
             if header.get("op") in SETUP_OPS:
                 self._setup.add(int(header.get("job", 0)))
             self.inbox.put((header, arrays))
 
     def cancelled(self, job: int) -> bool:
-        if job in self._cancelled:
+        if self._closing or job in self._cancelled:
             return True
         return job < self._cancel_below and job not in self._setup
 
@@ -93,18 +99,15 @@ class EngineServer:
     # -- the loop ------------------------------------------------------------------------------------------
     def serve(self) -> None:
         threading.Thread(target=self._read, name="SAMMed2D engine reader", daemon=True).start()
-        while True:
+        while not self._closing:
             try:
                 item = self.inbox.get(block=not self.idle_plan)
             except queue.Empty:
                 self._encode_one_idle_slice()
                 continue
-            if item is _EOF:
+            if item is _EOF or self._closing or item[0].get("op") == "shutdown":
                 return
-            header, arrays = item
-            if header.get("op") == "shutdown":
-                return
-            self._handle(header, arrays)
+            self._handle(*item)
 
     def _handle(self, header: dict, arrays: dict) -> None:
         job = int(header.get("job", 0))
@@ -343,4 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         EngineServer(conn).serve()
     finally:
         conn.close()
-    return 0
+    # Leave without the interpreter's teardown (about a second with torch loaded, while Slicer waits for it
+    # to quit): nothing needs it. Files are written atomically, the shared memory is the Slicer side's to
+    # release, and the log is flushed here.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
