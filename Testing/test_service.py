@@ -23,7 +23,7 @@ from SAMMed2DSegmentLib.mrml import (
     ensure_segmentation,
 )
 from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentOptions
-from SAMMed2DSegmentLib.mrml.segmentations import segment_array
+from SAMMed2DSegmentLib.mrml.segmentations import segment_array, write_segment_slices
 from SAMMed2DSegmentLib.service.client import EngineClient
 from SAMMed2DSegmentLib.service.protocol import decode, encode, pack_mask, unpack_mask
 from SAMMed2DSegmentLib.weights.registry import resolve_model
@@ -185,8 +185,6 @@ def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case
     block = np.zeros(volume.GetImageData().GetDimensions()[::-1], bool)
     block[10, 200:300, 100:300] = True  # across the liver's slice
     geometry = controller.snapshot(volume).geometry("axial")
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     write_segment_slices(seg, other, volume, geometry, {10: geometry.extract(block, 10)})
     before_other = segment_array(seg, other, volume)
     editor = controller.editor_node
@@ -219,13 +217,36 @@ def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case
     assert result.sum() > 100 and ((voxels[result] >= 80) & (voxels[result] <= 200)).all()
 
 
+def test_a_write_the_editor_logic_refuses_fails_the_job_and_changes_nothing(case):
+    """L3: a write through Slicer's editor logic that the logic refuses (here the editable intensity range on
+    a segmentation whose reference geometry is not the volume's lattice: "Modifier labelmap should have the
+    same geometry as the source volume") fails the job with one line, counts nothing as written and leaves
+    the segment as it was (it used to pass for written, with nothing changed)."""
+    hs, volume, seg, liver, controller, include = case
+    geometry = controller.snapshot(volume).geometry("axial")
+    square = np.zeros(geometry.slice_shape, bool)
+    square[100:140, 100:140] = True
+    write_segment_slices(seg, liver, volume, geometry, {10: square, 11: square})
+    before = segment_array(seg, liver, volume)
+    shifted = slicer.util.arrayFromVolume(volume).copy()
+    matrix = controller.snapshot(volume).ijk_to_ras.copy()
+    matrix[:3, 3] += matrix[:3, :3] @ [0.5, 0.5, 0.0]  # half a voxel off the volume's lattice
+    reference = add_volume_from_array(hs, shifted, matrix, "shifted")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    controller.editor_node.SetSourceVolumeIntensityMask(True)
+    controller.editor_node.SetSourceVolumeIntensityMaskRange(-100.0, 300.0)
+    job, done, errors, slices = _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+    assert job.state == "failed" and errors == [job.message] and done == [] and "\n" not in job.message
+    assert "same geometry as the source volume" in job.message
+    assert job.written == [] and [r.index for r in slices] == []
+    assert np.array_equal(segment_array(seg, liver, volume), before)
+
+
 def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
     hs, volume, seg, liver, controller, include = case
     job, *_ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions(direction="both"))
     assert len(job.written) >= 4
     geometry = controller.snapshot(volume).geometry("axial")
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     current = segment_array(seg, liver, volume)
     corrected = current[10].copy()
     rows = np.flatnonzero(corrected.any(axis=1))
@@ -345,8 +366,6 @@ def test_the_direct_slice_write_gives_the_editors_voxels(ct):
     leave exactly what Slicer's editor logic leaves (other slices, other segments, overlap)."""
     from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
     from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     results = []
     for use_editor in (False, True):
         hs = create_headless_scene()

@@ -375,8 +375,11 @@ class InteractiveSegmentation:
         job.written.append(index)
 
     def _roll_back(self, job: SegmentationJob) -> None:
-        if job.rollback is not None and job.written and nodes_present(self.scene, job.seg_node):
+        """Back to the state before the job's first write, also after a write that failed half-way (nothing
+        counted as written yet, but the segment may have changed)."""
+        if job.rollback is not None and nodes_present(self.scene, job.seg_node):
             job.rollback.RestorePreviousState()
+        job.rollback = None
         job.written.clear()
 
     def _finish(self, job: SegmentationJob) -> None:
