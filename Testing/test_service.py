@@ -295,9 +295,10 @@ def test_no_engine_outlives_its_client():
 
 
 def test_closing_during_a_propagation_is_quick_and_leaves_no_engine(ct, tmp_path):
-    """R5: Slicer quitting while the engine propagates waits one slice at most, not for the whole walk: the
-    engine is told to cancel and to exit, and does so itself within the 2 s `close` gives it before a kill.
-    The volume is new to this engine's empty cache, so every slice is encoded (about 1.5 s each here)."""
+    """R5: Slicer quitting while the engine propagates does not wait for the whole walk: the engine is told
+    to cancel and to exit, and does so itself (status 0) within the 2 s `close` gives it before a kill: at
+    the next slice, or after its 1 s grace if a slice takes longer. The volume is new to this engine's empty
+    cache, so every slice is encoded (up to about 1.5 s each here)."""
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path)})
     hs = create_headless_scene()
     volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")

@@ -33,14 +33,22 @@ log = logging.getLogger("SAMMed2D.engine")
 
 _EOF = object()
 
+#: Seconds a running job gets to stop once Slicer has asked the engine to exit (see EngineServer).
+EXIT_GRACE = 1.0
+
 
 class JobCancelled(Exception):
     """The Slicer side cancelled the job; reported as "cancelled", not as an error."""
 
 
 class EngineServer:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, exit_grace: float | None = None) -> None:
+        """`exit_grace`: seconds the running job gets to stop after a shutdown (or the end of the connection)
+        before the process leaves anyway, since nothing it computes can be delivered any more (one slice can
+        take longer than Slicer should wait while it quits); None (in-process use) waits for it."""
         self.conn = conn
+        self.exit_grace = exit_grace
+        self._served = threading.Event()
         self.inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self._cancelled: set[int] = set()
@@ -69,6 +77,7 @@ class EngineServer:
             except (EOFError, OSError):
                 self._closing = True
                 self.inbox.put(_EOF)
+                self._leave_after_grace()
                 return
             op = header.get("op")
             if op in ("cancel", "shutdown"):
@@ -86,6 +95,13 @@ class EngineServer:
             if header.get("op") in SETUP_OPS:
                 self._setup.add(int(header.get("job", 0)))
             self.inbox.put((header, arrays))
+            if op == "shutdown":
+                self._leave_after_grace()
+
+    def _leave_after_grace(self) -> None:
+        if self.exit_grace is not None and not self._served.wait(self.exit_grace):
+            log.info("the running job did not stop within %.1f s of the shutdown; leaving", self.exit_grace)
+            leave()
 
     def cancelled(self, job: int) -> bool:
         if self._closing or job in self._cancelled:
@@ -99,15 +115,18 @@ class EngineServer:
     # -- the loop ------------------------------------------------------------------------------------------
     def serve(self) -> None:
         threading.Thread(target=self._read, name="SAMMed2D engine reader", daemon=True).start()
-        while not self._closing:
-            try:
-                item = self.inbox.get(block=not self.idle_plan)
-            except queue.Empty:
-                self._encode_one_idle_slice()
-                continue
-            if item is _EOF or self._closing or item[0].get("op") == "shutdown":
-                return
-            self._handle(*item)
+        try:
+            while not self._closing:
+                try:
+                    item = self.inbox.get(block=not self.idle_plan)
+                except queue.Empty:
+                    self._encode_one_idle_slice()
+                    continue
+                if item is _EOF or self._closing or item[0].get("op") == "shutdown":
+                    return
+                self._handle(*item)
+        finally:
+            self._served.set()
 
     def _handle(self, header: dict, arrays: dict) -> None:
         job = int(header.get("job", 0))
@@ -343,12 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.address.rsplit(":", 1)
     conn = connect_engine(host, int(port), bytes.fromhex(key))
     try:
-        EngineServer(conn).serve()
+        EngineServer(conn, exit_grace=EXIT_GRACE).serve()
     finally:
         conn.close()
-    # Leave without the interpreter's teardown (about a second with torch loaded, while Slicer waits for it
-    # to quit): nothing needs it. Files are written atomically, the shared memory is the Slicer side's to
-    # release, and the log is flushed here.
+    leave()
+
+
+def leave() -> None:
+    """Exit the engine process without the interpreter's teardown (about a second with torch loaded, while
+    Slicer waits for it to quit): nothing needs it. Files are written atomically, the shared memory is the
+    Slicer side's to release, and the log is flushed here."""
     logging.shutdown()
     sys.stderr.flush()
     os._exit(0)
