@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,26 @@ def test_segment_one_slice_then_propagate_with_streamed_slices(case):
     assert written == sorted(job.written) and len(written) >= 10
     assert undo_saved == [1, 1]  # one undo step per action
     assert controller.provenance[(seg.GetID(), "liver")].propagate == "both"
+
+
+def test_the_slicer_side_keeps_no_copy_of_the_voxels(case):
+    """R14: a geometry lookup reads no voxels, and once a volume is in the engine the controller holds no
+    copy of it (it used to keep one for good: the node, the engine and the controller each had the CT)."""
+    hs, volume, seg, liver, controller, include = case
+    size = slicer.util.arrayFromVolume(volume).nbytes  # 10 MiB: 20 slices of 512 × 512 int16
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        kept_before = tracemalloc.get_traced_memory()[0]
+        assert controller.snapshot(volume).geometry("axial").num_slices == 20
+        assert tracemalloc.get_traced_memory()[1] - kept_before < size / 10  # peak of the lookup
+        job, done, errors, _ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+        assert errors == [] and job.written == [10]  # the voxels went to the engine
+        del job, done
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - kept_before
+    finally:
+        tracemalloc.stop()
+    assert kept < size / 10, f"{kept} bytes kept after sending {size} bytes of voxels"
 
 
 def test_cancel_in_mid_propagation_keeps_finished_slices(case):

@@ -3,8 +3,9 @@ segment on the caller's (main) thread. The module's Logic is a thin shell around
 so everything here is tested headless with Slicer's real MRML classes and a real engine process.
 
 Rules every job follows:
-* What a job needs is copied out of the nodes when it starts (voxels, matrices, prompts); the engine never
-  sees a node.
+* What a job needs is copied out of the nodes when it starts (matrices, prompts, and the voxels once per
+  volume state, straight to the engine, which keeps them); the engine never sees a node, and this side
+  keeps no copy of the voxels.
 * Slices are written as they arrive, each the way a Segment Editor effect writes (`editing.py`), after
   checking that the nodes still exist and the volume is unchanged; the undo state is saved once, before the
   first slice, so a whole propagation is one undo step.
@@ -43,7 +44,14 @@ from ..engine.geometry import SliceGeometry
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from .editing import SliceWriter, WrittenSlices
-from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
+from .interaction import (
+    VolumeInfo,
+    nodes_present,
+    prompts_from_nodes,
+    volume_info,
+    volume_state_key,
+    volume_voxels,
+)
 from .segmentations import segment_array
 
 log = logging.getLogger(__name__)
@@ -125,7 +133,7 @@ class InteractiveSegmentation:
         self._model_request: tuple | None = None  # (path, device, engine generation, precision) requested
         self._model_job: Job | None = None  # that request
         self._volume_sent: tuple | None = None  # (snapshot key, engine generation) sent
-        self._snapshot = None
+        self._volume: VolumeInfo | None = None  # key and geometry of the last volume used, no voxels
         self.jobs: list[SegmentationJob] = []
 
     # -- state -----------------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ class InteractiveSegmentation:
                 job.state, job.message = "stale", "the scene was closed while the model was running"
         self.epoch = next(self._epoch)
         self.client.forget()
-        self._snapshot = None
+        self._volume = None
         self._volume_sent = None
         self.written.clear()
         self.provenance.clear()
@@ -199,13 +207,15 @@ class InteractiveSegmentation:
         """Whether this engine has a model loaded or on its way (jobs may be queued behind it)."""
         return self._model_request is not None and self._model_request[2] == self.client.generation
 
-    def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None):
-        """The voxels and geometry for the engine, copied again only when the volume changed."""
-        if self._snapshot is None or self._snapshot.key != volume_state_key(volume_node):
-            self._snapshot = snapshot_volume(volume_node, modality)
-        return self._snapshot
+    def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None) -> VolumeInfo:
+        """The volume's state key and geometry (`.key`, `.geometry(axis)`), read again only when the volume
+        changed; never a copy of its voxels."""
+        if self._volume is None or self._volume.key != volume_state_key(volume_node):
+            self._volume = volume_info(volume_node, modality)
+        return self._volume
 
-    def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> Any:
+    def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> VolumeInfo:
+        """Send the voxels unless the engine has this state of the volume already (or it is on its way)."""
         snapshot = self.snapshot(volume_node, modality)
         sent = (snapshot.key, self.client.generation)
         if self._volume_sent != sent:
@@ -215,7 +225,7 @@ class InteractiveSegmentation:
                 if event in ("error", "cancelled") and self._volume_sent == sent:
                     self._volume_sent = None  # not in the engine: the next action sends it again
 
-            self.client.submit_volume(snapshot.array_kji, header, on_event=on_event)
+            self.client.submit_volume(volume_voxels(volume_node), header, on_event=on_event)
             self._volume_sent = sent
         return snapshot
 
