@@ -92,6 +92,7 @@ def test_segment_one_slice_then_propagate_with_streamed_slices(case):
                                      SegmentOptions(direction="none"), save_undo=save)  # fmt: skip
     assert errors == [] and done == [job] and job.state == "done"
     assert [r.index for r in slices] == [10] and job.written == [10]
+    assert job.rollback is None and job.writer is None  # R13: a finished job keeps no segmentation copy
     labelmap = segment_array(seg, liver, volume)
     assert labelmap[10].sum() > 5000 and labelmap.sum() == labelmap[10].sum()
     assert undo_saved == [1]

@@ -98,8 +98,8 @@ class SegmentationJob:
     rows: dict[int, SliceRow] = field(default_factory=dict)
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
-    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write
-    writer: SliceWriter | None = None
+    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write, while it runs
+    writer: SliceWriter | None = None  # while it runs
     engine_job: Job | None = None
     model_load: Job | None = None  # the model request it was queued behind, while that was pending
     state: str = "running"  # running → done | cancelled | failed | stale
@@ -316,8 +316,11 @@ class InteractiveSegmentation:
                 self._roll_back(job)
                 job.state, job.message = "failed", one_line(error)
                 details = traceback.format_exc()
-            if job.state == "running" or job.epoch != self.epoch:
-                return  # more to come, or its scene was closed (in `on_slice`, say): no callbacks
+            if job.state == "running":
+                return
+            job.rollback = job.writer = None  # copies of the segmentation, needed while it writes only
+            if job.epoch != self.epoch:
+                return  # its scene was closed (in `on_slice`, say): no callbacks
             if job.state == "failed":
                 if on_error is not None:
                     on_error(job.message, details)
