@@ -435,9 +435,12 @@ class InteractiveSegmentation:
         model_sha256: str,
         on_done: Callable[[str], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
+        on_cancelled: Callable[[], None] | None = None,
     ) -> Job:
         """Every segment as a DICOM-SEG referencing `source_files` (written by the engine, where highdicom
-        lives), with the provenance of the runs that made them."""
+        lives, atomically: a file is there complete or not at all), with the provenance of the runs that made
+        them. Exactly one callback: `on_done(path)`, `on_error(message, details)`, or `on_cancelled()` when a
+        Stop came before the engine began it (once begun it is not interrupted); none after a scene close."""
         segmentation = seg_node.GetSegmentation()
         segments, arrays = [], {}
         shape = None
@@ -465,6 +468,8 @@ class InteractiveSegmentation:
                 on_done(reply["path"])
             elif event == "error" and on_error is not None:
                 on_error(reply.get("message", ""), reply.get("details", ""))
+            elif event == "cancelled" and on_cancelled is not None:
+                on_cancelled()
 
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, decode, encode
+from .protocol import AUTHKEY_ENV, SETUP_OPS, decode, encode
 
 #: An event callback: (event name, reply header, reply arrays).
 EventCallback = Callable[[str, dict, dict], None]
@@ -207,10 +207,17 @@ class EngineClient:
             self._send(encode({"op": "cancel", "job": next(self._numbers), "target": job.number}))
 
     def forget(self, jobs: Iterable[Job] | None = None) -> None:
-        """Drop jobs without delivering their events any more (stale after a scene close); cancels them."""
-        for job in list(jobs if jobs is not None else self.jobs.values()):
+        """Drop jobs without delivering their events any more (stale after a scene close) and cancel them:
+        the given ones, or every pending one but the set-up requests (model, volume), which go on with their
+        callbacks since what they set up outlives the scene (and "cancel all" spares them anyway)."""
+        chosen = list(jobs) if jobs is not None else [j for j in self.jobs.values() if j.op not in SETUP_OPS]
+        for job in chosen:
             job.on_event = None  # kept in `jobs` until the engine answers, so its resources are released then
-        self.cancel(None)
+        if jobs is None:
+            self.cancel(None)
+        else:
+            for job in chosen:
+                self.cancel(job)
 
     # -- replies -------------------------------------------------------------------------------------------
     def poll(self, max_messages: int = 100) -> int:

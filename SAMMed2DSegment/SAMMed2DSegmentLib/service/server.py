@@ -85,6 +85,7 @@ class EngineServer:
                     self._closing = True
                 elif header.get("target") is None:
                     self._cancel_below = max(self._cancel_below, int(header["job"]))
+                    self.idle_plan.clear()  # pre-encoding is work too (a closed scene's volume, say)
                 else:
                     self._cancelled.add(int(header["target"]))
                 running = self._running
@@ -270,7 +271,10 @@ class EngineServer:
         return {"planned": len(self.idle_plan)}
 
     def _encode_one_idle_slice(self) -> None:
-        index = self.idle_plan.popleft()
+        try:
+            index = self.idle_plan.popleft()
+        except IndexError:  # a "cancel all" emptied the plan meanwhile (reader thread)
+            return
         try:
             self.session.prefetch(self.idle_axis, [index])
         except Exception:  # pre-encoding is a courtesy: a failure shows up on the next real request
