@@ -23,7 +23,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -93,7 +93,7 @@ class EngineServer:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
                 if op == "cancel":
                     continue
-            if header.get("op") in SETUP_OPS:
+            if op in SETUP_OPS:
                 self._setup.add(int(header.get("job", 0)))
             self.inbox.put((header, arrays))
             if op == "shutdown":
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     leave()
 
 
-def leave() -> None:
+def leave() -> NoReturn:
     """Exit the engine process without the interpreter's teardown (about a second with torch loaded, while
     Slicer waits for it to quit): nothing needs it. Files are written atomically, the shared memory is the
     Slicer side's to release, and the log is flushed here."""
