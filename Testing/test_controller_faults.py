@@ -204,7 +204,13 @@ def encoded_slices(client: EngineClient) -> int:
     return sum(1 for path in folder.rglob("*.safetensors") if not path.name.startswith("."))
 
 
+def written_slices(case: Case) -> set[int]:
+    """The axial slices of the liver segment holding voxels."""
+    return {int(k) for k in np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))}
+
+
 def wait_until(condition, timeout: float = 120.0) -> None:
+    """Wait (sleeping, not polling the client) until `condition()` holds."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -259,7 +265,7 @@ def test_a_job_that_became_stale_says_so_once(case, change):
     assert job.state == "stale" and calls.done == [("stale", STALE[change])] and calls.errors == []
     assert job.written == [LIVER_SLICE] and calls.slices == [LIVER_SLICE]  # nothing after the change
     if change == "volume":
-        assert set(np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))) == {LIVER_SLICE}
+        assert written_slices(case) == {LIVER_SLICE}
 
 
 def test_the_jobs_of_a_closed_scene_end_stale_without_callbacks(case):
@@ -329,10 +335,6 @@ def fire(case: Case, event: str) -> None:
         kill_engine(case.client)
     else:
         case.controller.scene_closing()
-
-
-def written_slices(case: Case) -> set[int]:
-    return {int(k) for k in np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))}
 
 
 def assert_said_once(job: SegmentationJob, calls: Recorder, event: str) -> None:
