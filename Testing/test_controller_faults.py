@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +26,22 @@ import numpy as np
 import pydicom
 import pytest
 import slicer
+import vtk
 
-from SAMMed2DSegmentLib.formats.volumes import read_volume
+from SAMMed2DSegmentLib.formats.volumes import Volume, read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
     ensure_segment,
     ensure_segmentation,
 )
-from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentationJob, SegmentOptions
+from SAMMed2DSegmentLib.mrml.controller import (
+    InteractiveSegmentation,
+    SegmentationJob,
+    SegmentOptions,
+    SliceRow,
+)
+from SAMMed2DSegmentLib.mrml.scene import HeadlessScene
 from SAMMed2DSegmentLib.mrml.segmentations import load_segmentation, segment_array
 from SAMMed2DSegmentLib.service.client import EngineClient
 from SAMMed2DSegmentLib.weights.registry import resolve_model
@@ -46,12 +54,12 @@ DEMO = str(resolve_model("demo"))
 
 
 @pytest.fixture(scope="module")
-def ct():
+def ct() -> Volume:
     return read_volume(CT)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory) -> Iterator[EngineClient]:
     """One engine for the module (a kill starts the next one); its cache folder is this run's own."""
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
     yield client
@@ -72,7 +80,7 @@ class Recorder:
     def on_error(self, message: str, details: str) -> None:
         self.errors.append(message)
 
-    def on_slice(self, row) -> None:
+    def on_slice(self, row: SliceRow) -> None:
         self.slices.append(row.index)
 
     @property
@@ -85,22 +93,24 @@ class Case:
     """A scene with the CT, a segmentation with an empty "liver" segment, an include point on the liver, and
     a controller of its own (nothing requested yet) on the module's engine."""
 
-    hs: object
-    volume: object
-    seg: object
+    hs: HeadlessScene
+    volume: vtk.vtkObject
+    seg: vtk.vtkObject
     liver: str
-    include: object
+    include: vtk.vtkObject
     controller: InteractiveSegmentation
 
     @property
     def client(self) -> EngineClient:
         return self.controller.client
 
-    def start(self, options: SegmentOptions | None = None, on_slice=None) -> tuple[SegmentationJob, Recorder]:
+    def start(
+        self, options: SegmentOptions | None = None, on_slice: Callable[[SliceRow], None] | None = None
+    ) -> tuple[SegmentationJob, Recorder]:
         """Start segmenting the liver (the model must have been requested); every callback is recorded."""
         calls = Recorder()
 
-        def slice_callback(row) -> None:
+        def slice_callback(row: SliceRow) -> None:
             calls.on_slice(row)
             if on_slice is not None:
                 on_slice(row)
@@ -126,7 +136,7 @@ class Case:
         assert self.liver_voxels()[LIVER_SLICE].sum() > 5000
 
 
-def new_case(ct, client: EngineClient, offset: int = 0) -> Case:
+def new_case(ct: Volume, client: EngineClient, offset: int = 0) -> Case:
     """A new scene and a new controller (nothing requested yet) on `client`'s engine."""
     hs = create_headless_scene()
     editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
@@ -135,7 +145,7 @@ def new_case(ct, client: EngineClient, offset: int = 0) -> Case:
     return populate(hs, controller, ct, offset)
 
 
-def populate(hs, controller: InteractiveSegmentation, ct, offset: int = 0) -> Case:
+def populate(hs: HeadlessScene, controller: InteractiveSegmentation, ct: Volume, offset: int = 0) -> Case:
     """The CT (its voxels + `offset`: another content, so nothing of it is in the engine's caches), an empty
     "liver" segment and an include point on the liver, in `hs`'s scene."""
     volume = add_volume_from_array(hs, ct.array_kji + np.int16(offset), ct.ijk_to_ras, "CT")
@@ -146,7 +156,7 @@ def populate(hs, controller: InteractiveSegmentation, ct, offset: int = 0) -> Ca
     return Case(hs, volume, seg, liver, include, controller)
 
 
-def reopen(case: Case, ct) -> Case:
+def reopen(case: Case, ct: Volume) -> Case:
     """The scene closed (the controller told first, as the module does on StartCloseEvent) and the CT
     loaded again: what a user does next."""
     case.controller.scene_closing()
@@ -155,7 +165,7 @@ def reopen(case: Case, ct) -> Case:
 
 
 @pytest.fixture
-def case(ct, client) -> Case:
+def case(ct: Volume, client: EngineClient) -> Case:
     return new_case(ct, client)
 
 
@@ -209,7 +219,7 @@ def written_slices(case: Case) -> set[int]:
     return {int(k) for k in np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))}
 
 
-def wait_until(condition, timeout: float = 120.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
     """Wait (sleeping, not polling the client) until `condition()` holds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -246,7 +256,7 @@ def test_a_job_that_became_stale_says_so_once(case, change):
     through `on_done`, exactly once, and writes nothing after the change (the panel used to keep showing
     "Propagating…")."""
 
-    def change_on_first_slice(row) -> None:
+    def change_on_first_slice(row: SliceRow) -> None:
         if len(calls.slices) > 1:
             return
         if change == "segment":
@@ -271,7 +281,7 @@ def test_a_job_that_became_stale_says_so_once(case, change):
 def test_the_jobs_of_a_closed_scene_end_stale_without_callbacks(case):
     """The scene-closing case of C5: the caller resets itself, so no callback fires; the job says "stale"."""
 
-    def close_on_first_slice(row) -> None:
+    def close_on_first_slice(row: SliceRow) -> None:
         case.controller.scene_closing()
 
     case.controller.request_model(DEMO, "cpu")
@@ -314,7 +324,7 @@ SCENE_CLOSED = "the scene was closed while the model was running"
 
 
 @pytest.fixture(scope="module")
-def workspace(ct, client) -> Case:
+def workspace(ct: Volume, client: EngineClient) -> Case:
     """One scene and one controller for the matrix, as in Slicer: each test closes the last scene (telling
     the controller) and loads the CT again, so the model stays loaded from one test to the next."""
     case = new_case(ct, client)
@@ -323,7 +333,7 @@ def workspace(ct, client) -> Case:
 
 
 @pytest.fixture
-def scene(workspace, ct) -> Case:
+def scene(workspace: Case, ct: Volume) -> Case:
     settle(workspace.client)
     return reopen(workspace, ct)
 
@@ -359,7 +369,7 @@ def assert_nothing_half_done(case: Case, job: SegmentationJob, event: str, at_ev
             assert job.written == at_event
 
 
-def next_action(case: Case, ct, event: str) -> None:
+def next_action(case: Case, ct: Volume, event: str) -> None:
     """(a) The next action works the first time (in a scene opened again after a close)."""
     (reopen(case, ct) if event == "close" else case).next_action_works()
 
@@ -396,7 +406,7 @@ def test_while_the_volume_is_queued(scene, ct, event):
     other = populate(scene.hs, scene.controller, ct)
     queued: dict[str, object] = {}
 
-    def segment_this_volume_then_fire(row) -> None:
+    def segment_this_volume_then_fire(row: SliceRow) -> None:
         if not queued:
             queued["job"], queued["calls"] = scene.start()
             queued["transfer"] = next(j for j in scene.client.jobs.values() if j.op == "set_volume")
@@ -434,7 +444,7 @@ def test_in_mid_propagation(scene, ct, event):
     """A propagation through the whole CT, the event on its third slice."""
     at_event: list[int] = []
 
-    def fire_on_third_slice(row) -> None:
+    def fire_on_third_slice(row: SliceRow) -> None:
         if len(calls.slices) == 3:
             at_event.extend(job.written)
             fire(scene, event)
