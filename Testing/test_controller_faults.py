@@ -3,9 +3,14 @@ starts it), the bundled demo model, the real 20-slice CT and Slicer's real MRML 
 
 Phases: model loading, volume queued, slice encoding, mid-propagation, DICOM-SEG export, idle pre-encoding.
 Events: Stop (`controller.cancel()`), SIGKILL of the engine, scene close (`controller.scene_closing()`).
-After each: the next action works and writes the liver slice; nothing half-done stays written; the callbacks
-said what happened exactly once. A phase is reached through real work only: a job queued behind a model load,
-a propagation cancelled or killed from its own slice callback, the engine's idle loop after `prefetch`.
+After each: (a) the next action works and writes the liver slice; (b) nothing half-done stays written; (c) the
+callbacks said what happened exactly once. A phase is reached through real work only: jobs queued behind a
+model load or a running propagation, an event fired from a propagation's own slice callback, an export of
+the CT's 31 reference labels (seconds of the engine's time), the engine's idle loop after `prefetch`. The
+review's C2 and L1 sequences are two of the cases (model loading × Stop, idle pre-encoding × kill).
+
+Before the matrix: the faults it does not reach (a volume request that fails on its own, jobs made stale by
+the user's edits, a checkpoint that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -13,38 +18,48 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import slicer
+import vtk
 
-from SAMMed2DSegmentLib.formats.volumes import read_volume
+from SAMMed2DSegmentLib.formats.volumes import Volume, read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
     ensure_segment,
     ensure_segmentation,
 )
-from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentationJob, SegmentOptions
-from SAMMed2DSegmentLib.mrml.segmentations import segment_array
+from SAMMed2DSegmentLib.mrml.controller import (
+    InteractiveSegmentation,
+    SegmentationJob,
+    SegmentOptions,
+    SliceRow,
+)
+from SAMMed2DSegmentLib.mrml.scene import HeadlessScene
+from SAMMed2DSegmentLib.mrml.segmentations import load_segmentation, segment_array
 from SAMMed2DSegmentLib.service.client import EngineClient
 from SAMMed2DSegmentLib.weights.registry import resolve_model
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 LIVER_RAS = (93.26171875, 129.89453125, -784.5)  # demo/liver-point.mrk.json (LPS there): slice 10 of 20
 LIVER_SLICE = 10
+LABELS = Path(__file__).parent / "Data" / "totalseg-example-ct" / "labels" / "labels_on_ct_grid.nrrd"
 DEMO = str(resolve_model("demo"))
 
 
 @pytest.fixture(scope="module")
-def ct():
+def ct() -> Volume:
     return read_volume(CT)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory) -> Iterator[EngineClient]:
     """One engine for the module (a kill starts the next one); its cache folder is this run's own."""
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
     yield client
@@ -65,7 +80,7 @@ class Recorder:
     def on_error(self, message: str, details: str) -> None:
         self.errors.append(message)
 
-    def on_slice(self, row) -> None:
+    def on_slice(self, row: SliceRow) -> None:
         self.slices.append(row.index)
 
     @property
@@ -78,22 +93,24 @@ class Case:
     """A scene with the CT, a segmentation with an empty "liver" segment, an include point on the liver, and
     a controller of its own (nothing requested yet) on the module's engine."""
 
-    hs: object
-    volume: object
-    seg: object
+    hs: HeadlessScene
+    volume: vtk.vtkObject
+    seg: vtk.vtkObject
     liver: str
-    include: object
+    include: vtk.vtkObject
     controller: InteractiveSegmentation
 
     @property
     def client(self) -> EngineClient:
         return self.controller.client
 
-    def start(self, options: SegmentOptions | None = None, on_slice=None) -> tuple[SegmentationJob, Recorder]:
+    def start(
+        self, options: SegmentOptions | None = None, on_slice: Callable[[SliceRow], None] | None = None
+    ) -> tuple[SegmentationJob, Recorder]:
         """Start segmenting the liver (the model must have been requested); every callback is recorded."""
         calls = Recorder()
 
-        def slice_callback(row) -> None:
+        def slice_callback(row: SliceRow) -> None:
             calls.on_slice(row)
             if on_slice is not None:
                 on_slice(row)
@@ -119,21 +136,36 @@ class Case:
         assert self.liver_voxels()[LIVER_SLICE].sum() > 5000
 
 
-def new_case(ct, client: EngineClient) -> Case:
+def new_case(ct: Volume, client: EngineClient, offset: int = 0) -> Case:
+    """A new scene and a new controller (nothing requested yet) on `client`'s engine."""
     hs = create_headless_scene()
-    volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
-    seg = ensure_segmentation(hs, volume)
-    liver = ensure_segment(seg, "liver")
     editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
     editor.SetSingletonTag("SAMMed2DSegment")  # as the module's own node: it stays when the scene is cleared
+    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
+    return populate(hs, controller, ct, offset)
+
+
+def populate(hs: HeadlessScene, controller: InteractiveSegmentation, ct: Volume, offset: int = 0) -> Case:
+    """The CT (its voxels + `offset`: another content, so nothing of it is in the engine's caches), an empty
+    "liver" segment and an include point on the liver, in `hs`'s scene."""
+    volume = add_volume_from_array(hs, ct.array_kji + np.int16(offset), ct.ijk_to_ras, "CT")
+    seg = ensure_segmentation(hs, volume)
+    liver = ensure_segment(seg, "liver")
     include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
     include.AddControlPoint(*LIVER_RAS)
-    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
     return Case(hs, volume, seg, liver, include, controller)
 
 
+def reopen(case: Case, ct: Volume) -> Case:
+    """The scene closed (the controller told first, as the module does on StartCloseEvent) and the CT
+    loaded again: what a user does next."""
+    case.controller.scene_closing()
+    case.hs.scene.Clear(0)
+    return populate(case.hs, case.controller, ct)
+
+
 @pytest.fixture
-def case(ct, client) -> Case:
+def case(ct: Volume, client: EngineClient) -> Case:
     return new_case(ct, client)
 
 
@@ -146,23 +178,56 @@ def settle(client: EngineClient, timeout: float = 300.0) -> None:
             time.sleep(0.005)
 
 
-# -- the sequences the review reproduced ------------------------------------------------------------------
+def kill_engine(client: EngineClient) -> int:
+    """SIGKILL the engine and wait until it has exited, without polling the client and without reaping it
+    (the client does that). Returns its pid."""
+    pid = client.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return pid
 
 
-def test_stop_while_the_volume_is_queued_behind_the_model_keeps_the_volume(case):
-    """C2: Stop pressed during the first run on a volume (the model still loading, the volume queued behind
-    it) stops the segmentation only; the model and the volume still reach the engine, so the next run works
-    (it used to fail with "the volume was not sent to the engine" until the scene was closed)."""
-    load_errors: list[str] = []
-    load = case.controller.request_model(DEMO, "cpu", lambda message, details: load_errors.append(message))
-    job, calls = case.start()
-    transfer = next(j for j in case.client.jobs.values() if j.op == "set_volume")
-    case.controller.cancel()
-    settle(case.client)
-    assert load.state == "done" and transfer.state == "done"  # set-up is not cancelled by Stop
-    assert job.state == "cancelled" and job.written == [] and calls.errors == [] and load_errors == []
-    assert case.liver_voxels().sum() == 0
-    case.next_action_works()
+def engine_cpu_seconds(pid: int) -> float:
+    """CPU time the engine process has used so far (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_goes_idle(pid: int, timeout: float = 60.0) -> bool:
+    """Whether the engine stops using the CPU (under 2 % over half a second) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        used = engine_cpu_seconds(pid)
+        time.sleep(0.5)
+        if engine_cpu_seconds(pid) - used < 0.01:
+            return True
+    return False
+
+
+def encoded_slices(client: EngineClient) -> int:
+    """Slice embeddings the engine has stored so far (its disk cache keeps one file per encoded slice)."""
+    folder = Path(client.extra_env["SAMMED2D_CACHE_DIR"]) / "embeddings"
+    return sum(1 for path in folder.rglob("*.safetensors") if not path.name.startswith("."))
+
+
+def written_slices(case: Case) -> set[int]:
+    """The axial slices of the liver segment holding voxels."""
+    return {int(k) for k in np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Wait (sleeping, not polling the client) until `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# -- what the matrix does not cover ----------------------------------------------------------------------
 
 
 def test_a_volume_the_engine_did_not_take_is_sent_again(case):
@@ -178,30 +243,6 @@ def test_a_volume_the_engine_did_not_take_is_sent_again(case):
     case.next_action_works()
 
 
-def test_an_engine_killed_while_idle_is_replaced_cleanly(case):
-    """L1: the engine dies while nothing is pending (SIGKILL during the idle pre-encoding; nobody polls): the
-    next action starts a new engine that works the first time (the dead engine's connection used to be read
-    as the new one's, and the new engine was killed)."""
-    case.next_action_works()
-    assert case.controller.prefetch(case.volume, "axial", LIVER_SLICE, SegmentOptions()) is not None
-    settle(case.client)  # the prefetch request is answered at once; the encoding goes on while idle
-    killed = kill_engine(case.client)
-    case.next_action_works()
-    assert case.client.pid != killed
-
-
-def kill_engine(client: EngineClient) -> int:
-    """SIGKILL the engine and wait until it has exited, without polling the client and without reaping it
-    (the client does that). Returns its pid."""
-    pid = client.pid
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return pid
-
-
 STALE = {
     "segment": "the segment was removed while the model was running",
     "segmentation": "the volume or the segmentation was removed while the model was running",
@@ -215,7 +256,7 @@ def test_a_job_that_became_stale_says_so_once(case, change):
     through `on_done`, exactly once, and writes nothing after the change (the panel used to keep showing
     "Propagating…")."""
 
-    def change_on_first_slice(row) -> None:
+    def change_on_first_slice(row: SliceRow) -> None:
         if len(calls.slices) > 1:
             return
         if change == "segment":
@@ -234,13 +275,13 @@ def test_a_job_that_became_stale_says_so_once(case, change):
     assert job.state == "stale" and calls.done == [("stale", STALE[change])] and calls.errors == []
     assert job.written == [LIVER_SLICE] and calls.slices == [LIVER_SLICE]  # nothing after the change
     if change == "volume":
-        assert set(np.flatnonzero(case.liver_voxels().any(axis=(1, 2)))) == {LIVER_SLICE}
+        assert written_slices(case) == {LIVER_SLICE}
 
 
 def test_the_jobs_of_a_closed_scene_end_stale_without_callbacks(case):
     """The scene-closing case of C5: the caller resets itself, so no callback fires; the job says "stale"."""
 
-    def close_on_first_slice(row) -> None:
+    def close_on_first_slice(row: SliceRow) -> None:
         case.controller.scene_closing()
 
     case.controller.request_model(DEMO, "cpu")
@@ -255,7 +296,7 @@ def test_a_failed_model_load_is_one_error(ct, client, tmp_path, first):
     """R12: a checkpoint that cannot be loaded gives one error; the segmentation queued right behind it ends
     "cancelled" with the reason instead of raising a second error ("no model is loaded", on a new engine),
     and it never runs on the model loaded before (on an engine that had one)."""
-    if first:
+    if first:  # an engine that never had a model
         client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path / "cache")})
     case = new_case(ct, client)
     if not first:
@@ -270,6 +311,198 @@ def test_a_failed_model_load_is_one_error(ct, client, tmp_path, first):
     assert calls.done == [("cancelled", f"not run: the model did not load ({errors[0]})")]
     assert job.written == [] and case.liver_voxels().sum() == 0
     assert case.controller.model == {}
-    case.next_action_works()
+    case.next_action_works()  # the module's engine has the demo model again, as the other tests expect
     if first:
         client.close()
+
+
+# -- the fault matrix: six phases × three events -----------------------------------------------------------
+
+EVENTS = ("stop", "kill", "close")
+ENGINE_STOPPED = "The segmentation engine stopped unexpectedly"
+SCENE_CLOSED = "the scene was closed while the model was running"
+
+
+@pytest.fixture(scope="module")
+def workspace(ct: Volume, client: EngineClient) -> Case:
+    """One scene and one controller for the matrix, as in Slicer: each test closes the last scene (telling
+    the controller) and loads the CT again, so the model stays loaded from one test to the next."""
+    case = new_case(ct, client)
+    case.controller.request_model(DEMO, "cpu")
+    return case
+
+
+@pytest.fixture
+def scene(workspace: Case, ct: Volume) -> Case:
+    settle(workspace.client)
+    return reopen(workspace, ct)
+
+
+def fire(case: Case, event: str) -> None:
+    if event == "stop":
+        case.controller.cancel()
+    elif event == "kill":
+        kill_engine(case.client)
+    else:
+        case.controller.scene_closing()
+
+
+def assert_said_once(job: SegmentationJob, calls: Recorder, event: str) -> None:
+    """(c) One callback (none for a closed scene) saying how the job ended, and the job says the same."""
+    if event == "stop":
+        assert calls.errors == [] and calls.done == [("cancelled", "")] and job.state == "cancelled"
+    elif event == "kill":
+        assert calls.done == [] and len(calls.errors) == 1 and calls.errors[0].startswith(ENGINE_STOPPED)
+        assert job.state == "failed" and job.message == calls.errors[0] and "\n" not in job.message
+    else:
+        assert calls.calls == 0 and job.state == "stale" and job.message == SCENE_CLOSED
+
+
+def assert_nothing_half_done(case: Case, job: SegmentationJob, event: str, at_event: list[int]) -> None:
+    """(b) Stop keeps the slices written before it, a kill leaves none (rolled back), a closed scene's job
+    wrote nothing after the close."""
+    if event == "kill":
+        assert job.written == [] and written_slices(case) == set()
+    else:
+        assert written_slices(case) == set(job.written)
+        if event == "close":
+            assert job.written == at_event
+
+
+def next_action(case: Case, ct: Volume, event: str) -> None:
+    """(a) The next action works the first time (in a scene opened again after a close)."""
+    (reopen(case, ct) if event == "close" else case).next_action_works()
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_while_the_model_loads(ct, client, event):
+    """The model is loading (a new controller asks for it), the volume and a segmentation wait behind it: the
+    first run on a volume. Stop and a scene close spare the load and the volume (set-up; with Stop this is the
+    review's C2 sequence, which used to fail every later run on the volume); after a kill the load's error is
+    the only error and the segmentation ends "cancelled" saying why (R12)."""
+    case = new_case(ct, client)
+    load_errors: list[str] = []
+    load = case.controller.request_model(DEMO, "cpu", lambda message, details: load_errors.append(message))
+    job, calls = case.start()
+    transfer = next(j for j in case.client.jobs.values() if j.op == "set_volume")
+    fire(case, event)
+    settle(case.client)
+    if event == "kill":
+        assert len(load_errors) == 1 and load_errors[0].startswith(ENGINE_STOPPED) and calls.errors == []
+        assert calls.done == [("cancelled", f"not run: the model did not load ({load_errors[0]})")]
+    else:
+        assert load.state == transfer.state == "done" and load_errors == []
+        assert case.controller.model.get("sha256")  # recorded also when the scene closed meanwhile
+        assert_said_once(job, calls, event)
+    assert job.written == [] and written_slices(case) == set()
+    next_action(case, ct, event)
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_while_the_volume_is_queued(scene, ct, event):
+    """A propagation runs on another volume; the user segments this one: its volume transfer and its job wait
+    behind the propagation when the event comes (from the propagation's first slice). Stop ends both jobs but
+    not the transfer (C2): the next action on this volume works."""
+    other = populate(scene.hs, scene.controller, ct)
+    queued: dict[str, object] = {}
+
+    def segment_this_volume_then_fire(row: SliceRow) -> None:
+        if not queued:
+            queued["job"], queued["calls"] = scene.start()
+            queued["transfer"] = next(j for j in scene.client.jobs.values() if j.op == "set_volume")
+            queued["at_event"] = list(running.written)
+            fire(scene, event)
+
+    both = SegmentOptions(direction="both")
+    running, running_calls = other.start(both, on_slice=segment_this_volume_then_fire)
+    settle(scene.client)
+    job, calls = queued["job"], queued["calls"]
+    assert_said_once(running, running_calls, event)
+    assert_nothing_half_done(other, running, event, queued["at_event"])
+    assert_said_once(job, calls, event)
+    assert job.written == [] and written_slices(scene) == set()
+    if event == "stop":
+        assert queued["transfer"].state == "done"  # set-up is not cancelled by Stop
+    next_action(scene, ct, event)
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_while_a_slice_is_encoded(scene, ct, event):
+    """A one-slice segmentation of a volume new to the engine (its slice must be encoded) is under way."""
+    case = populate(scene.hs, scene.controller, ct, offset=1 + EVENTS.index(event))
+    job, calls = case.start()
+    fire(case, event)
+    settle(case.client)
+    assert_said_once(job, calls, event)
+    assert job.written in ([], [LIVER_SLICE]) and (event != "close" or job.written == [])
+    assert_nothing_half_done(case, job, event, [])
+    next_action(case, ct, event)
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_in_mid_propagation(scene, ct, event):
+    """A propagation through the whole CT, the event on its third slice."""
+    at_event: list[int] = []
+
+    def fire_on_third_slice(row: SliceRow) -> None:
+        if len(calls.slices) == 3:
+            at_event.extend(job.written)
+            fire(scene, event)
+
+    job, calls = scene.start(SegmentOptions(direction="both"), on_slice=fire_on_third_slice)
+    settle(scene.client)
+    assert_said_once(job, calls, event)
+    assert_nothing_half_done(scene, job, event, at_event)
+    assert len(at_event) == 3 and len(calls.slices) < 20
+    if event == "stop":
+        assert job.result["slices_after_cancel"] <= 1 and len(job.written) >= 3
+    next_action(scene, ct, event)
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_during_a_dicom_seg_export(scene, ct, event, tmp_path):
+    """The CT's 31 reference labels exported as DICOM-SEG referencing the real DICOM files (a few seconds of
+    the engine's time), the event half a second in. An export is not interrupted once begun: after Stop it
+    completes; a kill leaves no output file (written atomically); a closed scene's export says nothing."""
+    scene.next_action_works()  # a model has been used: its hash goes into the file
+    labels = load_segmentation(scene.hs, LABELS)
+    out = tmp_path / "labels.dcm"
+    said: list[tuple[str, str]] = []
+    export = scene.controller.start_export(
+        labels, scene.volume, [str(f) for f in sorted(CT.glob("*.dcm"))], str(out),
+        scene.controller.model["sha256"], on_done=lambda path: said.append(("done", path)),
+        on_error=lambda message, details: said.append(("error", message)),
+        on_cancelled=lambda: said.append(("cancelled", "")),
+    )  # fmt: skip
+    begun = time.monotonic()
+    while time.monotonic() - begun < 0.5:
+        scene.client.poll() or time.sleep(0.005)
+    assert export.state == "pending"  # still under way when the event comes
+    fire(scene, event)
+    settle(scene.client)
+    if event == "kill":
+        assert len(said) == 1 and said[0][0] == "error" and said[0][1].startswith(ENGINE_STOPPED)
+        assert not out.exists()
+    else:
+        assert said == ([("done", str(out))] if event == "stop" else [])
+        assert export.state == "done" and len(pydicom.dcmread(out).PerFrameFunctionalGroupsSequence) > 0
+    next_action(scene, ct, event)
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_while_the_engine_pre_encodes(scene, ct, event):
+    """Idle pre-encoding (prefetch) of a volume new to the engine, nothing pending. Stop and a scene close
+    end the pre-encoding (it is work). A kill is noticed by nobody until the next action, which must work the
+    first time: the review's L1 sequence (the dead engine's connection used to kill the new engine)."""
+    case = populate(scene.hs, scene.controller, ct, offset=4 + EVENTS.index(event))
+    before = encoded_slices(case.client)
+    assert case.controller.prefetch(case.volume, "axial", LIVER_SLICE, SegmentOptions()) is not None
+    settle(case.client)
+    wait_until(lambda: encoded_slices(case.client) > before)  # pre-encoding, slice after slice
+    at_event, pid = encoded_slices(case.client), case.client.pid
+    fire(case, event)
+    if event != "kill":
+        assert engine_goes_idle(pid)
+        assert encoded_slices(case.client) - at_event <= 2  # the slice under way, not the other 18
+    assert not case.client.jobs
+    next_action(case, ct, event)

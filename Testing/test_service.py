@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from SAMMed2DSegmentLib.mrml import (
     provenance_tags,
 )
 from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation, SegmentOptions
-from SAMMed2DSegmentLib.mrml.segmentations import segment_array
+from SAMMed2DSegmentLib.mrml.segmentations import segment_array, write_segment_slices
 from SAMMed2DSegmentLib.service.client import EngineClient
 from SAMMed2DSegmentLib.service.protocol import decode, encode, pack_mask, unpack_mask
 from SAMMed2DSegmentLib.weights.registry import resolve_model
@@ -92,6 +93,7 @@ def test_segment_one_slice_then_propagate_with_streamed_slices(case):
                                      SegmentOptions(direction="none"), save_undo=save)  # fmt: skip
     assert errors == [] and done == [job] and job.state == "done"
     assert [r.index for r in slices] == [10] and job.written == [10]
+    assert job.rollback is None and job.writer is None  # R13: a finished job keeps no segmentation copy
     labelmap = segment_array(seg, liver, volume)
     assert labelmap[10].sum() > 5000 and labelmap.sum() == labelmap[10].sum()
     assert undo_saved == [1]
@@ -105,6 +107,26 @@ def test_segment_one_slice_then_propagate_with_streamed_slices(case):
     assert written == sorted(job.written) and len(written) >= 10
     assert undo_saved == [1, 1]  # one undo step per action
     assert provenance_tags.stored(seg, liver).propagate == "both"  # kept on the segment, saved with it
+
+
+def test_the_slicer_side_keeps_no_copy_of_the_voxels(case):
+    """R14: a geometry lookup reads no voxels, and once a volume is in the engine the controller holds no
+    copy of it (it used to keep one for good: the node, the engine and the controller each had the CT)."""
+    hs, volume, seg, liver, controller, include = case
+    size = slicer.util.arrayFromVolume(volume).nbytes  # 10 MiB: 20 slices of 512 × 512 int16
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        kept_before = tracemalloc.get_traced_memory()[0]
+        assert controller.snapshot(volume).geometry("axial").num_slices == 20
+        assert tracemalloc.get_traced_memory()[1] - kept_before < size / 10  # peak of the lookup
+        job, done, errors, _ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+        assert errors == [] and job.written == [10]  # the voxels went to the engine
+        del job, done
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - kept_before
+    finally:
+        tracemalloc.stop()
+    assert kept < size / 10, f"{kept} bytes kept after sending {size} bytes of voxels"
 
 
 def test_cancel_in_mid_propagation_keeps_finished_slices(case):
@@ -186,8 +208,6 @@ def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case
     block = np.zeros(volume.GetImageData().GetDimensions()[::-1], bool)
     block[10, 200:300, 100:300] = True  # across the liver's slice
     geometry = controller.snapshot(volume).geometry("axial")
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     write_segment_slices(seg, other, volume, geometry, {10: geometry.extract(block, 10)})
     before_other = segment_array(seg, other, volume)
     editor = controller.editor_node
@@ -220,13 +240,36 @@ def test_overwrite_none_keeps_the_other_segment_and_the_editable_area_holds(case
     assert result.sum() > 100 and ((voxels[result] >= 80) & (voxels[result] <= 200)).all()
 
 
+def test_a_write_the_editor_logic_refuses_fails_the_job_and_changes_nothing(case):
+    """L3: a write through Slicer's editor logic that the logic refuses (here the editable intensity range on
+    a segmentation whose reference geometry is not the volume's lattice: "Modifier labelmap should have the
+    same geometry as the source volume") fails the job with one line, counts nothing as written and leaves
+    the segment as it was (it used to pass for written, with nothing changed)."""
+    hs, volume, seg, liver, controller, include = case
+    geometry = controller.snapshot(volume).geometry("axial")
+    square = np.zeros(geometry.slice_shape, bool)
+    square[100:140, 100:140] = True
+    write_segment_slices(seg, liver, volume, geometry, {10: square, 11: square})
+    before = segment_array(seg, liver, volume)
+    shifted = slicer.util.arrayFromVolume(volume).copy()
+    matrix = controller.snapshot(volume).ijk_to_ras.copy()
+    matrix[:3, 3] += matrix[:3, :3] @ [0.5, 0.5, 0.0]  # half a voxel off the volume's lattice
+    reference = add_volume_from_array(hs, shifted, matrix, "shifted")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    controller.editor_node.SetSourceVolumeIntensityMask(True)
+    controller.editor_node.SetSourceVolumeIntensityMaskRange(-100.0, 300.0)
+    job, done, errors, slices = _run(controller, volume, include, None, None, seg, liver, SegmentOptions())
+    assert job.state == "failed" and errors == [job.message] and done == [] and "\n" not in job.message
+    assert "same geometry as the source volume" in job.message
+    assert job.written == [] and [r.index for r in slices] == []
+    assert np.array_equal(segment_array(seg, liver, volume), before)
+
+
 def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
     hs, volume, seg, liver, controller, include = case
     job, *_ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions(direction="both"))
     assert len(job.written) >= 4
     geometry = controller.snapshot(volume).geometry("axial")
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     current = segment_array(seg, liver, volume)
     corrected = current[10].copy()
     rows = np.flatnonzero(corrected.any(axis=1))
@@ -274,6 +317,34 @@ def test_no_engine_outlives_its_client():
     assert not _alive(pid)
 
 
+def test_closing_during_a_propagation_is_quick_and_leaves_no_engine(ct, tmp_path):
+    """R5: Slicer quitting while the engine propagates does not wait for the whole walk: the engine is told
+    to cancel and to exit, and does so itself (status 0) within the 2 s `close` gives it before a kill: at
+    the next slice, or after its 1 s grace if a slice takes longer. The volume is new to this engine's empty
+    cache, so every slice is encoded (up to about 1.5 s each here)."""
+    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path)})
+    hs = create_headless_scene()
+    volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
+    seg = ensure_segmentation(hs, volume)
+    liver = ensure_segment(seg, "liver")
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
+    client.wait(controller.request_model(str(resolve_model("demo")), "cpu"), timeout=120)
+    include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
+    include.AddControlPoint(-LIVER_LPS[0], -LIVER_LPS[1], LIVER_LPS[2])
+    slices = []
+    both = SegmentOptions(direction="both")
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=slices.append)
+    deadline = time.monotonic() + 120
+    while not slices and time.monotonic() < deadline:
+        client.poll() or time.sleep(0.005)
+    assert slices and job.state == "running" and len(slices) < 5  # well inside the 20-slice walk
+    pid, started = client.pid, time.monotonic()
+    code = client.close()
+    assert time.monotonic() - started < 2.5 and code == 0  # it exited as asked, it was not killed
+    assert not _alive(pid) and client.pid is None and not client.jobs
+
+
 def test_engine_exits_when_the_slicer_side_dies():
     """A process that starts an engine and is then killed (Slicer crashing) leaves no engine behind."""
     code = (
@@ -319,8 +390,6 @@ def test_the_direct_slice_write_gives_the_editors_voxels(ct):
     leave exactly what Slicer's editor logic leaves (other slices, other segments, overlap)."""
     from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
     from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
-    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
-
     results = []
     for use_editor in (False, True):
         hs = create_headless_scene()

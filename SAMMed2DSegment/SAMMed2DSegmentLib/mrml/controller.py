@@ -3,8 +3,9 @@ segment on the caller's (main) thread. The module's Logic is a thin shell around
 so everything here is tested headless with Slicer's real MRML classes and a real engine process.
 
 Rules every job follows:
-* What a job needs is copied out of the nodes when it starts (voxels, matrices, prompts); the engine never
-  sees a node.
+* What a job needs is copied out of the nodes when it starts (matrices, prompts, and the voxels once per
+  volume state, straight to the engine, which keeps them); the engine never sees a node, and this side
+  keeps no copy of the voxels.
 * Slices are written as they arrive, each the way a Segment Editor effect writes (`editing.py`), after
   checking that the nodes still exist and the volume is unchanged; the undo state is saved once, before the
   first slice, so a whole propagation is one undo step.
@@ -44,7 +45,14 @@ from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from . import provenance_tags
 from .editing import SliceWriter, WrittenSlices
-from .interaction import nodes_present, prompts_from_nodes, snapshot_volume, volume_state_key
+from .interaction import (
+    VolumeInfo,
+    nodes_present,
+    prompts_from_nodes,
+    volume_info,
+    volume_state_key,
+    volume_voxels,
+)
 from .segmentations import segment_array
 
 log = logging.getLogger(__name__)
@@ -91,8 +99,8 @@ class SegmentationJob:
     rows: dict[int, SliceRow] = field(default_factory=dict)
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
-    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write
-    writer: SliceWriter | None = None
+    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write, while it runs
+    writer: SliceWriter | None = None  # while it runs
     engine_job: Job | None = None
     model_load: Job | None = None  # the model request it was queued behind, while that was pending
     state: str = "running"  # running → done | cancelled | failed | stale
@@ -125,7 +133,7 @@ class InteractiveSegmentation:
         self._model_request: tuple | None = None  # (path, device, engine generation, precision) requested
         self._model_job: Job | None = None  # that request
         self._volume_sent: tuple | None = None  # (snapshot key, engine generation) sent
-        self._snapshot = None
+        self._volume: VolumeInfo | None = None  # key and geometry of the last volume used, no voxels
         self.jobs: list[SegmentationJob] = []
 
     # -- state -----------------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ class InteractiveSegmentation:
                 job.state, job.message = "stale", "the scene was closed while the model was running"
         self.epoch = next(self._epoch)
         self.client.forget()
-        self._snapshot = None
+        self._volume = None
         self._volume_sent = None
         self.written.clear()
 
@@ -198,13 +206,15 @@ class InteractiveSegmentation:
         """Whether this engine has a model loaded or on its way (jobs may be queued behind it)."""
         return self._model_request is not None and self._model_request[2] == self.client.generation
 
-    def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None):
-        """The voxels and geometry for the engine, copied again only when the volume changed."""
-        if self._snapshot is None or self._snapshot.key != volume_state_key(volume_node):
-            self._snapshot = snapshot_volume(volume_node, modality)
-        return self._snapshot
+    def snapshot(self, volume_node: vtk.vtkObject, modality: str | None = None) -> VolumeInfo:
+        """The volume's state key and geometry (`.key`, `.geometry(axis)`), read again only when the volume
+        changed; never a copy of its voxels."""
+        if self._volume is None or self._volume.key != volume_state_key(volume_node):
+            self._volume = volume_info(volume_node, modality)
+        return self._volume
 
-    def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> Any:
+    def _ensure_volume(self, volume_node: vtk.vtkObject, modality: str | None) -> VolumeInfo:
+        """Send the voxels unless the engine has this state of the volume already (or it is on its way)."""
         snapshot = self.snapshot(volume_node, modality)
         sent = (snapshot.key, self.client.generation)
         if self._volume_sent != sent:
@@ -214,7 +224,7 @@ class InteractiveSegmentation:
                 if event in ("error", "cancelled") and self._volume_sent == sent:
                     self._volume_sent = None  # not in the engine: the next action sends it again
 
-            self.client.submit_volume(snapshot.array_kji, header, on_event=on_event)
+            self.client.submit_volume(volume_voxels(volume_node), header, on_event=on_event)
             self._volume_sent = sent
         return snapshot
 
@@ -305,8 +315,11 @@ class InteractiveSegmentation:
                 self._roll_back(job)
                 job.state, job.message = "failed", one_line(error)
                 details = traceback.format_exc()
-            if job.state == "running" or job.epoch != self.epoch:
-                return  # more to come, or its scene was closed (in `on_slice`, say): no callbacks
+            if job.state == "running":
+                return
+            job.rollback = job.writer = None  # copies of the segmentation, needed while it writes only
+            if job.epoch != self.epoch:
+                return  # its scene was closed (in `on_slice`, say): no callbacks
             if job.state == "failed":
                 if on_error is not None:
                     on_error(job.message, details)
@@ -374,8 +387,11 @@ class InteractiveSegmentation:
         job.written.append(index)
 
     def _roll_back(self, job: SegmentationJob) -> None:
-        if job.rollback is not None and job.written and nodes_present(self.scene, job.seg_node):
+        """Back to the state before the job's first write, also after a write that failed half-way (nothing
+        counted as written yet, but the segment may have changed)."""
+        if job.rollback is not None and nodes_present(self.scene, job.seg_node):
             job.rollback.RestorePreviousState()
+        job.rollback = None
         job.written.clear()
 
     def _finish(self, job: SegmentationJob) -> None:
@@ -418,9 +434,12 @@ class InteractiveSegmentation:
         model_sha256: str,
         on_done: Callable[[str], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
+        on_cancelled: Callable[[], None] | None = None,
     ) -> Job:
         """Every segment as a DICOM-SEG referencing `source_files` (written by the engine, where highdicom
-        lives), with the provenance of the runs that made them."""
+        lives, atomically: a file is there complete or not at all), with the provenance of the runs that made
+        them. Exactly one callback: `on_done(path)`, `on_error(message, details)`, or `on_cancelled()` when a
+        Stop came before the engine began it (once begun it is not interrupted); none after a scene close."""
         segmentation = seg_node.GetSegmentation()
         segments, arrays = [], {}
         shape = None
@@ -448,6 +467,8 @@ class InteractiveSegmentation:
                 on_done(reply["path"])
             elif event == "error" and on_error is not None:
                 on_error(reply.get("message", ""), reply.get("details", ""))
+            elif event == "cancelled" and on_cancelled is not None:
+                on_cancelled()
 
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
 

@@ -5,6 +5,10 @@ one segment), the source-volume intensity range, and which other segments lose t
 covers (all, visible, or none: overlap allowed). Prompting on segment B then never erases segment A unless
 the user asked the editor to overwrite it.
 
+That logic reports its failures only when verbose (each is `if (IsVerbose) vtkErrorMacro(...); return;`),
+so it runs verbose here with its messages captured, and the slice is read back and checked against what was
+asked before it counts as written: a failed write raises instead of passing for done.
+
 Also the record of what the model wrote, so that "propagate from here" can tell a slice the model made from
 one the user edited by hand, and never replace the latter.
 """
@@ -22,6 +26,11 @@ from ..engine.geometry import SliceGeometry
 from .scene import captured_vtk_messages
 from .segmentations import _image_array, _require_segment, _volume_grid, segment_array, write_segment_slices
 
+# Errors the editor logic reports after the voxels were written, about the data tree only: it moves the
+# segmentation under the volume's subject hierarchy parent, and a scene without subject hierarchy items (the
+# headless ones) has none to move. The read-back check still judges the voxels.
+_NOT_WRITE_FAILURES = ("Subject hierarchy items not found",)
+
 
 def write_slice_as_editor(
     scene: vtk.vtkObject,
@@ -36,7 +45,9 @@ def write_slice_as_editor(
 ) -> None:
     """Set one display-orientation slice of a segment to `mask` within the editor node's editable area;
     other slices never change. The editor node is pointed at this segmentation, segment and volume (as the
-    embedded editor's own node is while the module shows them)."""
+    embedded editor's own node is while the module shows them). RuntimeError (one line) when the editor
+    logic reports an error or the slice read back is not what was asked (see `_check_written_plane`); the
+    segment may then be partly changed, and the caller restores it."""
     _require_segment(seg_node, segment_id)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape or not 0 <= index < geometry.num_slices:
@@ -49,6 +60,7 @@ def write_slice_as_editor(
     # "Set" makes the segment equal to the modifier within the editable area, so the modifier carries the
     # segment's other slices as they are.
     current = segment_array(seg_node, segment_id, volume_node)
+    before = geometry.view(current, index).copy()
     geometry.view(current, index)[...] = mask
     grid, _ = _volume_grid(volume_node, seg_node)
     grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
@@ -59,11 +71,59 @@ def write_slice_as_editor(
     if app_logic is not None:
         logic.SetMRMLApplicationLogic(app_logic)
     logic.SetSegmentEditorNode(editor_node)
+    logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
     with captured_vtk_messages() as messages:
+        editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
         logic.ModifySegmentByLabelmap(seg_node, segment_id, grid, logic.ModificationModeSet, extent, True,
                                       False)  # fmt: skip
-    if messages.errors():
-        raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {messages.summary()}")
+    errors = [e for e in messages.errors() if not any(known in e for known in _NOT_WRITE_FAILURES)]
+    problem = errors[0] if errors else ""
+    if not problem:
+        after = geometry.view(segment_array(seg_node, segment_id, volume_node), index)
+        problem = _check_written_plane(before, after, mask, editable)
+    if problem:
+        raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {problem}")
+
+
+def _editable_plane(
+    logic: vtk.vtkObject,
+    editor_node: vtk.vtkObject,
+    volume_node: vtk.vtkObject,
+    grid: vtk.vtkObject,
+    geometry: SliceGeometry,
+    index: int,
+) -> np.ndarray:
+    """Where on the slice the editor may change the segment, as the editor logic decides it before the write:
+    its mask labelmap (the masking mode, from the other segments; 1 = locked) and the source volume's
+    editable intensity range."""
+    editable = np.ones(geometry.slice_shape, bool)
+    if editor_node.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
+        if not logic.UpdateMaskLabelmap():
+            raise RuntimeError("the editable area (masking) could not be computed")
+        locked = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            logic.GetMaskLabelmap(), grid, locked
+        )
+        editable &= geometry.view(_image_array(locked), index) == 0
+    if editor_node.GetSourceVolumeIntensityMask():
+        low, high = editor_node.GetSourceVolumeIntensityMaskRange()
+        voxels = geometry.view(slicer.util.arrayFromVolume(volume_node), index)
+        editable &= (voxels >= low) & (voxels <= high)
+    return editable
+
+
+def _check_written_plane(
+    before: np.ndarray, after: np.ndarray, mask: np.ndarray, editable: np.ndarray
+) -> str:
+    """What is wrong with a slice written with "Set" (empty when nothing is): every voxel that changed must
+    now agree with the mask, and every voxel of the editable area must agree with it (set where the mask is,
+    cleared elsewhere); outside the editable area the segment keeps what it had."""
+    if ((after != before) & (after != mask)).any():
+        return "voxels that were not asked for changed"
+    wrong = editable & (after != mask)
+    if wrong.any():
+        return f"{int(wrong.sum())} voxels of the editable area were not written"
+    return ""
 
 
 class SliceWriter:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, decode, encode
+from .protocol import AUTHKEY_ENV, SETUP_OPS, decode, encode
 
 #: An event callback: (event name, reply header, reply arrays).
 EventCallback = Callable[[str, dict, dict], None]
@@ -132,25 +132,30 @@ class EngineClient:
             self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
         )
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the engine (asking first, then killing) and drop every pending job without callbacks."""
-        if self._conn is not None:
+    def close(self, timeout: float = 2.0) -> int | None:
+        """Stop the engine and drop every pending job without callbacks. Slicer waits for this while it
+        quits, so the engine is told to cancel everything (a propagation stops within one slice) and to
+        exit; one that has not exited after `timeout` seconds, or has not even connected yet, is killed.
+        Returns its exit status (0: it exited as asked; negative: killed), None without an engine."""
+        process, connected = self._process, self._conn is not None
+        if connected:
             try:
+                self._conn.send_bytes(encode({"op": "cancel", "job": next(self._numbers), "target": None}))
                 self._conn.send_bytes(encode({"op": "shutdown", "job": 0}))
             except OSError:
                 pass
-        process = self._process
         if process is not None:
             try:
-                process.wait(timeout)
+                process.wait(timeout if connected else 0)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait(timeout)
+                process.wait()
         self._release_all()
         self.jobs.clear()
         if self._finalizer is not None:
             self._finalizer()
         self._conn, self._process, self._listener = None, None, None
+        return process.returncode if process is not None else None
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(
@@ -202,10 +207,17 @@ class EngineClient:
             self._send(encode({"op": "cancel", "job": next(self._numbers), "target": job.number}))
 
     def forget(self, jobs: Iterable[Job] | None = None) -> None:
-        """Drop jobs without delivering their events any more (stale after a scene close); cancels them."""
-        for job in list(jobs if jobs is not None else self.jobs.values()):
+        """Drop jobs without delivering their events any more (stale after a scene close) and cancel them:
+        the given ones, or every pending one but the set-up requests (model, volume), which go on with their
+        callbacks since what they set up outlives the scene (and "cancel all" spares them anyway)."""
+        chosen = list(jobs) if jobs is not None else [j for j in self.jobs.values() if j.op not in SETUP_OPS]
+        for job in chosen:
             job.on_event = None  # kept in `jobs` until the engine answers, so its resources are released then
-        self.cancel(None)
+        if jobs is None:
+            self.cancel(None)
+        else:
+            for job in chosen:
+                self.cancel(job)
 
     # -- replies -------------------------------------------------------------------------------------------
     def poll(self, max_messages: int = 100) -> int:

@@ -23,7 +23,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -33,19 +33,28 @@ log = logging.getLogger("SAMMed2D.engine")
 
 _EOF = object()
 
+#: Seconds a running job gets to stop once Slicer has asked the engine to exit (see EngineServer).
+EXIT_GRACE = 1.0
+
 
 class JobCancelled(Exception):
     """The Slicer side cancelled the job; reported as "cancelled", not as an error."""
 
 
 class EngineServer:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, exit_grace: float | None = None) -> None:
+        """`exit_grace`: seconds the running job gets to stop after a shutdown (or the end of the connection)
+        before the process leaves anyway, since nothing it computes can be delivered any more (one slice can
+        take longer than Slicer should wait while it quits); None (in-process use) waits for it."""
         self.conn = conn
+        self.exit_grace = exit_grace
+        self._served = threading.Event()
         self.inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self._cancelled: set[int] = set()
         self._cancel_below = 0  # every job with a smaller number is cancelled ("cancel all"), but set-up
         self._setup: set[int] = set()  # queued set-up jobs (load_model, set_volume): "cancel all" spares them
+        self._closing = False  # "shutdown" or the end of the connection: stop the running job, answer no more
         self.session = None
         self.model_info: dict[str, Any] = {}
         self.volume: dict[str, Any] | None = None  # kept so that loading another model keeps the volume
@@ -61,28 +70,42 @@ class EngineServer:
             self.conn.send_bytes(data)
 
     def _read(self) -> None:
+        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs."""
         while True:
             try:
                 header, arrays = decode(self.conn.recv_bytes())
             except (EOFError, OSError):
+                self._closing = True
                 self.inbox.put(_EOF)
+                self._leave_after_grace()
                 return
-            if header.get("op") == "cancel":
-                target = header.get("target")
-                if target is None:
+            op = header.get("op")
+            if op in ("cancel", "shutdown"):
+                if op == "shutdown":
+                    self._closing = True
+                elif header.get("target") is None:
                     self._cancel_below = max(self._cancel_below, int(header["job"]))
+                    self.idle_plan.clear()  # pre-encoding is work too (a closed scene's volume, say)
                 else:
-                    self._cancelled.add(int(target))
+                    self._cancelled.add(int(header["target"]))
                 running = self._running
                 if self.cancelled(running[0]) and running[2] < 0:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
-                continue
-            if header.get("op") in SETUP_OPS:
+                if op == "cancel":
+                    continue
+            if op in SETUP_OPS:
                 self._setup.add(int(header.get("job", 0)))
             self.inbox.put((header, arrays))
+            if op == "shutdown":
+                self._leave_after_grace()
+
+    def _leave_after_grace(self) -> None:
+        if self.exit_grace is not None and not self._served.wait(self.exit_grace):
+            log.info("the running job did not stop within %.1f s of the shutdown; leaving", self.exit_grace)
+            leave()
 
     def cancelled(self, job: int) -> bool:
-        if job in self._cancelled:
+        if self._closing or job in self._cancelled:
             return True
         return job < self._cancel_below and job not in self._setup
 
@@ -93,18 +116,18 @@ class EngineServer:
     # -- the loop ------------------------------------------------------------------------------------------
     def serve(self) -> None:
         threading.Thread(target=self._read, name="SAMMed2D engine reader", daemon=True).start()
-        while True:
-            try:
-                item = self.inbox.get(block=not self.idle_plan)
-            except queue.Empty:
-                self._encode_one_idle_slice()
-                continue
-            if item is _EOF:
-                return
-            header, arrays = item
-            if header.get("op") == "shutdown":
-                return
-            self._handle(header, arrays)
+        try:
+            while not self._closing:
+                try:
+                    item = self.inbox.get(block=not self.idle_plan)
+                except queue.Empty:
+                    self._encode_one_idle_slice()
+                    continue
+                if item is _EOF or self._closing or item[0].get("op") == "shutdown":
+                    return
+                self._handle(*item)
+        finally:
+            self._served.set()
 
     def _handle(self, header: dict, arrays: dict) -> None:
         job = int(header.get("job", 0))
@@ -248,7 +271,10 @@ class EngineServer:
         return {"planned": len(self.idle_plan)}
 
     def _encode_one_idle_slice(self) -> None:
-        index = self.idle_plan.popleft()
+        try:
+            index = self.idle_plan.popleft()
+        except IndexError:  # a "cancel all" emptied the plan meanwhile (reader thread)
+            return
         try:
             self.session.prefetch(self.idle_axis, [index])
         except Exception:  # pre-encoding is a courtesy: a failure shows up on the next real request
@@ -340,7 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.address.rsplit(":", 1)
     conn = connect_engine(host, int(port), bytes.fromhex(key))
     try:
-        EngineServer(conn).serve()
+        EngineServer(conn, exit_grace=EXIT_GRACE).serve()
     finally:
         conn.close()
-    return 0
+    leave()
+
+
+def leave() -> NoReturn:
+    """Exit the engine process without the interpreter's teardown (about a second with torch loaded, while
+    Slicer waits for it to quit): nothing needs it. Files are written atomically, the shared memory is the
+    Slicer side's to release, and the log is flushed here."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
