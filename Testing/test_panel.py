@@ -247,6 +247,7 @@ def test_a_bad_checkpoint_gives_one_dialog(case, tmp_path):
     _wait(panel)
     dialogs = panel.take_dialogs()
     assert len(dialogs) == 1 and "could not be loaded" in dialogs[0].message
+    assert panel.view(p).status.startswith("Not run: the model did not load")
     assert segment_array(p.outputSegmentation, p.outputSegmentation.GetSegmentation().GetNthSegmentID(0),
                          volume).sum() == 0  # fmt: skip
 
@@ -304,6 +305,9 @@ def test_end_messages_say_how_the_job_ended():
     assert end_message(Job("done", [1, 2], kept=[3])).startswith("2 slice(s) written")
     assert end_message(Job("done", [1, 2], kept=[3])).endswith("1 slice(s) edited by hand were kept.")
     assert end_message(Job("cancelled", [4])) == "Stopped: 1 slice(s) written."
+    assert end_message(Job("cancelled", [], "not run: the model did not load (bad)")) == (
+        "Not run: the model did not load (bad)."
+    )
     assert end_message(Job("stale", [4], "the volume changed")) == (
         "Stopped: the volume changed. 1 slice(s) had been written."
     )

@@ -98,7 +98,9 @@ def has_include_point(include_node: vtk.vtkObject | None) -> bool:
 def end_message(job: SegmentationJob) -> str:
     """The status line once a segmentation or propagation has ended, however it ended."""
     written, kept = len(job.written), len(job.kept)
-    if job.state == "cancelled":
+    if job.state == "cancelled" and job.message:  # never ran (e.g. queued behind a model that failed to load)
+        message = job.message[:1].upper() + job.message[1:] + "."
+    elif job.state == "cancelled":
         message = f"Stopped: {written} slice(s) written."
     elif job.state == "stale":
         message = f"Stopped: {job.message}. {written} slice(s) had been written."
@@ -421,6 +423,7 @@ class PanelModel:
                 on_done=lambda out: self._end(f"DICOM-SEG written to {out}"),
                 on_error=lambda message, details: self._fail(f"DICOM-SEG export failed: {message}", True,
                                                              details),
+                on_cancelled=lambda: self._end("DICOM-SEG export stopped before it began; nothing written."),
             )  # fmt: skip
         except Exception as error:
             self._fail(f"DICOM-SEG export could not start: {error}", True)
