@@ -265,6 +265,28 @@ def test_a_write_the_editor_logic_refuses_fails_the_job_and_changes_nothing(case
     assert np.array_equal(segment_array(seg, liver, volume), before)
 
 
+def test_an_empty_mask_from_the_engine_never_clears_a_slice(case):
+    """The model finding nothing on a slice is no reason to erase what the segment has there. The demo model
+    returns no empty mask on this CT, so the engine's reply for that slice is handed to the job as the engine
+    would send it (the one stand-in here); the job itself is real and runs to its end."""
+    hs, volume, seg, liver, controller, include = case
+    geometry = controller.snapshot(volume).geometry("axial")
+    square = np.zeros(geometry.slice_shape, bool)
+    square[100:140, 100:140] = True
+    from SAMMed2DSegmentLib.mrml.segmentations import write_segment_slices
+
+    write_segment_slices(seg, liver, volume, geometry, {12: square})
+    before = segment_array(seg, liver, volume)[12].copy()
+    job = controller.start_segmentation(volume, include, None, None, seg, liver, SegmentOptions())
+    empty = {"mask": pack_mask(np.zeros(geometry.slice_shape, bool))}
+    reply = {"index": 12, "status": "prompted", "confidence": 0.1, "iou": 0.1}
+    job.engine_job.on_event("slice", reply, empty)
+    controller.wait(job, timeout=300)
+    assert job.state == "done" and 12 not in job.written and 12 in job.rows
+    assert np.array_equal(segment_array(seg, liver, volume)[12], before)
+    assert job.written == [10]
+
+
 def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
     hs, volume, seg, liver, controller, include = case
     job, *_ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions(direction="both"))

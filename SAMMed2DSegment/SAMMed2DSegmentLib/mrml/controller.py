@@ -366,7 +366,8 @@ class InteractiveSegmentation:
                     job.kept.append(row.index)
                 else:
                     mask = unpack_mask(arrays["mask"], job.geometry.slice_shape)
-                    self._write(job, row.index, mask, save_undo)
+                    if mask.any():  # an empty mask says the model found nothing: it never clears voxels
+                        self._write(job, row.index, mask, save_undo)
             if on_slice is not None:
                 on_slice(row)
             return
