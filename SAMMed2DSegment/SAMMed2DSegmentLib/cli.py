@@ -613,6 +613,14 @@ def _convert_summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; library warnings are shown as one line of ours (`console.one_line_warnings`)."""
+    from .console import one_line_warnings
+
+    with one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     from .finetune.command import run_finetune
     from .finetune.settings import FinetuneError
 
