@@ -103,7 +103,7 @@ def test_available_memory_and_the_refusal_message():
     available = available_memory()
     assert available is None or available > 0
     require_memory(1, "one byte")
-    expected = r"^ten exabytes: that needs about 1e\+10 GB of memory, but only .* is available; buy more$"
+    expected = r"^ten exabytes: that needs about 10,000,000,000 GB of memory, but only .*; buy more$"
     with pytest.raises(NotEnoughMemory, match=expected):
         require_memory(10**19, "ten exabytes", "buy more")
 
@@ -163,3 +163,14 @@ def test_good_dicom_series_reads(tmp_path):
     volume = read_volume(_series(tmp_path / "s"))
     assert volume.array_kji.shape == (4, 8, 8)
     np.testing.assert_allclose(np.diag(volume.ijk_to_ras)[:3], [-0.8, -0.8, 2.0])
+
+
+def test_dicom_series_size_is_checked_before_reading(tmp_path, monkeypatch):
+    """Rows × Columns × slices of the headers, before ITK decodes a pixel (4 × 8 × 8 int16 = 512 bytes)."""
+    folder = _series(tmp_path / "s")
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    with pytest.raises(
+        VolumeReadError,
+        match=r"declares 8×8×4 voxels \(512 bytes\): that needs about 1 kB of memory, but only 1 kB",
+    ):
+        read_volume(folder)

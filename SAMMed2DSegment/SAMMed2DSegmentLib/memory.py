@@ -83,8 +83,14 @@ def available_memory() -> int | None:
 
 
 def gigabytes(nbytes: float) -> str:
-    """A byte count for a message: '8.59 GB', '120 MB', '1e+10 GB'."""
-    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e9 else f"{max(nbytes, 0) / 1e6:.0f} MB"
+    """A byte count for a message: '8.59 GB', '120 MB', '4,800 GB'."""
+    if nbytes >= 100e9:
+        return f"{nbytes / 1e9:,.0f} GB"
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:.3g} GB"
+    if nbytes >= 1e6:
+        return f"{nbytes / 1e6:.0f} MB"
+    return f"{nbytes / 1e3:.0f} kB" if nbytes >= 1e3 else f"{max(int(nbytes), 0)} bytes"
 
 
 def require_memory(nbytes: int, what: str, hint: str = "") -> None:
