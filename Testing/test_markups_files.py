@@ -223,3 +223,15 @@ def test_other_names_are_refused(tmp_path):
 def test_bundled_markups_pass(tmp_path):
     for path in Path(__file__).resolve().parents[1].glob("demo/*.mrk.json"):
         check_markups_file(path)
+
+
+def test_command_line_refuses_a_coordinate_system_typo_in_one_line(tmp_path, capsys):
+    """On the MSD spleen CT a spleen point written with "lps" segmented the patient's other side, exit 0."""
+    typo = tmp_path / "typo.mrk.json"
+    typo.write_text(json.dumps(_doc(coordinateSystem="lps")))
+    out = tmp_path / "o.seg.nrrd"
+    argv = ["segment", "--volume", str(DICOM), "--include", str(typo), "--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "has coordinateSystem 'lps'; it must be exactly LPS or RAS" in lines[0], lines
+    assert not out.exists()

@@ -2,11 +2,13 @@
 
 Why: Slicer's native markups reader trusts the file's structure. A `markups` item that is a number crashes the
 process (SIGSEGV), a missing `type` aborts it (SIGABRT), and a coordinate system it does not know (`"lps"`) is
-read as RAS, which mirrors every point through the patient's axis. So the file is checked here against the
-markups schema (Slicer v5.12.3, `Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json`) for
-the properties the reader reads: their JSON types, finite numbers, array lengths, bounded size and depth. The
-coordinate system must be exactly `LPS` or `RAS`; a missing one means LPS, as the schema (`"default": "LPS"`,
-lines 47-53) and the reader (`vtkMRMLMarkupsJsonStorageNode.cxx:388-398`) say. Stdlib only.
+read as RAS, which mirrors every point through the patient's axis (an unknown name becomes -1 in
+`vtkMRMLStorageNode.cxx:1460-1477`, and only LPS is flipped, `vtkMRMLMarkupsJsonStorageNode.cxx:752`).
+So the file is checked here against the markups schema (Slicer v5.12.3,
+`Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json`) for the properties the reader reads:
+their JSON types, finite numbers, array lengths, bounded size and depth. The coordinate system must be exactly
+`LPS` or `RAS`; a missing one means LPS, as the schema (`"default": "LPS"`, lines 47-53) and the reader
+(`vtkMRMLMarkupsJsonStorageNode.cxx:388-398`) say. Stdlib only.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def _check_object(value: object, fields: Mapping[str, _Spec], owner: str) -> Non
 
 def _check_control_points(markup: dict, owner: str) -> None:
     """A placed point needs its position: Slicer's reader would otherwise make it unplaced without a word
-    (`vtkMRMLMarkupsJsonStorageNode.cxx:757-767`), and a prompt set missing a point is a different prompt."""
+    (`vtkMRMLMarkupsJsonStorageNode.cxx:758-767`), and a prompt set missing a point is a different prompt."""
     for n, point in enumerate(markup.get("controlPoints", [])):
         label = point.get("label")
         name = (
