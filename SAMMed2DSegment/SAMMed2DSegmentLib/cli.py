@@ -225,54 +225,17 @@ def report_json(report: dict) -> str:
     return json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
 
 
-def _number_triple(value) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 3
-        and all(isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) for c in value)
-    )
-
-
-def check_markups_coordinates(path: str | os.PathLike[str], option: str) -> None:
-    """Refuse a .mrk.json whose placed control points (or ROI centre/size) lack three finite numbers: Slicer's
-    reader drops such points silently, and a prompt set missing a point is a different prompt."""
-    path = Path(path)
-    if not path.name.lower().endswith(".json") or not path.is_file():
-        return  # .fcsv, or a missing file (reported by the reader)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return  # not JSON: the markups reader gives the reason
-    for m, markup in enumerate(document.get("markups", []) if isinstance(document, dict) else []):
-        if not isinstance(markup, dict):
-            continue
-        for key in ("center", "size"):
-            if key in markup and not _number_triple(markup[key]):
-                raise CommandError(f"{option} {path}: markup {m} has a malformed {key} {markup[key]!r}")
-        for n, point in enumerate(markup.get("controlPoints") or []):
-            if not isinstance(point, dict) or point.get("positionStatus") in ("undefined", "preview"):
-                continue
-            if not _number_triple(point.get("position")):
-                label = point.get("label") or point.get("id") or n
-                raise CommandError(
-                    f"{option} {path}: control point {label!r} has a malformed position "
-                    f"{point.get('position')!r} (three numbers expected); fix or remove it"
-                )
-
-
 def _load_prompts(hs, args: argparse.Namespace):
     from .mrml import markups
 
     points, rois = [], []
     for option, files, label in (("--include", args.include, 1), ("--exclude", args.exclude, 0)):
         for f in files:
-            check_markups_coordinates(f, option)
             for node in markups.load_markups(hs, f):
                 if node.IsA("vtkMRMLMarkupsROINode"):
                     raise CommandError(f"{option} {f} holds an ROI, not points; pass it with --roi")
                 points += markups.points_from_markups(node, label)
     for f in args.roi:
-        check_markups_coordinates(f, "--roi")
         nodes = [n for n in markups.load_markups(hs, f) if n.IsA("vtkMRMLMarkupsROINode")]
         if not nodes:
             raise CommandError(f"--roi {f}: the file holds no ROI")
@@ -713,6 +676,14 @@ def _convert_summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; library warnings are shown as one line of ours (`console.one_line_warnings`)."""
+    from .console import one_line_warnings
+
+    with one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     from .finetune.command import run_finetune
     from .finetune.settings import FinetuneError
 

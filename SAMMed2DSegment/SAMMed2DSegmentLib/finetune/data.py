@@ -75,6 +75,11 @@ def load_training_set(
             raise
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
+        if labels.shape == image.array_kji.shape and np.array_equal(labels, image.array_kji):
+            # An integer CT passes every label-map check, and every grey level would become a "structure".
+            raise FinetuneError(
+                f"the labels {label_path} hold the same voxels as the image {image_path}: give its label map"
+            )
         values = image.array_kji.astype(np.float32)
         digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
         for array in (np.asarray(values.shape), labels.astype(np.int64), np.asarray(image.ijk_to_ras, float)):

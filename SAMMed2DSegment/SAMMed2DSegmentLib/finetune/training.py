@@ -25,18 +25,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..memory import NotEnoughMemory, require_memory
 from ..model import SamMed2D, build_sam_med2d
 from ..weights.checkpoint import CheckpointError, CheckpointInfo, load_model
 from .batches import make_batch
 from .data import Pair, load_training_set
-from .settings import FinetuneConfig, FinetuneError
+from .settings import FinetuneConfig, FinetuneError, training_memory_bytes
 from .state import (
+    check_run_record,
     export_model,
     freeze,
     learning_rate,
     load_state,
     make_optimizer,
+    restore_model,
     restore_optimizer,
+    restore_rng,
     save_state,
 )
 from .step import training_step
@@ -93,6 +97,14 @@ def finetune(
     best validation score) in `out_dir`. `stop_after` ends the run at that step, like an interruption.
     `validation_pairs`: volumes only validated on (see `load_training_set`)."""
     config.check()
+    try:  # before any volume is read: an absurd --batch-size is refused at once, with the estimate
+        require_memory(
+            training_memory_bytes(config.build, config.batch_size),
+            f"--batch-size {config.batch_size} with the {config.build} build",
+            "lower --batch-size",
+        )
+    except NotEnoughMemory as exc:
+        raise FinetuneError(str(exc)) from None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"the output folder {out} is a file")
@@ -109,6 +121,7 @@ def finetune(
     pooled_state = False  # a resumed state that may hold a best score pooled over volumes
     if resume and state_path.is_file():
         model_sd, optim_tensors, saved = load_state(state_path)
+        check_run_record(state_path, saved, config.steps)
         # States written before a setting existed (precision, the loss and sampling options) ran with its
         # default.
         defaults = json.loads(json.dumps(asdict(FinetuneConfig())))
@@ -121,9 +134,9 @@ def finetune(
                 f"{state_path} was written for other volumes or labels (training or validation); give the "
                 "same ones or use a new folder"
             )
-        model.load_state_dict(model_sd)
-        restore_optimizer(optimizer, optim_tensors, saved)
-        rng.bit_generator.state = saved["rng"]
+        restore_model(state_path, model, model_sd)
+        restore_optimizer(optimizer, optim_tensors, saved, state_path)
+        restore_rng(state_path, rng, saved["rng"])
         run = {k: v for k, v in saved.items() if k not in ("rng", "param_groups")} | {"inputs": inputs}
         running = run.pop("running_loss", None)
         # States without recorded inputs may come from before validation was averaged per volume, when

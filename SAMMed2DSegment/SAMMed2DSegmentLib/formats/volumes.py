@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.geometry import LPS_TO_RAS
+from ..memory import NotEnoughMemory, gigabytes, require_memory
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+#: More voxel values than any CT or MR series holds (a 1024×1024×4096 volume); a header claiming more is
+#: refused whatever the memory, since it is damaged or hostile.
+MAX_VOXEL_VALUES = 1 << 32
+#: Reading holds ITK's buffer and the numpy copy at once.
+READ_PEAK_FACTOR = 2
 
 
 class VolumeReadError(ValueError):
@@ -52,6 +58,50 @@ def _check(image, source: str) -> None:
         )
 
 
+def check_declared_size(source: str, size: tuple[int, ...], components: int, bytes_per_value: int) -> None:
+    """Refuse a volume whose declared size is beyond MAX_VOXEL_VALUES or the memory available, before any
+    voxel is read: a 100 kB gzip NRRD can declare 8 GB, and its reader allocates all of it first."""
+    values = components
+    for n in size:
+        values *= int(n)
+    shape = "×".join(map(str, size)) + (f"×{components}" if components > 1 else "")
+    if values > MAX_VOXEL_VALUES:
+        raise VolumeReadError(
+            f"{source}: the header declares {shape} voxels, more than the {MAX_VOXEL_VALUES:,} a volume may "
+            "have; the file is damaged or not a volume"
+        )
+    try:
+        require_memory(
+            values * bytes_per_value * READ_PEAK_FACTOR,
+            f"{source}: the header declares {shape} voxels ({gigabytes(values * bytes_per_value)})",
+            "free memory or crop the volume",
+        )
+    except NotEnoughMemory as exc:
+        raise VolumeReadError(str(exc)) from None
+
+
+def check_image_file_size(path: str | Path) -> None:
+    """Read only the header of an ITK image file (NRRD, NIfTI, MHA) and check its declared size
+    (`check_declared_size`). Raises VolumeReadError."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeReadError(f"{path}: cannot read volume ({_itk_reason(exc)})") from None
+    components = max(reader.GetNumberOfComponents(), 1)
+    value_bytes = sitk.Image([1, 1], reader.GetPixelID(), components).GetSizeOfPixelComponent()
+    check_declared_size(str(path), reader.GetSize(), components, value_bytes)
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """The last line of an ITK exception (its innermost reason); ITK's messages span many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def _read_dicom_folder(folder: Path):
     """The one series in `folder`, validated (gaps, spacing, positions, orientation, truncated files, one
     patient/study/series) before ITK reads exactly those files in slice order; other objects (a DICOM-SEG
@@ -65,6 +115,10 @@ def _read_dicom_folder(folder: Path):
     except ValueError as exc:
         raise VolumeReadError(f"{folder}: {exc}") from exc
     files = [str(ds.filename) for ds in datasets]
+    first = datasets[0]
+    value_bytes = max(int(getattr(first, "BitsAllocated", 16) or 16) // 8, 1)
+    samples = int(getattr(first, "SamplesPerPixel", 1) or 1)
+    check_declared_size(str(folder), (int(first.Columns), int(first.Rows), len(files)), samples, value_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -89,10 +143,10 @@ def read_volume(path: str | Path) -> Volume:
                 raise VolumeReadError(
                     f"{p}: unsupported file type; use {', '.join(FILE_SUFFIXES)} or a DICOM folder"
                 )
+            check_image_file_size(p)
             image = sitk.ReadImage(str(p))
     except RuntimeError as exc:  # ITK's readers raise RuntimeError with a long trace
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise VolumeReadError(f"{p}: cannot read volume ({first})") from exc
+        raise VolumeReadError(f"{p}: cannot read volume ({_itk_reason(exc)})") from exc
     _check(image, str(p))
     files = [str(ds.filename) for ds in datasets]
     return Volume(

@@ -13,6 +13,7 @@ import numpy as np
 import vtk
 
 from ..engine.prompts import PointPrompt, PromptError, RoiPrompt
+from ..formats.markups_files import check_markups_file
 from .scene import HeadlessScene, captured_vtk_messages
 from .volumes import array_from_vtk_matrix
 
@@ -25,10 +26,14 @@ def _markups_node_ids(scene: vtk.vtkObject) -> list[str]:
 def load_markups(hs: HeadlessScene, path: str | os.PathLike[str]) -> list[vtk.vtkObject]:
     """Every markups node in a Slicer markups file (.mrk.json, also .fcsv), coordinates converted to RAS by
     Slicer's reader whatever the file's coordinate system. A file can hold several markups (point lists and
-    ROIs together), so a list comes back. Raises FileNotFoundError or ValueError naming the file."""
+    ROIs together), so a list comes back. Raises FileNotFoundError or ValueError naming the file.
+
+    The file is checked against the markups schema first (`check_markups_file`): Slicer's native reader
+    crashes the process on a malformed structure and reads an unknown coordinate system as RAS."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"markups file not found: {path}")
+    check_markups_file(path)
     before = set(_markups_node_ids(hs.scene))
     with captured_vtk_messages() as messages:
         first_id = hs.markups_logic.LoadMarkups(str(path))

@@ -413,9 +413,13 @@ def save_segmentation(
 
 def _probe_image_file(path: Path) -> None:
     """Refuse files that ITK cannot decode: Slicer's segmentation reader lets some ITK exceptions escape
-    (truncated or malformed NRRD) and the process aborts. SimpleITK uses the same ITK readers."""
+    (truncated or malformed NRRD) and the process aborts. SimpleITK uses the same ITK readers. The declared
+    size is checked first (header only): a small gzip file can declare gigabytes."""
     import SimpleITK as sitk
 
+    from ..formats.volumes import check_image_file_size
+
+    check_image_file_size(path)
     try:
         sitk.ReadImage(str(path))
     except RuntimeError as error:

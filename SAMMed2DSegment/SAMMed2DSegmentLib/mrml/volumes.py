@@ -81,6 +81,9 @@ def load_volume(hs: HeadlessScene, path: str | os.PathLike[str]) -> vtk.vtkObjec
         raise FileNotFoundError(f"volume file not found: {path}")
     if not path.is_file():
         raise ValueError(f"{path} is not a file (DICOM folders are read elsewhere)")
+    from ..formats.volumes import check_image_file_size
+
+    check_image_file_size(path)  # header only: a small gzip file can declare gigabytes
     with captured_vtk_messages() as messages:
         node = hs.volumes_logic.AddArchetypeVolume(str(path), _volume_name(path))
     if node is None:

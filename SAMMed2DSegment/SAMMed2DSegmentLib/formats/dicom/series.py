@@ -156,6 +156,8 @@ def series_affine(datasets: Sequence[Dataset]) -> np.ndarray:
     else:
         normal = np.cross(iop[:3], iop[3:])
         thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        if not (np.isfinite(thickness) and thickness > 0):  # a negative one would mirror the slice normal
+            raise ValueError(f"{_name(first, 0)}: slice spacing {thickness} must be positive and finite (mm)")
         step = normal * thickness
     affine = np.eye(4)
     affine[:3, 0] = iop[:3] * col_spacing  # i: along a row (next column)
@@ -223,12 +225,23 @@ def _validate_stack(datasets: Sequence[Dataset], required: Sequence[str] = REQUI
         raise ValueError(
             f"malformed PixelSpacing, ImageOrientationPatient or ImagePositionPatient ({exc})"
         ) from exc
+    # ITK reads a zero spacing as a made-up 1 mm and a negative one mirrors the volume: both are refused.
+    bad = [n for n, row in enumerate(spacing) if not (np.isfinite(row).all() and (row > 0).all())]
+    if spacing.ndim == 2 and bad:
+        n = bad[0]
+        raise ValueError(
+            f"{_name(datasets[n], n)}: PixelSpacing {spacing[n].tolist()} must be two positive finite numbers"
+        )
     if (
         spacing.ndim != 2
         or spacing.shape[1] != 2
         or not np.allclose(spacing, spacing[0], rtol=1e-4, atol=1e-6)
     ):
         raise ValueError("the source images have different (or malformed) PixelSpacing")
+    for what, values in (("ImageOrientationPatient", iops), ("ImagePositionPatient", positions)):
+        bad = [n for n, row in enumerate(values) if not np.isfinite(row).all()]
+        if bad:  # a NaN or infinite position would make the slice spacing itself non-finite
+            raise ValueError(f"{_name(datasets[bad[0]], bad[0])}: {what} holds a value that is not finite")
     if iops.ndim != 2 or iops.shape[1] != 6:
         raise ValueError("malformed ImageOrientationPatient (needs 6 values)")
     if any(p.shape != (3,) for p in positions):
