@@ -16,6 +16,7 @@ from SAMMed2DSegmentLib.mrml import (
     placement,
     provenance_tags,
     segment_array,
+    self_test,
 )
 from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation
 from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelModel, PanelParameters, end_message
@@ -26,12 +27,6 @@ from .slice_views import SliceViews
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 LIVER_RAS = (93.26171875, 129.89453125, -784.5)  # demo/liver-point.mrk.json (LPS there): slice 10 of 20
-
-
-class Ready:
-    """What the Logic's requirements check returns when nothing is missing."""
-
-    ready, message = True, ""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def client(tmp_path_factory):
 def _panel(hs, client=None) -> PanelModel:
     editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
     make = lambda: InteractiveSegmentation(hs.scene, client or EngineClient(), editor, hs.app_logic)  # noqa: E731
-    return PanelModel(hs, make, lambda download: Ready())
+    return PanelModel(hs, make, lambda download: self_test.READY)
 
 
 @pytest.fixture

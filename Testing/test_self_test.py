@@ -14,10 +14,6 @@ from SAMMed2DSegmentLib.mrml.panel import PanelModel
 from SAMMed2DSegmentLib.service.client import EngineClient
 
 
-class Ready:
-    ready, message = True, ""
-
-
 class DicomDatabase:
     """Only `fileForInstance`, the one ctkDICOMDatabase method the module uses."""
 
@@ -36,7 +32,7 @@ def _controller_factory(hs, tmp_path):
 
 def test_self_test_logic_loads(tmp_path):
     hs = create_headless_scene()
-    panel = PanelModel(hs, _controller_factory(hs, tmp_path), lambda download: Ready())
+    panel = PanelModel(hs, _controller_factory(hs, tmp_path), lambda download: self_test.READY)
     self_test.check_logic_loads(panel, str(tmp_path))
 
 

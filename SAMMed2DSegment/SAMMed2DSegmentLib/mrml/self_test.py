@@ -19,6 +19,7 @@ import numpy as np
 import slicer
 import vtk
 
+from ..requirements import RequirementsState
 from .panel import LOCAL_MODEL, PanelModel, PanelParameters
 from .scene import HeadlessScene
 from .segmentations import segment_array
@@ -30,8 +31,8 @@ SLICER_SIDE_MODULES = ("SAMMed2DSegmentLib.mrml.panel", "SAMMed2DSegmentLib.serv
                        "SAMMed2DSegmentLib.requirements", "SAMMed2DSegmentLib.installer")  # fmt: skip
 
 
-class _Ready:
-    ready, message = True, ""
+#: A requirements state with nothing missing, for a panel whose engine is known to be ready.
+READY = RequirementsState(torch_version="", torch_problem="", missing=(), package_folder="", package_dirs=())
 
 
 def _wait(panel: PanelModel, timeout: float = 600.0) -> None:
@@ -89,7 +90,7 @@ def check_segment_propagate_undo_export(
 ) -> None:
     """One include point in the bright ball of `write_synthetic_ct_series`' CT: one slice, then a propagation
     (one undo step), undone, then the DICOM-SEG referencing every source image."""
-    panel = PanelModel(hs, make_controller, lambda download: _Ready(), lambda: database)
+    panel = PanelModel(hs, make_controller, lambda download: READY, lambda: database)
     try:
         include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
         include.AddControlPoint(*_ijk_to_ras(volume_node, (32, 32, 10)))
@@ -171,6 +172,7 @@ def write_synthetic_ct_series(folder: str, slices: int = 20, size: int = 64) -> 
 
 
 __all__ = [
+    "READY",
     "SLICER_SIDE_MODULES",
     "check_logic_loads",
     "check_segment_propagate_undo_export",
