@@ -72,14 +72,14 @@ def _wait(panel: PanelModel, timeout: float = 300) -> None:
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-def test_clicks_in_the_red_view_alternate_include_and_exclude_whatever_the_persistence(ct, persistent):
+def test_red_view_clicks_alternate_include_and_exclude_whatever_the_persistence(ct, client, persistent):
     """The README's walkthrough with real clicks in Slicer's Red view: Shift+T, click, Shift+T, click, ...
     With persistence 0 Slicer leaves place mode after each click (the review's C3: the second click went to
-    the include list)."""
+    the include list). Then the engine segments the slice from exactly those prompts."""
     hs = create_headless_scene()
     volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
-    p = PanelParameters(inputVolume=volume)
-    panel = _panel(hs)
+    p = PanelParameters(inputVolume=volume, device="cpu")
+    panel = _panel(hs, client)
     interaction = hs.app_logic.GetInteractionNode()
     interaction.SetPlaceModePersistence(int(persistent))
     clicks = [(LIVER_RAS, "include"), ((40.0, 120.0, LIVER_RAS[2]), "exclude"), ((80.0, 100.0, LIVER_RAS[2]),
@@ -98,6 +98,14 @@ def test_clicks_in_the_red_view_alternate_include_and_exclude_whatever_the_persi
     p.excludePoints.GetNthControlPointPositionWorld(0, position)
     assert np.allclose(position, clicks[1][0], atol=1.0)
     assert interaction.GetPlaceModePersistence() == int(persistent)  # left as the user set it
+    assert panel.segment(p, "none")
+    _wait(panel)
+    job = panel.activity.rows_job
+    assert job.state == "done" and job.written == [10]
+    assert len(job.points) == 3  # what the model was given: two include points and the exclude point
+    for ras, which in clicks:
+        assert any(q.label == int(which == "include") and np.allclose(q.position, ras, atol=1.0)
+                   for q in job.points), (ras, which)  # fmt: skip
 
 
 def test_toggle_after_another_list_was_armed_starts_with_include():
