@@ -10,8 +10,8 @@ Nobody publishes the official file's size and SHA-256, so a download is held to 
 them: a size range and the checkpoint's structure (a PyTorch archive naming the network's parts, read without
 unpickling), before it enters the cache; a captive portal's HTML page is refused there. The registry marks
 what it downloaded with a sidecar `<file>.download.json`; the first successful load pins the file's SHA-256
-in it (a later swap of the file is refused), and a marked file that fails to load is removed, so the next
-download fetches it again.
+in it (a later swap of the file is refused when it is loaded), and a marked file that fails to load is
+removed, so the next download fetches it again.
 """
 
 from __future__ import annotations
@@ -416,9 +416,8 @@ def _sha256_of_version(path: Path, *_version: int) -> str:
     return sha256_of(path)
 
 
-def _version_sha256(path: Path) -> str:
-    """The panel asks for the model's status on every parameter change: hash a file version (a bundled or a
-    pinned download) only once."""
+def _bundled_sha256(path: Path) -> str:
+    """The panel asks for the model's status on every parameter change: hash a file version only once."""
     st = path.stat()  # ctime and inode too: a copy can keep size and mtime, it cannot set these
     return _sha256_of_version(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
@@ -434,17 +433,14 @@ def fetch_model(
     path = model_path(entry, cache_dir)
     if path.is_file() and entry.bundled is not None and entry.sha256:
         # A damaged or replaced bundled model is refused rather than run; hashed once per file version.
-        if _version_sha256(path).lower() != entry.sha256.lower():
+        if _bundled_sha256(path).lower() != entry.sha256.lower():
             raise WeightsError(
                 f"the bundled model {entry.name!r} ({path.name}) is altered or damaged (SHA-256 differs); "
                 "reinstall the extension"
             )
         return path
     if path.is_file():
-        pinned = (_read_marker(path) or {}).get("sha256")
-        if pinned and (actual := _version_sha256(path)).lower() != str(pinned).lower():
-            raise WeightsError(_swapped(path, actual, str(pinned)))
-        return path
+        return path  # a pinned download's hash is checked where it loads (pin_loaded), not on each look-up
     if entry.bundled is not None:
         raise WeightsError(
             f"the bundled model {entry.name!r} is missing from this installation ({path.name} not found); "
