@@ -677,3 +677,106 @@ def test_provenance_records_the_precision_and_reads_files_without_it():
     older = {k: v for k, v in meta.items() if k != "Precision"}  # a file written before the field existed
     assert provenance.Provenance.from_metadata(older).precision == ""
     assert "precision" not in _provenance().to_algorithm_parameters()  # not recorded: not written
+
+
+def _tiles(shape: tuple[int, int, int], count: int) -> list[tuple[slice, slice, slice]]:
+    """`count` non-overlapping boxes, a TotalSegmentator-like set of structures on one volume."""
+    return [(slice(2, shape[0] - 2), slice(r * 64 + 4, r * 64 + 60), slice(c * 64 + 4, c * 64 + 60))
+            for r, c in (divmod(i, 8) for i in range(count))]  # fmt: skip
+
+
+_MANY_SEGMENTS = """
+import resource, sys, weakref
+from pathlib import Path
+import numpy as np
+from SAMMed2DSegmentLib.formats.dicom import seg_read, seg_write, series as dseries
+from SAMMed2DSegmentLib.formats.dicom.seg_write import SegmentSpec
+count, out = int(sys.argv[1]), Path(sys.argv[2])
+datasets = dseries.read_series_datasets(sys.argv[3])
+shape = (len(datasets), datasets[0].Rows, datasets[0].Columns)
+boxes = [(slice(2, shape[0] - 2), slice(r * 64 + 4, r * 64 + 60), slice(c * 64 + 4, c * 64 + 60))
+         for r, c in (divmod(i, 8) for i in range(count))]
+alive, most = [0], [0]
+def made(box):
+    mask = np.zeros(shape, dtype=bool)
+    mask[box] = True
+    alive[0] += 1
+    most[0] = max(most[0], alive[0])
+    weakref.finalize(mask, lambda: alive.__setitem__(0, alive[0] - 1))
+    return mask
+specs = [SegmentSpec(f"s{n}", lambda box=box: made(box)) for n, box in enumerate(boxes)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+seg_write.write_dicom_seg(datasets, specs, out, model_hash="ab" * 32)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+back = seg_read.read_dicom_seg(out, datasets)
+assert len(back) == count and back[f"s{count - 1}"][boxes[-1]].all()
+print(grown * 1024, most[0])
+"""
+
+
+def _export_peak(tmp_path: Path, count: int) -> tuple[int, int]:
+    """Peak memory growth (bytes, in a fresh process) of writing `count` non-overlapping segments given as
+    callables, and how many of their masks were alive at once."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY_SEGMENTS, str(count), str(tmp_path / f"many{count}.dcm"), str(CT)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, most = done.stdout.split()
+    return int(grown), int(most)
+
+
+def test_many_segments_are_written_one_at_a_time_in_bounded_memory(tmp_path, series):
+    """Issue 24: 117 segments of a 512x512x300 CT took 10 GB, every mask held at once. Masks given as
+    callables are made one at a time, cropped, pasted into one label map and dropped: 35 more segments add
+    less than half of what holding their masks would (5 MiB each here); what remains is the SEG's own
+    encoded frames, which follow the output's size."""
+    few, few_alive = _export_peak(tmp_path, 5)
+    many, many_alive = _export_peak(tmp_path, 40)
+    assert few_alive == many_alive == 1
+    mask_bytes = len(series) * series[0].Rows * series[0].Columns
+    assert many - few < 35 * mask_bytes / 2, (few, many)
+
+
+def test_cropped_and_lazy_masks_write_the_same_voxels(tmp_path, series, segments):
+    """A mask given as a block at an offset, or made by a callable, writes exactly the voxels of the whole
+    mask; a block that does not fit the series is refused naming the segment."""
+    liver = segments[0].mask_kji
+    box = np.argwhere(liver)
+    low, high = box.min(axis=0), box.max(axis=0) + 1
+    block = seg_write.MaskBlock(tuple(int(v) for v in low), liver[tuple(map(slice, low, high))])
+    specs = [dataclasses.replace(segments[0], mask_kji=block),
+             dataclasses.replace(segments[1], mask_kji=lambda: segments[1].mask_kji)]  # fmt: skip
+    out = seg_write.write_dicom_seg(series, specs, tmp_path / "c.dcm", model_hash=HASH)
+    back = seg_read.read_dicom_seg(out, series)
+    np.testing.assert_array_equal(back["liver"], liver)
+    np.testing.assert_array_equal(back["spleen"], segments[1].mask_kji)
+    moved = seg_write.MaskBlock((len(series) - 1, 0, 0), block.array)
+    with pytest.raises(ValueError, match="'liver': mask shape .* does not match the source series"):
+        seg_write.write_dicom_seg(series, [dataclasses.replace(segments[0], mask_kji=moved)],
+                                  tmp_path / "bad.dcm", model_hash=HASH)  # fmt: skip
+
+
+def test_engine_export_takes_segments_cropped_to_their_extent(tmp_path, series, segments):
+    """The module sends each segment packed and cropped to its extent ("offset", "shape"); the engine
+    unpacks one at a time when the writer reaches it. A segment sent whole (no offset) still works."""
+    from SAMMed2DSegmentLib.service.protocol import pack_mask
+    from SAMMed2DSegmentLib.service.server import EngineServer
+
+    liver, spleen = segments[0].mask_kji, segments[1].mask_kji
+    hits = np.argwhere(liver)
+    low, high = hits.min(axis=0), hits.max(axis=0) + 1
+    header = {
+        "files": [str(p) for p in sorted(CT.iterdir())], "out": str(tmp_path / "engine.dcm"),
+        "shape": list(liver.shape), "model_sha256": HASH,
+        "ijk_to_ras": (np.diag([-1.0, -1.0, 1.0, 1.0]) @ dseries.series_affine(series)).tolist(),
+        "segments": [
+            {"label": "liver", "color": [1, 0, 0], "offset": low.tolist(), "shape": (high - low).tolist()},
+            {"label": "spleen", "color": [0, 1, 0]},
+        ],
+    }  # fmt: skip
+    arrays = {"segment_0": pack_mask(liver[tuple(map(slice, low, high))]), "segment_1": pack_mask(spleen)}
+    reply = EngineServer.op_export_dicom_seg(None, 0, header, arrays)
+    back = seg_read.read_dicom_seg(reply["path"], series)
+    np.testing.assert_array_equal(back["liver"], liver)
+    np.testing.assert_array_equal(back["spleen"], spleen)

@@ -257,3 +257,107 @@ def test_weights_import_without_torch():
 
     code = "import sys, SAMMed2DSegmentLib.weights.registry; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- issue 24: what a download must be
+PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _fake_checkpoint(keys: tuple[str, ...], pad: int = 20_000) -> bytes:
+    """A torch.save-shaped archive (archive/data.pkl) naming `keys`, padded; small and torch-free."""
+    import io
+    import pickle
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"model": {key: 0 for key in keys}}, protocol=2))
+        archive.writestr("archive/data/0", b"\0" * pad)
+    return buffer.getvalue()
+
+
+GOOD = _fake_checkpoint(tuple(part + "weight" for part in PARTS))
+
+
+def _entry(server, low: int = 1_000) -> ModelEntry:
+    return ModelEntry("t", "vit_b", "t.pth", "test", urls=(server.url,), size_range=(low, 10_000_000),
+                      structure=PARTS)  # fmt: skip
+
+
+def test_captive_portal_page_never_enters_the_cache(server, tmp_path):
+    """Issue 24: a 982-byte HTML page (200 OK) became sam-med2d_b.pth for good. It is refused by the size
+    range, and, were the range wide enough, by the structure; nothing is left in the cache."""
+    server.payload = (b"<html><body>Please log in to the network</body></html>" * 40)[:982]
+    with pytest.raises(WeightsError, match="size is 982 bytes, expected 1000..10000000"):
+        fetch_model(_entry(server), cache_dir=tmp_path)
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        fetch_model(_entry(server, low=1), cache_dir=tmp_path)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_download_must_name_the_network_parts(server, tmp_path):
+    server.payload = _fake_checkpoint(("image_encoder.weight", "classifier.weight"))
+    with pytest.raises(WeightsError, match=r"no prompt_encoder\., mask_decoder\. weights"):
+        fetch_model(_entry(server), cache_dir=tmp_path)
+    server.payload = GOOD
+    path = fetch_model(_entry(server), cache_dir=tmp_path)
+    assert path.read_bytes() == GOOD and path.with_name("t.pth.download.json").is_file()
+
+
+def test_structure_check_reads_real_torch_files(tmp_path):
+    """Both torch.save formats (the zip archive and the legacy stream) pass, read without unpickling."""
+    torch = pytest.importorskip("torch")
+    from SAMMed2DSegmentLib.weights.registry import check_structure
+
+    state = {"model": {part + "weight": torch.zeros(2) for part in PARTS}, "optimizer": {"lr": 1e-4}}
+    entry = ModelEntry("t", "vit_b", "t.pth", "test", structure=PARTS)
+    for legacy in (False, True):
+        path = tmp_path / f"{legacy}.pth"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        check_structure(path, entry)
+        assert path.exists()
+
+
+def test_hash_is_pinned_on_the_first_load_and_a_swap_is_refused(server, tmp_path):
+    """No SHA-256 is published: the first successful load pins the file's, and a later swap is noticed."""
+    from SAMMed2DSegmentLib.weights.registry import pin_loaded
+
+    server.payload = GOOD
+    entry = _entry(server)
+    path = fetch_model(entry, cache_dir=tmp_path)
+    pin_loaded(path, hashlib.sha256(GOOD).hexdigest())
+    pin_loaded(path, hashlib.sha256(GOOD).hexdigest())  # the same file loads again
+    assert fetch_model(entry, cache_dir=tmp_path) == path
+    path.write_bytes(GOOD[:-1] + b"\1")
+    with pytest.raises(WeightsError, match="t.pth changed since it was first loaded") as info:
+        pin_loaded(path, hashlib.sha256(path.read_bytes()).hexdigest())  # what load_model calls
+    assert "\n" not in str(info.value)
+
+
+def test_a_registry_download_that_fails_to_load_is_removed(server, tmp_path, monkeypatch):
+    """A download with the right structure that still fails to load is removed with one line, so the next
+    download fetches it again; the same file chosen by hand (no download marker) is never deleted."""
+    pytest.importorskip("torch")
+    from SAMMed2DSegmentLib.weights.checkpoint import CheckpointError, load_model
+
+    monkeypatch.setenv("SAMMED2D_CACHE_DIR", str(tmp_path / "cache"))
+    server.payload = GOOD
+    entry = _entry(server)
+    path = fetch_model(entry, cache_dir=tmp_path)
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(GOOD)
+    with pytest.raises(WeightsError, match=r"downloaded t.pth cannot be loaded .*; it was removed") as info:
+        load_model(path)
+    assert "\n" not in str(info.value) and not path.exists()
+    assert not path.with_name("t.pth.download.json").exists()
+    with pytest.raises(CheckpointError):
+        load_model(mine)
+    assert mine.exists()
+    assert fetch_model(entry, cache_dir=tmp_path).read_bytes() == GOOD and len(server.requests) == 2
+
+
+def test_official_entry_is_held_to_a_size_range_and_structure():
+    official = REGISTRY["sam-med2d_b"]
+    low, high = official.size_range
+    assert low <= 2_560_000_000 <= high and official.structure == PARTS
+    assert "pinned" in official.verification

@@ -267,7 +267,10 @@ def _model(args: argparse.Namespace):
         except WeightsError as exc:
             raise CommandError(f"--model {name}: {exc}") from exc
         entry = REGISTRY.get(name)
-        model, info = load_model(path, device=args.device, build=entry.build if entry else None)
+        try:
+            model, info = load_model(path, device=args.device, build=entry.build if entry else None)
+        except WeightsError as exc:  # a download that cannot load (removed) or whose file was swapped
+            raise CommandError(f"--model {name}: {exc}") from exc
     return model, info
 
 

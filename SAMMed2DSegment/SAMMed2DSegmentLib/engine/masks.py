@@ -15,6 +15,19 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
+def extent(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every nonzero voxel of an n-d mask, or None when it is
+    empty: writers of many segments crop each to it, so memory follows their size, not the volume's."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others) if others else mask)
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def centroid(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) centre of mass of a non-empty mask."""
     ys, xs = np.nonzero(mask)

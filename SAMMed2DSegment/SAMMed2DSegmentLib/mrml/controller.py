@@ -41,6 +41,7 @@ import slicer
 import vtk
 
 from ..engine.geometry import SliceGeometry
+from ..engine.masks import extent
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from . import provenance_tags
@@ -451,10 +452,15 @@ class InteractiveSegmentation:
             tag = vtk.reference("")
             segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
             provenance = provenance_tags.stored(seg_node, segment_id)
+            # Sent cropped to its extent: what is held and sent follows the segments' size, not their number
+            # times the volume's.
+            box = extent(mask) or (slice(0, 0),) * mask.ndim
             segments.append({"label": segment.GetName(), "color": list(segment.GetColor()),
-                             "terminology": str(tag),
+                             "terminology": str(tag), "offset": [part.start for part in box],
+                             "shape": [part.stop - part.start for part in box],
                              "provenance": provenance.to_metadata() if provenance else None})  # fmt: skip
-            arrays[f"segment_{number}"] = pack_mask(mask)
+            arrays[f"segment_{number}"] = pack_mask(mask[box])
+            del mask
         if not segments:
             raise ValueError(f"{seg_node.GetName()!r} has no segments to export")
         from .volumes import volume_ijk_to_world

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,8 @@ def export_dicom_seg(
         specs.append(
             SegmentSpec(
                 label=segment.GetName(),
-                mask_kji=segment_array(seg_node, segment_id, volume_node),
+                # Made when the writer reaches this segment: one whole-volume mask is held at a time.
+                mask_kji=functools.partial(segment_array, seg_node, segment_id, volume_node),
                 color_rgb=tuple(segment.GetColor()),
                 category=category,
                 type=kind,

@@ -284,19 +284,31 @@ class EngineServer:
     def op_export_dicom_seg(self, job: int, header: dict, arrays: dict) -> dict:
         import pydicom
 
-        from ..formats.dicom.seg_write import SegmentSpec, parse_slicer_terminology, write_dicom_seg
+        from ..formats.dicom.seg_write import (
+            MaskBlock,
+            SegmentSpec,
+            parse_slicer_terminology,
+            write_dicom_seg,
+        )
         from ..formats.dicom.series import check_series_grid, series_affine, sort_series_datasets
         from ..formats.provenance import Provenance
 
         datasets = sort_series_datasets(pydicom.dcmread(f, stop_before_pixels=True) for f in header["files"])
         shape = tuple(header["shape"])
         check_series_grid(datasets, shape, np.array(header["ijk_to_ras"], dtype=np.float64))
+        def unpacked(number: int, segment: dict) -> Callable[[], MaskBlock]:
+            """Each segment arrives packed and cropped to its extent ("offset"/"shape"; the whole grid when
+            absent); it is unpacked only when the writer reaches it, so one is held at a time."""
+            offset = tuple(segment.get("offset", (0, 0, 0)))
+            block_shape = tuple(segment.get("shape", shape))
+            return lambda: MaskBlock(offset, unpack_mask(arrays[f"segment_{number}"], block_shape))
+
         specs = []
         for number, segment in enumerate(header["segments"]):
             category, kind = parse_slicer_terminology(segment.get("terminology", ""))
             provenance = segment.get("provenance")
             specs.append(SegmentSpec(
-                label=segment["label"], mask_kji=unpack_mask(arrays[f"segment_{number}"], shape),
+                label=segment["label"], mask_kji=unpacked(number, segment),
                 color_rgb=tuple(segment["color"]), category=category, type=kind,
                 provenance=Provenance.from_metadata(provenance) if provenance else None,
             ))  # fmt: skip

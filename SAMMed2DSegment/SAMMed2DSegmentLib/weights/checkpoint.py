@@ -580,18 +580,26 @@ def load_model(
     unchanged, the hash). Weights holding NaN or infinity are refused; a refused file is never cached.
     """
     from ..model import build_sam_med2d
+    from .registry import discard_unloadable, pin_loaded
 
     target = resolve_device(device)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    source = _read_source(path, cache_dir, use_cache, build)
-    chosen = build or infer_build(source.sd)
-    with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters below
-        model = build_sam_med2d(chosen)
-    load_into(model, source.sd, assign=True)
-    _check_finite(source.sd, path)
+    try:
+        source = _read_source(path, cache_dir, use_cache, build)
+        chosen = build or infer_build(source.sd)
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters below
+            model = build_sam_med2d(chosen)
+        load_into(model, source.sd, assign=True)
+        _check_finite(source.sd, path)
+    except Exception as error:  # a registry download that cannot load is removed: the next fetch gets it anew
+        replacement = discard_unloadable(path, error)
+        if replacement is error:
+            raise
+        raise replacement from error
     info = _store_in_cache(path, source, cache_dir)
+    pin_loaded(path, info.sha256)  # a registry download: its hash pinned, a swapped file refused
     source.sd.clear()
     model.reset_constants()
     model.eval().to(target)

@@ -5,18 +5,28 @@ truncated file that later fails with an obscure unpickling error. Here a downloa
 resumes with an HTTP Range request after an interruption, can be cancelled between chunks, and only becomes
 the real file after its size (and SHA-256, when the registry knows it) matched; a file that fails the check is
 removed. Sites without network access copy the file by hand and point the module (or `--checkpoint`) at it.
+
+Nobody publishes the official file's size and SHA-256, so a download is held to what can be checked without
+them: a size range and the checkpoint's structure (a PyTorch archive naming the network's parts, read without
+unpickling), before it enters the cache; a captive portal's HTML page is refused there. The registry marks
+what it downloaded with a sidecar `<file>.download.json`; the first successful load pins the file's SHA-256
+in it (a later swap of the file is refused when it is loaded), and a marked file that fails to load is
+removed, so the next download fetches it again.
 """
 
 from __future__ import annotations
 
 import functools
 import http.client
+import json
 import os
+import pickletools
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +68,10 @@ class ModelEntry:
     approx_size: int | None = None  # for messages when the exact size is not known
     bundled: Path | None = None  # shipped with the extension instead of downloaded
     manual_url: str = ""  # a page where a person can download the file by hand
+    #: Bounds (bytes, inclusive) of a download whose exact size is not published.
+    size_range: tuple[int, int] | None = None
+    #: Key prefixes the checkpoint's state dict must name (checked on download, without unpickling).
+    structure: tuple[str, ...] = ()
     #: How the model expects a volume's intensities to become 8-bit images: what "auto" means for it
     #: (a method of `engine.intensity.compute_window`).
     intensity: str = SA_MED2D_20M
@@ -69,6 +83,11 @@ class ModelEntry:
             return "size and SHA-256" if self.size else "SHA-256"
         if self.size:
             return "size only (no published SHA-256)"
+        if self.size_range:
+            return (
+                "a size range and the checkpoint's structure (no published size or SHA-256); "
+                "SHA-256 pinned on the first load"
+            )
         return "the server's announced length only (no published size or SHA-256)"
 
 
@@ -87,9 +106,11 @@ REGISTRY: dict[str, ModelEntry] = {
         filename="sam-med2d_b.pth",
         description="official SAM-Med2D release (ViT-B, 256 px, adapters); about 2.4 GB",
         urls=("https://huggingface.co/schengal1/SAM-Med2D_model/resolve/main/sam-med2d_b.pth",),
-        size=None,  # not published; the transfer is checked against the server's Content-Length
-        sha256=None,  # not published by the authors
+        size=None,  # not published; the mirror's page shows 2.56 GB (no Git LFS pointer found to be exact)
+        sha256=None,  # not published by the authors or the mirror: pinned on the first successful load
         approx_size=2_400_000_000,
+        size_range=(2_450_000_000, 2_700_000_000),
+        structure=("image_encoder.", "prompt_encoder.", "mask_decoder."),
         manual_url="https://github.com/OpenGVLab/SAM-Med2D#-model-checkpoints",
     ),
 }
@@ -145,6 +166,116 @@ def verify_file(path: Path, size: int | None, sha256: str | None, cancel: Cancel
     if problem:
         path.unlink(missing_ok=True)
         raise VerificationError(f"{path.name}: {problem}; the damaged file was removed, download it again")
+
+
+_PICKLE_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                   "SHORT_BINSTRING"}  # fmt: skip
+_MAX_PICKLE = 64 << 20  # a state dict's pickle (names and storage records) is a few MB, not the tensors
+
+
+def _pickle_strings(stream) -> Iterator[str]:
+    """The strings of one pickle, read opcode by opcode: nothing is executed or imported."""
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name in _PICKLE_STRINGS and isinstance(arg, str | bytes):
+            yield arg if isinstance(arg, str) else arg.decode("latin-1")
+
+
+def _checkpoint_names(path: Path) -> set[str]:
+    """The strings a PyTorch checkpoint's pickle holds (its state dict's keys among them): the `data.pkl` of
+    a torch.save archive, or the first pickles of the legacy format. Raises ValueError when it is neither."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist() if ("/" + i.filename).endswith("/data.pkl")]
+            if not pickles or pickles[0].file_size > _MAX_PICKLE:
+                raise ValueError("a ZIP archive without a PyTorch data.pkl")
+            with archive.open(pickles[0]) as stream:
+                return set(_pickle_strings(stream))
+    names: set[str] = set()
+    with path.open("rb") as stream:
+        for _ in range(4):  # legacy torch.save: magic number, protocol, system info, then the object
+            if stream.read(1) != b"\x80":
+                break
+            stream.seek(-1, os.SEEK_CUR)
+            names |= set(_pickle_strings(stream))
+    if not names:
+        raise ValueError("not a PyTorch checkpoint")
+    return names
+
+
+def check_structure(path: Path, entry: ModelEntry) -> None:
+    """Raise VerificationError (and delete `path`) when a download lies outside the entry's size range or is
+    not a checkpoint naming the network's parts: what can be checked where no size or SHA-256 is published."""
+    actual = path.stat().st_size
+    problem = ""
+    if entry.size_range is not None and not entry.size_range[0] <= actual <= entry.size_range[1]:
+        low, high = entry.size_range
+        problem = f"size is {actual} bytes, expected {low}..{high} (a web page instead of the model?)"
+    elif entry.structure:
+        try:
+            names = _checkpoint_names(path)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            problem = f"not a PyTorch checkpoint ({error})"
+        else:
+            missing = [p for p in entry.structure if not any(n.startswith(p) for n in names)]
+            if missing:
+                problem = f"not a {entry.name} checkpoint (no {', '.join(missing)} weights)"
+    if problem:
+        path.unlink(missing_ok=True)
+        raise VerificationError(f"{entry.filename}: {problem}; the download was removed")
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".download.json")
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        record = json.loads(_marker(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_marker(path: Path, record: dict) -> None:
+    temporary = _marker(path).with_suffix(".tmp")
+    temporary.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(temporary, _marker(path))
+
+
+def pin_loaded(path: str | os.PathLike[str], sha256: str) -> None:
+    """After a successful load: a model the registry downloaded gets its SHA-256 pinned (nobody publishes
+    one), so a later swap of the file is noticed; a file loaded before with another hash is refused."""
+    path = Path(path)
+    record = _read_marker(path)
+    if record is None:
+        return
+    pinned = record.get("sha256")
+    if pinned and str(pinned).lower() != sha256.lower():
+        raise WeightsError(_swapped(path, sha256, str(pinned)))
+    if not pinned:
+        try:
+            _write_marker(path, {**record, "sha256": sha256})
+        except OSError:
+            pass  # a read-only cache still loads; the pin waits for a writable one
+
+
+def _swapped(path: Path, actual: str, pinned: str) -> str:
+    return (f"{path.name} changed since it was first loaded (SHA-256 {actual[:12]}…, pinned {pinned[:12]}…); "
+            "remove it and download the model again")  # fmt: skip
+
+
+def discard_unloadable(path: str | os.PathLike[str], error: BaseException) -> BaseException:
+    """A model the registry downloaded that fails to load is removed, with its marker, so the next download
+    fetches it again; returns the one-line error to raise. Any other file (the user's) is left alone."""
+    path = Path(path)
+    if _read_marker(path) is None:
+        return error
+    path.unlink(missing_ok=True)
+    _marker(path).unlink(missing_ok=True)
+    first = (" ".join(str(error).split()) or type(error).__name__)[:300]
+    return WeightsError(
+        f"the downloaded {path.name} cannot be loaded ({first}); it was removed, download it again"
+    )
 
 
 def _offline_hint(entry: ModelEntry | None) -> str:
@@ -274,6 +405,8 @@ def download(
                     "starting the download again resumes from there"
                 ) from None
     verify_file(part, size if size is not None else total, sha256, cancel)
+    if entry is not None:
+        check_structure(part, entry)
     os.replace(part, destination)
     return destination
 
@@ -307,7 +440,7 @@ def fetch_model(
             )
         return path
     if path.is_file():
-        return path
+        return path  # a pinned download's hash is checked where it loads (pin_loaded), not on each look-up
     if entry.bundled is not None:
         raise WeightsError(
             f"the bundled model {entry.name!r} is missing from this installation ({path.name} not found); "
@@ -318,9 +451,12 @@ def fetch_model(
     errors = []
     for url in entry.urls:
         try:
-            return download(
+            done = download(
                 url, path, size=entry.size, sha256=entry.sha256, progress=progress, cancel=cancel, entry=entry
             )
+            record = {"model": entry.name, "url": url, "size": done.stat().st_size, "sha256": None}
+            _write_marker(done, record)
+            return done
         except DownloadCancelled:
             raise
         except WeightsError as error:
@@ -383,11 +519,14 @@ __all__ = [
     "VerificationError",
     "WeightsError",
     "check_local_file",
+    "check_structure",
+    "discard_unloadable",
     "download",
     "fetch_model",
     "intensity_rule",
     "model_path",
     "models_dir",
+    "pin_loaded",
     "resolve_model",
     "verify_file",
 ]

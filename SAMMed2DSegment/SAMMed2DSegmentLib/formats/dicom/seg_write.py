@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from pydicom.sr.codedict import codes
 
 from ... import __version__
 from ...choices import SEGMENT_COLORS
+from ...engine.masks import extent
 from ...files import atomic_path
 from ..provenance import (
     MAX_LT_LENGTH,
@@ -75,12 +76,27 @@ AFFINE_TOL_MM = 1e-3
 DEFAULT_COLORS = SEGMENT_COLORS
 
 
+@dataclass(frozen=True)
+class MaskBlock:
+    """A segment's voxels cropped to their extent: ``array`` lies at ``offset_kji`` of the series grid."""
+
+    offset_kji: tuple[int, int, int]
+    array: np.ndarray
+
+
+MaskSource = np.ndarray | MaskBlock | Callable[[], "np.ndarray | MaskBlock"]
+"""A mask, or a callable that makes it when the writer reaches its segment: with callables, a writer of many
+segments holds one of them at a time (a TotalSegmentator-sized export held 117 whole-volume masks, 10 GB)."""
+
+
 @dataclass
 class SegmentSpec:
     """One segment to export.
 
     ``mask_kji``: bool (or 0/1 integer) array for BINARY, float probabilities in [0, 1] for FRACTIONAL; shape
-    ``(slices, rows, columns)`` of the source series in the KJI convention of this module.
+    ``(slices, rows, columns)`` of the source series in the KJI convention of this module. It may also be a
+    :class:`MaskBlock` (the mask cropped, placed at an offset) or a callable returning either, called when the
+    segment is written (and, for overlapping or fractional segments, once more).
     ``color_rgb``: display colour, components in 0..1; None picks a default.
     ``category`` / ``type``: ``(code value, scheme, meaning)`` from Slicer's terminology; None gives SCT
     91723000 "Anatomical Structure" / SCT 85756007 "Tissue".
@@ -89,7 +105,7 @@ class SegmentSpec:
     """
 
     label: str
-    mask_kji: np.ndarray
+    mask_kji: MaskSource
     color_rgb: tuple[float, float, float] | None = None
     category: Code3 | None = None
     type: Code3 | None = None
@@ -243,48 +259,76 @@ def _segmentation(
 def _stack_masks(
     segments: Sequence[SegmentSpec], shape: tuple[int, int, int], fractional: bool
 ) -> np.ndarray:
-    """The pixel array for highdicom.
+    """The pixel array for highdicom, built one segment at a time.
 
-    Non-overlapping binary segments become one label map (``uint8``/``uint16``, 0 = background): highdicom
-    then checks them with a single ``max`` instead of summing a 4D stack in int64 (8 bytes per voxel and
-    segment; 1.6 GB for two 512x512x200 segments). Overlapping or fractional segments are stacked as
-    ``(slices, rows, columns, segments)``.
+    Non-overlapping binary segments become one label map (``uint8``/``uint16``, 0 = background): each mask is
+    made (when it is a callable), cropped to its extent, pasted and dropped, so memory is the label map plus
+    one mask, whatever the number of segments; highdicom then checks the map with a single ``max``. Only
+    overlapping or fractional segments need the ``(slices, rows, columns, segments)`` stack, which grows with
+    their number (a SEG cannot hold overlaps in a label map).
     """
     if not segments:
         raise ValueError("the segmentation has no segments; nothing to export")
-    masks = [_checked_mask(spec, shape, fractional) for spec in segments]
-    nonempty = [bool(np.any(mask)) for mask in masks]
-    for spec, filled in zip(segments, nonempty, strict=True):
-        if not filled:
+    labelmap = None if fractional else np.zeros(shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    filled = False
+    for number, spec in enumerate(segments, start=1):
+        block = _cropped_block(spec, shape, fractional)
+        if block is None:
             log.warning("segment %r is empty; it is described but has no frames", spec.label)
-    if not any(nonempty):
+            continue
+        filled = True
+        if labelmap is None:
+            continue
+        box, mask = block
+        region = labelmap[box]
+        if np.any(region[mask]):
+            labelmap = None  # overlap: fall back to the 4D stack (the masks are made again below)
+            continue
+        region[mask] = number
+    if not filled:
         raise ValueError("the segmentation is empty (all segments are empty); nothing to export")
-    if not fractional:
-        labelmap = np.zeros(shape, dtype=np.uint8 if len(masks) < 256 else np.uint16)
-        for number, mask in enumerate(masks, start=1):
-            if np.any(labelmap[mask]):
-                break  # overlap: fall back to the 4D stack
-            np.putmask(labelmap, mask, number)
-        else:
-            return labelmap
-    stacked = np.empty((*shape, len(masks)), dtype=np.float32 if fractional else np.bool_)
-    for n, mask in enumerate(masks):
-        stacked[..., n] = mask
+    if labelmap is not None:
+        return labelmap
+    stacked = np.zeros((*shape, len(segments)), dtype=np.float32 if fractional else np.bool_)
+    for n, spec in enumerate(segments):
+        block = _cropped_block(spec, shape, fractional)
+        if block is not None:
+            box, mask = block
+            stacked[(*box, n)] = mask
     return stacked
 
 
-def _checked_mask(spec: SegmentSpec, shape: tuple[int, int, int], fractional: bool) -> np.ndarray:
-    mask = np.asarray(spec.mask_kji)
-    if mask.shape != shape:
+def _cropped_block(
+    spec: SegmentSpec, shape: tuple[int, int, int], fractional: bool
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """One segment's checked mask cropped to its extent, as (box on the series grid, values), or None when
+    it is empty."""
+    source = spec.mask_kji() if callable(spec.mask_kji) else spec.mask_kji
+    cropped = isinstance(source, MaskBlock)
+    where = tuple(int(o) for o in source.offset_kji) if cropped else (0, 0, 0)
+    mask = _checked_mask(spec, np.asarray(source.array if cropped else source), fractional)
+    fits = mask.ndim == 3 and len(where) == 3 and all(
+        o >= 0 and o + n <= s for o, n, s in zip(where, mask.shape, shape, strict=True)
+    )  # fmt: skip
+    if not (fits if cropped else mask.shape == shape):
+        at = f" at {where}" if cropped else ""
         raise ValueError(
-            f"segment {spec.label!r}: mask shape {mask.shape} does not match the source series "
+            f"segment {spec.label!r}: mask shape {mask.shape}{at} does not match the source series "
             f"(slices, rows, columns) = {shape}; the segmentation's geometry does not match the series"
         )
+    inner = extent(mask)
+    if inner is None:
+        return None
+    box = tuple(slice(o + part.start, o + part.stop) for o, part in zip(where, inner, strict=True))
+    return box, mask[inner].copy()  # a copy: a view would keep the whole mask alive until the next one
+
+
+def _checked_mask(spec: SegmentSpec, mask: np.ndarray, fractional: bool) -> np.ndarray:
     if mask.dtype.kind not in "biuf":
         raise ValueError(f"segment {spec.label!r}: unsupported mask dtype {mask.dtype}")
     if fractional:
         values = mask.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+        if not np.all(np.isfinite(values)) or (values.size and (values.min() < 0 or values.max() > 1)):
             raise ValueError(f"segment {spec.label!r}: probabilities must be finite and in [0, 1]")
         return values
     if mask.dtype.kind == "f":
