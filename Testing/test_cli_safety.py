@@ -38,10 +38,12 @@ def digest(path: Path) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (hidden temporary files included) with its content hash; the one-time
-    bf16 speed calibration (a machine fact, kept in the cache whatever the outcome) is left out."""
+    """Every file under `folder` (hidden temporary files included) with its content hash. Facts the cache
+    keeps whatever the outcome are left out: the one-time bf16 speed calibration (a machine fact) and the
+    remembered hash of a checkpoint file (`NAME-KEY.source.json`, weights/checkpoint.py)."""
     return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "precision-calibration.json"}  # fmt: skip
+            if p.is_file() and p.name != "precision-calibration.json"
+            and not p.name.endswith(".source.json")}  # fmt: skip
 
 
 def one_error_line(capsys) -> str:
