@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, SETUP_OPS, decode, encode
+from .protocol import AUTHKEY_ENV, MAX_MESSAGE_BYTES, SETUP_OPS, ProtocolError, decode, encode
 
 #: An event callback: (event name, reply header, reply arrays).
 EventCallback = Callable[[str, dict, dict], None]
@@ -229,7 +229,11 @@ class EngineClient:
         delivered = 0
         try:
             while delivered < max_messages and self._conn.poll(0):
-                header, arrays = decode(self._conn.recv_bytes())
+                try:
+                    header, arrays = decode(self._conn.recv_bytes(MAX_MESSAGE_BYTES))
+                except ProtocolError as error:  # nothing after it can be trusted to be framed right
+                    self._engine_died(f"it sent a malformed reply: {error}")
+                    return delivered + 1
                 delivered += self._deliver(header, arrays)
         except (EOFError, OSError):
             self._engine_died()

@@ -27,7 +27,19 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, SETUP_OPS, connect_engine, decode, encode, one_line, pack_mask, unpack_mask
+from .protocol import (
+    AUTHKEY_ENV,
+    MAX_MESSAGE_BYTES,
+    SETUP_OPS,
+    check_request,
+    connect_engine,
+    decode,
+    encode,
+    job_number,
+    one_line,
+    pack_mask,
+    unpack_mask,
+)
 
 log = logging.getLogger("SAMMed2D.engine")
 
@@ -65,39 +77,68 @@ class EngineServer:
 
     # -- the channel ---------------------------------------------------------------------------------------
     def send(self, header: dict, arrays: dict | None = None) -> None:
+        """Send a reply; once the connection is ending (a shutdown, or a malformed request closed it) a reply
+        that cannot go out is dropped, since nobody is left to read it."""
         data = encode(header, arrays)
         with self._send_lock:
-            self.conn.send_bytes(data)
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                if not self._closing:
+                    raise
 
     def _read(self) -> None:
-        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs."""
+        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs. A
+        message that breaks the protocol gets one error reply and ends the connection (and so the engine):
+        nothing after it can be trusted to be framed right, and a reader that died on it would leave the
+        engine deaf."""
         while True:
+            header = None
             try:
-                header, arrays = decode(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                self._closing = True
-                self.inbox.put(_EOF)
-                self._leave_after_grace()
+                header, arrays = decode(self.conn.recv_bytes(MAX_MESSAGE_BYTES))
+                check_request(header)
+            except (EOFError, OSError):  # also a frame longer than the bound (the connection closes then)
+                self._hang_up()
+                return
+            except Exception as error:  # ProtocolError, or anything else a malformed message caused
+                self._refuse(header, error)
                 return
             op = header.get("op")
             if op in ("cancel", "shutdown"):
                 if op == "shutdown":
                     self._closing = True
                 elif header.get("target") is None:
-                    self._cancel_below = max(self._cancel_below, int(header["job"]))
+                    self._cancel_below = max(self._cancel_below, header["job"])
                     self.idle_plan.clear()  # pre-encoding is work too (a closed scene's volume, say)
                 else:
-                    self._cancelled.add(int(header["target"]))
+                    self._cancelled.add(header["target"])
                 running = self._running
                 if self.cancelled(running[0]) and running[2] < 0:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
                 if op == "cancel":
                     continue
             if op in SETUP_OPS:
-                self._setup.add(int(header.get("job", 0)))
+                self._setup.add(header["job"])
             self.inbox.put((header, arrays))
             if op == "shutdown":
                 self._leave_after_grace()
+
+    def _refuse(self, header: Any, error: BaseException) -> None:
+        """One error reply for a malformed message, then the end of the connection."""
+        message = f"the engine refused a malformed request: {one_line(error)}"
+        log.error("%s", message)
+        try:
+            self.send({"job": job_number(header), "event": "error", "message": message, "details": message})
+        except (OSError, ValueError):
+            pass
+        with self._send_lock:
+            self.conn.close()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        self._closing = True
+        self.inbox.put(_EOF)
+        self._leave_after_grace()
 
     def _leave_after_grace(self) -> None:
         if self.exit_grace is not None and not self._served.wait(self.exit_grace):

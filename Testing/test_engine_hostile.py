@@ -1,0 +1,96 @@
+"""The engine process trusts nothing it is sent (issue 24, item 4): a real engine, started the way the module
+starts it, against a working directory with foreign modules, malformed messages, a silent squatter on the
+client's port, and crashes that would leave logs behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from SAMMed2DSegmentLib.service.client import EngineClient
+from SAMMed2DSegmentLib.service.protocol import decode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie (exited, not yet reaped) counts as gone
+    except OSError:
+        return False
+
+
+def _gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _pinged() -> EngineClient:
+    client = EngineClient()
+    job = client.submit("ping")
+    client.wait(job, timeout=60)
+    assert job.state == "done"
+    return client
+
+
+def _frame(header: bytes, body: bytes = b"") -> bytes:
+    return struct.pack("<I", len(header)) + header + body
+
+
+def _header(value: object) -> bytes:
+    return _frame(json.dumps(value).encode())
+
+
+_BAD_MESSAGES = {
+    "bad JSON": _frame(b'{"op": "ping", "job": '),
+    "short frame": b"\x01\x00",
+    "header longer than the frame": struct.pack("<I", 1000) + b'{"op": "ping"}',
+    "100k-deep nesting": _frame(b"[" * 100_000 + b"]" * 100_000),
+    "array claiming 800 GB": _header({"op": "segment", "job": 7, "_arrays": {"seed_0": {
+        "dtype": "|u1", "shape": [800_000, 1_000_000], "offset": 0, "size": 800_000_000_000}}}),
+    "object dtype": _frame(json.dumps({"op": "ping", "job": 7, "_arrays": {"a": {
+        "dtype": "|O", "shape": [1], "offset": 0, "size": 8}}}).encode(), b"\0" * 8),
+    "header not a dict": _header([1, 2, 3]),
+    "cancel with a text job number": _header({"op": "cancel", "job": 7, "target": "3"}),
+    "text job number": _header({"op": "ping", "job": "7"}),
+    "unknown request": _header({"op": "format_disk", "job": 7}),
+    "set_volume with an object dtype": _header({"op": "set_volume", "job": 7, "shm": "x", "shape": [1],
+                                                 "dtype": "|O", "ijk_to_ras": [], "key": "k"}),
+}
+
+
+@pytest.mark.parametrize("raw", _BAD_MESSAGES.values(), ids=_BAD_MESSAGES.keys())
+def test_a_malformed_message_gets_one_error_and_the_engine_leaves(raw):
+    client = _pinged()
+    conn, pid = client._conn, client.pid
+    try:
+        conn.send_bytes(raw)
+        replies = []
+        with pytest.raises((EOFError, OSError)):  # the engine closes the connection after its one reply
+            while conn.poll(5):
+                replies.append(decode(conn.recv_bytes())[0])
+            raise AssertionError("the connection stayed open")
+        assert [r["event"] for r in replies] == ["error"]
+        assert "malformed request" in replies[0]["message"] and "\n" not in replies[0]["message"]
+        assert _gone(pid), "the engine is still running after its client's connection ended"
+    finally:
+        client.close()
+
+
+def test_a_frame_longer_than_the_bound_closes_the_connection_before_any_allocation():
+    client = _pinged()
+    conn, pid = client._conn, client.pid
+    try:
+        os.write(conn.fileno(), struct.pack("!i", -1) + struct.pack("!Q", 800 * 10**9))  # "800 GB follow"
+        with pytest.raises((EOFError, OSError)):
+            conn.poll(5) and conn.recv_bytes()
+            raise AssertionError("the connection stayed open")
+        assert _gone(pid)
+    finally:
+        client.close()
