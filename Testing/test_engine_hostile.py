@@ -33,10 +33,22 @@ def _gone(pid: int, seconds: float = 5.0) -> bool:
 
 def _pinged() -> EngineClient:
     client = EngineClient()
-    job = client.submit("ping")
+    replies = []
+    job = client.submit("ping", on_event=lambda event, header, arrays: replies.append(header))
     client.wait(job, timeout=60)
-    assert job.state == "done"
+    assert job.state == "done" and replies[-1]["cwd"] == os.getcwd()  # relative paths keep their meaning
     return client
+
+
+def test_modules_in_the_working_directory_never_run_in_the_engine(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    for name in ("queue", "json", "threading", "argparse", "logging", "numpy"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["", os.environ.get("PYTHONPATH", "")]))  # "" is "."
+    client = _pinged()
+    client.close()
+    assert not marker.exists()
 
 
 def _frame(header: bytes, body: bytes = b"") -> bytes:

@@ -118,13 +118,18 @@ class EngineClient:
         command = [self.python, "-m", "SAMMed2DSegmentLib.service", "--address", f"{host}:{port}"]
         for folder in self.package_dirs:
             command += ["--package-dir", folder]
+        try:  # the engine starts in our own folder and moves here once its imports are safe (see server.main)
+            command += ["--cwd", os.getcwd()]
+        except OSError:  # the working folder was deleted: relative paths mean nothing anyway
+            pass
         fd, self._stderr_path = tempfile.mkstemp(prefix="sammed2d-engine-", suffix=".log")
         with os.fdopen(fd, "wb") as stderr:
             # No console window on Windows; the engine reads nothing from stdin and prints to stderr only.
             flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            self._process = subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stderr=stderr, creationflags=flags
-            )
+            self._process = subprocess.Popen(  # `python -m` puts its working folder first on sys.path
+                command, env=env, cwd=_LIB_PARENT, stdin=subprocess.DEVNULL, stderr=stderr,
+                creationflags=flags,
+            )  # fmt: skip
         self.generation += 1
         self._started_at = time.monotonic()
         self._accepted = []

@@ -190,7 +190,7 @@ class EngineServer:
 
     # -- requests ------------------------------------------------------------------------------------------
     def op_ping(self, job: int, header: dict, arrays: dict) -> dict:
-        return {"pid": os.getpid(), "python": sys.version.split()[0]}
+        return {"pid": os.getpid(), "python": sys.version.split()[0], "cwd": os.getcwd()}
 
     def op_load_model(self, job: int, header: dict, arrays: dict) -> dict:
         """Replace the model. The old one is dropped first, so a load that fails leaves none: work queued
@@ -391,14 +391,29 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
+def _leave_our_folder(cwd: str | None) -> None:
+    """Move to the Slicer side's working folder without importing from it: the client starts the engine in
+    the library's own folder, since `python -m` puts the working folder first on sys.path (a `queue.py` in
+    Slicer's folder would run here otherwise); every path entry is made absolute first, so that an empty or
+    relative one (from PYTHONPATH, say) keeps naming our folder, not the new one."""
+    sys.path[:] = [os.path.abspath(entry) for entry in sys.path]
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as error:
+            log.warning("staying in %s: %s", os.getcwd(), one_line(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SAMMed2DSegmentLib.service")
     parser.add_argument("--address", required=True, help="HOST:PORT of the Slicer side's listener")
     parser.add_argument("--package-dir", action="append", default=[],
                         help="private package folder put first on sys.path (this process only)")  # fmt: skip
+    parser.add_argument("--cwd", help="the Slicer side's working folder, for relative paths in requests")
     args = parser.parse_args(argv)
     for folder in reversed(args.package_dir):
         sys.path.insert(0, folder)
+    _leave_our_folder(args.cwd)
     key = os.environ.pop(AUTHKEY_ENV, "")
     if not key:
         print(f"{AUTHKEY_ENV} is not set: the engine is started by the SAMMed2D module", file=sys.stderr)
