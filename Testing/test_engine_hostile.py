@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -106,3 +108,32 @@ def test_a_frame_longer_than_the_bound_closes_the_connection_before_any_allocati
         assert _gone(pid)
     finally:
         client.close()
+
+
+_CHALLENGE = b"#CHALLENGE#{sha256}" + b"x" * 40  # a challenge frame as multiprocessing sends it, then silence
+
+
+@pytest.mark.parametrize(("junk", "bound"), [
+    (b"", 0.1), (b"GET / HTTP/1.0\r\n\r\n", 0.1), (struct.pack("!i", len(_CHALLENGE)) + _CHALLENGE, 0.35),
+], ids=["silent", "wrong protocol", "a challenge, then silence"])  # fmt: skip
+def test_a_squatter_on_the_port_never_blocks_a_poll(junk, bound):
+    """A silent or wrong peer costs a poll nothing; one that mimics the engine's first message and then
+    stalls costs at most the handshake's read timeout, once."""
+    client = EngineClient()
+    client.start()
+    squatter = socket.create_connection(client._listener.getsockname()[:2])
+    squatter.sendall(junk)
+    threading.Timer(3.0, squatter.close).start()  # without the fix a poll would block until then
+    try:
+        job = client.submit("ping")
+        worst, deadline = 0.0, time.monotonic() + 60
+        while job.number in client.jobs and time.monotonic() < deadline:
+            started = time.perf_counter()
+            client.poll()
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.002)
+        print(f"longest poll with a squatter: {worst * 1000:.1f} ms")
+        assert job.state == "done" and worst < bound
+    finally:
+        client.close()
+        squatter.close()

@@ -20,6 +20,7 @@ import itertools
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,13 @@ from .protocol import AUTHKEY_ENV, MAX_MESSAGE_BYTES, SETUP_OPS, ProtocolError, 
 EventCallback = Callable[[str, dict, dict], None]
 
 _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding SAMMed2DSegmentLib
+
+
+#: Seconds a handshake read may wait on a peer that has spoken (the engine answers in about a millisecond).
+HANDSHAKE_TIMEOUT = 0.25
+
+#: Connections accepted in one poll, and those that have not spoken yet kept between polls (the oldest go).
+_MAX_ACCEPTS, _MAX_WAITING_PEERS = 64, 8
 
 
 class EngineError(RuntimeError):
@@ -282,31 +290,45 @@ class EngineClient:
             self._engine_died()
 
     def _connect(self) -> bool:
-        """Take the engine's connection if it has arrived (never waits for it), then check its key."""
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            if not self.running:
-                self._engine_died()
-            elif time.monotonic() - self._started_at > self.start_timeout:
-                self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
-            return False
-        sock.setblocking(True)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see protocol.connect_engine
-        conn = Connection(sock.detach())
-        try:  # the engine answers at once: it is waiting for exactly this
-            deliver_challenge(conn, self._key)
-            answer_challenge(conn, self._key)
-        except (OSError, EOFError, Exception) as error:  # a wrong key or a dead engine
-            conn.close()
-            self._engine_died(f"its connection failed: {error}")
-            return False
-        self._accepted.append(conn)  # the finaliser closes it
-        self._conn = conn
-        outbox, self._outbox = self._outbox, []
-        for data in outbox:
-            self._send(data)
-        return True
+        """Take the engine's connection once it has shown that it holds the key, never waiting on a peer that
+        has not spoken: any local process may connect to the listener first, and a silent one must not hold
+        the poll (Slicer's GUI thread). The engine speaks first (its challenge, see protocol.connect_engine),
+        so a connection with nothing to read is left for a later poll; when the engine is in, the others are
+        dropped and the listener closed."""
+        self._accept_waiting()
+        for conn in [c for c in self._accepted if c.poll(0)]:  # spoken, or closed: neither blocks
+            self._accepted.remove(conn)
+            if _handshake(conn, self._key):
+                for other in self._accepted:
+                    other.close()
+                self._accepted[:] = [conn]  # the finaliser closes it
+                self._listener.close()
+                self._conn = conn
+                outbox, self._outbox = self._outbox, []
+                for data in outbox:
+                    self._send(data)
+                return True
+            conn.close()  # a wrong key or another protocol: not our engine
+        while len(self._accepted) > _MAX_WAITING_PEERS:
+            self._accepted.pop(0).close()
+        if not self.running:
+            self._engine_died()
+        elif time.monotonic() - self._started_at > self.start_timeout:
+            self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
+        return False
+
+    def _accept_waiting(self) -> None:
+        """Accept what waits on the listener (never blocks; a bounded number at a time)."""
+        for _ in range(_MAX_ACCEPTS):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # closed under us (a finaliser), or out of descriptors: try on the next poll
+                return
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see protocol.connect_engine
+            self._accepted.append(Connection(sock.detach()))
 
     def _engine_died(self, reason: str = "") -> None:
         process = self._process
@@ -341,6 +363,33 @@ class EngineClient:
             for resource in job.resources:
                 _release(resource)
             job.resources.clear()
+
+
+def _handshake(conn: Connection, key: bytes) -> bool:
+    """Both challenges with a peer that has sent its first: the engine answers each at once, so a read
+    waits at most HANDSHAKE_TIMEOUT (a peer that mimics a challenge and then stalls costs no more)."""
+    _receive_timeout(conn, HANDSHAKE_TIMEOUT)
+    try:
+        answer_challenge(conn, key)
+        deliver_challenge(conn, key)
+    except Exception:  # a wrong key (AuthenticationError), another protocol, a stall, or a dead engine
+        return False
+    _receive_timeout(conn, 0.0)  # replies are read only once they are waiting; a long one arrives whole
+    return True
+
+
+def _receive_timeout(conn: Connection, seconds: float) -> None:
+    """How long a read on `conn` may wait (0: without end), as the socket's own option, since a
+    `Connection` reads its descriptor directly."""
+    sock = socket.socket(fileno=conn.fileno())  # borrowed: detached again below, never closed
+    try:
+        if os.name == "nt":
+            value = struct.pack("L", int(seconds * 1000))
+        else:
+            value = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    finally:
+        sock.detach()
 
 
 def _release(shm: Any) -> None:

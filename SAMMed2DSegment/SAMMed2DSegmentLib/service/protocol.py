@@ -188,10 +188,11 @@ def connect_engine(host: str, port: int, authkey: bytes) -> Connection:
     """The engine's end of the channel, as `multiprocessing.connection.Client` makes it but with Nagle's
     algorithm off on the socket: a message over 16 KiB (a slice's mask) goes out as two writes, and with Nagle
     on, the second waits for the peer's delayed acknowledgement (about 40 ms on every slice). The Slicer side
-    sets the same option on its end."""
+    sets the same option on its end. The engine sends its challenge first, so that the Slicer side never waits
+    on a connection that has said nothing (any local process may connect to its listener)."""
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = Connection(sock.detach())
+    deliver_challenge(conn, authkey)  # the engine speaks first: the Slicer side reads only peers that did
     answer_challenge(conn, authkey)
-    deliver_challenge(conn, authkey)
     return conn
