@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +140,35 @@ def test_a_squatter_on_the_port_never_blocks_a_poll(junk, bound):
     finally:
         client.close()
         squatter.close()
+
+
+def _logs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("engine-*.log"))
+
+
+def test_logs_go_on_a_clean_exit_and_only_the_newest_crash_logs_stay(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMMED2D_CACHE_DIR", str(tmp_path))
+    in_tmp = set(Path(tempfile.gettempdir()).glob("sammed2d-engine-*.log"))
+    client = _pinged()
+    assert len(_logs(tmp_path)) == 1  # the running engine's
+    assert client.close() == 0 and _logs(tmp_path) == []  # a clean exit leaves none
+    folder = next(p for p in tmp_path.rglob("*") if p.is_dir())
+    foreign = [folder / "notes.txt", folder / "engine-notes.txt", folder / "mine.log"]
+    for path in foreign:
+        path.write_text("not the engine's")
+    for _ in range(5):  # crashes: each keeps its log (the last line is the message), the newest 3 stay
+        client = _pinged()
+        os.kill(client.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client.pid is not None and time.monotonic() < deadline:
+            client.poll() or time.sleep(0.01)
+        time.sleep(0.02)  # distinct modification times
+    assert len(_logs(tmp_path)) == 3 and all(path.exists() for path in foreign)
+    leftovers = [folder / "engine-leftove1.log", folder / "engine-leftove2.log"]  # a Slicer that crashed
+    for path in leftovers:
+        path.write_text("old")
+        os.utime(path, (1e9, 1e9))
+    _pinged().close()
+    assert len(_logs(tmp_path)) == 3 and not any(path.exists() for path in leftovers)
+    assert all(path.exists() for path in foreign)
+    assert set(Path(tempfile.gettempdir()).glob("sammed2d-engine-*.log")) <= in_tmp

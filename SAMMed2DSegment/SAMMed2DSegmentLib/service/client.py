@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import socket
 import struct
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -44,6 +45,11 @@ _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding SAM
 
 #: Seconds a handshake read may wait on a peer that has spoken (the engine answers in about a millisecond).
 HANDSHAKE_TIMEOUT = 0.25
+
+#: Crash logs kept, the newest (an engine that exits cleanly, or is stopped by `close`, leaves none).
+KEPT_CRASH_LOGS = 3
+_LOG_PREFIX, _LOG_SUFFIX = "engine-", ".log"
+_LOG_NAME = re.compile(r"engine-[a-z0-9_]{8}\.log")  # as tempfile.mkstemp makes them
 
 #: Connections accepted in one poll, and those that have not spoken yet kept between polls (the oldest go).
 _MAX_ACCEPTS, _MAX_WAITING_PEERS = 64, 8
@@ -87,7 +93,7 @@ class EngineClient:
         self._conn: Connection | None = None
         self._accepted: list[Connection] = []
         self._started_at = 0.0
-        self._stderr_path: str | None = None
+        self._log: list[str] = []  # the running engine's log (stderr), removed by the finaliser unless kept
         self._finalizer: weakref.finalize | None = None
 
     # -- state -------------------------------------------------------------------------------------------
@@ -130,8 +136,8 @@ class EngineClient:
             command += ["--cwd", os.getcwd()]
         except OSError:  # the working folder was deleted: relative paths mean nothing anyway
             pass
-        fd, self._stderr_path = tempfile.mkstemp(prefix="sammed2d-engine-", suffix=".log")
-        with os.fdopen(fd, "wb") as stderr:
+        self._log = []
+        with _open_log(self._log) as stderr:
             # No console window on Windows; the engine reads nothing from stdin and prints to stderr only.
             flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
             self._process = subprocess.Popen(  # `python -m` puts its working folder first on sys.path
@@ -142,7 +148,7 @@ class EngineClient:
         self._started_at = time.monotonic()
         self._accepted = []
         self._finalizer = weakref.finalize(
-            self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
+            self, _stop_process, self._process, self._listener, self._log, self._accepted
         )
 
     def close(self, timeout: float = 2.0) -> int | None:
@@ -336,7 +342,7 @@ class EngineClient:
             process.kill()
             process.wait()
         code = process.returncode if process is not None else None
-        last = _last_line(self._stderr_path)  # "MemoryError" says more than an exit code; a log line less
+        last = _last_line(self._log)  # "MemoryError" says more than an exit code; a log line less
         detail = reason or (last if "Error" in last else f"exit code {code}")
         message = (
             f"The segmentation engine stopped unexpectedly ({detail}); nothing more was written. "
@@ -345,6 +351,8 @@ class EngineClient:
         jobs = list(self.jobs.values())
         self.jobs.clear()
         self._release_all(jobs)
+        if self._log:  # a crash: its log stays for whoever looks into it, with the newest few others
+            _prune_logs(Path(self._log.pop()).parent, KEPT_CRASH_LOGS)
         self._reset_connection()
         for job in jobs:  # every state first: a callback may look at another job of the same engine
             job.state, job.message = "error", message
@@ -400,12 +408,45 @@ def _release(shm: Any) -> None:
         pass
 
 
-def _last_line(path: str | None) -> str:
+def _open_log(log: list[str]) -> IO[bytes]:
+    """A new file for the engine's stderr in our own log folder (its path put in `log`), after removing all
+    but the newest crash logs there (a Slicer that crashed never removed its engine's); the null device
+    where no such folder can be made."""
+    from ..weights.cache_dir import default_cache_dir, owned_folder
+
+    try:
+        folder = owned_folder(default_cache_dir() / "engine-logs", "folder of engine logs", "sammed2d-logs")
+        _prune_logs(folder, KEPT_CRASH_LOGS)
+        fd, path = tempfile.mkstemp(prefix=_LOG_PREFIX, suffix=_LOG_SUFFIX, dir=folder)
+    except OSError:
+        return open(os.devnull, "wb")
+    log.append(path)
+    return os.fdopen(fd, "wb")
+
+
+def _prune_logs(folder: Path, keep: int) -> None:
+    """Remove all but the newest `keep` engine logs in `folder`: only plain files named as `_open_log` names
+    them, in the folder it marked as ours; never anything else."""
+    logs = []
+    for path in folder.iterdir():
+        try:
+            if _LOG_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                logs.append((path.stat().st_mtime, path))
+        except OSError:  # gone meanwhile
+            continue
+    for _, path in sorted(logs, reverse=True)[keep:]:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _last_line(log: list[str]) -> str:
     """The last line the engine wrote to stderr (e.g. "MemoryError"), for the one-line message."""
-    if not path:
+    if not log:
         return ""
     try:
-        with open(path, "rb") as f:
+        with open(log[0], "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             text = f.read().decode("utf-8", "replace")
@@ -418,7 +459,7 @@ def _last_line(path: str | None) -> str:
 def _stop_process(
     process: subprocess.Popen,
     listener: socket.socket | None,
-    stderr_path: str | None,
+    log: list[str],
     conns: list[Connection],
 ) -> None:
     """Finaliser: no engine outlives its client (also runs at interpreter exit). Closing the connection
@@ -440,8 +481,8 @@ def _stop_process(
             listener.close()
         except OSError:
             pass
-    if stderr_path:
+    for path in log:  # an engine that crashed has left this list: its log stays (see _engine_died)
         try:
-            os.unlink(stderr_path)
+            os.unlink(path)
         except OSError:
             pass
