@@ -14,8 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from SAMMed2DSegmentLib.service import client as client_module
 from SAMMed2DSegmentLib.service.client import EngineClient
 from SAMMed2DSegmentLib.service.protocol import decode
 
@@ -98,6 +100,14 @@ def test_a_malformed_message_gets_one_error_and_the_engine_leaves(raw):
         assert _gone(pid), "the engine is still running after its client's connection ended"
     finally:
         client.close()
+
+
+def test_a_request_over_the_bound_is_refused_on_the_slicer_side(monkeypatch):
+    monkeypatch.setattr(client_module, "MAX_MESSAGE_BYTES", 1000)
+    client = EngineClient()
+    with pytest.raises(ValueError, match="over the engine's bound"):
+        client.submit("segment", {"key": "k"}, {"seed_0": np.zeros(2000, np.uint8)})
+    assert client.pid is None and not client.jobs  # nothing started, nothing pending
 
 
 def test_a_frame_longer_than_the_bound_closes_the_connection_before_any_allocation():

@@ -12,6 +12,11 @@ collection) stops it too. If it dies (a torch crash, out of memory, `kill -9`), 
 "error" event with a one-line message, and the next request starts a new engine (`generation` counts them, so
 callers know to send the model and volume again). That holds also when it died while nothing was pending and
 nobody polled (e.g. during the idle pre-encoding): `start()` first clears what is left of the dead one.
+
+Nothing the engine is sent or meets is trusted (see protocol.py): it starts in the library's own folder, not
+Slicer's working folder; it speaks first on the listener, so a silent local process that connects there is
+never waited on; and its stderr goes to a log in our own folder under the cache folder, removed on a clean
+exit and kept, the newest few, after a crash.
 """
 
 from __future__ import annotations
@@ -185,12 +190,18 @@ class EngineClient:
         on_event: EventCallback | None = None,
         background: bool = False,
     ) -> Job:
-        """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed."""
+        """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed. A
+        request over the engine's message bound is refused here in one line (the engine would hang up)."""
+        number = next(self._numbers)
+        data = encode({**(header or {}), "op": op, "job": number}, arrays)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"the {op!r} request is {len(data) / 2**30:.1f} GiB, over the engine's bound "
+                             f"of {MAX_MESSAGE_BYTES / 2**30:.0f} GiB")  # fmt: skip
         if not self.running:
             self.start()
-        job = Job(next(self._numbers), op, on_event, self.generation, background)
+        job = Job(number, op, on_event, self.generation, background)
         self.jobs[job.number] = job
-        self._send(encode({**(header or {}), "op": op, "job": job.number}, arrays))
+        self._send(data)
         return job
 
     def submit_volume(

@@ -4,6 +4,9 @@ A message is a JSON header and named numpy arrays, framed as one byte string: 4-
 header (which lists each array's dtype, shape and byte range) and the arrays' raw bytes. Nothing is pickled,
 so neither side ever runs code from the other, and masks travel as bytes, not as lists of numbers. The
 channel itself is `multiprocessing.connection` on the loopback interface, opened with a random auth key.
+`decode` trusts nothing: a frame's size is bounded before it is read, the header must be a JSON object of
+bounded depth, arrays must have an allowed dtype and fit the bytes sent, and `check_request` types each
+request's fields. The engine answers a message that fails them with one error and hangs up.
 
 Requests (Slicer → engine): {"op": ..., "job": N, ...}. Replies (engine → Slicer): {"job": N, "event": ...}
 with event "progress" (e.g. bytes downloaded), "slice" (one finished slice of a propagation, mask attached),
