@@ -127,7 +127,7 @@ _CHALLENGE = b"#CHALLENGE#{sha256}" + b"x" * 40  # a challenge frame as multipro
 
 
 @pytest.mark.parametrize(("junk", "bound"), [
-    (b"", 0.1), (b"GET / HTTP/1.0\r\n\r\n", 0.1), (struct.pack("!i", len(_CHALLENGE)) + _CHALLENGE, 0.35),
+    (b"", 0.1), (b"GET / HTTP/1.0\r\n\r\n", 0.1), (struct.pack("!i", len(_CHALLENGE)) + _CHALLENGE, 0.6),
 ], ids=["silent", "wrong protocol", "a challenge, then silence"])  # fmt: skip
 def test_a_squatter_on_the_port_never_blocks_a_poll(junk, bound):
     """A silent or wrong peer costs a poll nothing; one that mimics the engine's first message and then
