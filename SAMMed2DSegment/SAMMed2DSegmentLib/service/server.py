@@ -131,11 +131,13 @@ class EngineServer:
             self.send({"job": job_number(header), "event": "error", "message": message, "details": message})
         except (OSError, ValueError):
             pass
+        self._closing = True  # before the close: a reply the running job sends now is dropped, not an error
         with self._send_lock:
             self.conn.close()
         self._hang_up()
 
     def _hang_up(self) -> None:
+        """The Slicer side is gone (or was hung up on): stop the running job, answer no more, and leave."""
         self._closing = True
         self.inbox.put(_EOF)
         self._leave_after_grace()
