@@ -22,7 +22,7 @@ class _Connection:
     def send_bytes(self, data: bytes) -> None:
         self.sent.append(decode(data)[0])
 
-    def recv_bytes(self) -> bytes:
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
         threading.Event().wait()  # the reader thread (a daemon) waits here for good
         raise EOFError
 

@@ -12,14 +12,21 @@ collection) stops it too. If it dies (a torch crash, out of memory, `kill -9`), 
 "error" event with a one-line message, and the next request starts a new engine (`generation` counts them, so
 callers know to send the model and volume again). That holds also when it died while nothing was pending and
 nobody polled (e.g. during the idle pre-encoding): `start()` first clears what is left of the dead one.
+
+Nothing the engine is sent or meets is trusted (see protocol.py): it starts in the library's own folder, not
+Slicer's working folder; it speaks first on the listener, so a silent local process that connects there is
+never waited on; and its stderr goes to a log in our own folder under the cache folder, removed on a clean
+exit and kept, the newest few, after a crash.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,16 +36,28 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, SETUP_OPS, decode, encode
+from .protocol import AUTHKEY_ENV, MAX_MESSAGE_BYTES, SETUP_OPS, ProtocolError, decode, encode
 
 #: An event callback: (event name, reply header, reply arrays).
 EventCallback = Callable[[str, dict, dict], None]
 
 _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding SAMMed2DSegmentLib
+
+
+#: Seconds a handshake read may wait on a peer that has spoken (the engine answers in about a millisecond).
+HANDSHAKE_TIMEOUT = 0.25
+
+#: Crash logs kept, the newest (an engine that exits cleanly, or is stopped by `close`, leaves none).
+KEPT_CRASH_LOGS = 3
+_LOG_PREFIX, _LOG_SUFFIX = "engine-", ".log"
+_LOG_NAME = re.compile(r"engine-[a-z0-9_]{8}\.log")  # as tempfile.mkstemp makes them
+
+#: Connections accepted in one poll, and those that have not spoken yet kept between polls (the oldest go).
+_MAX_ACCEPTS, _MAX_WAITING_PEERS = 64, 8
 
 
 class EngineError(RuntimeError):
@@ -79,7 +98,7 @@ class EngineClient:
         self._conn: Connection | None = None
         self._accepted: list[Connection] = []
         self._started_at = 0.0
-        self._stderr_path: str | None = None
+        self._log: list[str] = []  # the running engine's log (stderr), removed by the finaliser unless kept
         self._finalizer: weakref.finalize | None = None
 
     # -- state -------------------------------------------------------------------------------------------
@@ -118,18 +137,23 @@ class EngineClient:
         command = [self.python, "-m", "SAMMed2DSegmentLib.service", "--address", f"{host}:{port}"]
         for folder in self.package_dirs:
             command += ["--package-dir", folder]
-        fd, self._stderr_path = tempfile.mkstemp(prefix="sammed2d-engine-", suffix=".log")
-        with os.fdopen(fd, "wb") as stderr:
+        try:  # the engine starts in our own folder and moves here once its imports are safe (see server.main)
+            command += ["--cwd", os.getcwd()]
+        except OSError:  # the working folder was deleted: relative paths mean nothing anyway
+            pass
+        self._log = []
+        with _open_log(self._log) as stderr:
             # No console window on Windows; the engine reads nothing from stdin and prints to stderr only.
             flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            self._process = subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stderr=stderr, creationflags=flags
-            )
+            self._process = subprocess.Popen(  # `python -m` puts its working folder first on sys.path
+                command, env=env, cwd=_LIB_PARENT, stdin=subprocess.DEVNULL, stderr=stderr,
+                creationflags=flags,
+            )  # fmt: skip
         self.generation += 1
         self._started_at = time.monotonic()
         self._accepted = []
         self._finalizer = weakref.finalize(
-            self, _stop_process, self._process, self._listener, self._stderr_path, self._accepted
+            self, _stop_process, self._process, self._listener, self._log, self._accepted
         )
 
     def close(self, timeout: float = 2.0) -> int | None:
@@ -166,12 +190,18 @@ class EngineClient:
         on_event: EventCallback | None = None,
         background: bool = False,
     ) -> Job:
-        """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed."""
+        """Queue a request; its events reach `on_event` from `poll()`. Starts the engine when needed. A
+        request over the engine's message bound is refused here in one line (the engine would hang up)."""
+        number = next(self._numbers)
+        data = encode({**(header or {}), "op": op, "job": number}, arrays)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"the {op!r} request is {len(data) / 2**30:.1f} GiB, over the engine's bound "
+                             f"of {MAX_MESSAGE_BYTES / 2**30:.0f} GiB")  # fmt: skip
         if not self.running:
             self.start()
-        job = Job(next(self._numbers), op, on_event, self.generation, background)
+        job = Job(number, op, on_event, self.generation, background)
         self.jobs[job.number] = job
-        self._send(encode({**(header or {}), "op": op, "job": job.number}, arrays))
+        self._send(data)
         return job
 
     def submit_volume(
@@ -229,7 +259,11 @@ class EngineClient:
         delivered = 0
         try:
             while delivered < max_messages and self._conn.poll(0):
-                header, arrays = decode(self._conn.recv_bytes())
+                try:
+                    header, arrays = decode(self._conn.recv_bytes(MAX_MESSAGE_BYTES))
+                except ProtocolError as error:  # nothing after it can be trusted to be framed right
+                    self._engine_died(f"it sent a malformed reply: {error}")
+                    return delivered + 1
                 delivered += self._deliver(header, arrays)
         except (EOFError, OSError):
             self._engine_died()
@@ -273,31 +307,45 @@ class EngineClient:
             self._engine_died()
 
     def _connect(self) -> bool:
-        """Take the engine's connection if it has arrived (never waits for it), then check its key."""
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            if not self.running:
-                self._engine_died()
-            elif time.monotonic() - self._started_at > self.start_timeout:
-                self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
-            return False
-        sock.setblocking(True)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see protocol.connect_engine
-        conn = Connection(sock.detach())
-        try:  # the engine answers at once: it is waiting for exactly this
-            deliver_challenge(conn, self._key)
-            answer_challenge(conn, self._key)
-        except (OSError, EOFError, Exception) as error:  # a wrong key or a dead engine
-            conn.close()
-            self._engine_died(f"its connection failed: {error}")
-            return False
-        self._accepted.append(conn)  # the finaliser closes it
-        self._conn = conn
-        outbox, self._outbox = self._outbox, []
-        for data in outbox:
-            self._send(data)
-        return True
+        """Take the engine's connection once it has shown that it holds the key, never waiting on a peer that
+        has not spoken: any local process may connect to the listener first, and a silent one must not hold
+        the poll (Slicer's GUI thread). The engine speaks first (its challenge, see protocol.connect_engine),
+        so a connection with nothing to read is left for a later poll; when the engine is in, the others are
+        dropped and the listener closed."""
+        self._accept_waiting()
+        for conn in [c for c in self._accepted if c.poll(0)]:  # spoken, or closed: neither blocks
+            self._accepted.remove(conn)
+            if _handshake(conn, self._key):
+                for other in self._accepted:
+                    other.close()
+                self._accepted[:] = [conn]  # the finaliser closes it
+                self._listener.close()
+                self._conn = conn
+                outbox, self._outbox = self._outbox, []
+                for data in outbox:
+                    self._send(data)
+                return True
+            conn.close()  # a wrong key or another protocol: not our engine
+        while len(self._accepted) > _MAX_WAITING_PEERS:
+            self._accepted.pop(0).close()
+        if not self.running:
+            self._engine_died()
+        elif time.monotonic() - self._started_at > self.start_timeout:
+            self._engine_died(f"it did not connect within {self.start_timeout:.0f} s")
+        return False
+
+    def _accept_waiting(self) -> None:
+        """Accept what waits on the listener (never blocks; a bounded number at a time)."""
+        for _ in range(_MAX_ACCEPTS):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # closed under us (a finaliser), or out of descriptors: try on the next poll
+                return
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see protocol.connect_engine
+            self._accepted.append(Connection(sock.detach()))
 
     def _engine_died(self, reason: str = "") -> None:
         process = self._process
@@ -305,7 +353,7 @@ class EngineClient:
             process.kill()
             process.wait()
         code = process.returncode if process is not None else None
-        last = _last_line(self._stderr_path)  # "MemoryError" says more than an exit code; a log line less
+        last = _last_line(self._log)  # "MemoryError" says more than an exit code; a log line less
         detail = reason or (last if "Error" in last else f"exit code {code}")
         message = (
             f"The segmentation engine stopped unexpectedly ({detail}); nothing more was written. "
@@ -314,6 +362,8 @@ class EngineClient:
         jobs = list(self.jobs.values())
         self.jobs.clear()
         self._release_all(jobs)
+        if self._log:  # a crash: its log stays for whoever looks into it, with the newest few others
+            _prune_logs(Path(self._log.pop()).parent, KEPT_CRASH_LOGS)
         self._reset_connection()
         for job in jobs:  # every state first: a callback may look at another job of the same engine
             job.state, job.message = "error", message
@@ -334,6 +384,33 @@ class EngineClient:
             job.resources.clear()
 
 
+def _handshake(conn: Connection, key: bytes) -> bool:
+    """Both challenges with a peer that has sent its first: the engine answers each at once, so a read
+    waits at most HANDSHAKE_TIMEOUT (a peer that mimics a challenge and then stalls costs no more)."""
+    _receive_timeout(conn, HANDSHAKE_TIMEOUT)
+    try:
+        answer_challenge(conn, key)
+        deliver_challenge(conn, key)
+    except Exception:  # a wrong key (AuthenticationError), another protocol, a stall, or a dead engine
+        return False
+    _receive_timeout(conn, 0.0)  # replies are read only once they are waiting; a long one arrives whole
+    return True
+
+
+def _receive_timeout(conn: Connection, seconds: float) -> None:
+    """How long a read on `conn` may wait (0: without end), as the socket's own option, since a
+    `Connection` reads its descriptor directly."""
+    sock = socket.socket(fileno=conn.fileno())  # borrowed: detached again below, never closed
+    try:
+        if os.name == "nt":
+            value = struct.pack("L", int(seconds * 1000))
+        else:
+            value = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    finally:
+        sock.detach()
+
+
 def _release(shm: Any) -> None:
     try:
         shm.close()
@@ -342,12 +419,45 @@ def _release(shm: Any) -> None:
         pass
 
 
-def _last_line(path: str | None) -> str:
+def _open_log(log: list[str]) -> IO[bytes]:
+    """A new file for the engine's stderr in our own log folder (its path put in `log`), after removing all
+    but the newest crash logs there (a Slicer that crashed never removed its engine's); the null device
+    where no such folder can be made."""
+    from ..weights.cache_dir import default_cache_dir, owned_folder
+
+    try:
+        folder = owned_folder(default_cache_dir() / "engine-logs", "folder of engine logs", "sammed2d-logs")
+        _prune_logs(folder, KEPT_CRASH_LOGS)
+        fd, path = tempfile.mkstemp(prefix=_LOG_PREFIX, suffix=_LOG_SUFFIX, dir=folder)
+    except OSError:
+        return open(os.devnull, "wb")
+    log.append(path)
+    return os.fdopen(fd, "wb")
+
+
+def _prune_logs(folder: Path, keep: int) -> None:
+    """Remove all but the newest `keep` engine logs in `folder`: only plain files named as `_open_log` names
+    them, in the folder it marked as ours; never anything else."""
+    logs = []
+    for path in folder.iterdir():
+        try:
+            if _LOG_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                logs.append((path.stat().st_mtime, path))
+        except OSError:  # gone meanwhile
+            continue
+    for _, path in sorted(logs, reverse=True)[keep:]:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _last_line(log: list[str]) -> str:
     """The last line the engine wrote to stderr (e.g. "MemoryError"), for the one-line message."""
-    if not path:
+    if not log:
         return ""
     try:
-        with open(path, "rb") as f:
+        with open(log[0], "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             text = f.read().decode("utf-8", "replace")
@@ -360,7 +470,7 @@ def _last_line(path: str | None) -> str:
 def _stop_process(
     process: subprocess.Popen,
     listener: socket.socket | None,
-    stderr_path: str | None,
+    log: list[str],
     conns: list[Connection],
 ) -> None:
     """Finaliser: no engine outlives its client (also runs at interpreter exit). Closing the connection
@@ -382,8 +492,8 @@ def _stop_process(
             listener.close()
         except OSError:
             pass
-    if stderr_path:
+    for path in log:  # an engine that crashed has left this list: its log stays (see _engine_died)
         try:
-            os.unlink(stderr_path)
+            os.unlink(path)
         except OSError:
             pass

@@ -27,7 +27,19 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .protocol import AUTHKEY_ENV, SETUP_OPS, connect_engine, decode, encode, one_line, pack_mask, unpack_mask
+from .protocol import (
+    AUTHKEY_ENV,
+    MAX_MESSAGE_BYTES,
+    SETUP_OPS,
+    check_request,
+    connect_engine,
+    decode,
+    encode,
+    job_number,
+    one_line,
+    pack_mask,
+    unpack_mask,
+)
 
 log = logging.getLogger("SAMMed2D.engine")
 
@@ -65,39 +77,70 @@ class EngineServer:
 
     # -- the channel ---------------------------------------------------------------------------------------
     def send(self, header: dict, arrays: dict | None = None) -> None:
+        """Send a reply; once the connection is ending (a shutdown, or a malformed request closed it) a reply
+        that cannot go out is dropped, since nobody is left to read it."""
         data = encode(header, arrays)
         with self._send_lock:
-            self.conn.send_bytes(data)
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                if not self._closing:
+                    raise
 
     def _read(self) -> None:
-        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs."""
+        """The reader thread: a cancel or a shutdown takes effect here, at once, also while a job runs. A
+        message that breaks the protocol gets one error reply and ends the connection (and so the engine):
+        nothing after it can be trusted to be framed right, and a reader that died on it would leave the
+        engine deaf."""
         while True:
+            header = None
             try:
-                header, arrays = decode(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                self._closing = True
-                self.inbox.put(_EOF)
-                self._leave_after_grace()
+                header, arrays = decode(self.conn.recv_bytes(MAX_MESSAGE_BYTES))
+                check_request(header)
+            except (EOFError, OSError):  # also a frame longer than the bound (the connection closes then)
+                self._hang_up()
+                return
+            except Exception as error:  # ProtocolError, or anything else a malformed message caused
+                self._refuse(header, error)
                 return
             op = header.get("op")
             if op in ("cancel", "shutdown"):
                 if op == "shutdown":
                     self._closing = True
                 elif header.get("target") is None:
-                    self._cancel_below = max(self._cancel_below, int(header["job"]))
+                    self._cancel_below = max(self._cancel_below, header["job"])
                     self.idle_plan.clear()  # pre-encoding is work too (a closed scene's volume, say)
                 else:
-                    self._cancelled.add(int(header["target"]))
+                    self._cancelled.add(header["target"])
                 running = self._running
                 if self.cancelled(running[0]) and running[2] < 0:
                     running[2] = running[1]  # how far the running job was when the cancel arrived
                 if op == "cancel":
                     continue
             if op in SETUP_OPS:
-                self._setup.add(int(header.get("job", 0)))
+                self._setup.add(header["job"])
             self.inbox.put((header, arrays))
             if op == "shutdown":
                 self._leave_after_grace()
+
+    def _refuse(self, header: Any, error: BaseException) -> None:
+        """One error reply for a malformed message, then the end of the connection."""
+        message = f"the engine refused a malformed request: {one_line(error)}"
+        log.error("%s", message)
+        try:
+            self.send({"job": job_number(header), "event": "error", "message": message, "details": message})
+        except (OSError, ValueError):
+            pass
+        self._closing = True  # before the close: a reply the running job sends now is dropped, not an error
+        with self._send_lock:
+            self.conn.close()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """The Slicer side is gone (or was hung up on): stop the running job, answer no more, and leave."""
+        self._closing = True
+        self.inbox.put(_EOF)
+        self._leave_after_grace()
 
     def _leave_after_grace(self) -> None:
         if self.exit_grace is not None and not self._served.wait(self.exit_grace):
@@ -149,7 +192,7 @@ class EngineServer:
 
     # -- requests ------------------------------------------------------------------------------------------
     def op_ping(self, job: int, header: dict, arrays: dict) -> dict:
-        return {"pid": os.getpid(), "python": sys.version.split()[0]}
+        return {"pid": os.getpid(), "python": sys.version.split()[0], "cwd": os.getcwd()}
 
     def op_load_model(self, job: int, header: dict, arrays: dict) -> dict:
         """Replace the model. The old one is dropped first, so a load that fails leaves none: work queued
@@ -362,14 +405,29 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
+def _leave_our_folder(cwd: str | None) -> None:
+    """Move to the Slicer side's working folder without importing from it: the client starts the engine in
+    the library's own folder, since `python -m` puts the working folder first on sys.path (a `queue.py` in
+    Slicer's folder would run here otherwise); every path entry is made absolute first, so that an empty or
+    relative one (from PYTHONPATH, say) keeps naming our folder, not the new one."""
+    sys.path[:] = [os.path.abspath(entry) for entry in sys.path]
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as error:
+            log.warning("staying in %s: %s", os.getcwd(), one_line(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SAMMed2DSegmentLib.service")
     parser.add_argument("--address", required=True, help="HOST:PORT of the Slicer side's listener")
     parser.add_argument("--package-dir", action="append", default=[],
                         help="private package folder put first on sys.path (this process only)")  # fmt: skip
+    parser.add_argument("--cwd", help="the Slicer side's working folder, for relative paths in requests")
     args = parser.parse_args(argv)
     for folder in reversed(args.package_dir):
         sys.path.insert(0, folder)
+    _leave_our_folder(args.cwd)
     key = os.environ.pop(AUTHKEY_ENV, "")
     if not key:
         print(f"{AUTHKEY_ENV} is not set: the engine is started by the SAMMed2D module", file=sys.stderr)
