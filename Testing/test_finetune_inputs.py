@@ -110,9 +110,14 @@ def test_a_damaged_state_is_refused_in_one_line(crop, state_after_one_step, tmp_
 
 
 def test_a_file_that_is_not_a_state_is_refused_in_one_line(crop, tmp_path, capsys):
-    (tmp_path / "last.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    """The output plan sees it first: a file of another kind where a state would be written is not ours to
+    read or replace."""
+    garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"
+    (tmp_path / "last.safetensors").write_bytes(garbage)
     assert cli.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == cli.EXIT_BAD_INPUT
-    assert "cannot read training state" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "last.safetensors" in line and "not a finetune training state" in line, line
+    assert (tmp_path / "last.safetensors").read_bytes() == garbage
 
 
 def test_a_genuine_state_still_resumes(crop, state_after_one_step, tmp_path, capsys):
