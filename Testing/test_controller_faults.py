@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import pytest
 import slicer
 import vtk
 
-from SAMMed2DSegmentLib.formats.volumes import Volume, read_volume
+from SAMMed2DSegmentLib.formats.volumes import Volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -53,17 +53,6 @@ LABELS = Path(__file__).parent / "Data" / "totalseg-example-ct" / "labels" / "la
 DEMO = str(resolve_model("demo"))
 
 
-@pytest.fixture(scope="module")
-def ct() -> Volume:
-    return read_volume(CT)
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory) -> Iterator[EngineClient]:
-    """One engine for the module (a kill starts the next one); its cache folder is this run's own."""
-    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
-    yield client
-    client.close()
 
 
 @dataclass

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -29,16 +28,6 @@ CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 LIVER_RAS = (93.26171875, 129.89453125, -784.5)  # demo/liver-point.mrk.json (LPS there): slice 10 of 20
 
 
-@pytest.fixture(scope="module")
-def ct():
-    return read_volume(CT)
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
-    yield client
-    client.close()
 
 
 def _panel(hs, client=None) -> PanelModel:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import slicer
 
-from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -35,17 +34,6 @@ CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 LIVER_LPS = (-93.26171875, -129.89453125, -784.5)  # demo/liver-point.mrk.json: slice 10 of 20
 
 
-@pytest.fixture(scope="module")
-def ct():
-    return read_volume(CT)
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    """An engine whose cache folder (embeddings on disk included) is this run's own, not the user's."""
-    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path_factory.mktemp("engine-cache"))})
-    yield client
-    client.close()
 
 
 @pytest.fixture
