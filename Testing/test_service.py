@@ -38,6 +38,12 @@ LIVER_LPS = (-93.26171875, -129.89453125, -784.5)  # demo/liver-point.mrk.json: 
 
 @pytest.fixture
 def case(ct, client):
+    return _case(ct, client)
+
+
+def _case(ct, client):
+    """A scene with the CT, an empty "liver" segment, a controller with the demo model loaded and an include
+    point in the liver."""
     hs = create_headless_scene()
     volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
     seg = ensure_segmentation(hs, volume)
@@ -333,15 +339,7 @@ def test_closing_during_a_propagation_is_quick_and_leaves_no_engine(ct, tmp_path
     the next slice, or after its 1 s grace if a slice takes longer. The volume is new to this engine's empty
     cache, so every slice is encoded (up to about 1.5 s each here)."""
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(tmp_path)})
-    hs = create_headless_scene()
-    volume = add_volume_from_array(hs, ct.array_kji, ct.ijk_to_ras, "CT")
-    seg = ensure_segmentation(hs, volume)
-    liver = ensure_segment(seg, "liver")
-    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    controller = InteractiveSegmentation(hs.scene, client, editor, hs.app_logic)
-    client.wait(controller.request_model(str(resolve_model("demo")), "cpu"), timeout=120)
-    include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
-    include.AddControlPoint(-LIVER_LPS[0], -LIVER_LPS[1], LIVER_LPS[2])
+    hs, volume, seg, liver, controller, include = _case(ct, client)
     slices = []
     both = SegmentOptions(direction="both")
     job = controller.start_segmentation(volume, include, None, None, seg, liver, both, on_slice=slices.append)
