@@ -49,5 +49,5 @@ def test_one_line_names_the_library_and_keeps_a_long_text_to_its_first_sentence(
         one_line(long, "/x/site-packages/highdicom/seg/sop.py") == "warning: highdicom: Short first sentence."
     )
     assert one_line("a\n b", "/x/dist-packages/pydicom-3.0.dist-info/x.py") == "warning: pydicom: a b"
-    assert one_line("ours", "/work/SAMMed2DSegmentLib/cli.py") == "warning: ours"
+    assert one_line("ours", "/opt/tool/SAMMed2DSegmentLib/cli.py") == "warning: ours"
     assert len(one_line("x" * 1000)) <= len("warning: ") + 200
