@@ -428,9 +428,11 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Installation failed: {error}").format(error=error))
                 return False
 
-    def _started(self, segmentId) -> None:
+    def _started(self, started: bool, segmentId: str = "") -> None:
+        """An action was asked of the panel: show the segment it writes into, and poll if it started."""
         if segmentId:
             self.ui.segmentEditorWidget.setCurrentSegmentID(segmentId)
+        if started:
             self._startPolling()
         self._render()
 
@@ -441,7 +443,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor = self.ui.segmentEditorWidget
         segmentId = self.panel.segment(self._parameterNode, direction, editor.currentSegmentID(),
                                        _undoSaver(editor, self._parameterNode), interactive)  # fmt: skip
-        self._started(segmentId)
+        self._started(segmentId is not None, segmentId or "")
 
     def onPropagateFromHere(self) -> None:
         if self._parameterNode is None or not self._ensureRequirements(True):
@@ -449,7 +451,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor = self.ui.segmentEditorWidget
         segmentId = self.panel.propagate_from_here(self._parameterNode, editor.currentSegmentID(),
                                                    _undoSaver(editor, self._parameterNode))  # fmt: skip
-        self._started(segmentId)
+        self._started(segmentId is not None, segmentId or "")
 
     def onLiveUpdate(self) -> None:  # never installs (no dialogs from a timer): the first click sets up
         action = self.panel.live_update(self._parameterNode) if self._parameterNode is not None else "skip"
@@ -469,7 +471,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadModel(self) -> None:
         if self._parameterNode is None or not self._ensureRequirements(True, download=True):
             return
-        self._started(self.panel.download(self._parameterNode) or None)
+        self._started(self.panel.download(self._parameterNode))
 
     def onToggleIncludeExclude(self) -> None:
         if self._parameterNode is None:
@@ -490,7 +492,7 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Export DICOM-SEG"), "",
                                               _("DICOM files (*.dcm)"))  # fmt: skip
         if path:
-            self._started(self.panel.export_dicom_seg(self._parameterNode, path) or None)
+            self._started(self.panel.export_dicom_seg(self._parameterNode, path))
 
     # -- engine replies (main thread, from the poll timer) ---------------------------------------------
 
