@@ -160,17 +160,19 @@ class PanelModel:
     def requirements(self, download: bool = False) -> Any:
         return self._requirements(download)
 
+    def _segment_problem(self, p: Any) -> str:
+        """Why the model cannot segment yet ("" when it can): the input volume, then the prompts."""
+        if p.inputVolume is not None and not is_input_volume(p.inputVolume):
+            return "The input must be a scalar volume (not a label map or a color volume)."
+        if p.inputVolume is None:
+            return "Select the input volume first."
+        if not (has_include_point(p.includePoints) or has_roi_prompt(p.promptROI)):
+            return "Place at least one include point (or a box) on a slice of the input volume."
+        return ""
+
     def view(self, p: Any) -> PanelView:
         volume = p.inputVolume if is_input_volume(p.inputVolume) else None
-        prompt = has_include_point(p.includePoints) or has_roi_prompt(p.promptROI)
-        if p.inputVolume is not None and volume is None:
-            tip = "The input must be a scalar volume (not a label map or a color volume)."
-        elif volume is None:
-            tip = "Select the input volume first."
-        elif not prompt:
-            tip = "Place at least one include point (or a box) on a slice of the input volume."
-        else:
-            tip = ""
+        tip = self._segment_problem(p)
         export_tip = self._export_problem(p)
         return PanelView(
             segment_enabled=not tip,
@@ -266,7 +268,7 @@ class PanelModel:
     def live_update(self, p: Any) -> str:
         """What a due live update does: "run", "later" (a job is running: try again, never drop the edit) or
         "skip" (nothing to segment)."""
-        if not self.view(p).segment_enabled:
+        if self._segment_problem(p):
             return "skip"
         return "later" if self.busy else "run"
 
@@ -278,7 +280,7 @@ class PanelModel:
         """Request the model and make sure the output segmentation and segment exist. Returns them."""
         volume = p.inputVolume
         if not is_input_volume(volume):
-            raise ValueError(self.view(p).segment_tooltip)
+            raise ValueError(self._segment_problem(p))
         path = self.model_path(p)
         self.controller.request_model(path, p.device, self._on_model_error, precision=p.precision)
         name = f"{volume.GetName()} segmentation"
