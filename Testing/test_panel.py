@@ -18,11 +18,10 @@ from SAMMed2DSegmentLib.mrml import (
     self_test,
 )
 from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation
+from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews
 from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelModel, PanelParameters, end_message
 from SAMMed2DSegmentLib.mrml.views import displayed_volume, viewed_slice_index
 from SAMMed2DSegmentLib.service.client import EngineClient
-
-from .slice_views import SliceViews
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 LIVER_RAS = (93.26171875, 129.89453125, -784.5)  # demo/liver-point.mrk.json (LPS there): slice 10 of 20

@@ -1,4 +1,5 @@
-"""Real Slicer slice views, offscreen, driven by real VTK mouse and key events (`Testing/slice_views.py`):
+"""Real Slicer slice views, offscreen, driven by real VTK mouse and key events
+(`SAMMed2DSegmentLib/mrml/offscreen_views.py`):
 clicks place markups control points where they land, with Slicer's own place-mode rules."""
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from vtk.util import numpy_support
 
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene
-
-from .slice_views import SliceViews, can_render
+from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews, can_render
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
 PLACE = slicer.vtkMRMLInteractionNode.Place

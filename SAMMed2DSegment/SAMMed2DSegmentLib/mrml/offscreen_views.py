@@ -1,5 +1,5 @@
-"""Real Slicer slice views without the Slicer application, for tests: Red/Green/Yellow views rendered
-offscreen, driven by real VTK mouse and key events.
+"""Real Slicer slice views without the Slicer application, for tests, screenshots and the demo:
+Red/Green/Yellow views rendered offscreen, driven by real VTK mouse and key events.
 
 Each view is what `qMRMLSliceView` builds, minus Qt: a `vtkMRMLSliceLogic` with its slice node
 (`vtkMRMLSliceNodeRed`, ...) registered in the application logic's slice logics, an offscreen
@@ -78,7 +78,7 @@ import numpy as np
 import slicer
 import vtk
 
-from SAMMed2DSegmentLib.mrml import HeadlessScene
+from . import HeadlessScene
 
 #: Slicer's default layout: the Red view is axial, Yellow sagittal, Green coronal.
 ORIENTATIONS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
