@@ -47,9 +47,11 @@ def add_caption(
     corner: str = "upper_left",
     size: int = 16,
     color: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    line: int = 0,
 ) -> vtk.vtkTextActor:
-    """A text drawn by VTK in a corner of the view (with a dark shadow, readable on any image); returns the
-    actor, to change its text (`SetInput`) or remove it (`view.renderer.RemoveViewProp`)."""
+    """A text drawn by VTK in a corner of the view (with a dark shadow, readable on any image), `line` lines
+    away from the corner's edge; returns the actor, to change its text (`SetInput`) or remove it
+    (`view.renderer.RemoveViewProp`)."""
     horizontal, vertical, fx, fy = _CORNERS[corner]
     actor = vtk.vtkTextActor()
     actor.SetInput(text)
@@ -63,7 +65,7 @@ def add_caption(
     width, height = view.size
     margin = 6
     x = fx * width + (margin if fx == 0 else -margin)
-    y = fy * height + (margin if fy == 0 else -margin)
+    y = fy * height + (margin if fy == 0 else -margin) + (1 if fy == 0 else -1) * line * (size + 4)
     actor.SetPosition(x, y)
     view.renderer.AddViewProp(actor)
     return actor
