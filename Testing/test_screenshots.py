@@ -4,6 +4,7 @@ voxels project through the slice node's XYToRAS and the volume's IJKToRAS, and n
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,39 @@ def test_grid_and_png_round_trip(scene, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["three.png"]  # no temporary left
     with pytest.raises(ValueError, match="differ in size"):
         pictures.grid([shots[0], shots[0][:10]])
+
+
+def load_summarize():
+    """`demo/summarize.py` (a script, not a package module)."""
+    path = Path(__file__).resolve().parents[1] / "demo" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("demo_summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_overview_is_a_grid_of_slice_views_with_the_reference_outline(scene, ct):
+    hs, volume, seg, segment, geometry, voxels, views = scene
+    summarize = load_summarize()
+    predicted = ndimage.binary_erosion(voxels, iterations=6)  # the model's outline inside the reference's
+    report = {"slices": [{"index": i, "status": "propagated", "confidence": 0.5} for i in SLICES]}
+    per_slice = [summarize.dice(geometry.extract(predicted, i), geometry.extract(voxels, i))
+                 for i in range(geometry.num_slices)]  # fmt: skip
+    grid = summarize.overview(ct, geometry, predicted, voxels, report, per_slice, columns=5)
+    tile, gap = summarize.TILE, 4
+    assert grid.shape == (4 * tile + 3 * gap, 5 * tile + 4 * gap, 3)  # 20 slices in rows of 5
+
+    def tile_of(index):
+        r, c = divmod(index, 5)
+        return grid[r * (tile + gap) : r * (tile + gap) + tile, c * (tile + gap) : c * (tile + gap) + tile]
+
+    def magenta(rgb):
+        rgb = rgb.astype(int)
+        return (rgb[..., 0] > 150) & (rgb[..., 2] > 150) & (rgb[..., 1] < 100)
+
+    for index in range(1, geometry.num_slices):  # tile 0 carries the legend, in magenta too
+        assert tile_of(index).astype(float).var() > 100.0
+        if index in SLICES:
+            assert magenta(tile_of(index)).sum() > 50, index
+        else:
+            assert not magenta(tile_of(index)).any(), index
