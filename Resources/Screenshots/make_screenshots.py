@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import vtk
@@ -29,7 +30,7 @@ from SAMMed2DSegmentLib.engine.session import SegmentationSession, slice_center_
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import markups, pictures, segmentations
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews, can_render
-from SAMMed2DSegmentLib.mrml.placement import EXCLUDE, INCLUDE, LIST_COLORS
+from SAMMed2DSegmentLib.mrml.placement import ensure_point_lists
 from SAMMed2DSegmentLib.mrml.scene import create_headless_scene
 from SAMMed2DSegmentLib.mrml.volumes import add_volume_from_array
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
@@ -67,21 +68,18 @@ class Demo:
         self.seg = segmentations.ensure_segmentation(self.hs, self.volume)
         self.segment = segmentations.ensure_segment(self.seg, "liver")
         pictures.show_segment(self.seg, self.segment)
-        self.include = self._point_list(INCLUDE, markups.load_markups(self.hs, INCLUDE_FILE)[0])
-        empty = self.hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
-        self.exclude = self._point_list(EXCLUDE, empty)
+        # The module's include and exclude lists (names, colours); the include list gets `make demo`'s point.
+        lists = SimpleNamespace(includePoints=None, excludePoints=None)
+        ensure_point_lists(self.hs.scene, lists)
+        self.include, self.exclude = lists.includePoints, lists.excludePoints
+        for node in (self.include, self.exclude):
+            node.GetDisplayNode().SetGlyphScale(2.5)
+        loaded = markups.load_markups(self.hs, INCLUDE_FILE)[0]
+        for point in markups.points_from_markups(loaded, 1):
+            self.add_point(self.include, point.position, point.name)
+        self.hs.scene.RemoveNode(loaded)
         self.views = SliceViews(self.hs, size=(view_size, view_size))
         self.views.show_volume(self.volume)
-
-    def _point_list(self, which: str, node: vtk.vtkObject) -> vtk.vtkObject:
-        """The module's include or exclude list: its name and colour (`placement.LIST_COLORS`)."""
-        node.SetName(which)
-        node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
-        display.SetColor(*LIST_COLORS[which])
-        display.SetSelectedColor(*LIST_COLORS[which])
-        display.SetGlyphScale(2.5)
-        return node
 
     def add_point(self, node: vtk.vtkObject, ras: tuple[float, float, float], label: str) -> None:
         node.AddControlPoint(vtk.vtkVector3d(*ras), label)
