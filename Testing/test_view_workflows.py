@@ -314,7 +314,7 @@ def test_undo_and_redo_ten_actions_through_the_editor_history(ui, ct):
         live_update(ui)
         assert ui.d.status == f"1 {DONE}"
         ui.views.key("Red", "Delete")  # the mouse is still over the point
-        assert include.GetNumberOfControlPoints() == 0
+        assert include.GetNumberOfControlPoints() == 0 and ui.d.live_update_due  # PointRemovedEvent
         assert ui.d.fire_live_update() == "skip"  # no prompt left: nothing to do, nothing cleared
         states.append(segment_of(ui))
         assert slices(states[-1]) == list(range(5, k + 1)), step
@@ -382,13 +382,16 @@ def test_closing_the_scene_during_a_job(ui, ct):
     while not job.written:
         assert ui.d.poll(), ui.d.status
         time.sleep(0.005)
+    assert job.state == "running" and ui.d.view().stop_enabled  # the walk has more slices to go
     seg = ui.p.outputSegmentation
-    written = list(job.written)
+    written, voxels = list(job.written), segment_of(ui)
+    assert slices(voxels) == sorted(written)
     scene.Clear(0)  # what closing the scene does
     assert ui.d.status == "" and ui.d.view().rows == () and ui.d.view().progress is None
     assert job.state == "stale" and scene.GetNodeByID(seg.GetID()) is None
     ui.d.wait()
     assert job.written == written  # nothing more was written after the close
+    assert np.array_equal(segment_of(ui), voxels)  # into the old nodes, which Python still holds
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert ui.d.status == ""
 
