@@ -104,7 +104,7 @@ def live_update(ui) -> None:
 # -- 1. include, then exclude ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["one-time placement", "persistent placement"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["one-time", "persistent"])
 def test_include_click_then_exclude_click_in_red(ui, ct, liver, persistent):
     """README walkthrough step 4: Shift+T, click in the liver; Shift+T, click where it should stop. With
     either placement persistence the second click is an exclude point, and it removes the voxels under it."""
