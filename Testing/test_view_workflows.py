@@ -373,7 +373,15 @@ def test_closing_the_scene_during_a_job(ui, ct):
     """File → Close scene while the model propagates: the Widget's StartCloseEvent observer resets the
     panel; what the engine still sends for the old scene is dropped; the next scene works as new."""
     scene = ui.hs.scene
-    scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda *_: ui.d.scene_closing())
+    # Removed at the end: the scene outlives this test (later tests clear it), the driver does not.
+    observer = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda *_: ui.d.scene_closing())
+    try:
+        _close_during_a_job(ui, ct, scene)
+    finally:
+        scene.RemoveObserver(observer)
+
+
+def _close_during_a_job(ui, ct, scene) -> None:
     ui.p.liveUpdate = False
     ui.d.toggle()
     click(ui, "Red", LIVER_RAS)
