@@ -215,6 +215,8 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.panel.warm_up(self._parameterNode):  # the engine starts and loads the model meanwhile
+            self._startPolling()
         if self._toggleShortcut is not None:
             self._toggleShortcut.setEnabled(True)
         self._observeSliceNodes()

@@ -27,6 +27,7 @@ from SAMMed2DSegmentLib.weights.checkpoint import (
     resolve_device,
     sha256_file,
 )
+from SAMMed2DSegmentLib.weights.finite_weights import is_recorded_finite, record_path
 
 REFERENCE = Path(__file__).parent / "Data" / "reference"
 
@@ -632,3 +633,125 @@ def test_load_model_assigns_weights_without_a_second_copy(tmp_path):
         model.image_encoder.pos_embed.add_(1.0)
     again, _ = load_model(path, use_cache=False)
     torch.testing.assert_close(again.image_encoder.pos_embed, sd["image_encoder.pos_embed"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 27, item 4: the NaN/infinity check runs once per cached conversion, recorded beside it
+
+
+def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the weight checks (the real check still runs)."""
+    calls: list[int] = []
+    real = ck.nonfinite_tensors
+
+    def counting(sd):
+        calls.append(len(sd))
+        return real(sd)
+
+    monkeypatch.setattr(ck, "nonfinite_tensors", counting)
+    return calls
+
+
+def _nan_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    return {k: torch.full_like(v, float("nan")) if k == key else v.clone() for k, v in sd.items()}
+
+
+def _write_conversion(cached: Path, sd: dict[str, torch.Tensor], sha: str) -> None:
+    """A cached conversion as `load_model` writes it (our format tag, the source's hash), of weights `sd`."""
+    from safetensors.torch import save_file
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(cached), metadata={"format": ck.FORMAT_TAG, "build": "small", "source_sha256": sha})
+
+
+def test_a_conversion_is_checked_once_and_a_missing_or_damaged_record_checks_again(tmp_path, trained,
+                                                                                  monkeypatch):  # fmt: skip
+    sd, _ = trained
+    src = tmp_path / "ckpt.pth"
+    torch.save({"model": sd}, src)
+    cache = tmp_path / "cache"
+    checks = _counting_checks(monkeypatch)
+    _, info = load_model(src, cache_dir=cache)
+    cached = cached_safetensors_path(src, cache)
+    record = record_path(cached)
+    assert info.converted and len(checks) == 1 and record.is_file()
+    assert is_recorded_finite(cached, info.sha256)
+
+    model, info = load_model(src, cache_dir=cache)
+    _assert_same(model, sd)
+    assert info.used_cache and not info.converted and len(checks) == 1  # not checked again
+
+    good = record.read_text(encoding="utf-8")
+    other_source = json.dumps({**json.loads(good), "source_sha256": "0" * 64})
+    for damage in (None, "", "{not json", "[]", other_source):
+        if damage is None:
+            record.unlink()
+        else:
+            record.write_text(damage, encoding="utf-8")
+        before = len(checks)
+        model, info = load_model(src, cache_dir=cache)
+        _assert_same(model, sd)
+        assert not info.converted and len(checks) == before + 1, damage  # checked again, not re-converted
+        assert record.read_text(encoding="utf-8") == good  # and recorded again
+    load_model(src, cache_dir=cache)
+    assert len(checks) == before + 1
+
+
+def test_nan_weights_in_a_cached_conversion_are_never_loaded(tmp_path, trained, caplog):
+    """A conversion rewritten with NaN (its record now stale), or with its record missing or damaged: it is
+    checked, ignored and converted again from the source, which holds the good weights."""
+    sd, _ = trained
+    src = tmp_path / "ckpt.pth"
+    torch.save({"model": sd}, src)
+    cache = tmp_path / "cache"
+    _, info = load_model(src, cache_dir=cache)
+    cached = cached_safetensors_path(src, cache)
+    for record in ("stale", "missing", "damaged"):
+        _write_conversion(cached, _nan_weights(sd), info.sha256)
+        if record == "missing":
+            record_path(cached).unlink()
+        elif record == "damaged":
+            record_path(cached).write_text("{", encoding="utf-8")
+        with caplog.at_level(logging.WARNING, logger=ck.log.name):
+            model, again = load_model(src, cache_dir=cache)
+        _assert_same(model, sd)
+        assert again.converted and "NaN" in caplog.text, record
+        assert is_recorded_finite(cached, info.sha256)
+        caplog.clear()
+
+
+def test_a_checkpoint_holding_nan_is_refused_at_conversion_and_with_its_record_missing_or_damaged(tmp_path,
+                                                                                                  trained):
+    sd, _ = trained
+    src = tmp_path / "nan.pth"
+    torch.save({"model": _nan_weights(sd)}, src)
+    cache = tmp_path / "cache"
+    with pytest.raises(ck.CheckpointError, match="NaN"):  # at conversion: nothing cached
+        load_model(src, cache_dir=cache)
+    assert not cache.exists() or not list(cache.glob("*.safetensors")) + list(cache.glob("*.finite.json"))
+    # A conversion of it in the cache (written by hand, say), without a valid record: still refused.
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    cached = cached_safetensors_path(src, cache)
+    _write_conversion(cached, _nan_weights(sd), sha)
+    for record in (None, "{", json.dumps({"format": "x"})):
+        if record is not None:
+            record_path(cached).write_text(record, encoding="utf-8")
+        with pytest.raises(ck.CheckpointError, match="NaN"):
+            load_model(src, cache_dir=cache)
+        assert not is_recorded_finite(cached, sha)
+
+
+def test_a_stale_conversion_goes_with_its_record(tmp_path, trained):
+    sd, _ = trained
+    src = tmp_path / "ckpt.pth"
+    torch.save({"model": sd}, src)
+    cache = tmp_path / "cache"
+    load_model(src, cache_dir=cache)
+    first = cached_safetensors_path(src, cache)
+    torch.save({"model": {k: v + 1.0 for k, v in sd.items()}}, src)
+    load_model(src, cache_dir=cache)
+    assert not first.exists() and not record_path(first).exists()
+    assert sorted(p.name for p in cache.glob("*.finite.json")) == [
+        record_path(cached_safetensors_path(src, cache)).name
+    ]

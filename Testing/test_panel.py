@@ -4,6 +4,7 @@ read it the way a user reads the panel."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,45 @@ def test_point_placed_in_a_view_takes_that_views_axis(case):
     p.axis = "sagittal"
     panel.point_placed(p, include)
     assert p.axis == "sagittal"
+
+
+# -- entering the module ---------------------------------------------------------------------------------
+
+
+def test_entering_the_module_loads_the_chosen_model_in_the_background(client):
+    """Issue 27, item 4: `warm_up` (the Widget's enter()) returns at once and the engine loads the chosen
+    model meanwhile; the first action then finds it loaded and asks for nothing more."""
+    from SAMMed2DSegmentLib.weights import registry
+
+    hs = create_headless_scene()
+    p = PanelParameters(device="cpu", precision="fp32")
+    panel = _panel(hs, client)
+    assert panel.warm_up(p)
+    _wait(panel)
+    demo = str(registry.resolve_model("demo"))
+    assert panel.controller.model.get("path") == demo
+    assert panel.view(p).model_status.startswith("Loaded: ")
+    assert panel.take_dialogs() == []
+    assert not panel.warm_up(p)  # entered again: loaded already, nothing to wait for
+    assert panel.controller.request_model(demo, "cpu", precision="fp32") is None  # the first click's request
+
+
+def test_entering_the_module_starts_nothing_when_the_model_cannot_run_yet():
+    """Nothing installed, or a local model without a file: no engine, no dialog, no status (the first action
+    says what is missing)."""
+    hs = create_headless_scene()
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    made = []
+
+    def make() -> InteractiveSegmentation:
+        made.append(1)
+        return InteractiveSegmentation(hs.scene, EngineClient(), editor, hs.app_logic)
+
+    not_installed = dataclasses.replace(self_test.READY, torch_problem="torch is not installed")
+    assert not not_installed.ready
+    for state, model in ((not_installed, "demo"), (self_test.READY, LOCAL_MODEL)):
+        panel = PanelModel(hs, make, lambda download, state=state: state)
+        assert not panel.warm_up(PanelParameters(model=model))
+        assert panel.take_dialogs() == [] and panel.activity.status == ""
+    assert not PanelModel(hs, make, lambda d: self_test.READY).warm_up(None)  # no parameter node yet
+    assert made == []

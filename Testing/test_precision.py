@@ -54,6 +54,31 @@ def test_fp32_stays_the_module_path(small_model, golden):
     assert torch.equal(predictor.get_image_embedding(), direct)
 
 
+def test_low_precision_weights_are_prepared_on_the_first_encode_only(small_model, golden, monkeypatch):
+    """Issue 27, item 4: a bf16 predictor is ready at once; masks from a cached embedding need no
+    low-precision weights, and the first encode prepares them once."""
+    from SAMMed2DSegmentLib.model import lowp_encoder
+
+    built = []
+
+    class Counting(lowp_encoder.LowPrecisionEncoder):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(args[1])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lowp_encoder, "LowPrecisionEncoder", Counting)
+    predictor = SamMed2DPredictor(small_model, precision="bf16")
+    assert built == [] and predictor.embedding_dtype == torch.bfloat16
+    cached = torch.from_numpy(golden["small_img1_embedding"]).to(torch.bfloat16)
+    predictor.set_embedding(cached, golden["img1_image"].shape[:2])
+    masks, _, _ = predictor.predict(np.array([[100.0, 120.0]]), np.array([1]))
+    assert masks.shape[0] == 1 and built == []
+    for image in ("img1", "img2", "img1"):
+        predictor.set_image(golden[f"{image}_image"])
+        assert _cosine(predictor.get_image_embedding(), golden[f"small_{image}_embedding"]) >= 0.9999
+    assert built == [torch.bfloat16]
+
+
 @pytest.fixture(scope="module")
 def demo_predictors() -> dict[str, SamMed2DPredictor]:
     model, _ = load_model(registry.resolve_model("demo"))

@@ -81,8 +81,8 @@ def encoder_figures(model, precision: str, x, runs: int, device, sync, flops: fl
     dtype = DTYPES[precision]
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     b = torch.randn(2048, 2048, device=device, dtype=dtype)
-    if predictor._lowp_encoder is not None:  # noqa: SLF001 (the benchmark times the encoder alone)
-        encode = lambda: predictor._lowp_encoder(x)  # noqa: E731, SLF001
+    if predictor.lowp_encoder is not None:  # the benchmark times the encoder alone
+        encode = lambda: predictor.lowp_encoder(x)  # noqa: E731
     else:
         encode = lambda: model.image_encoder(x)  # noqa: E731
     with torch.inference_mode():

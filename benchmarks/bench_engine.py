@@ -7,6 +7,8 @@
    in a busy Python loop under sys.setswitchinterval(0.05) (which on 2 cores also takes a core from the
    model); for the engine process and for a worker thread in this process (the module's former design). A
    ratio near 1.0 means the main thread's GIL does not slow the model.
+
+`--cold-start [--compare-with FOLDER]` prints the cold-start breakdown instead (`cold_start.py`).
 """
 
 from __future__ import annotations
@@ -149,4 +151,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--cold-start"]:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from cold_start import main as cold_start
+
+        cold_start(sys.argv[2:])
+    else:
+        main()

@@ -276,6 +276,12 @@ def sha256_file(
     return digest.hexdigest()
 
 
+def stat_identity(st: os.stat_result) -> list[int]:
+    """Everything that changes when a file is written or replaced (ctime cannot be set by a user): what a
+    record about a file's content is bound to when re-reading the content would cost what the record saves."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """True when `a` and `b` name one file: the same inode when both exist (so symlinks and hard links
     count), else the same fully resolved path (a file about to be created through a link)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from ..model.sam import SamMed2D
 from .precision import PrecisionChoice, resolve_precision
 from .preprocessing import as_rgb_uint8, model_input
+
+if TYPE_CHECKING:
+    from ..model.lowp_encoder import LowPrecisionEncoder
 
 log = logging.getLogger("SAMMed2D.predictor")
 
@@ -42,12 +46,7 @@ class SamMed2DPredictor:
     def __init__(self, model: SamMed2D, precision: str = "fp32") -> None:
         self.model = model
         self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
-        self._lowp_encoder = None
-        if self.precision != "fp32":
-            from ..model.lowp_encoder import LowPrecisionEncoder
-
-            dtype = self.precision_choice.dtype
-            self._lowp_encoder = LowPrecisionEncoder(model.image_encoder, dtype).to(self.device)
+        self._lowp_encoder = None  # prepared on the first encode (`lowp_encoder`)
         if precision != "fp32":
             log.info("encoder precision %s (%s)", self.precision, self.precision_choice.reason)
         self.reset_image()
@@ -60,7 +59,19 @@ class SamMed2DPredictor:
     @property
     def embedding_dtype(self) -> torch.dtype:
         """The dtype embeddings are computed and kept in."""
-        return self.precision_choice.dtype if self._lowp_encoder is not None else self.dtype
+        return self.precision_choice.dtype if self.precision != "fp32" else self.dtype
+
+    @property
+    def lowp_encoder(self) -> LowPrecisionEncoder | None:
+        """The low-precision encoder (None at fp32). Its weights (a transposed, cast copy of the encoder's)
+        are prepared on first use, not when the predictor is made: a start whose first masks come from
+        cached embeddings never pays for them, and the engine answers sooner."""
+        if self._lowp_encoder is None and self.precision != "fp32":
+            from ..model.lowp_encoder import LowPrecisionEncoder
+
+            encoder = LowPrecisionEncoder(self.model.image_encoder, self.precision_choice.dtype)
+            self._lowp_encoder = encoder.to(self.device)
+        return self._lowp_encoder
 
     # -- image ------------------------------------------------------------------------------------
     @property
@@ -88,8 +99,8 @@ class SamMed2DPredictor:
         """Encode an H×W or H×W×3 uint8 image and keep its embedding for `predict`."""
         rgb = as_rgb_uint8(image)
         x = torch.from_numpy(model_input(rgb, self.image_size))
-        if self._lowp_encoder is not None:
-            features = self._lowp_encoder(x.to(self.device)).to(self.embedding_dtype)
+        if self.precision != "fp32":
+            features = self.lowp_encoder(x.to(self.device)).to(self.embedding_dtype)
         else:
             with torch.inference_mode():
                 features = self.model.image_encoder(x.to(self.device, self.dtype))

@@ -218,6 +218,25 @@ class PanelModel:
             return f"Loaded: {os.path.basename(path)} on {loaded['device']}"
         return f"Ready: {os.path.basename(path)}"
 
+    def warm_up(self, p: Any) -> bool:
+        """The module was entered: start the engine and load the chosen model in the background, so that the
+        first click usually finds it ready (torch's import and the load are most of a cold start). Nothing
+        is asked or shown when it cannot be done yet (nothing installed, no model file chosen or
+        downloaded): the first action says what is missing. A failed load only shows in the status line; the
+        first action asks again and shows the error. Returns whether a load was asked for (poll until the
+        engine is idle)."""
+        if p is None or not self.requirements(False).ready:
+            return False
+        try:
+            path = self.model_path(p)
+        except (ValueError, RuntimeError, OSError):
+            return False
+
+        def on_error(message: str, details: str) -> None:
+            self._fail(f"The model could not be loaded: {message}", False, details)
+
+        return self.controller.request_model(path, p.device, on_error, precision=p.precision) is not None
+
     def download(self, p: Any) -> bool:
         """Download the chosen registry model in the engine process (resumable; Stop cancels)."""
         from ..weights import registry

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_path, sha256_file
+from ..files import atomic_path, sha256_file, stat_identity
 from .cache_dir import CACHE_ENV, default_cache_dir
+from .finite_weights import is_recorded_finite, nonfinite_tensors, record_finite, record_path
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +368,6 @@ def convert_to_safetensors(
     return metadata
 
 
-def _identity(st: os.stat_result) -> list[int]:
-    """Everything that changes when a file is written or replaced (ctime cannot be set by a user)."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
 def _cache_base(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
@@ -388,7 +384,7 @@ def _remembered_sha256(src: Path, base: Path) -> str | None:
     """The SHA-256 recorded for `src` while its identity (size, mtime, ctime, inode, device) is unchanged."""
     try:
         entry = json.loads(_index_path(src, base).read_text(encoding="utf-8"))
-        if entry.get("identity") == _identity(src.expanduser().resolve().stat()):
+        if entry.get("identity") == stat_identity(src.expanduser().resolve().stat()):
             sha = entry.get("sha256")
             return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
     except (OSError, ValueError, AttributeError):
@@ -466,8 +462,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def _check_finite(sd: Mapping[str, torch.Tensor], path: Path) -> None:
     """NaN or infinite weights give NaN logits, i.e. empty masks that would erase voxels: refuse them."""
-    with torch.no_grad():
-        bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(sd)
     if bad:
         raise CheckpointError(
             f"refusing {path}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); the file is "
@@ -477,16 +472,20 @@ def _check_finite(sd: Mapping[str, torch.Tensor], path: Path) -> None:
 
 @dataclasses.dataclass
 class _Source:
-    """A checkpoint's state dict, provenance, and, for a fresh conversion, what to put in the cache."""
+    """A checkpoint's state dict, provenance, and, for a fresh conversion, what to put in the cache.
+    `checked`: its weights are known finite (a cached conversion with its record, or checked on reading);
+    `to_record`: a cached conversion checked again (its record was missing or stale), to be recorded."""
 
     sd: dict[str, torch.Tensor]
     info: CheckpointInfo
     to_cache: tuple[Path, dict[str, str], list[int]] | None = None
+    checked: bool = False
+    to_record: Path | None = None
 
 
 def _check_unchanged(path: Path, identity: list[int]) -> None:
     """The hash taken must be the hash of the weights read: refuse a file replaced in between."""
-    if _identity(path.expanduser().resolve().stat()) != identity:
+    if stat_identity(path.expanduser().resolve().stat()) != identity:
         raise CheckpointError(f"{path} changed while it was being read; load it again")
 
 
@@ -501,6 +500,7 @@ def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
             metadata = fh.metadata() or {}
         if metadata.get("format") == FORMAT_TAG and metadata.get("source_sha256") == sha:
             stale.unlink()
+            record_path(stale).unlink(missing_ok=True)
     except (OSError, SafetensorError):
         pass
 
@@ -512,7 +512,7 @@ def _read_source(
     A conversion is only prepared here; `load_model` writes it once the weights have loaded."""
     source = str(path.expanduser().resolve())
     base = _cache_base(cache_dir)
-    identity = _identity(path.expanduser().resolve().stat())
+    identity = stat_identity(path.expanduser().resolve().stat())
     remembered = _remembered_sha256(path, base) if use_cache else None
     if _sniff(path) == "safetensors":
         # The identity is the hash of this file: a `source_sha256` in its metadata is only a claim, and a
@@ -527,16 +527,10 @@ def _read_source(
     sha = remembered or sha256_file(path)
     if use_cache:
         cached = _content_path(path, sha, base)
-        if cached.is_file():
-            try:
-                tensors, metadata = _load_safetensors(cached)
-                if metadata.get("format") == FORMAT_TAG and metadata.get("source_sha256") == sha:
-                    sd, _ = extract_state_dict(tensors)
-                    notes = tuple(filter(None, metadata.get("notes", "").split("\n")))
-                    info = CheckpointInfo("", source, sha, True, False, str(cached), notes)
-                    return _Source(sd, info, None if remembered else (cached, {}, identity))
-            except CheckpointError as exc:
-                log.warning("ignoring unreadable cached copy %s (%s); converting again", cached, exc)
+        found = _cached_conversion(cached, source, sha) if cached.is_file() else None
+        if found is not None:
+            found.to_cache = None if remembered else (cached, {}, identity)
+            return found
     sd, notes = extract_state_dict(load_checkpoint_object(path))
     _check_unchanged(path, identity)
     info = CheckpointInfo("", source, sha, False, False, source, notes)
@@ -545,9 +539,40 @@ def _read_source(
     return _Source(sd, info, (_content_path(path, sha, base), _metadata(sd, notes, build, sha), identity))
 
 
+def _cached_conversion(cached: Path, source: str, sha: str) -> _Source | None:
+    """The cached conversion of the source with hash `sha`, its weights known finite: by its record, else
+    checked now (and recorded later). None (convert again) when it is unreadable, of another source, or
+    holds NaN or infinity."""
+    try:
+        tensors, metadata = _load_safetensors(cached)
+        if metadata.get("format") != FORMAT_TAG or metadata.get("source_sha256") != sha:
+            return None
+        sd, _ = extract_state_dict(tensors)
+    except CheckpointError as exc:
+        log.warning("ignoring unreadable cached copy %s (%s); converting again", cached, exc)
+        return None
+    recorded = is_recorded_finite(cached, sha)
+    if not recorded and nonfinite_tensors(sd):
+        log.warning("ignoring the cached copy %s: its weights hold NaN or infinity; converting again", cached)
+        return None
+    notes = tuple(filter(None, metadata.get("notes", "").split("\n")))
+    info = CheckpointInfo("", source, sha, True, False, str(cached), notes)
+    return _Source(sd, info, checked=True, to_record=None if recorded else cached)
+
+
+def _record_checked(cached: Path, sha: str) -> None:
+    """Record a conversion's check; a record that cannot be written only means checking again next time."""
+    try:
+        record_finite(cached, sha)
+    except OSError as exc:
+        log.warning("cannot record the weights check of %s (%s); it is checked again next time", cached, exc)
+
+
 def _store_in_cache(path: Path, source: _Source, cache_dir: str | os.PathLike[str] | None) -> CheckpointInfo:
     """Write a fresh conversion (if any) and remember the source's hash; a cache that cannot be written
     only costs speed. Returns the provenance to report."""
+    if source.to_record is not None:
+        _record_checked(source.to_record, source.info.sha256)
     if source.to_cache is None:
         return source.info
     cached, metadata, identity = source.to_cache
@@ -555,6 +580,7 @@ def _store_in_cache(path: Path, source: _Source, cache_dir: str | os.PathLike[st
     try:
         if metadata:
             _write_safetensors(source.sd, cached, metadata)
+            _record_checked(cached, source.info.sha256)
         previous = _remember_sha256(path, base, source.info.sha256, identity)
     except OSError as exc:
         log.warning("cannot write the checkpoint cache in %s (%s); loaded %s directly", base, exc, path)
@@ -577,7 +603,8 @@ def load_model(
 
     A safetensors file is read directly (memory-mapped); a `.pth` is converted once into the cache (unless
     `use_cache=False` or the cache is not writable) so later starts skip the pickle (and, while the file is
-    unchanged, the hash). Weights holding NaN or infinity are refused; a refused file is never cached.
+    unchanged, the hash). Weights holding NaN or infinity are refused; a refused file is never cached. The
+    check runs on every load of a file read directly, and once for a cached conversion (`finite_weights`).
     """
     from ..model import build_sam_med2d
     from .registry import discard_unloadable, pin_loaded
@@ -592,7 +619,8 @@ def load_model(
         with torch.device("meta"):  # shapes only: the checkpoint's tensors become the parameters below
             model = build_sam_med2d(chosen)
         load_into(model, source.sd, assign=True)
-        _check_finite(source.sd, path)
+        if not source.checked:  # a cached conversion was checked when it was written
+            _check_finite(source.sd, path)
     except Exception as error:  # a registry download that cannot load is removed: the next fetch gets it anew
         replacement = discard_unloadable(path, error)
         if replacement is error:
