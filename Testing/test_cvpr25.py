@@ -4,9 +4,13 @@ bundled CT with the demo model through the real session."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from SAMMed2DSegmentLib import cli
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.evaluation.clicks import dice
 from SAMMed2DSegmentLib.evaluation.cvpr25 import run_protocol
@@ -18,6 +22,9 @@ from SAMMed2DSegmentLib.evaluation.cvpr25_user import (
 )
 from SAMMed2DSegmentLib.evaluation.metrics.interactive import click_auc, step_scores
 from SAMMed2DSegmentLib.evaluation.metrics.surface import surface_dice
+from SAMMed2DSegmentLib.evaluation.saved_mask import write_mask_segmentation
+from SAMMed2DSegmentLib.formats.volumes import read_labels_on_grid
+from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
 
 from . import cvpr25_reference as theirs
 
@@ -155,3 +162,62 @@ def test_an_oracle_reaches_dsc_1_and_stops_clicking():
     # when it had a mask before.
     index, prompt, _ = short.segmented[1]
     assert prompt.points.tolist() == [[result.clicks[0]["x"], result.clicks[0]["y"]]] and prompt.box is None
+
+
+REPO = Path(__file__).resolve().parents[1]
+CT_DIR = REPO / "Testing" / "Data" / "totalseg-example-ct"
+LABELS = CT_DIR / "labels" / "labels_on_ct_grid.nrrd"
+RIB = 103  # rib_left_12: on 3 slices of the bundled CT, so the whole protocol stays cheap
+
+
+def test_cvpr25_end_to_end_on_the_bundled_ct_with_the_demo_model(tmp_path, ct, capsys):
+    out, masks = tmp_path / "rib.json", tmp_path / "masks"
+    argv = ["evaluate", "--volume", str(CT_DIR / "ct"), "--labels", str(LABELS), "--label-value", str(RIB),
+            "--protocol", "cvpr25", "--precision", "fp32", "--json", str(out), "--save-masks", str(masks),
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    for key in ("dsc_per_step", "nsd_per_step", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd", "seconds",
+                "clicks"):  # fmt: skip
+        assert key in result, key
+    assert result["protocol"] == "cvpr25" and result["model"]["precision"] == "fp32"
+    dsc, nsd = result["dsc_per_step"], result["nsd_per_step"]
+    assert len(dsc) == len(nsd) == 6 and all(0 <= v <= 1 for v in dsc + nsd)
+    assert (result["final_dsc"], result["final_nsd"]) == (dsc[-1], nsd[-1])
+    assert result["dsc_auc"] == pytest.approx(theirs.auc(dsc), abs=1e-3)
+    assert result["nsd_auc"] == pytest.approx(theirs.auc(nsd), abs=1e-3)
+    assert dsc[0] > 0  # the box finds some of the rib
+    labels = read_labels_on_grid(LABELS, ct.array_kji.shape, ct.ijk_to_ras)
+    truth = labels == RIB
+    assert (result["box"]["z_min"], result["box"]["z_max"], result["box"]["z_mid"]) == (0, 2, 1)
+    assert 0 < len(result["clicks"]) <= 5
+    for click in result["clicks"]:
+        kji = tuple(click["voxel_kji"])
+        assert len(kji) == 3 and all(0 <= v < s for v, s in zip(kji, truth.shape, strict=True))
+        assert click["label"] in ("fg", "bg") and 0 <= click["slice"] <= 2
+    # The first click answers the box step's 3-D error: a fg click on the rib or a bg click off it.
+    first = result["clicks"][0]
+    assert truth[tuple(first["voxel_kji"])] == (first["label"] == "fg")
+    # The final mask, saved as a segment on the CT's grid, scores the final DSC.
+    saved = dict(read_segments_on_grid(masks / "rib.seg.nrrd", ct.array_kji, ct.ijk_to_ras))
+    assert list(saved) == [f"label {RIB}"]
+    assert dice(saved[f"label {RIB}"], truth) == pytest.approx(result["final_dsc"], abs=1e-4)
+    # --save-masks belongs to cvpr25: refused in one line, before any work.
+    capsys.readouterr()
+    refused = ["clicks" if a == "cvpr25" else a for a in argv]
+    assert cli.main(refused) == 2
+    err = capsys.readouterr().err
+    assert "--save-masks needs --protocol cvpr25" in err and "Traceback" not in err
+
+
+def test_a_saved_mask_updates_an_existing_file_and_keeps_its_other_segments(tmp_path):
+    first = ball((5, 20, 30), (2, 8, 12), (2, 5, 7))
+    second = ball((5, 20, 30), (2, 12, 18), (1.5, 4, 6))
+    matrix = np.array([[-0.7, 0, 0, 10], [0, -0.7, 0, 5], [0, 0, 2.5, -3], [0, 0, 0, 1]])
+    path = tmp_path / "case.seg.nrrd"
+    write_mask_segmentation(path, second, matrix, "label 6")
+    write_mask_segmentation(path, first, matrix, "label 5", existing=path)
+    write_mask_segmentation(path, first & ~second, matrix, "label 5", existing=path)  # replaced whole
+    segments = dict(read_segments_on_grid(path, np.zeros(first.shape), matrix))
+    assert set(segments) == {"label 5", "label 6"}
+    assert (segments["label 6"] == second).all() and (segments["label 5"] == (first & ~second)).all()
