@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.evaluation.clicks import dice
 from SAMMed2DSegmentLib.evaluation.cvpr25 import run_protocol
@@ -175,7 +175,7 @@ def test_cvpr25_end_to_end_on_the_bundled_ct_with_the_demo_model(tmp_path, ct, c
     argv = ["evaluate", "--volume", str(CT_DIR / "ct"), "--labels", str(LABELS), "--label-value", str(RIB),
             "--protocol", "cvpr25", "--precision", "fp32", "--json", str(out), "--save-masks", str(masks),
             "--quiet"]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     result = json.loads(out.read_text())
     for key in ("dsc_per_step", "nsd_per_step", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd", "seconds",
                 "clicks"):  # fmt: skip
@@ -205,7 +205,7 @@ def test_cvpr25_end_to_end_on_the_bundled_ct_with_the_demo_model(tmp_path, ct, c
     # --save-masks belongs to cvpr25: refused in one line, before any work.
     capsys.readouterr()
     refused = ["clicks" if a == "cvpr25" else a for a in argv]
-    assert cli.main(refused) == 2
+    assert commands.main(refused) == 2
     err = capsys.readouterr().err
     assert "--save-masks needs --protocol cvpr25" in err and "Traceback" not in err
 

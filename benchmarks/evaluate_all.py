@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "SAMMed2DSegment"))
 
 import numpy as np  # noqa: E402
 
-from SAMMed2DSegmentLib import cli  # noqa: E402
+from SAMMed2DSegmentLib import commands  # noqa: E402
 from SAMMed2DSegmentLib.formats.volumes import read_volume  # noqa: E402
 
 DATA = REPO / "Testing" / "Data" / "totalseg-example-ct"
@@ -85,7 +85,7 @@ def run(argv: list[str], target: Path) -> dict | None:
     """One `evaluate` run into `target` (a fresh file); its JSON, or None when it failed."""
     if target.exists():
         target.unlink()
-    if cli.main([*argv, "--json", str(target)]) != 0:
+    if commands.main([*argv, "--json", str(target)]) != 0:
         return None
     return json.loads(target.read_text())
 

@@ -1,7 +1,8 @@
 """`python -m SAMMed2DSegmentLib evaluate`: an interactive protocol on a volume with a reference label map,
-written as one JSON file: `clicks` (`protocol.py`, SAM-Med2D's 2-D test: a first prompt and corrective
-clicks on every slice) or `cvpr25` (`cvpr25.py`, the CVPR 2025 interactive 3-D challenge run through box,
-propagation and corrections). The options are a contract: automated checks call them.
+written as one JSON file: `clicks` (`evaluation/protocol.py`, SAM-Med2D's 2-D test: a first prompt and
+corrective clicks on every slice) or `cvpr25` (`evaluation/cvpr25.py`, the CVPR 2025 interactive 3-D
+challenge run through box, propagation and corrections). The options are a contract: automated checks call
+them.
 
     evaluate --volume CT --labels LABELS --label-value N [--axis axial] [--model NAME | --checkpoint FILE]
         [--precision ...] --protocol clicks|cvpr25 --max-clicks 5 [--first box|point] --json OUT.json
@@ -16,7 +17,17 @@ import time
 from pathlib import Path
 
 from ..engine.geometry import AXES
-from .protocol import FIRST_PROMPTS
+from ..evaluation.protocol import FIRST_PROMPTS
+from .common import (
+    CommandError,
+    OutputError,
+    add_model_options,
+    intensity_rule,
+    intensity_window,
+    load_model,
+    os_reason,
+    planned,
+)
 
 MAX_CLICKS_LIMIT = 50
 PROTOCOLS = ("clicks", "cvpr25")
@@ -29,12 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--volume", required=True, help="volume file, or a folder with one DICOM series")
     p.add_argument("--labels", required=True, help="integer label map on the volume's grid")
     p.add_argument("--label-value", type=int, required=True, help="the structure's value in --labels")
+    p.set_defaults(run_command=run_evaluate, summarize=summary)
     p.add_argument("--axis", default="axial", choices=AXES)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", help="checkpoint file (official .pth, state dict, or .safetensors)")
-    model.add_argument("--model", help="model name from the registry (default: demo)")
-    p.add_argument("--download", action="store_true", help="download a registry model not in the cache yet")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
+    add_model_options(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--window", default="auto",
                    help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
@@ -55,7 +63,6 @@ def add_parser(subparsers) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """Check every input and the output path first, then run; the JSON is written atomically at the end."""
-    from ..cli import CommandError, planned
     from ..outputs import SEGMENTATION, Kind, input_files, json_with
 
     if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
@@ -82,8 +89,6 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 def saved_mask_path(args: argparse.Namespace) -> Path | None:
     """Where --save-masks puts the final mask: DIR/<name of the JSON>.seg.nrrd."""
-    from ..cli import CommandError
-
     if not args.save_masks:
         return None
     if args.protocol != "cvpr25":
@@ -100,14 +105,13 @@ def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
     """The run, once the output plan passed (and while the mask file's lock is held)."""
     import numpy as np
 
-    from ..cli import CommandError, _intensity_rule, _model, _window
     from ..engine.predictor import SamMed2DPredictor
     from ..engine.session import SegmentationSession
+    from ..evaluation.cvpr25 import evaluate_cvpr25
+    from ..evaluation.protocol import evaluate_structure
+    from ..evaluation.saved_mask import check_existing
     from ..formats.volumes import read_labels_on_grid, read_volume
     from ..weights.checkpoint import CheckpointError
-    from .cvpr25 import evaluate_cvpr25
-    from .protocol import evaluate_structure
-    from .saved_mask import check_existing
 
     t0 = time.perf_counter()
     try:
@@ -121,11 +125,11 @@ def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
             )
         if mask_file is not None and mask_file.exists() and mask_file.stat().st_size:
             check_existing(mask_file, volume.array_kji.shape, volume.ijk_to_ras)
-        window = _window(args.window, volume.array_kji, volume.modality, _intensity_rule(args))
-        model, info = _model(args)
+        window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
+        model, info = load_model(args)
         predictor = SamMed2DPredictor(model, precision=args.precision)
         session = SegmentationSession(
-            predictor, model_sha256=info.sha256, intensity_rule=_intensity_rule(args)
+            predictor, model_sha256=info.sha256, intensity_rule=intensity_rule(args)
         )
         session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
         engine = session.engine(args.axis)
@@ -165,9 +169,8 @@ def _write(args: argparse.Namespace, out: dict, mask_file: Path | None, mask, ij
     """The JSON and the saved mask, committed together (neither is replaced unless both are written)."""
     import json
 
-    from ..cli import CommandError, OutputError, _os_reason
+    from ..evaluation.saved_mask import write_mask_segmentation
     from ..files import commit_outputs
-    from .saved_mask import write_mask_segmentation
 
     try:
         with commit_outputs() as outputs:
@@ -178,12 +181,13 @@ def _write(args: argparse.Namespace, out: dict, mask_file: Path | None, mask, ij
                 write_mask_segmentation(outputs.path(mask_file, suffix=".tmp.seg.nrrd"), mask, ijk_to_ras,
                                         f"label {args.label_value}", existing)  # fmt: skip
     except OSError as exc:
-        raise OutputError(f"cannot write the outputs ({_os_reason(exc)}); nothing written") from None
+        raise OutputError(f"cannot write the outputs ({os_reason(exc)}); nothing written") from None
     except ValueError as exc:  # an existing --save-masks file that cannot be read or is on another grid
         raise CommandError(f"--save-masks: {exc}; nothing written") from None
 
 
 def summary(out: dict) -> str:
+    """The line a finished run prints on stderr."""
     if out["protocol"] == "cvpr25":
         steps = " ".join(f"{v:.3f}" for v in out["dsc_per_step"])
         kinds = [c["label"] for c in out["clicks"]]
