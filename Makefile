@@ -81,8 +81,9 @@ demo-model-stage2: $(STAMP)
 	sha256sum $(TRAINED_DEMO) $(BUNDLED_DEMO)
 	cmp $(TRAINED_DEMO) $(BUNDLED_DEMO) && echo "identical to the bundled model"
 
-# The interactive protocol (box + 5 corrective clicks, propagation, region-grow baseline) for liver, spleen,
-# kidneys and stomach on both bundled CTs; one table (JSON per case in out/evaluate/).
+# The interactive protocols for liver, spleen, kidneys and stomach on both bundled CTs: the 2-D one (box + 5
+# corrective clicks per slice, propagation, region-grow baseline) and the CVPR 2025 challenge's (box on the
+# middle slice, propagation, 5 clicks in 3-D; DSC/NSD/AUC); two tables (JSON per case in out/evaluate/).
 evaluate: $(STAMP)
 	$(PY) benchmarks/evaluate_all.py
 

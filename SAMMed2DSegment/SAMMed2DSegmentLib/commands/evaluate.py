@@ -1,8 +1,12 @@
-"""`python -m SAMMed2DSegmentLib evaluate`: the interactive protocol (`protocol.py`) on a volume with a
-reference label map, written as one JSON file. The options are a contract: automated checks call them.
+"""`python -m SAMMed2DSegmentLib evaluate`: an interactive protocol on a volume with a reference label map,
+written as one JSON file: `clicks` (`evaluation/protocol.py`, SAM-Med2D's 2-D test: a first prompt and
+corrective clicks on every slice) or `cvpr25` (`evaluation/cvpr25.py`, the CVPR 2025 interactive 3-D
+challenge run through box, propagation and corrections). The options are a contract: automated checks call
+them.
 
     evaluate --volume CT --labels LABELS --label-value N [--axis axial] [--model NAME | --checkpoint FILE]
-        [--precision ...] --protocol clicks --max-clicks 5 [--first box|point] --json OUT.json
+        [--precision ...] --protocol clicks|cvpr25 --max-clicks 5 [--first box|point] --json OUT.json
+        [--save-masks DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .common import (
 )
 
 MAX_CLICKS_LIMIT = 50
+PROTOCOLS = ("clicks", "cvpr25")
 
 
 def add_parser(subparsers) -> None:
@@ -41,28 +46,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--window", default="auto",
                    help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
-    p.add_argument("--protocol", default="clicks", choices=["clicks"],
-                   help="first prompt, then simulated corrective clicks")  # fmt: skip
+    p.add_argument("--protocol", default="clicks", choices=PROTOCOLS,
+                   help="clicks: a first prompt, then corrective clicks, on every slice (default); cvpr25: "
+                        "the CVPR 2025 interactive challenge (box on the middle slice, propagation, 3-D "
+                        "corrective clicks)")  # fmt: skip
     p.add_argument("--first", default="box", choices=FIRST_PROMPTS,
                    help="first prompt: the label's box (default) or its deepest point")  # fmt: skip
     p.add_argument("--max-clicks", type=int, default=5, help="corrective clicks after the first prompt")
     p.add_argument("--min-pixels", type=int, default=1,
                    help="score slices with at least this many label pixels (default 1: all)")  # fmt: skip
     p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--save-masks", metavar="DIR",
+                   help="cvpr25: the final mask as DIR/<json name>.seg.nrrd (DIR is made)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """Check every input and the output path first, then run; the JSON is written atomically at the end."""
-    import numpy as np
-
-    from ..engine.predictor import SamMed2DPredictor
-    from ..engine.session import SegmentationSession
-    from ..evaluation.protocol import evaluate_structure
-    from ..files import atomic_path
-    from ..formats.volumes import read_labels_on_grid, read_volume
-    from ..outputs import Kind, input_files, json_with
-    from ..weights.checkpoint import CheckpointError
+    from ..outputs import SEGMENTATION, Kind, input_files, json_with
 
     if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
         raise CommandError(f"--max-clicks must be within 0..{MAX_CLICKS_LIMIT}, got {args.max_clicks}")
@@ -73,7 +74,44 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     inputs = input_files("--volume", args.volume) + input_files("--labels", args.labels)
     if args.checkpoint:
         inputs += input_files("--checkpoint", args.checkpoint)
-    planned([("--json", args.json, Kind("an evaluation result", json_with("volume", "protocol")))], inputs)
+    mask_file = saved_mask_path(args)
+    outputs = [("--json", args.json, Kind("an evaluation result", json_with("volume", "protocol")))]
+    plan = planned(outputs, inputs)
+    if mask_file is not None:  # the JSON's folder must exist; the masks' folder is made once the plan passes
+        plan = planned([*outputs, ("--save-masks", mask_file, SEGMENTATION)], inputs, missing_folders_ok=True)
+        try:
+            mask_file.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"--save-masks: cannot make {mask_file.parent} ({exc.strerror})") from None
+    with plan.lock("--save-masks", quiet=args.quiet):
+        return _evaluate_planned(args, mask_file)
+
+
+def saved_mask_path(args: argparse.Namespace) -> Path | None:
+    """Where --save-masks puts the final mask: DIR/<name of the JSON>.seg.nrrd."""
+    if not args.save_masks:
+        return None
+    if args.protocol != "cvpr25":
+        raise CommandError("--save-masks needs --protocol cvpr25 (the clicks protocol has no one final mask)")
+    folder = Path(args.save_masks)
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"--save-masks {folder} is not a folder")
+    if not folder.exists() and not folder.absolute().parent.is_dir():
+        raise CommandError(f"--save-masks: the folder {folder.absolute().parent} does not exist")
+    return folder / f"{Path(args.json).name[: -len('.json')]}.seg.nrrd"
+
+
+def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
+    """The run, once the output plan passed (and while the mask file's lock is held)."""
+    import numpy as np
+
+    from ..engine.predictor import SamMed2DPredictor
+    from ..engine.session import SegmentationSession
+    from ..evaluation.cvpr25 import evaluate_cvpr25
+    from ..evaluation.protocol import evaluate_structure
+    from ..evaluation.saved_mask import check_existing
+    from ..formats.volumes import read_labels_on_grid, read_volume
+    from ..weights.checkpoint import CheckpointError
 
     t0 = time.perf_counter()
     try:
@@ -85,6 +123,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             raise CommandError(
                 f"--label-value {args.label_value} is not in {args.labels} (present: {present})"
             )
+        if mask_file is not None and mask_file.exists() and mask_file.stat().st_size:
+            check_existing(mask_file, volume.array_kji.shape, volume.ijk_to_ras)
         window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
         model, info = load_model(args)
         predictor = SamMed2DPredictor(model, precision=args.precision)
@@ -99,37 +139,61 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             if not args.quiet:
                 print(f"slice {index}: Dice " + " ".join(f"{v:.3f}" for v in curve), file=sys.stderr)
 
-        result = evaluate_structure(
-            engine, geometry, volume.array_kji, truth, first=args.first, max_clicks=args.max_clicks,
-            min_pixels=args.min_pixels, on_slice=progress,
-        )  # fmt: skip
+        if args.protocol == "cvpr25":
+            result = evaluate_cvpr25(session, truth, args.axis, args.max_clicks)
+        else:
+            result = evaluate_structure(
+                engine, geometry, volume.array_kji, truth, first=args.first, max_clicks=args.max_clicks,
+                min_pixels=args.min_pixels, on_slice=progress,
+            )  # fmt: skip
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(str(exc)) from exc  # an unreadable --save-masks file included
     out = {
         "volume": str(args.volume),
         "labels": str(args.labels),
         "label_value": args.label_value,
         "axis": args.axis,
         "protocol": args.protocol,
-        "first": args.first,
+        **({"first": args.first} if args.protocol == "clicks" else {}),
         "max_clicks": args.max_clicks,
         "model": {"build": info.build, "sha256": info.sha256, "precision": predictor.precision},
         "window": {"low": window.low, "high": window.high, "method": window.method},
+        "seconds": round(time.perf_counter() - t0, 2),  # the whole run; cvpr25: the structure's protocol
         **result.as_json(),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
+    _write(args, out, mask_file, getattr(result, "mask", None), volume.ijk_to_ras)
+    return out
+
+
+def _write(args: argparse.Namespace, out: dict, mask_file: Path | None, mask, ijk_to_ras) -> None:
+    """The JSON and the saved mask, committed together (neither is replaced unless both are written)."""
     import json
 
+    from ..evaluation.saved_mask import write_mask_segmentation
+    from ..files import commit_outputs
+
     try:
-        with atomic_path(Path(args.json), suffix=".tmp.json") as temporary:
-            temporary.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        with commit_outputs() as outputs:
+            outputs.path(args.json, suffix=".tmp.json").write_text(json.dumps(out, indent=1) + "\n",
+                                                                   encoding="utf-8")  # fmt: skip
+            if mask_file is not None:
+                existing = mask_file if mask_file.exists() and mask_file.stat().st_size else None
+                write_mask_segmentation(outputs.path(mask_file, suffix=".tmp.seg.nrrd"), mask, ijk_to_ras,
+                                        f"label {args.label_value}", existing)  # fmt: skip
     except OSError as exc:
-        raise OutputError(f"cannot write {args.json} ({os_reason(exc)}); nothing written") from None
-    return out
+        raise OutputError(f"cannot write the outputs ({os_reason(exc)}); nothing written") from None
+    except ValueError as exc:  # an existing --save-masks file that cannot be read or is on another grid
+        raise CommandError(f"--save-masks: {exc}; nothing written") from None
 
 
 def summary(out: dict) -> str:
     """The line a finished run prints on stderr."""
+    if out["protocol"] == "cvpr25":
+        steps = " ".join(f"{v:.3f}" for v in out["dsc_per_step"])
+        kinds = [c["label"] for c in out["clicks"]]
+        return (f"DSC per step {steps}; DSC AUC {out['dsc_auc']:.3f}, NSD AUC {out['nsd_auc']:.3f}; "
+                f"final DSC {out['final_dsc']:.3f}, NSD {out['final_nsd']:.3f}; "
+                f"clicks {kinds.count('fg')} fg, {kinds.count('bg')} bg")  # fmt: skip
     curve = " ".join(f"{v:.3f}" for v in out["dice_per_click"])
     base = out["baseline"]
     return (
