@@ -49,7 +49,25 @@ class CaseOutcome:
     seconds: float = 0.0
     worker: str = ""
     model_loads: int = 0
+    peak_memory_mb: float = 0.0
     result: dict | None = None
+
+
+def peak_memory_mb() -> float:
+    """This worker process's peak resident memory so far (Linux VmHWM, which a spawned process does not
+    inherit from its parent; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1024), 1)
 
 
 def worker_name() -> str:
@@ -60,6 +78,19 @@ def worker_name() -> str:
         return str(get_worker().address)
     except (ImportError, ValueError):
         return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cores_per_case() -> int:
+    """On a worker of someone else's cluster: its cores shared by the cases it runs at once (Dask's nanny
+    sets OMP_NUM_THREADS=1, which would leave torch one core; run one worker process per allocation)."""
+    from .cluster import usable_cores
+
+    try:
+        from distributed import get_worker
+
+        return max(1, usable_cores() // get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return usable_cores()
 
 
 def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple:
@@ -87,10 +118,9 @@ def run_case(task: CaseTask) -> CaseOutcome:
     t0 = time.perf_counter()
     outcome = CaseOutcome(task.case, "failed", worker=worker_name())
     try:
-        if task.torch_threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(task.torch_threads)
+        torch.set_num_threads(task.torch_threads or _cores_per_case())
         try:
             args = build_parser().parse_args([task.command, *task.argv])
         except SystemExit:
@@ -98,11 +128,8 @@ def run_case(task: CaseTask) -> CaseOutcome:
         args.preloaded_model = model_once(args, task.model_sha256, load_model)
         outcome.result = args.run_command(args)
         if task.report is not None:
-            report = {
-                **outcome.result,
-                **task.final,
-                "batch": {**task.batch, "worker": outcome.worker, "model_loads": _loads},
-            }
+            record = {"worker": outcome.worker, "model_loads": _loads, "peak_memory_mb": peak_memory_mb()}
+            report = {**outcome.result, **task.final, "batch": {**task.batch, **record}}
             Path(task.report).write_text(report_json(report) + "\n", encoding="utf-8")
         outcome.status = "done"
         outcome.slices = len(outcome.result.get("slices_written", ())) if outcome.result else 0
@@ -113,6 +140,7 @@ def run_case(task: CaseTask) -> CaseOutcome:
     except Exception as exc:  # noqa: BLE001 - a case's bug must not stop the cohort; its reason is kept
         outcome.reason = f"{type(exc).__name__}: {_one_line(exc)}"
     outcome.model_loads = _loads
+    outcome.peak_memory_mb = peak_memory_mb()
     outcome.seconds = round(time.perf_counter() - t0, 2)
     if outcome.status == "done" and outcome.result is not None:
         outcome.result = json.loads(report_json(outcome.result))  # plain JSON data back to the client
