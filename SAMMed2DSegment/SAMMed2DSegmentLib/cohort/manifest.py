@@ -80,7 +80,7 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("case", "volume
         if len(cells) != len(header):
             raise ManifestError(f"{where}: {len(cells)} cells for {len(header)} columns")
         row = {h: c.strip() for h, c in zip(header, cells, strict=True)}
-        case = _check_row(row, line, where, path.parent, required)
+        case = _check_row(row, line, where, path.absolute().parent, required)
         if case.name.lower() in seen:  # case-insensitive file systems would merge the two folders
             raise ManifestError(f"{where}: case {case.name!r} already on line {seen[case.name.lower()]}")
         seen[case.name.lower()] = line
