@@ -9,7 +9,7 @@ DEMO_LABELS := Testing/Data/totalseg-example-ct/labels/labels_on_ct_grid.nrrd
 DEMO_OUT ?= out/demo
 TRAIN_CT := Testing/Data/totalseg-example-ct/nifti
 
-.PHONY: test demo demo-model demo-model-stage2 evaluate bench bench-engine bench-volume bench-dicom-seg bench-batch lint clean
+.PHONY: test demo screenshots demo-model demo-model-stage2 evaluate bench bench-engine bench-volume bench-dicom-seg bench-batch lint clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ demo: $(STAMP)
 		--report $(DEMO_OUT)/report.json --quiet
 	$(PY) demo/summarize.py --volume $(DEMO_CT) --segmentation $(DEMO_OUT)/liver.seg.nrrd --segment liver \
 		--report $(DEMO_OUT)/report.json --labels $(DEMO_LABELS) --label-value 5 --png $(DEMO_OUT)/overview.png
+
+# The README's screenshots, drawn by Slicer's own slice views (offscreen, slicer-core) from the bundled CT and
+# demo model: the liver segmented from include and exclude points and propagated, the three views, and a
+# before/after of "Propagate from here". Writes the PNGs in Resources/Screenshots/ (committed).
+screenshots: $(STAMP)
+	$(PY) Resources/Screenshots/make_screenshots.py --out-dir Resources/Screenshots
 
 # Re-train the demo model as shipped, in two stages (see its model card). Stage 1 (about 37 minutes on 2 quiet
 # cores of a CPU with AVX512-BF16 or AMX; bf16 is emulated and impractically slow on other CPUs) trains the

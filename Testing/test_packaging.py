@@ -520,3 +520,49 @@ def test_icon_is_128_rgba_png(icon):
     assert chunks[-1][0] == b"IEND"
     raw = zlib.decompress(b"".join(payload for k, payload in chunks if k == b"IDAT"))
     assert len(raw) == height * (1 + width * 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# (f) Screenshots and the real-Slicer workflow (tier D, which cannot run here)
+
+SLICER_WORKFLOW = ROOT / ".github" / "workflows" / "slicer.yml"
+
+
+def test_screenshot_urls_name_small_pngs_in_resources_screenshots():
+    urls = top_cmake_variables()["EXTENSION_SCREENSHOTURLS"].split()
+    assert urls, "the Extensions Index checker requires a screenshot URL"
+    for url in urls:
+        path = repository_path(url)
+        assert path is not None and path.startswith("Resources/Screenshots/") and path.endswith(".png"), url
+        data = (ROOT / path).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000, path
+
+
+def _workflow_commands(text: str) -> str:
+    """The shell of the workflow's steps: PyYAML's parse where PyYAML is installed (it is no dependency of
+    this project, so `make test` may lack it), else the `run: |` blocks read from the text."""
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        blocks = re.findall(r"^( +)run: \|\n((?:\1  .*\n|\s*\n)+)", text, flags=re.MULTILINE)
+        return "\n".join(body for _, body in blocks)
+    workflow = yaml.safe_load(text)
+    (job,) = workflow["jobs"].values()
+    assert job["strategy"]["matrix"]["slicer"] == ["5.10", "5.12"]
+    assert job["strategy"]["fail-fast"] is False and job["env"]["DISPLAY"] == ":99"
+    return "\n".join(step.get("run", "") for step in job["steps"])
+
+
+def test_slicer_workflow_runs_the_self_test_in_slicer_5_10_and_5_12(tmp_path):
+    text = SLICER_WORKFLOW.read_text(encoding="utf-8")
+    assert re.search(r"^ +slicer: \[\"5\.10\", \"5\.12\"\]$", text, flags=re.MULTILINE)
+    commands = _workflow_commands(text)
+    assert "Xvfb :99" in commands
+    assert "version=${{ matrix.slicer }}" in commands
+    assert "runUnitTest(" in commands and "'SAMMed2DSegment')" in commands
+    assert "--additional-module-paths" in commands
+    scripts = re.findall(r"--python-script (\S+)", commands)
+    assert scripts
+    for script in scripts:
+        py_compile.compile(str(ROOT / script), doraise=True, cfile=str(tmp_path / "script.pyc"))
+    assert "slicer_prepare.py extension" in commands and "slicer_prepare.py requirements" in commands

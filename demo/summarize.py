@@ -1,8 +1,10 @@
 """The last step of `make demo`: a PNG overview of the result and its Dice against the reference labels.
 
-The overview shows every slice of the segmented view: the CT in the soft-tissue window, the model's outline
-(green), the reference outline (magenta) and, under each slice, a bar as long as the slice's confidence
-(green when accepted, orange when rejected, grey when not visited). The PNG is written with SimpleITK.
+The overview is drawn by Slicer's own slice view (`SAMMed2DSegmentLib/mrml/offscreen_views.py`, rendered
+offscreen): one tile per slice of the segmented view, the CT in the soft-tissue window, the model's outline
+(green) and the reference outline (magenta) as segment outlines, and on each tile the slice number and that
+slice's confidence and Dice (written by VTK). Where no OpenGL context exists (no EGL, OSMesa or X), the Dice
+is still printed and written, and the overview is left out with one line saying so.
 
     python demo/summarize.py --volume DICOM_FOLDER --segmentation OUT.seg.nrrd --segment liver \
         --report report.json --labels labels.nrrd --label-value 5 --png overview.png
@@ -16,17 +18,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
-from SAMMed2DSegmentLib.engine.intensity import IntensityWindow, to_uint8
-from SAMMed2DSegmentLib.engine.preprocessing import opencv_nearest_indices
+from SAMMed2DSegmentLib.engine.session import slice_center_ras
 from SAMMed2DSegmentLib.files import atomic_path
 from SAMMed2DSegmentLib.formats.volumes import read_volume
+from SAMMed2DSegmentLib.mrml import pictures, segmentations
+from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews, can_render
+from SAMMed2DSegmentLib.mrml.scene import create_headless_scene
 from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
+from SAMMed2DSegmentLib.mrml.volumes import add_volume_from_array
 
-TILE = 192
-GREEN, MAGENTA, ORANGE, GREY = (40, 220, 60), (230, 40, 220), (250, 150, 20), (90, 90, 90)
+TILE = 240
+GREEN, MAGENTA = (0.16, 0.86, 0.24), (0.9, 0.16, 0.86)
+ORANGE, GREY = (1.0, 0.6, 0.1), (0.7, 0.7, 0.7)
+VIEW_OF_AXIS = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,54 +48,68 @@ def read_segment(seg_path: Path, volume, name: str) -> np.ndarray:
     return segments[name]
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    return mask & ~inner
-
-
-def _nearest(image: np.ndarray, size: int) -> np.ndarray:
-    rows = opencv_nearest_indices(image.shape[0], size)
-    cols = opencv_nearest_indices(image.shape[1], size)
-    return image[rows[:, None], cols[None, :]]
-
-
-def tile(
-    gray: np.ndarray, predicted: np.ndarray, reference: np.ndarray, slice_info: dict | None
-) -> np.ndarray:
-    rgb = np.repeat(_nearest(gray, TILE)[:, :, None], 3, axis=2)
-    rgb[_outline(_nearest(reference, TILE))] = MAGENTA
-    rgb[_outline(_nearest(predicted, TILE))] = GREEN
-    bar = np.zeros((12, TILE, 3), np.uint8)
+def slice_text(slice_info: dict | None, slice_dice: float) -> tuple[str, tuple[float, float, float]]:
+    """What a tile says under its slice: confidence and Dice, coloured by the slice's status."""
     if slice_info is None:
-        bar[3:9, :8] = GREY
-    else:
-        length = max(2, int(round(TILE * float(slice_info["confidence"]))))
-        colour = GREEN if slice_info["status"] in ("prompted", "propagated") else ORANGE
-        bar[3:9, :length] = colour
-    return np.concatenate([rgb, bar], axis=0)
+        return f"not visited  Dice {slice_dice:.2f}", GREY
+    accepted = slice_info["status"] in ("prompted", "propagated", "given")
+    text = f"conf {float(slice_info['confidence']):.2f}  Dice {slice_dice:.2f}"
+    return (text if accepted else f"{text} (rejected)"), (GREEN if accepted else ORANGE)
+
+
+def framing(view, volume, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Where to centre the tiles and how many mm they show across: the structure (model or reference, all
+    slices) with a margin, so that its outline is large enough to read."""
+    kji = np.argwhere(mask)
+    if not len(kji):
+        return np.zeros(3), 0.0
+    ras = (volume.ijk_to_ras @ np.c_[kji[:, ::-1], np.ones(len(kji))].T)[:3].T
+    xy_to_ras = view.slice_node.GetXYToRAS()
+    axes = [np.array([xy_to_ras.GetElement(r, c) for r in range(3)]) for c in (0, 1)]
+    extent = max(float(np.ptp(ras @ (a / np.linalg.norm(a)))) for a in axes)
+    return (ras.min(axis=0) + ras.max(axis=0)) / 2, 1.3 * extent + 20.0
 
 
 def overview(volume, geometry: SliceGeometry, predicted: np.ndarray, reference: np.ndarray,
-             report: dict, columns: int = 5) -> np.ndarray:  # fmt: skip
-    window = IntensityWindow.from_level_width(40, 400)
+             report: dict, per_slice_dice: list[float], columns: int = 5) -> np.ndarray:  # fmt: skip
+    """One tile per slice, drawn by Slicer's slice view for the report's axis, in rows of `columns`."""
+    hs = create_headless_scene()
+    node = add_volume_from_array(hs, volume.array_kji, volume.ijk_to_ras, "CT")
+    pictures.set_window(node, 40, 400)
+    seg = segmentations.ensure_segmentation(hs, node)
+    for name, mask, colour in (("reference", reference, MAGENTA), ("model", predicted, GREEN)):
+        segment = segmentations.ensure_segment(seg, name, colour)
+        slices = {i: geometry.extract(mask, i) for i in range(geometry.num_slices)}
+        written = {i: m for i, m in slices.items() if m.any()}
+        segmentations.write_segment_slices(seg, segment, node, geometry, written)
+        pictures.show_segment(seg, segment, fill=0.0, outline=1.0)
+    name = VIEW_OF_AXIS[geometry.axis]
+    views = SliceViews(hs, names=(name,), size=(TILE, TILE))
+    view = views[name]
+    view.show_volume(node)
+    center, width = framing(view, volume, predicted | reference)
+    if width > 0:
+        pictures.zoom(view, center, width)
     by_index = {s["index"]: s for s in report["slices"]}
     tiles = []
-    for index in range(geometry.num_slices):
-        gray = to_uint8(geometry.extract(volume.array_kji, index), window)
-        tiles.append(tile(gray, geometry.extract(predicted, index), geometry.extract(reference, index),
-                          by_index.get(index)))  # fmt: skip
-    blank = np.zeros_like(tiles[0])
-    tiles += [blank] * (-len(tiles) % columns)
-    rows = [np.concatenate(tiles[r : r + columns], axis=1) for r in range(0, len(tiles), columns)]
-    return np.concatenate(rows, axis=0)
-
-
-def write_png(rgb: np.ndarray, path: Path) -> None:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    sitk.WriteImage(image, str(tmp))
-    tmp.replace(path)
+    try:
+        for index in range(geometry.num_slices):
+            view.jump_to(slice_center_ras(geometry, index))
+            text, colour = slice_text(by_index.get(index), per_slice_dice[index])
+            captions = [pictures.add_caption(view, f"slice {index}", "upper_left", 15),
+                        pictures.add_caption(view, text, "lower_left", 13, colour)]  # fmt: skip
+            if index == 0:  # the legend, on the first tile
+                captions += [
+                    pictures.add_caption(view, "model", "upper_right", 13, GREEN),
+                    pictures.add_caption(view, "reference", "upper_right", 13, MAGENTA, line=1),
+                ]
+            tiles.append(pictures.view_rgb(view))
+            for actor in captions:
+                view.renderer.RemoveViewProp(actor)
+    finally:
+        views.close()
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    return pictures.grid(tiles, columns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     if labels.array_kji.shape != predicted.shape or not same_grid:
         raise SystemExit(f"error: {args.labels} is not on the volume's voxel grid")
     reference = labels.array_kji == args.label_value
-    write_png(overview(volume, geometry, predicted, reference, report), args.png)
-
     per_slice = [
         dice(geometry.extract(predicted, i), geometry.extract(reference, i))
         for i in range(geometry.num_slices)
     ]
     total = dice(predicted, reference)
+    drawn = can_render()
+    if drawn:
+        pictures.write_png(overview(volume, geometry, predicted, reference, report, per_slice), args.png)
+    else:
+        print("warning: no OpenGL context for Slicer's renderer (EGL, OSMesa or X): no overview written",
+              file=sys.stderr)  # fmt: skip
     print(f"Dice against the reference {args.segment} labels: {total:.3f} (3-D)")
     print("per slice: " + " ".join(f"{i}:{d:.2f}" for i, d in enumerate(per_slice)))
-    print(f"overview: {args.png}")
+    if drawn:
+        print(f"overview: {args.png}")
     summary = {"dice_3d": round(total, 4), "dice_per_slice": [round(d, 4) for d in per_slice]}
     with atomic_path(args.png.with_suffix(".dice.json")) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))

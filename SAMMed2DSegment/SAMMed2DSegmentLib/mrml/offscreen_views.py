@@ -133,6 +133,18 @@ class SliceView:
         # release from Slicer's style (see the module docstring).
         self.interactor.SetInteractorStyle(vtk.vtkInteractorStyleUser())
 
+        # The slice image: the logic's blended RGBA output on a background 2-D actor. It is the renderer's
+        # first prop, so it is drawn first: 2-D actors are drawn in the order they were added, and the
+        # segment fill drawn before it would be blended with the black clear colour, hiding the image.
+        self.image_mapper = vtk.vtkImageMapper()
+        self.image_mapper.SetColorWindow(255)
+        self.image_mapper.SetColorLevel(127.5)
+        self.image_actor = vtk.vtkActor2D()
+        self.image_actor.SetMapper(self.image_mapper)
+        self.image_actor.GetProperty().SetDisplayLocationToBackground()
+        self.image_actor.VisibilityOff()
+        self.renderer.AddViewProp(self.image_actor)
+
         # Displayable managers, from the process-wide factory. Its application logic is what each new manager
         # gets, so point it at this scene's logic right before instantiating.
         factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
@@ -152,15 +164,6 @@ class SliceView:
         self.slice_node.SetOrientation(orientation)
         self.displayable_managers.SetMRMLDisplayableNode(self.slice_node)
 
-        # The slice image: the logic's blended RGBA output on a background 2-D actor.
-        self.image_mapper = vtk.vtkImageMapper()
-        self.image_mapper.SetColorWindow(255)
-        self.image_mapper.SetColorLevel(127.5)
-        self.image_actor = vtk.vtkActor2D()
-        self.image_actor.SetMapper(self.image_mapper)
-        self.image_actor.GetProperty().SetDisplayLocationToBackground()
-        self.image_actor.VisibilityOff()
-        self.renderer.AddViewProp(self.image_actor)
         self._logic_observer = self.logic.AddObserver(vtk.vtkCommand.ModifiedEvent, self._update_image)
         self._update_image()
 
