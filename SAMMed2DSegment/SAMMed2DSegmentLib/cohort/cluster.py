@@ -7,17 +7,21 @@ user starts."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from . import CohortError
 
 #: Memory a worker needs for a case: the model, one CT volume, embeddings and the scene (ViT-B model and a
 #: 512×512×600 CT fit well within it).
 WORKER_MEMORY = 4 << 30
 
 
-class ClusterError(ValueError):
+class ClusterError(CohortError):
     """The scheduler cannot be reached, or the cluster cannot start: one line, exit status 2."""
 
 
@@ -38,9 +42,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+SCHEDULER = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
+
+
 def placement(scheduler: str | None, workers: int | None, threads_per_worker: int | None) -> Placement:
-    """The local cluster's size: `workers` as asked, else as many as the cores and memory allow (at most
-    one per core, `WORKER_MEMORY` each); each case's torch threads share the cores out evenly."""
+    """The options checked, and the local cluster's size: `workers` as asked, else as many as the cores and
+    memory allow (at most one per core, `WORKER_MEMORY` each); each case's torch threads share the cores."""
+    if importlib.util.find_spec("distributed") is None:
+        raise ClusterError("this command runs on Dask: pip install 'dask[distributed]' (the cohort extra)")
+    if scheduler and not SCHEDULER.match(scheduler):
+        raise ClusterError(f"--scheduler must be an address such as tcp://HOST:PORT, got {scheduler!r}")
+    if workers is not None and workers < 1:
+        raise ClusterError(f"--workers must be ≥ 1, got {workers}")
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise ClusterError(f"--threads-per-worker must be ≥ 1, got {threads_per_worker}")
     threads = threads_per_worker or 1
     if scheduler:
         return Placement(scheduler, 0, threads, None)

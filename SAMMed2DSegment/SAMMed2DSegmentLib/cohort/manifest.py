@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ..engine.geometry import AXES
 from ..engine.propagation import DIRECTIONS
+from ..outputs import input_files
+from . import CohortError
 
 #: `batch` columns (empty cells take the `segment` defaults).
 SEGMENT_COLUMNS = ("case", "volume", "include", "exclude", "roi", "segment_name", "axis", "propagate")
@@ -25,7 +27,7 @@ CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name on
 MAX_BYTES = 64 << 20  # a manifest of a million rows is far smaller
 
 
-class ManifestError(ValueError):
+class ManifestError(CohortError):
     """A manifest that cannot be run as written: one line naming the file, the row and the cell."""
 
 
@@ -129,3 +131,13 @@ def require_prompt(cases: list[Case], manifest: str | Path) -> None:
                 f"--manifest {Path(manifest).name} line {case.line}: case {case.name!r} has no prompt "
                 "(an include or roi file)"
             )
+
+
+def manifest_inputs(manifest: str | Path, cases: list[Case]) -> list[tuple[str, Path]]:
+    """Every file a cohort run reads, with its role, for the output plan."""
+    inputs = input_files("--manifest", manifest)
+    for case in cases:
+        for column, paths in case.files.items():
+            for path in paths:
+                inputs += input_files(f"{column} of case {case.name}", path)
+    return inputs

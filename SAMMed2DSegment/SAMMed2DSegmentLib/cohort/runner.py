@@ -7,6 +7,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable
 
+from .cluster import Placement, dask_client
+from .progress import Progress
 from .worker import CaseOutcome, CaseTask, run_case
 
 LOST = "its worker died while running it (out of memory, or killed)"
@@ -61,3 +63,29 @@ def run_tasks(
         if running:
             client.cancel(list(futures.futures), force=True)
     return outcomes
+
+
+def run_cohort(
+    where: Placement,
+    tasks: Iterable[CaseTask],
+    total: int,
+    skipped: int,
+    on_finished: Callable[[CaseTask, CaseOutcome], None],
+    quiet: bool = False,
+) -> list[CaseOutcome]:
+    """`run_tasks` on the placement's cluster with a progress line (`total` cases, `skipped` already
+    decided); the cluster is closed before this returns or raises (Ctrl-C included)."""
+    progress = Progress(total, skipped, quiet=quiet)
+    if skipped:
+        progress.update("skipped")
+
+    def finished(task: CaseTask, outcome: CaseOutcome) -> None:
+        on_finished(task, outcome)
+        progress.update(outcome.status, outcome.case, outcome.reason)
+
+    try:
+        with dask_client(where) as client:
+            nthreads = sum(client.nthreads().values()) or where.workers * where.threads_per_worker
+            return run_tasks(client, tasks, in_flight=max(2, 2 * nthreads), on_finished=finished)
+    finally:
+        progress.close()

@@ -9,6 +9,7 @@ data, pickled by Dask between the user's own client, scheduler and workers (trus
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -105,6 +106,15 @@ def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple:
         return _models[key]
 
 
+def _parser(command: str) -> argparse.ArgumentParser:
+    """The command's own parser, found by name: the cohort layer sits below the command line and takes
+    none of its modules by import (the command that submits the case names it)."""
+    module = importlib.import_module(f"{__package__.rpartition('.')[0]}.commands.{command}")
+    parser = argparse.ArgumentParser(prog=f"python -m SAMMed2DSegmentLib {command}")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -112,7 +122,6 @@ def _one_line(exc: BaseException) -> str:
 
 def run_case(task: CaseTask) -> CaseOutcome:
     """Run one case; never raises (a worker killed under it is reported by the client)."""
-    from ..commands import build_parser
     from ..commands.common import CommandError, OutputError, load_model, report_json
 
     t0 = time.perf_counter()
@@ -122,7 +131,7 @@ def run_case(task: CaseTask) -> CaseOutcome:
 
         torch.set_num_threads(task.torch_threads or _cores_per_case())
         try:
-            args = build_parser().parse_args([task.command, *task.argv])
+            args = _parser(task.command).parse_args([task.command, *task.argv])
         except SystemExit:
             raise CommandError(f"bad options for {task.command}: {' '.join(task.argv)}") from None
         args.preloaded_model = model_once(args, task.model_sha256, load_model)
