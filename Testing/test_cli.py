@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.formats.volumes import ijk_to_ras_from_itk, read_volume
 from SAMMed2DSegmentLib.mrml import scene, segmentations, volumes
@@ -94,7 +94,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def run(args: list[str]) -> int:
-    return cli.main(["segment", "--quiet", *args])
+    return commands.main(["segment", "--quiet", *args])
 
 
 def base_args(env, volume=DICOM, **extra) -> list[str]:
@@ -184,7 +184,7 @@ def test_interrupted_write_leaves_old_file(env, tmp_path, monkeypatch, capsys):
     # Fails after Slicer has written the new file's data, while its header is being completed.
     monkeypatch.setattr(segmentations, "_add_header_fields", broken)
     capsys.readouterr()
-    assert run(base_args(env, out=out, propagate="none", segment_name="second")) == cli.EXIT_WRITE_FAILED
+    assert run(base_args(env, out=out, propagate="none", segment_name="second")) == commands.EXIT_WRITE_FAILED
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: cannot write the outputs (disk full (simulated)); nothing written"
     ]

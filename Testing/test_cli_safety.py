@@ -24,13 +24,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
+from SAMMed2DSegmentLib.commands import segment as segment_command
+from SAMMed2DSegmentLib.commands.common import report_json
 from SAMMed2DSegmentLib.engine.prompts import MAX_POINTS_PER_SLICE
 
 from .synthetic_weights import synthetic_state_dict
 from .test_cli import DICOM, LABELS, LIVER, read_segment, write_points, write_roi
 
-LIB_PARENT = Path(cli.__file__).resolve().parents[1]
+LIB_PARENT = Path(commands.__file__).resolve().parents[2]
 
 
 def digest(path: Path) -> str:
@@ -86,7 +88,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def segment(*args: str | Path) -> int:
-    return cli.main(["segment", "--quiet", "--propagate", "none", *map(str, args)])
+    return commands.main(["segment", "--quiet", "--propagate", "none", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_an_output_that_is_an_input_or_another_output_is_refused(data, tmp_path,
     args = ["--volume", volume, "--include", markups, "--checkpoint", ckpt, "--out", out, "--report", report]
     if case.startswith("dicom-seg") or dcm.exists():
         args += ["--dicom-seg", dcm]
-    assert segment(*args) == cli.EXIT_BAD_INPUT
+    assert segment(*args) == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert "same file" in line and all(role in line for role in roles), line
     assert snapshot(tmp_path) == before
@@ -184,7 +186,7 @@ def test_dicom_seg_inside_the_source_folder_is_refused(data, tmp_path, capsys):
     before = snapshot(tmp_path)
     dcm = series / "seg.dcm"
     assert segment("--volume", series, "--include", data["liver"], "--out", tmp_path / "o.seg.nrrd",
-                   "--dicom-seg", dcm) == cli.EXIT_BAD_INPUT  # fmt: skip
+                   "--dicom-seg", dcm) == commands.EXIT_BAD_INPUT  # fmt: skip
     assert "inside the source DICOM folder" in one_error_line(capsys)
     assert snapshot(tmp_path) == before
 
@@ -210,7 +212,7 @@ def test_existing_out_on_another_grid_is_refused_before_the_model_loads(data, tm
     def no_model(args):
         raise AssertionError("the model was loaded before the existing --out was checked")
 
-    monkeypatch.setattr(cli, "_model", no_model)
+    monkeypatch.setattr(segment_command, "load_model", no_model)
     assert segment("--volume", data["volume"], "--include", data["liver"], "--out", out) == 2
     assert "another voxel grid" in one_error_line(capsys)
     assert digest(out) == before
@@ -247,7 +249,7 @@ def test_disk_full_on_the_second_output_replaces_nothing(data, existing, tmp_pat
         before = snapshot(folder)
         status = segment("--volume", data["series"], "--include", data["liver"], "--segment-name", "second",
                          "--out", out, "--dicom-seg", dcm, "--report", folder / "r.json")  # fmt: skip
-        assert status == cli.EXIT_WRITE_FAILED
+        assert status == commands.EXIT_WRITE_FAILED
         line = one_error_line(capsys)
         assert "No space left on device" in line and "nothing written" in line, line
         assert snapshot(folder) == before
@@ -255,7 +257,7 @@ def test_disk_full_on_the_second_output_replaces_nothing(data, existing, tmp_pat
 
 HARNESS = """
 import os, sys, time
-from SAMMed2DSegmentLib import cli, files
+from SAMMed2DSegmentLib import commands, files
 from SAMMed2DSegmentLib.engine import predictor
 from SAMMed2DSegmentLib.formats import volumes
 from SAMMed2DSegmentLib.mrml import segmentations
@@ -282,7 +284,7 @@ wrap(volumes, "read_volume", before="reading")
 wrap(predictor.SamMed2DPredictor, "predict", before="predicting")
 wrap(segmentations, "save_segmentation", after="first output written")
 wrap(files.OutputSet, "commit", before="every output written")
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(commands.main(sys.argv[1:]))
 """
 
 
@@ -364,13 +366,13 @@ def test_non_finite_results_stop_the_run_before_anything_is_written(
     before = snapshot(tmp_path)
     status = segment("--volume", data["series"], "--include", data["liver"], "--out", out,
                      "--report", tmp_path / "r.json")  # fmt: skip
-    assert status == cli.EXIT_BAD_INPUT
+    assert status == commands.EXIT_BAD_INPUT
     assert "NaN or infinity on slice 10" in one_error_line(capsys)
     assert snapshot(tmp_path) == before
 
 
 def test_report_is_strict_json():
-    text = cli.report_json({"iou": float("nan"), "slices": [{"area": float("inf")}, 1.5]})
+    text = report_json({"iou": float("nan"), "slices": [{"area": float("inf")}, 1.5]})
     assert json.loads(text) == {"iou": None, "slices": [{"area": None}, 1.5]}
 
 
@@ -380,7 +382,7 @@ def test_air_prompt_does_not_replace_an_existing_slice(data, existing, tmp_path,
     assert liver_before[10].sum() > 2_000  # a real mask to protect
     before = snapshot(tmp_path)
     args = ["--volume", data["series"], "--include", data["air"], "--out", out]
-    assert segment(*args) == cli.EXIT_BAD_INPUT
+    assert segment(*args) == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert "slice(s) 10 (IoU" in line and "kept out" in line and "nothing written" in line, line
     assert snapshot(tmp_path) == before
@@ -408,7 +410,7 @@ def test_point_limit_per_slice(data, tmp_path, capsys):
     common = ["--volume", data["volume"], "--checkpoint", data["ckpt"], "--iou-threshold", "0"]
     many = write_points(tmp_path / "many.mrk.json", _grid_points(data["liver_lps"], MAX_POINTS_PER_SLICE + 1))
     out = tmp_path / "o.seg.nrrd"
-    assert segment(*common, "--include", many, "--out", out) == cli.EXIT_BAD_INPUT
+    assert segment(*common, "--include", many, "--out", out) == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert (
         f"{MAX_POINTS_PER_SLICE + 1} points on slice 10" in line and f"at most {MAX_POINTS_PER_SLICE}" in line
@@ -429,7 +431,7 @@ def test_malformed_point_coordinates_are_refused_not_dropped(data, tmp_path, cap
         point["position"] = position
     markups.write_text(json.dumps(document))
     out = tmp_path / "o.seg.nrrd"
-    assert segment("--volume", data["volume"], "--include", markups, "--out", out) == cli.EXIT_BAD_INPUT
+    assert segment("--volume", data["volume"], "--include", markups, "--out", out) == commands.EXIT_BAD_INPUT
     assert "control point 'p1' has a malformed position" in one_error_line(capsys)
     assert not out.exists()
 
@@ -437,7 +439,7 @@ def test_malformed_point_coordinates_are_refused_not_dropped(data, tmp_path, cap
 def test_roi_file_given_to_include_is_refused(data, tmp_path, capsys):
     roi = write_roi(tmp_path / "roi.mrk.json", data["liver_lps"], (40, 40, 10))
     out = tmp_path / "o.seg.nrrd"
-    assert segment("--volume", data["volume"], "--include", roi, "--out", out) == cli.EXIT_BAD_INPUT
+    assert segment("--volume", data["volume"], "--include", roi, "--out", out) == commands.EXIT_BAD_INPUT
     assert "holds an ROI, not points; pass it with --roi" in one_error_line(capsys)
     assert not out.exists()
 
@@ -483,7 +485,7 @@ def test_broken_series_is_refused_without_dicom_seg(data, tmp_path, capsys, edit
     shutil.copytree(data["series"], series)
     expected = edit(sorted(series.iterdir()))
     out = tmp_path / "o.seg.nrrd"
-    assert segment("--volume", series, "--include", data["liver"], "--out", out) == cli.EXIT_BAD_INPUT
+    assert segment("--volume", series, "--include", data["liver"], "--out", out) == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert expected in line, line
     assert not out.exists()

@@ -7,7 +7,8 @@ import warnings
 
 from highdicom.valuerep import check_person_name
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
+from SAMMed2DSegmentLib.commands import segment as segment_command
 from SAMMed2DSegmentLib.console import one_line
 
 LIBRARY_FILE = "/usr/lib/python3/site-packages/somelib/module.py"
@@ -25,9 +26,9 @@ def test_library_warnings_are_one_line_each_and_notices_are_dropped(monkeypatch,
         warnings.warn("this API will change", FutureWarning, stacklevel=1)
         return {}
 
-    monkeypatch.setattr(cli, "run_segment", noisy_segment)
+    monkeypatch.setattr(segment_command, "run_segment", noisy_segment)
     argv = ["segment", "--volume", str(tmp_path), "--out", str(tmp_path / "o.seg.nrrd"), "--quiet"]
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
         'warning: The string "Anonymous" is unlikely to represent the intended person name since it contains '
@@ -38,8 +39,8 @@ def test_library_warnings_are_one_line_each_and_notices_are_dropped(monkeypatch,
 
 def test_warning_settings_come_back_after_the_command(monkeypatch, tmp_path):
     before = (warnings.showwarning, list(warnings.filters))
-    monkeypatch.setattr(cli, "run_segment", lambda args: {})
-    cli.main(["segment", "--volume", str(tmp_path), "--out", str(tmp_path / "o.seg.nrrd"), "--quiet"])
+    monkeypatch.setattr(segment_command, "run_segment", lambda args: {})
+    commands.main(["segment", "--volume", str(tmp_path), "--out", str(tmp_path / "o.seg.nrrd"), "--quiet"])
     assert (warnings.showwarning, list(warnings.filters)) == before
 
 
@@ -49,5 +50,5 @@ def test_one_line_names_the_library_and_keeps_a_long_text_to_its_first_sentence(
         one_line(long, "/x/site-packages/highdicom/seg/sop.py") == "warning: highdicom: Short first sentence."
     )
     assert one_line("a\n b", "/x/dist-packages/pydicom-3.0.dist-info/x.py") == "warning: pydicom: a b"
-    assert one_line("ours", "/opt/tool/SAMMed2DSegmentLib/cli.py") == "warning: ours"
+    assert one_line("ours", "/opt/tool/SAMMed2DSegmentLib/commands/segment.py") == "warning: ours"
     assert len(one_line("x" * 1000)) <= len("warning: ") + 200

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml.segmentations import read_segments_on_grid
 from SAMMed2DSegmentLib.weights import registry as weights
@@ -66,7 +66,7 @@ def test_an_altered_demo_model_is_refused(tmp_path, monkeypatch):
 def test_liver_from_one_point_with_propagation(tmp_path):
     out, report = tmp_path / "liver.seg.nrrd", tmp_path / "report.json"
     argv = ["segment", "--volume", str(CT / "ct"), "--include", str(PROMPT), "--segment-name", "liver"]
-    code = cli.main([*argv, "--out", str(out), "--report", str(report), "--quiet"])
+    code = commands.main([*argv, "--out", str(out), "--report", str(report), "--quiet"])
     assert code == 0
     rep = json.loads(report.read_text())
     assert rep["model"]["sha256"] == ENTRY.sha256
@@ -84,13 +84,13 @@ def test_unknown_or_missing_models_are_clear_errors(tmp_path, capsys):
         "--out",
         str(tmp_path / "o.seg.nrrd"),
     ]
-    assert cli.main([*base, "--model", "no-such-model"]) == 2
+    assert commands.main([*base, "--model", "no-such-model"]) == 2
     assert "neither a model name" in capsys.readouterr().err
     monkey_cache = tmp_path / "cache"
     monkey_cache.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAMMED2D_CACHE_DIR", str(monkey_cache))
-        assert cli.main([*base, "--model", "sam-med2d_b"]) == 2
+        assert commands.main([*base, "--model", "sam-med2d_b"]) == 2
     err = capsys.readouterr().err
     assert "not downloaded yet" in err and len(err.strip().splitlines()) == 1
     assert not any(p.name.endswith(".seg.nrrd") for p in tmp_path.iterdir())

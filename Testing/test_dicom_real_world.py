@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.formats.dicom import headers, seg_read, seg_write
 from SAMMed2DSegmentLib.formats.dicom import series as dseries
 from SAMMed2DSegmentLib.formats.dicom.seg_write import SegmentSpec
@@ -73,7 +73,7 @@ def seg_nrrd_header(path: Path) -> str:
 
 
 def convert(*args: str) -> int:
-    return cli.main(["convert", "--quiet", *map(str, args)])
+    return commands.main(["convert", "--quiet", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +392,7 @@ def test_convert_a_seg_whose_frames_are_shuffled(tmp_path, our_seg, ct_volume, o
 def test_convert_refuses_a_seg_of_another_series_naming_both_and_writes_nothing(tmp_path, capsys):
     out, _, datasets, _ = _export_corpus_series(CORPUS / "ge-ct-3-slices", tmp_path / "other.dcm")
     target = tmp_path / "x.seg.nrrd"
-    assert convert("--dicom-seg", out, "--volume", CT, "--out", target) == cli.EXIT_BAD_INPUT
+    assert convert("--dicom-seg", out, "--volume", CT, "--out", target) == commands.EXIT_BAD_INPUT
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1, error
     assert str(datasets[0].SeriesInstanceUID) in error
@@ -401,13 +401,14 @@ def test_convert_refuses_a_seg_of_another_series_naming_both_and_writes_nothing(
 
 
 def test_convert_refuses_bad_arguments_in_one_line(tmp_path, our_seg, capsys):
-    assert convert("--dicom-seg", our_seg, "--volume", CT) == cli.EXIT_BAD_INPUT
-    assert convert("--dicom-seg", our_seg, "--volume", CT, "--out", tmp_path / "x.nrrd") == cli.EXIT_BAD_INPUT
+    assert convert("--dicom-seg", our_seg, "--volume", CT) == commands.EXIT_BAD_INPUT
+    bad_out = tmp_path / "x.nrrd"
+    assert convert("--dicom-seg", our_seg, "--volume", CT, "--out", bad_out) == commands.EXIT_BAD_INPUT
     assert (
         convert("--dicom-seg", tmp_path / "none.dcm", "--volume", CT, "--out", tmp_path / "x.seg.nrrd") == 2
     )
     assert (
-        convert("--seg", our_seg, "--volume", CT, "--dicom-seg", our_seg) == cli.EXIT_BAD_INPUT
+        convert("--seg", our_seg, "--volume", CT, "--dicom-seg", our_seg) == commands.EXIT_BAD_INPUT
     )  # same file
     copy_of_ct = tmp_path / "ct"
     shutil.copytree(CT, copy_of_ct)

@@ -130,7 +130,7 @@ def test_the_size_bound_holds_and_the_least_recently_used_go_first(tmp_path):
 def test_the_command_line_reuses_its_embedding_cache(tmp_path):
     import json
 
-    from SAMMed2DSegmentLib import cli
+    from SAMMed2DSegmentLib import commands
 
     from .test_demo_model import CT, PROMPT
 
@@ -140,7 +140,7 @@ def test_the_command_line_reuses_its_embedding_cache(tmp_path):
         argv = ["segment", "--volume", str(CT / "ct"), "--include", str(PROMPT), "--precision", "fp32",
                 "--embedding-cache", str(tmp_path / "embeddings"), "--out", str(tmp_path / f"{run}.seg.nrrd"),
                 "--report", str(report), "--quiet"]  # fmt: skip
-        assert cli.main(argv) == 0
+        assert commands.main(argv) == 0
         reports.append(json.loads(report.read_text()))
     first, second = reports
     assert first["encoded_slices"] > 0 and first["embedding_cache"]["written"] == first["encoded_slices"]

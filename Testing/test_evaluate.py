@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine.masks import component_labels
 from SAMMed2DSegmentLib.evaluation.clicks import EXCLUDE, INCLUDE, deepest_point, dice, next_click
 from SAMMed2DSegmentLib.evaluation.protocol import area_under_curve, interactive_slice
@@ -117,7 +117,7 @@ def run_evaluate(tmp_path, *extra, label=5):
     out = tmp_path / "eval.json"
     argv = ["evaluate", "--volume", str(CT / "ct"), "--labels", str(LABELS), "--label-value", str(label),
             "--protocol", "clicks", "--json", str(out), "--quiet", *extra]  # fmt: skip
-    return cli.main(argv), out
+    return commands.main(argv), out
 
 
 def test_evaluate_runs_end_to_end_on_the_bundled_ct_with_the_demo_model(tmp_path):
@@ -177,7 +177,7 @@ def test_evaluate_refuses_to_write_over_its_inputs(tmp_path, capsys):
     before = LABELS.read_bytes()
     argv = ["evaluate", "--volume", str(CT / "ct"), "--labels", str(LABELS), "--label-value", "5",
             "--json", str(link), "--quiet"]  # fmt: skip
-    code = cli.main(argv)
+    code = commands.main(argv)
     err = capsys.readouterr().err
     assert code == 2 and "same file as --labels" in err and "Traceback" not in err
     assert LABELS.read_bytes() == before

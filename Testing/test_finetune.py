@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from safetensors import safe_open
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.finetune.batches import (
     LARGE_AREA_PX,
@@ -278,11 +278,11 @@ def test_a_checkpoint_of_another_build_is_refused(crop, tmp_path):
 def test_command_line_bad_input_is_one_line_and_exit_2(crop, tmp_path, capsys):
     image_path, label_path = crop
     argv = ["finetune", "--image", str(image_path), "--out-dir", str(tmp_path), "--steps", "1"]
-    assert cli.main([*argv, "--labels", str(label_path), "--labels", str(label_path)]) == 2
+    assert commands.main([*argv, "--labels", str(label_path), "--labels", str(label_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in pairs" in err[0]
     missing = ["--out-dir", str(tmp_path / "missing")]
-    assert cli.main([*argv, "--labels", str(tmp_path / "none.nii.gz"), *missing]) == 2
+    assert commands.main([*argv, "--labels", str(tmp_path / "none.nii.gz"), *missing]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # a missing --out-dir is created only once the inputs are good
 
@@ -309,7 +309,7 @@ def test_command_line_output_collisions_are_refused(crop, tmp_path, capsys):
         ],
     }
     for role, args in cases.items():
-        assert cli.main(args) == 2
+        assert commands.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "same file" in err[0] and role in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -325,7 +325,8 @@ def test_command_line_trains_and_exports(crop, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     out_dir = tmp_path / "new" / "run"  # created when missing
     argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--out-dir", str(out_dir)]
-    code = cli.main([*argv, "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--export", str(out)])
+    steps = ["--steps", "2", "--batch-size", "2", "--eval-every", "2"]
+    code = commands.main([*argv, *steps, "--export", str(out)])
     assert code == 0
     assert (out_dir / "best.safetensors").is_file()
     assert "trained 2 steps" in capsys.readouterr().err
@@ -344,11 +345,11 @@ def test_command_line_sets_the_correction_rounds(crop, tmp_path, capsys):
                 "--batch-size", "2", "--correction-probability", "0.9", "--correction-rounds", rounds,
                 "--out-dir", str(tmp_path / folder), "--export", str(out), "--quiet"]  # fmt: skip
 
-    assert cli.main(argv("5", "run")) == 0
+    assert commands.main(argv("5", "run")) == 0
     with safe_open(str(out), "pt") as f:
         config = json.loads(f.metadata()["config"])
     assert (config["correction_probability"], config["correction_rounds"]) == (0.9, 5)
-    assert cli.main(argv("0", "refused")) == 2
+    assert commands.main(argv("0", "refused")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "correction-rounds must be ≥ 1" in err[0], err
     assert not (tmp_path / "refused").exists()
@@ -677,19 +678,19 @@ def test_command_line_validation_volumes_come_in_pairs(crop, other_patient, tmp_
     argv = ["finetune", "--image", str(image_path), "--labels", str(label_path), "--steps", "1",
             "--out-dir", str(tmp_path / "r"), "--batch-size", "2", "--quiet",
             "--val-image", str(other_patient[0])]  # fmt: skip
-    assert cli.main(argv) == 2
+    assert commands.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--val-labels: give them in pairs" in err[0], err
     both = ["--val-labels", str(other_patient[1])]
-    assert cli.main([*argv, *both, "--val-labels", str(label_path)]) == 2
+    assert commands.main([*argv, *both, "--val-labels", str(label_path)]) == 2
     assert "1 --val-image but 2 --val-labels" in capsys.readouterr().err
     # A validation volume is an input: no output may replace it (here through a link).
     link = tmp_path / "labels-link.safetensors"
     link.symlink_to(other_patient[1])
-    assert cli.main([*argv, "--val-labels", str(link), "--export", str(link)]) == 2
+    assert commands.main([*argv, "--val-labels", str(link), "--export", str(link)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "same file" in err[0] and "--val-labels" in err[0], err
     assert not (tmp_path / "r").exists()
-    assert cli.main([*argv, *both]) == 0
+    assert commands.main([*argv, *both]) == 0
     with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:
         assert "volume 1" in json.loads(f.metadata()["validation"])

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from SAMMed2DSegmentLib import cli, memory
+from SAMMed2DSegmentLib import commands, memory
 from SAMMed2DSegmentLib.finetune.settings import FinetuneConfig, training_memory_bytes
 from SAMMed2DSegmentLib.finetune.training import finetune
 
@@ -104,7 +104,7 @@ def test_a_damaged_state_is_refused_in_one_line(crop, state_after_one_step, tmp_
     tensors, metadata = _read(state_after_one_step)
     DAMAGES[damage](tensors, metadata)
     (tmp_path / "last.safetensors").write_bytes(save(tensors, metadata=metadata))
-    assert cli.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == cli.EXIT_BAD_INPUT
+    assert commands.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == commands.EXIT_BAD_INPUT
     line = _one_error_line(capsys)
     assert "last.safetensors" in line and "damaged" in line, line
 
@@ -114,7 +114,7 @@ def test_a_file_that_is_not_a_state_is_refused_in_one_line(crop, tmp_path, capsy
     read or replace."""
     garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"
     (tmp_path / "last.safetensors").write_bytes(garbage)
-    assert cli.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == cli.EXIT_BAD_INPUT
+    assert commands.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == commands.EXIT_BAD_INPUT
     line = _one_error_line(capsys)
     assert "last.safetensors" in line and "not a finetune training state" in line, line
     assert (tmp_path / "last.safetensors").read_bytes() == garbage
@@ -122,7 +122,7 @@ def test_a_file_that_is_not_a_state_is_refused_in_one_line(crop, tmp_path, capsy
 
 def test_a_genuine_state_still_resumes(crop, state_after_one_step, tmp_path, capsys):
     (tmp_path / "last.safetensors").write_bytes(state_after_one_step.read_bytes())
-    assert cli.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == 0
+    assert commands.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == 0
 
 
 @pytest.mark.parametrize(("step", "says"), [(2, "all of --steps 2"), (7, "past of --steps 2")])
@@ -130,7 +130,7 @@ def test_a_state_with_nothing_left_to_train_says_so(crop, state_after_one_step, 
     tensors, metadata = _read(state_after_one_step)
     _with_run(lambda run: run.update(step=step))(tensors, metadata)
     (tmp_path / "last.safetensors").write_bytes(save(tensors, metadata=metadata))
-    assert cli.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == cli.EXIT_BAD_INPUT
+    assert commands.main(_argv(*crop, tmp_path, "--resume", "--quiet")) == commands.EXIT_BAD_INPUT
     line = _one_error_line(capsys)
     assert f"has already trained {step} steps, {says}: nothing left to train" in line, line
 
@@ -140,7 +140,7 @@ def test_the_image_as_its_own_labels_is_refused(crop, tmp_path, capsys):
     copy = tmp_path / "copy.nii.gz"
     copy.write_bytes(image.read_bytes())
     for labels in (image, copy):
-        assert cli.main(_argv(image, labels, tmp_path / "out", "--quiet")) == cli.EXIT_BAD_INPUT
+        assert commands.main(_argv(image, labels, tmp_path / "out", "--quiet")) == commands.EXIT_BAD_INPUT
         assert "hold the same voxels as the image" in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -154,7 +154,7 @@ def test_an_absurd_batch_size_is_refused_with_an_estimate_before_any_work(
     monkeypatch.setattr("SAMMed2DSegmentLib.finetune.training.load_training_set", no_reading)
     argv = _argv(*crop, tmp_path / "out", "--quiet")
     argv[argv.index("--batch-size=2")] = "--batch-size=100000"
-    assert cli.main(argv) == cli.EXIT_BAD_INPUT
+    assert commands.main(argv) == commands.EXIT_BAD_INPUT
     line = _one_error_line(capsys)
     assert line.startswith("error: --batch-size 100000 with the small build: that needs about 5,0")
     assert line.endswith("; lower --batch-size")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.formats.markups_files import (
     MAX_BYTES,
     MarkupsFileError,
@@ -24,7 +24,7 @@ from SAMMed2DSegmentLib.mrml import create_headless_scene, load_markups, points_
 
 from .test_cli import DICOM, SCHEMA
 
-LIB_PARENT = Path(cli.__file__).resolve().parents[1]
+LIB_PARENT = Path(commands.__file__).resolve().parents[2]
 
 
 def _point(position=(1.0, 2.0, 3.0), **extra) -> dict:
@@ -231,7 +231,7 @@ def test_command_line_refuses_a_coordinate_system_typo_in_one_line(tmp_path, cap
     typo.write_text(json.dumps(_doc(coordinateSystem="lps")))
     out = tmp_path / "o.seg.nrrd"
     argv = ["segment", "--volume", str(DICOM), "--include", str(typo), "--out", str(out)]
-    assert cli.main(argv) == cli.EXIT_BAD_INPUT
+    assert commands.main(argv) == commands.EXIT_BAD_INPUT
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "has coordinateSystem 'lps'; it must be exactly LPS or RAS" in lines[0], lines
     assert not out.exists()

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save as safetensors_save
 
-from SAMMed2DSegmentLib import cli, files
+from SAMMed2DSegmentLib import commands, files
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.engine.prompts import PromptError, RoiPrompt, roi_slices
 from SAMMed2DSegmentLib.engine.propagation import PropagationResult, SliceOutcome
@@ -44,7 +44,8 @@ def test_existing_ct_volume_named_seg_nrrd_is_refused_not_rewritten(data, tmp_pa
     out = tmp_path / "ct.seg.nrrd"
     shutil.copyfile(data["volume"], out)  # a CT volume: no segmentation header fields
     before = digest(out)
-    assert segment("--volume", data["series"], "--include", data["liver"], "--out", out) == cli.EXIT_BAD_INPUT
+    status = segment("--volume", data["series"], "--include", data["liver"], "--out", out)
+    assert status == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert "--out" in line and "is not a segmentation" in line, line
     assert digest(out) == before
@@ -65,7 +66,7 @@ def test_existing_report_or_dicom_seg_of_another_kind_is_refused(data, tmp_path,
     ):
         before = digest(victim)
         args = ["--volume", data["series"], "--include", data["liver"], "--out", tmp_path / "o.seg.nrrd"]
-        assert segment(*args, option, victim) == cli.EXIT_BAD_INPUT
+        assert segment(*args, option, victim) == commands.EXIT_BAD_INPUT
         line = one_error_line(capsys)
         assert option in line and f"is not a {what}" in line, line
         assert digest(victim) == before
@@ -83,7 +84,7 @@ def test_report_that_is_a_fifo_or_a_device_is_refused_and_dash_is_stdout(data, t
     base = ["--volume", data["series"], "--include", data["liver"], "--out", out]
     for special in specials:
         kind = os.stat(special).st_mode
-        assert segment(*base, "--report", special) == cli.EXIT_BAD_INPUT
+        assert segment(*base, "--report", special) == commands.EXIT_BAD_INPUT
         line = one_error_line(capsys)
         assert "--report" in line and ("FIFO" in line or "character device" in line), line
         assert os.stat(special).st_mode == kind and not out.exists()
@@ -182,9 +183,9 @@ def test_finetune_never_replaces_an_earlier_runs_best_weights(tmp_path, capsys):
     ct = tmp_path / "ct.nrrd"
     sitk.WriteImage(sitk.ReadImage(str(LABELS)), str(ct))
     for resume in ([], ["--resume"]):
-        status = cli.main(["finetune", "--quiet", "--image", str(ct), "--labels", str(LABELS), "--steps", "1",
-                           "--out-dir", str(out_dir), *resume])  # fmt: skip
-        assert status == cli.EXIT_BAD_INPUT
+        status = commands.main(["finetune", "--quiet", "--image", str(ct), "--labels", str(LABELS),
+                                "--steps", "1", "--out-dir", str(out_dir), *resume])  # fmt: skip
+        assert status == commands.EXIT_BAD_INPUT
         line = one_error_line(capsys)
         assert "best.safetensors" in line and "not replaced" in line, line
     assert best.read_bytes() == earlier
@@ -231,8 +232,8 @@ def test_convert_onto_an_existing_seg_nrrd_adds_the_segments_and_keeps_the_other
     other_dcm = other_dir / "other.dcm"
     assert segment("--volume", data["series"], "--include", data["liver"], "--segment-name", "Other",
                    "--out", other_dir / "o.seg.nrrd", "--dicom-seg", other_dcm) == 0  # fmt: skip
-    status = cli.main(["convert", "--quiet", "--dicom-seg", str(other_dcm), "--volume", str(data["series"]),
-                       "--out", str(out)])  # fmt: skip
+    status = commands.main(["convert", "--quiet", "--dicom-seg", str(other_dcm),
+                            "--volume", str(data["series"]), "--out", str(out)])  # fmt: skip
     assert status == 0
     assert np.array_equal(read_segment(out, data["volume"], "SAM-Med2D"), liver)
     assert read_segment(out, data["volume"], "Other")[10].any()
@@ -301,7 +302,7 @@ def test_a_degenerate_roi_is_refused_at_input(data, tmp_path, capsys):
     roi = write_roi(tmp_path / "thin.mrk.json", data["liver_lps"], [1e-9, 80.0, 40.0])
     out = tmp_path / "o.seg.nrrd"
     status = segment("--volume", data["series"], "--roi", roi, "--iou-threshold", "0.4", "--out", out)
-    assert status == cli.EXIT_BAD_INPUT
+    assert status == commands.EXIT_BAD_INPUT
     line = one_error_line(capsys)
     assert "degenerate" in line, line
     assert not out.exists()

@@ -15,24 +15,16 @@ from SAMMed2DSegmentLib.mrml import (
     placement,
     provenance_tags,
     segment_array,
-    self_test,
 )
-from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews
-from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelModel, PanelParameters, end_message
+from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelParameters, end_message
 from SAMMed2DSegmentLib.mrml.views import displayed_volume, viewed_slice_index
-from SAMMed2DSegmentLib.service.client import EngineClient
+
+from .panel_driver import LIVER_RAS
+from .panel_driver import make_panel as _panel
+from .panel_driver import wait as _wait
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
-LIVER_RAS = (93.26171875, 129.89453125, -784.5)  # demo/liver-point.mrk.json (LPS there): slice 10 of 20
-
-
-
-
-def _panel(hs, client=None) -> PanelModel:
-    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    make = lambda: InteractiveSegmentation(hs.scene, client or EngineClient(), editor, hs.app_logic)  # noqa: E731
-    return PanelModel(hs, make, lambda download: self_test.READY)
 
 
 @pytest.fixture
@@ -45,15 +37,6 @@ def case(ct, client):
     nodes = {name: views[name].slice_node for name in ("Red", "Green", "Yellow")}
     yield hs, volume, nodes, p, _panel(hs, client)
     views.close()
-
-
-def _wait(panel: PanelModel, timeout: float = 300) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while panel.poll():
-        assert time.monotonic() < deadline, "the engine did not answer"
-        time.sleep(0.01)
 
 
 # -- include / exclude toggle -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from SAMMed2DSegmentLib import cli
+from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine import precision as prec
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.engine.intensity import default_window, to_uint8
@@ -94,7 +94,7 @@ def test_propagation_dice_within_half_a_percent_of_fp32(tmp_path: Path):
         out, report = tmp_path / f"{name}.seg.nrrd", tmp_path / f"{name}.json"
         argv = ["segment", "--volume", str(CT / "ct"), "--include", str(PROMPT), "--segment-name", "liver",
                 "--precision", name, "--out", str(out), "--report", str(report), "--quiet"]  # fmt: skip
-        assert cli.main(argv) == 0
+        assert commands.main(argv) == 0
         assert json.loads(report.read_text())["precision"]["used"] == name
         dice[name] = liver_dice(out)
     assert abs(dice["bf16"] - dice["fp32"]) <= 0.005, dice

@@ -114,6 +114,21 @@ def test_click_in_red_places_one_point_and_leaves_place_mode(views, ct_volume):
     assert views.interaction_node.GetCurrentInteractionMode() == VIEW_TRANSFORM
 
 
+def test_a_click_at_a_pixel_places_the_point_that_pixel_shows(views, ct_volume):
+    """Aiming at a pixel, not a world position: the point lands where the view maps that pixel, on the slice
+    shown, and a pixel outside the view is refused before any event is sent."""
+    points = views.hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prompts")
+    views.start_placing(points, persistent=False)
+    red = views["Red"]
+    views.jump_to("Red", ras_of(ct_volume, (256, 256, 9)))
+    views.click_pixel("Red", 150, 230)
+    assert points.GetNumberOfDefinedControlPoints() == 1
+    assert np.allclose(positions(points)[0], red.display_to_ras(150, 230), atol=1e-4)
+    with pytest.raises(ValueError, match="outside the Red view"):
+        red.click_pixel(red.size[0], 10)
+    assert points.GetNumberOfControlPoints() == 1
+
+
 def test_persistent_place_mode_keeps_placing(views, ct_volume):
     points = views.hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prompts")
     views.start_placing(points, persistent=True)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "SAMMed2DSegment"))
 
 import numpy as np  # noqa: E402
 
-from SAMMed2DSegmentLib import cli  # noqa: E402
+from SAMMed2DSegmentLib import commands  # noqa: E402
 from SAMMed2DSegmentLib.formats.volumes import read_volume  # noqa: E402
 
 DATA = REPO / "Testing" / "Data" / "totalseg-example-ct"
@@ -58,7 +58,7 @@ def main() -> int:
                     "--precision", "fp32", "--json", str(target), "--quiet", *chosen]  # fmt: skip
             if target.exists():
                 target.unlink()
-            code = cli.main(argv)
+            code = commands.main(argv)
             if code != 0:
                 rows.append((case, organ, None))
                 continue

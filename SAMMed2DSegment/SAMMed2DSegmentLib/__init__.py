@@ -1,7 +1,7 @@
 """SAM-Med2D segmentation engine for 3D Slicer, importable without the Slicer application.
 
 Layers (DESIGN §1): `model/`, `weights/`, `engine/`, `formats/`, `finetune/` and `service/` need no Slicer;
-`mrml/` needs Slicer's MRML classes; `cli.py` sits on top. The public names below are imported on first use
+`mrml/` needs Slicer's MRML classes; `commands/` sits on top. The public names below are imported on first use
 (PEP 562), so importing the package never imports torch: the Slicer process imports it while torch lives
 only in the engine process.
 """

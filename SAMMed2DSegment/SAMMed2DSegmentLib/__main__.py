@@ -1,5 +1,5 @@
 """`python -m SAMMed2DSegmentLib …`: the headless command line."""
 
-from .cli import main
+from .commands import main
 
 raise SystemExit(main())

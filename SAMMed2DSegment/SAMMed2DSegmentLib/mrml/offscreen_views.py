@@ -247,12 +247,23 @@ class SliceView:
     # -- events ----------------------------------------------------------------------------------------
 
     def mouse_move(self, ras: Sequence[float]) -> None:
-        self.interactor.SetEventPosition(*self._pixel(ras))
+        self.mouse_move_pixel(*self._pixel(ras))
+
+    def mouse_move_pixel(self, x: int, y: int) -> None:
+        """Mouse move to display pixel (x, y), origin bottom-left, as a user's pointer reaches it."""
+        width, height = self.size
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"pixel ({x}, {y}) is outside the {self.name} view ({width}x{height})")
+        self.interactor.SetEventPosition(int(x), int(y))
         self.interactor.MouseMoveEvent()
 
     def click(self, ras: Sequence[float]) -> None:
         """Left click at the display position of `ras`: mouse move there, left press, left release."""
-        self.mouse_move(ras)
+        self.click_pixel(*self._pixel(ras))
+
+    def click_pixel(self, x: int, y: int) -> None:
+        """Left click at display pixel (x, y): what a user does who aims at what the view shows there."""
+        self.mouse_move_pixel(x, y)
         self.interactor.LeftButtonPressEvent()
         self.interactor.LeftButtonReleaseEvent()
 
@@ -373,6 +384,9 @@ class SliceViews:
 
     def click(self, view: str | SliceView, ras: Sequence[float]) -> None:
         self.view(view).click(ras)
+
+    def click_pixel(self, view: str | SliceView, x: int, y: int) -> None:
+        self.view(view).click_pixel(x, y)
 
     def drag(
         self, view: str | SliceView, ras_from: Sequence[float], ras_to: Sequence[float], steps: int = 5

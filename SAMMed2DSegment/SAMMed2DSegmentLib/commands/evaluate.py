@@ -13,7 +13,17 @@ import time
 from pathlib import Path
 
 from ..engine.geometry import AXES
-from .protocol import FIRST_PROMPTS
+from ..evaluation.protocol import FIRST_PROMPTS
+from .common import (
+    CommandError,
+    OutputError,
+    add_model_options,
+    intensity_rule,
+    intensity_window,
+    load_model,
+    os_reason,
+    planned,
+)
 
 MAX_CLICKS_LIMIT = 50
 
@@ -25,12 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--volume", required=True, help="volume file, or a folder with one DICOM series")
     p.add_argument("--labels", required=True, help="integer label map on the volume's grid")
     p.add_argument("--label-value", type=int, required=True, help="the structure's value in --labels")
+    p.set_defaults(run_command=run_evaluate, summarize=summary)
     p.add_argument("--axis", default="axial", choices=AXES)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", help="checkpoint file (official .pth, state dict, or .safetensors)")
-    model.add_argument("--model", help="model name from the registry (default: demo)")
-    p.add_argument("--download", action="store_true", help="download a registry model not in the cache yet")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
+    add_model_options(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--window", default="auto",
                    help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
@@ -49,14 +56,13 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """Check every input and the output path first, then run; the JSON is written atomically at the end."""
     import numpy as np
 
-    from ..cli import CommandError, _intensity_rule, _model, _window, planned
     from ..engine.predictor import SamMed2DPredictor
     from ..engine.session import SegmentationSession
+    from ..evaluation.protocol import evaluate_structure
     from ..files import atomic_path
     from ..formats.volumes import read_labels_on_grid, read_volume
     from ..outputs import Kind, input_files, json_with
     from ..weights.checkpoint import CheckpointError
-    from .protocol import evaluate_structure
 
     if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
         raise CommandError(f"--max-clicks must be within 0..{MAX_CLICKS_LIMIT}, got {args.max_clicks}")
@@ -79,11 +85,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             raise CommandError(
                 f"--label-value {args.label_value} is not in {args.labels} (present: {present})"
             )
-        window = _window(args.window, volume.array_kji, volume.modality, _intensity_rule(args))
-        model, info = _model(args)
+        window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
+        model, info = load_model(args)
         predictor = SamMed2DPredictor(model, precision=args.precision)
         session = SegmentationSession(
-            predictor, model_sha256=info.sha256, intensity_rule=_intensity_rule(args)
+            predictor, model_sha256=info.sha256, intensity_rule=intensity_rule(args)
         )
         session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
         engine = session.engine(args.axis)
@@ -118,13 +124,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         with atomic_path(Path(args.json), suffix=".tmp.json") as temporary:
             temporary.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     except OSError as exc:
-        from ..cli import OutputError, _os_reason
-
-        raise OutputError(f"cannot write {args.json} ({_os_reason(exc)}); nothing written") from None
+        raise OutputError(f"cannot write {args.json} ({os_reason(exc)}); nothing written") from None
     return out
 
 
 def summary(out: dict) -> str:
+    """The line a finished run prints on stderr."""
     curve = " ".join(f"{v:.3f}" for v in out["dice_per_click"])
     base = out["baseline"]
     return (

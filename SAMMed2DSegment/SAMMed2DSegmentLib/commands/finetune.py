@@ -1,4 +1,5 @@
-"""`python -m SAMMed2DSegmentLib finetune`: the options, the output plan, and the progress lines."""
+"""`python -m SAMMed2DSegmentLib finetune`: the options, the output plan, and the progress lines (the
+training itself is `finetune/`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path
+from ..finetune.batches import LARGE_AREA_PX
+from ..finetune.settings import MODEL_FORMAT, STATE_FORMAT, FinetuneConfig, FinetuneError
+from ..finetune.training import FinetuneResult, finetune
 from ..model import CONFIGS
-from ..outputs import Kind, OutputPlanError, input_files, plan_outputs, safetensors_of
-from .batches import LARGE_AREA_PX
-from .settings import MODEL_FORMAT, STATE_FORMAT, FinetuneConfig, FinetuneError
-from .training import FinetuneResult, finetune
+from ..outputs import Kind, input_files, safetensors_of
+from .common import CommandError, Interrupted, planned
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="train a SAM-Med2D build on labelled volumes")
+    p.set_defaults(run_command=run_finetune, summarize=summary)
     p.add_argument("--image", action="append", default=[], required=True, help="image volume (repeatable)")
     p.add_argument("--labels", action="append", default=[], required=True,
                    help="label map on the image's grid, one per --image (same order)")  # fmt: skip
@@ -57,6 +60,28 @@ def add_parser(subparsers) -> None:
 
 
 def run_finetune(args) -> FinetuneResult:
+    """A FinetuneError is bad input (one line, exit status 2); an interruption keeps the training state
+    saved so far, and the message says where."""
+    try:
+        return _train(args)
+    except FinetuneError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        message = f"interrupted; the training state last saved in {args.out_dir} is kept (--resume continues)"
+        raise Interrupted(message, getattr(exc, "status", 130)) from None
+
+
+def summary(result: FinetuneResult) -> str:
+    """The line a finished run prints on stderr."""
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.best_score.items())
+    best = f"best validation at step {result.best_step}: {scores}" if scores else "no validation slices"
+    return (
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min "
+        f"({result.samples_per_second:.1f} samples/s); {best}"
+    )
+
+
+def _train(args) -> FinetuneResult:
     for prefix, images, labels in (("", args.image, args.labels), ("val-", args.val_image, args.val_labels)):
         if len(images) != len(labels):
             raise FinetuneError(
@@ -117,10 +142,7 @@ def _check_finetune_outputs(args) -> None:
         ("--out-dir's best.safetensors", best, MODEL_WEIGHTS),
         ("--export", args.export, MODEL_WEIGHTS),
     ]
-    try:
-        plan_outputs(outputs, inputs, missing_folders_ok=True)
-    except OutputPlanError as exc:
-        raise FinetuneError(str(exc)) from None
+    planned(outputs, inputs, missing_folders_ok=True)
     if best.exists() and not (args.resume and last.is_file()):
         raise FinetuneError(
             f"{best} holds an earlier run's best weights; it is not replaced: continue that run with "
