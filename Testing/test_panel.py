@@ -16,10 +16,13 @@ from SAMMed2DSegmentLib.mrml import (
     placement,
     provenance_tags,
     segment_array,
+    self_test,
 )
+from SAMMed2DSegmentLib.mrml.controller import InteractiveSegmentation
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews
-from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelParameters, end_message
+from SAMMed2DSegmentLib.mrml.panel import LOCAL_MODEL, PanelModel, PanelParameters, end_message
 from SAMMed2DSegmentLib.mrml.views import displayed_volume, viewed_slice_index
+from SAMMed2DSegmentLib.service.client import EngineClient
 
 from .panel_driver import LIVER_RAS
 from .panel_driver import make_panel as _panel

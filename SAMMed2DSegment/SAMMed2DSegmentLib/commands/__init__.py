@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from ..outputs import OutputPlanError
-from . import convert, evaluate, finetune, segment
+from . import batch, convert, evaluate, finetune, segment
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_WRITE_FAILED,
@@ -28,7 +28,7 @@ from .common import (
 )
 
 #: The commands in the order `--help` lists them.
-COMMANDS = (segment, convert, finetune, evaluate)
+COMMANDS = (segment, convert, finetune, evaluate, batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,4 +69,4 @@ def _main(argv: Sequence[str] | None) -> int:
             signal.signal(signum, handler)
     if not args.quiet:
         print(args.summarize(outcome), file=sys.stderr)
-    return 0
+    return args.exit_status(outcome) if hasattr(args, "exit_status") else 0

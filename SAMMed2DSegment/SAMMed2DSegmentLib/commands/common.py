@@ -5,17 +5,20 @@ each other), so adding one never touches another."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..outputs import OutputPlan, OutputPlanError, plan_outputs
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
+EXIT_SOME_FAILED = 1  # batch, evaluate --manifest: some cases failed, the others completed
 
 
 class CommandError(Exception):
@@ -76,6 +79,32 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "mps", "auto"])
 
 
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """--scheduler | --workers, and --threads-per-worker: where a cohort command (batch, evaluate
+    --manifest) runs its cases."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler", metavar="tcp://HOST:PORT",
+        help="an existing Dask cluster's scheduler (default: a local cluster of worker processes here)",
+    )  # fmt: skip
+    where.add_argument("--workers", type=int, help="local worker processes (default: from cores and memory)")
+    parser.add_argument("--threads-per-worker", type=int, help="cases run at once by each worker (default 1)")
+
+
+@contextlib.contextmanager
+def cohort_errors(kept: Callable[[], str] = lambda: "nothing written") -> Iterator[None]:
+    """A cohort that cannot start as asked (manifest, cluster, model) is one line and exit status 2; Ctrl-C
+    stops it saying what was kept (`kept()`), after its cluster is closed."""
+    from ..cohort import CohortError
+
+    try:
+        yield
+    except CohortError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted; {kept()}", getattr(exc, "status", 130)) from None
+
+
 def intensity_rule(args: argparse.Namespace) -> str:
     """The intensity rule of the chosen model (weights registry; the demo model's by default)."""
     from ..weights.registry import intensity_rule as rule_of
@@ -102,7 +131,10 @@ def intensity_window(spec: str, volume, modality: str | None, rule: str):
 
 
 def load_model(args: argparse.Namespace):
-    """--checkpoint FILE, else --model NAME from the weights registry, else the bundled demo model."""
+    """--checkpoint FILE, else --model NAME from the weights registry, else the bundled demo model; or the
+    model a batch worker already loaded for these options (`args.preloaded_model`, see cohort/worker.py)."""
+    if getattr(args, "preloaded_model", None) is not None:
+        return args.preloaded_model
     from ..weights.checkpoint import load_model as load_checkpoint
     from ..weights.registry import REGISTRY, WeightsError, resolve_model
 

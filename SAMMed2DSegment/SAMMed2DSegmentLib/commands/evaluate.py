@@ -19,9 +19,12 @@ from pathlib import Path
 from ..engine.geometry import AXES
 from ..evaluation.protocol import FIRST_PROMPTS
 from .common import (
+    EXIT_SOME_FAILED,
     CommandError,
     OutputError,
+    add_cluster_options,
     add_model_options,
+    cohort_errors,
     intensity_rule,
     intensity_window,
     load_model,
@@ -37,9 +40,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="interactive accuracy (first prompt + corrective clicks) against a reference label"
     )
-    p.add_argument("--volume", required=True, help="volume file, or a folder with one DICOM series")
-    p.add_argument("--labels", required=True, help="integer label map on the volume's grid")
-    p.add_argument("--label-value", type=int, required=True, help="the structure's value in --labels")
+    p.add_argument("--volume", help="volume file, or a folder with one DICOM series")
+    p.add_argument("--labels", help="integer label map on the volume's grid")
+    p.add_argument("--label-value", type=int, help="the structure's value in --labels")
     p.set_defaults(run_command=run_evaluate, summarize=summary)
     p.add_argument("--axis", default="axial", choices=AXES)
     add_model_options(p)
@@ -55,14 +58,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-clicks", type=int, default=5, help="corrective clicks after the first prompt")
     p.add_argument("--min-pixels", type=int, default=1,
                    help="score slices with at least this many label pixels (default 1: all)")  # fmt: skip
-    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--json", required=True, help="output JSON file (with --manifest: the summary)")
     p.add_argument("--save-masks", metavar="DIR",
                    help="cvpr25: the final mask as DIR/<json name>.seg.nrrd (DIR is made)")  # fmt: skip
+    p.add_argument("--manifest", help="CSV of cases (case, volume, labels, label_value[, axis, "
+                   "segment_name]), run on Dask instead of --volume/--labels/--label-value")
+    add_cluster_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """Check every input and the output path first, then run; the JSON is written atomically at the end."""
+    if args.manifest:
+        return _run_manifest(args)
+    if args.volume is None or args.labels is None or args.label_value is None:
+        raise CommandError("evaluate needs --volume, --labels and --label-value, or --manifest")
+    if args.scheduler or args.workers or args.threads_per_worker:
+        raise CommandError("--scheduler, --workers and --threads-per-worker go with --manifest")
     from ..outputs import SEGMENTATION, Kind, input_files, json_with
 
     if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
@@ -201,3 +213,81 @@ def summary(out: dict) -> str:
         f"{out['propagation_dice']:.3f}; region grow {base['dice']:.3f} per slice, "
         f"{base['propagation_dice']:.3f} in 3-D"
     )
+
+
+def _run_manifest(args: argparse.Namespace) -> dict:
+    """`evaluate --manifest cases.csv --json OUT.json`: `evaluate` once per row on Dask, as `batch` runs
+    `segment` (cohort/evaluation.py says what each case gets). Writes OUT/<case>.json per case (OUT: --json
+    without .json), then OUT.json (cases, and per structure the mean and spread of every score) and OUT.csv
+    (the per-structure table). Exit status 1 when any case failed."""
+    from ..cohort.cluster import placement
+    from ..cohort.evaluation import (
+        EVALUATION_SUMMARY,
+        EVALUATION_TABLE,
+        forwarded_argv,
+        structure_name,
+        write_evaluation,
+    )
+    from ..cohort.manifest import manifest_inputs, read_manifest
+    from ..cohort.model_file import model_argv, model_file_sha256
+    from ..cohort.runner import run_cohort
+    from ..cohort.summary import COLUMNS, counts, per_structure
+    from ..cohort.worker import CaseTask
+
+    args.summarize, args.exit_status = _manifest_summary, _manifest_exit_status
+    for option in ("volume", "labels", "label_value"):
+        if getattr(args, option) is not None:
+            raise CommandError(f"--manifest replaces --{option.replace('_', '-')}: give one or the other")
+    out = Path(args.json).absolute()  # workers elsewhere have another working folder
+    if out.suffix.lower() != ".json":
+        raise CommandError(f"--json must name a .json file, got {out.name}")
+    with cohort_errors():
+        where = placement(args.scheduler, args.workers, args.threads_per_worker)
+        cases = read_manifest(args.manifest, ("case", "volume", "labels", "label_value"))
+        outputs = [("--json", out, EVALUATION_SUMMARY), ("table", out.with_suffix(".csv"), EVALUATION_TABLE)]
+        plan = planned(outputs, manifest_inputs(args.manifest, cases))
+        model_sha256 = model_file_sha256(args.checkpoint, args.model, args.download)
+    cases_dir = out.with_suffix("")
+    if cases_dir.exists() and not cases_dir.is_dir():
+        raise CommandError(f"{cases_dir} (the per-case folder beside --json) exists and is not a folder")
+    model = model_argv(args.checkpoint, args.model, args.device, args.precision)
+    tasks = []
+    for case in cases:
+        argv = ["--volume", str(case.file("volume")), "--labels", str(case.file("labels")),
+                "--label-value", case.cell("label_value"), *model, *forwarded_argv(vars(args), case.name),
+                "--json", str(cases_dir / f"{case.name}.json"), "--quiet"]  # fmt: skip
+        argv += ["--axis", case.cell("axis")] if case.cell("axis") else []
+        threads = where.torch_threads
+        tasks.append(CaseTask(case.name, "evaluate", tuple(argv), model_sha256, torch_threads=threads))
+    rows: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+
+    def finished(task: CaseTask, outcome) -> None:
+        rows[task.case] = {k: getattr(outcome, k) for k in COLUMNS}
+        if outcome.status == "done" and outcome.result is not None:
+            results[task.case] = outcome.result
+
+    cases_dir.mkdir(exist_ok=True)
+    with plan.lock("--json", quiet=args.quiet):
+        with cohort_errors(lambda: f"{len(results)} finished case result(s) kept in {cases_dir}"):
+            run_cohort(where, tasks, len(cases), 0, finished, args.quiet)
+        ordered = [{**rows[c.name], "structure": structure_name(c.row)} for c in cases]
+        scored = [(structure_name(c.row), results[c.name]) for c in cases if c.name in results]
+        structures = per_structure(scored)
+        document = {"manifest": str(args.manifest), "protocol": args.protocol, "counts": counts(ordered),
+                    "structures": structures, "cases": ordered}  # fmt: skip
+        try:
+            write_evaluation(out, out.with_suffix(".csv"), document)
+        except OSError as exc:
+            message = f"cannot write {out} ({os_reason(exc)}); the per-case results are kept"
+            raise OutputError(message) from None
+    return document
+
+
+def _manifest_summary(document: dict) -> str:
+    n = document["counts"]
+    return f"evaluated {n['done']} case(s), {n['failed']} failed; per-structure table beside the --json file"
+
+
+def _manifest_exit_status(document: dict) -> int:
+    return EXIT_SOME_FAILED if document["counts"]["failed"] else 0

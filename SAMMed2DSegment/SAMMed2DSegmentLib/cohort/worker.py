@@ -1,0 +1,156 @@
+"""What runs on a Dask worker: one case through its command's own run function (the same checks, session and
+output plan as a single run), with the model loaded once per worker process and kept for the next case.
+
+Every failure of a case (bad input, a write error, out of memory, a bug) becomes that case's outcome with a
+one-line reason; nothing a case does can stop the others. The task function and its arguments are plain
+data, pickled by Dask between the user's own client, scheduler and workers (trusted by construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Loaded models of this worker process, by (model option, device, digest of the model file): the first
+#: case loads, the next ones reuse it. One entry: a batch uses one model.
+_models: dict[tuple, tuple] = {}
+_lock = threading.Lock()
+_loads = 0
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One case as the worker needs it: the command (`segment` or `evaluate`) and its own options."""
+
+    case: str
+    command: str
+    argv: tuple[str, ...]
+    model_sha256: str
+    report: str | None = None  # where to write the report with the batch record (segment)
+    batch: dict = field(default_factory=dict)  # kept in the report (digest, manifest line)
+    final: dict = field(default_factory=dict)  # report fields naming the outputs where they will end up
+    torch_threads: int | None = None
+
+
+@dataclass
+class CaseOutcome:
+    """How a case ended: `done` or `failed` (with its one-line reason); `skipped` is decided by the client."""
+
+    case: str
+    status: str
+    reason: str = ""
+    slices: int = 0
+    seconds: float = 0.0
+    worker: str = ""
+    model_loads: int = 0
+    peak_memory_mb: float = 0.0
+    result: dict | None = None
+
+
+def peak_memory_mb() -> float:
+    """This worker process's peak resident memory so far (Linux VmHWM, which a spawned process does not
+    inherit from its parent; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1024), 1)
+
+
+def worker_name() -> str:
+    """The Dask worker's address, or host:pid outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cores_per_case() -> int:
+    """On a worker of someone else's cluster: its cores shared by the cases it runs at once (Dask's nanny
+    sets OMP_NUM_THREADS=1, which would leave torch one core; run one worker process per allocation)."""
+    from .cluster import usable_cores
+
+    try:
+        from distributed import get_worker
+
+        return max(1, usable_cores() // get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return usable_cores()
+
+
+def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple:
+    """(model, info) for `args`, loaded by `load(args)` on this worker's first case only."""
+    global _loads
+    key = (args.checkpoint, args.model, args.device, model_sha256)
+    with _lock:
+        if key not in _models:
+            _models.clear()  # a different model: the old one goes
+            _models[key] = load(args)
+            _loads += 1
+        return _models[key]
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    """The command's own parser, found by name: the cohort layer sits below the command line and takes
+    none of its modules by import (the command that submits the case names it)."""
+    module = importlib.import_module(f"{__package__.rpartition('.')[0]}.commands.{command}")
+    parser = argparse.ArgumentParser(prog=f"python -m SAMMed2DSegmentLib {command}")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def run_case(task: CaseTask) -> CaseOutcome:
+    """Run one case; never raises (a worker killed under it is reported by the client)."""
+    from ..commands.common import CommandError, OutputError, load_model, report_json
+
+    t0 = time.perf_counter()
+    outcome = CaseOutcome(task.case, "failed", worker=worker_name())
+    try:
+        import torch
+
+        torch.set_num_threads(task.torch_threads or _cores_per_case())
+        try:
+            args = _parser(task.command).parse_args([task.command, *task.argv])
+        except SystemExit:
+            raise CommandError(f"bad options for {task.command}: {' '.join(task.argv)}") from None
+        args.preloaded_model = model_once(args, task.model_sha256, load_model)
+        outcome.result = args.run_command(args)
+        if task.report is not None:
+            record = {"worker": outcome.worker, "model_loads": _loads, "peak_memory_mb": peak_memory_mb()}
+            report = {**outcome.result, **task.final, "batch": {**task.batch, **record}}
+            Path(task.report).write_text(report_json(report) + "\n", encoding="utf-8")
+        outcome.status = "done"
+        outcome.slices = len(outcome.result.get("slices_written", ())) if outcome.result else 0
+    except (CommandError, OutputError) as exc:
+        outcome.reason = _one_line(exc)
+    except MemoryError:
+        outcome.reason = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - a case's bug must not stop the cohort; its reason is kept
+        outcome.reason = f"{type(exc).__name__}: {_one_line(exc)}"
+    outcome.model_loads = _loads
+    outcome.peak_memory_mb = peak_memory_mb()
+    outcome.seconds = round(time.perf_counter() - t0, 2)
+    if outcome.status == "done" and outcome.result is not None:
+        outcome.result = json.loads(report_json(outcome.result))  # plain JSON data back to the client
+    return outcome
