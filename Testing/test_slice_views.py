@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from vtk.util import numpy_support
 
 from SAMMed2DSegmentLib.formats.volumes import read_volume
-from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene
+from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene, pictures
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews, can_render
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
@@ -58,16 +57,6 @@ def assert_placed_at(view, placed, ras) -> None:
 def positions(markups) -> list[np.ndarray]:
     count = markups.GetNumberOfControlPoints()
     return [np.array(markups.GetNthControlPointPositionWorld(i)) for i in range(count)]
-
-
-def png_pixels(path) -> np.ndarray:
-    reader = vtk.vtkPNGReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    image = reader.GetOutput()
-    width, height, _ = image.GetDimensions()
-    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    return scalars.reshape(height, width, -1)
 
 
 # -- the views --------------------------------------------------------------------------------------------
@@ -246,9 +235,9 @@ def test_keys_reach_the_displayable_managers(views, ct_volume):
 
 @pytest.mark.skipif(not can_render(), reason="no OpenGL context (EGL, OSMesa or X) for offscreen rendering")
 def test_screenshot_of_red_shows_the_ct(views, tmp_path):
-    with_ct = png_pixels(views.screenshot("Red", tmp_path / "red.png"))
+    with_ct = pictures.read_png(pictures.write_png(pictures.view_rgb(views["Red"]), tmp_path / "red.png"))
     assert with_ct.shape == (400, 400, 3)
     assert with_ct.astype(float).var() > 100.0
     views["Red"].show_volume(None, fit=False)
-    empty = png_pixels(views.screenshot("Red", tmp_path / "empty.png"))
+    empty = pictures.view_rgb(views["Red"])
     assert empty.astype(float).var() == 0.0

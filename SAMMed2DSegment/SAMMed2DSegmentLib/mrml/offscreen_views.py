@@ -70,9 +70,7 @@ under the release.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import slicer
@@ -93,7 +91,7 @@ DISPLAYABLE_MANAGERS = (
 
 def can_render() -> bool:
     """Whether VTK can make an offscreen OpenGL context here (EGL, OSMesa or X). Events, clicks and placement
-    need none; only `render()` and `screenshot()` do."""
+    need none; only rendering does (`render()`, and `pictures.view_rgb` for the pixels)."""
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
     return bool(window.SupportsOpenGL())
@@ -287,22 +285,6 @@ class SliceView:
         self.interactor.KeyReleaseEvent()
         self.interactor.SetKeyEventInformation(0, 0, "\0", 0, "")
 
-    def screenshot(self, path: str | os.PathLike[str]) -> Path:
-        """Render and write the view as an RGB PNG."""
-        path = Path(path)
-        self.render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(self.render_window)
-        grab.SetInputBufferTypeToRGB()
-        grab.ReadFrontBufferOff()
-        grab.ShouldRerenderOn()
-        grab.Update()
-        writer = vtk.vtkPNGWriter()
-        writer.SetFileName(str(path))
-        writer.SetInputConnection(grab.GetOutputPort())
-        writer.Write()
-        return path
-
     def close(self) -> None:
         self.style.SetInteractor(None)
         self.style.SetDisplayableManagers(None)
@@ -395,9 +377,6 @@ class SliceViews:
 
     def key(self, view: str | SliceView, keysym: str) -> None:
         self.view(view).key(keysym)
-
-    def screenshot(self, view: str | SliceView, path: str | os.PathLike[str]) -> Path:
-        return self.view(view).screenshot(path)
 
     def close(self) -> None:
         for view in self:
