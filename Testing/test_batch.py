@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from SAMMed2DSegmentLib.commands import main
 
 from .conftest import CT
+from .terminal import sigint_as_in_a_terminal
 from .test_cli import read_segment, write_points
 
 LIB = Path(__file__).resolve().parents[1] / "SAMMed2DSegment"
@@ -237,6 +238,7 @@ def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "SAMMed2DSegmentLib", "batch", "--manifest", str(cases), "--out-dir", str(out),
          "--workers", "1", *COMMON], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+         preexec_fn=sigint_as_in_a_terminal,
     )  # fmt: skip
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (out.is_dir() and finished(out)):

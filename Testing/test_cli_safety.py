@@ -30,6 +30,7 @@ from SAMMed2DSegmentLib.commands.common import report_json
 from SAMMed2DSegmentLib.engine.prompts import MAX_POINTS_PER_SLICE
 
 from .synthetic_weights import synthetic_state_dict
+from .terminal import sigint_as_in_a_terminal
 from .test_cli import DICOM, LABELS, LIVER, read_segment, write_points, write_roi
 
 LIB_PARENT = Path(commands.__file__).resolve().parents[2]
@@ -309,7 +310,8 @@ def test_sigint_and_sigterm_change_nothing(data, existing, tmp_path, moment, sig
     args = ["segment", "--volume", data["series"], "--include", data["liver"], "--segment-name", "2nd",
             "--propagate", "none", "--out", out, "--dicom-seg", dcm, "--report", tmp_path / "r"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-c", HARNESS, *map(str, args)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", HARNESS, *map(str, args)], env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     lines = []
     deadline = time.monotonic() + 120
