@@ -112,7 +112,11 @@ def test_buttons_for_an_unplaced_roi_a_label_map_and_exclude_points_only(case):
     exclude = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "exclude")
     exclude.AddControlPoint(*LIVER_RAS)
     p.excludePoints = exclude
-    assert not panel.view(p).segment_enabled  # exclude points alone are no prompt
+    assert not panel.view(p).segment_enabled  # exclude points alone, with no segment to correct
+    p.outputSegmentation = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "output")
+    assert panel.view(p).segment_enabled  # they refine the segment (the engine refuses where it is empty)
+    p.outputSegmentation = None
+    assert not panel.view(p).segment_enabled
     include = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
     include.AddControlPoint(*LIVER_RAS)
     p.includePoints = include

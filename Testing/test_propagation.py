@@ -246,10 +246,37 @@ def test_progress_callback_sees_every_slice(labels):
 
 def test_exclude_only_seed_is_refused(labels):
     engine, _ = oracle_engine(labels, LIVER, OraclePredictor())
-    with pytest.raises(ValueError, match="only exclude"):
+    with pytest.raises(ValueError, match="only exclude points and no segment there to correct"):
         engine.run({3: SlicePrompt(points=np.array([[10.0, 10.0]]), labels=np.array([0]))})
     with pytest.raises(ValueError, match="direction"):
         engine.run({3: SlicePrompt(box=np.array([1.0, 1, 5, 5]))}, direction="sideways")
+
+
+def test_exclude_only_seed_refines_the_current_mask(labels):
+    """An exclude-only slice with a current mask is prompted as a propagated slice would be from that mask
+    (box with margin, interior include point) plus the exclude points; one without a mask stays refused.
+    (The oracle ignores exclude points: what the network makes of them is tested in test_service and
+    test_view_workflows.)"""
+    arr, _ = labels
+    engine, g = oracle_engine(labels, LIVER, OraclePredictor())
+    liver = truth(g, arr, LIVER, 10)
+    current = liver.copy()
+    ys, xs = np.nonzero(liver)
+    current[ys.max() + 1 : ys.max() + 21, xs.min() : xs.min() + 20] = True  # a spill below the liver
+    click = np.array([[xs.min() + 10.0, ys.max() + 10.0]])
+    exclude = SlicePrompt(points=click, labels=np.array([0]))
+    seeds = engine.with_current_masks({10: exclude, 12: exclude}, {10: current, 12: np.zeros_like(current)})
+    assert seeds[12] is exclude  # nothing to refine there
+    prompt = seeds[10]
+    assert prompt.labels.tolist() == [0, 1] and np.array_equal(prompt.points[0], click[0])
+    x, y = prompt.points[1].astype(int)
+    assert current[y, x]  # the include point lies inside the current mask
+    x0, y0, x1, y1 = prompt.box
+    assert x0 < xs.min() and y1 > ys.max() + 20 and y1 - y0 < 1.5 * (ys.max() + 21 - ys.min())
+    result = engine.run({10: prompt}, direction="none")
+    assert np.array_equal(result.slices[10].mask, liver)  # the oracle's organ, bounded by the box
+    with pytest.raises(ValueError, match="empty or of another shape"):
+        engine.refine_prompt(current[:-1], exclude, None)
 
 
 def test_embedding_cache_is_bounded_lru():

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import slicer
 
+from SAMMed2DSegmentLib.evaluation.clicks import deepest_point, dice
+from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
@@ -31,6 +33,7 @@ from SAMMed2DSegmentLib.weights.registry import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
+LABELS = CT.parent / "labels" / "labels_on_ct_grid.nrrd"
 LIVER_LPS = (-93.26171875, -129.89453125, -784.5)  # demo/liver-point.mrk.json: slice 10 of 20
 
 
@@ -305,6 +308,72 @@ def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
     # Reached and kept, reached and rejected (the walk stops there), or the walk stopped before it.
     assert 12 in job.kept or 12 not in job.rows or job.rows[12].status == "rejected"
     assert 10 not in job.written and 12 not in job.written
+
+
+def test_one_exclude_point_refines_a_slice_the_segment_covers(case, ct):
+    """A negative click on a propagated slice that spills out of the liver re-segments that slice without
+    the spill, through "Segment" and through "Propagate from here": the prompt comes from the segment's mask
+    there (sent with the job) and the exclude point."""
+    hs, volume, seg, liver, controller, include = case
+    job, *_ = _run(controller, volume, include, None, None, seg, liver, SegmentOptions(direction="both"))
+    first = segment_array(seg, liver, volume)
+    truth = read_volume(LABELS).array_kji == 5  # the liver
+    spill = (first & ~truth).sum(axis=(1, 2))
+    k = 12 + int(np.argmax(spill[12:16]))  # the worst of the slices a few above the prompt
+    geometry = controller.snapshot(volume).geometry("axial")
+    region = geometry.extract(first & ~truth, k)
+    x, y = deepest_point(region, geometry.pixel_spacing)
+    exclude = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "exclude")
+    exclude.AddControlPoint(*geometry.continuous_to_ras(np.array([[k, x, y]], float))[0])
+    job, done, errors, slices = _run(controller, volume, None, exclude, None, seg, liver,
+                                     SegmentOptions(direction="none"))  # fmt: skip
+    assert errors == [] and job.state == "done" and job.written == [k] and slices[0].status == "prompted"
+    after = segment_array(seg, liver, volume)
+    assert not geometry.extract(after, k)[y, x] and geometry.extract(first, k)[y, x]  # the clicked voxel
+    assert (after[k] & ~truth[k]).sum() < 0.6 * spill[k]  # most of the spill gone
+    assert (after[k] & first[k] & truth[k]).sum() > 0.85 * (first[k] & truth[k]).sum()  # the liver kept
+    assert dice(after[k], truth[k]) >= dice(first[k], truth[k]) - 0.01
+    assert np.array_equal(np.delete(after, k, axis=0), np.delete(first, k, axis=0))  # no other slice
+
+    # "Propagate from here" on another spilled slice with one exclude click there (no "Segment" first): the
+    # slice is refined by the click, written, and the walk starts from it.
+    n = 12 + int(np.argmax([spill[i] if i != k else -1 for i in range(12, 16)]))
+    x, y = deepest_point(geometry.extract(first & ~truth, n), geometry.pixel_spacing)
+    exclude.AddControlPoint(*geometry.continuous_to_ras(np.array([[n, x, y]], float))[0])
+    done = []
+    job = controller.start_propagation_from_slice(volume, seg, liver, n, SegmentOptions(direction="up"),
+                                                  on_done=done.append, exclude_node=exclude)  # fmt: skip
+    controller.wait(job, timeout=300)
+    assert done == [job] and job.state == "done" and job.rows[n].status == "prompted"
+    assert n not in job.protected and job.written[0] == n and len(job.written) > 1
+    again = segment_array(seg, liver, volume)
+    assert not geometry.extract(again, n)[y, x] and (again[n] & ~truth[n]).sum() < spill[n]
+    # Once applied (off the segment now), the click leaves the slice as it is: it seeds the walk, unchanged.
+    job = controller.start_propagation_from_slice(volume, seg, liver, n, SegmentOptions(direction="up"),
+                                                  exclude_node=exclude)  # fmt: skip
+    controller.wait(job, timeout=300)
+    assert job.state == "done" and job.rows[n].status == "given" and n in job.protected
+    assert np.array_equal(segment_array(seg, liver, volume)[n], again[n])
+
+
+def test_exclude_points_on_a_slice_the_segment_lacks_are_refused_in_one_line(case):
+    hs, volume, seg, liver, controller, include = case
+    exclude = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "exclude")
+    exclude.AddControlPoint(-LIVER_LPS[0], -LIVER_LPS[1], LIVER_LPS[2])
+    assert not segment_array(seg, liver, volume).any()
+    job, done, errors, slices = _run(controller, volume, None, exclude, None, seg, liver,
+                                     SegmentOptions(direction="both"))  # fmt: skip
+    message = ("slice 10 has only exclude points and no segment there to correct: "
+               "add an include point or a box")
+    assert errors == [message] and job.state == "failed" and done == [] and slices == []
+    assert not segment_array(seg, liver, volume).any() and job.written == []
+
+
+def test_a_mask_of_the_wrong_size_is_refused_at_the_boundary():
+    with pytest.raises(ValueError, match="not one of shape"):
+        unpack_mask(pack_mask(np.ones((5, 7), bool))[:-1], (5, 7))
+    with pytest.raises(ValueError, match="not one of shape"):
+        unpack_mask(np.zeros(5, np.int32), (5, 7))
 
 
 def _display(geometry, kji_plane: np.ndarray, index: int) -> np.ndarray:

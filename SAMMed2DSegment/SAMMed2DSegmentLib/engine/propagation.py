@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,6 +188,33 @@ class PropagationEngine:
             prompt.points, prompt.labels = seeds, np.array([INCLUDE])
         return prompt, seeds
 
+    def refine_prompt(self, mask: np.ndarray, prompt: SlicePrompt, roi_box: np.ndarray | None) -> SlicePrompt:
+        """An exclude-only correction of a slice that has a mask already (a negative click refines the current
+        mask, as in SAM tools): the prompt a propagated slice gets from that mask (box with a margin, interior
+        include point) plus the exclude points. On the bundled CT this removed more of a spill than the
+        mask's box alone or its logits as mask prompt, and kept the liver's Dice (README, step 6)."""
+        if mask.shape != self.slice_shape or not mask.any():
+            raise ValueError("the current mask is empty or of another shape")
+        derived, _ = self.derive_prompt(mask, roi_box)
+        points = np.vstack([prompt.points, derived.points])
+        return SlicePrompt(points, np.r_[prompt.labels, derived.labels].astype(np.int64), derived.box)
+
+    def with_current_masks(
+        self,
+        seeds: dict[int, SlicePrompt | np.ndarray],
+        current: Mapping[int, np.ndarray],
+        roi_boxes: dict[int, np.ndarray] | None = None,
+    ) -> dict[int, SlicePrompt | np.ndarray]:
+        """`seeds` with each exclude-only prompt whose slice has voxels in `current` (the segment's masks, in
+        display orientation) turned into a `refine_prompt`; the others are left for `iterate` to judge."""
+        refined = dict(seeds)
+        for index, prompt in seeds.items():
+            mask = current.get(index)
+            if isinstance(prompt, SlicePrompt) and not prompt.has_include and mask is not None and mask.any():
+                roi_box = roi_boxes.get(index) if roi_boxes else None
+                refined[index] = self.refine_prompt(np.asarray(mask, dtype=bool), prompt, roi_box)
+        return refined
+
     def _confidence(self, iou: float, area: int, previous_area: int | None) -> float:
         """Predicted IoU (clipped to 0..1) times area consistency with the previous slice."""
         conf = min(max(iou, 0.0), 1.0)
@@ -274,7 +301,10 @@ class PropagationEngine:
                 if prompt.shape != self.slice_shape or not prompt.any():
                     raise ValueError(f"the mask given for slice {index} is empty or of another shape")
             elif not prompt.has_include:
-                raise ValueError(f"slice {index} has only exclude points: add an include point or a box")
+                raise ValueError(
+                    f"slice {index} has only exclude points and no segment there to correct: "
+                    "add an include point or a box"
+                )
         result = result if result is not None else PropagationResult()
         start = time.perf_counter()
         self.encode_seconds = self.decode_seconds = 0.0

@@ -188,11 +188,14 @@ class SegmentationSession:
         direction: str = "both",
         settings: PropagationSettings | None = None,
         seed_masks: Mapping[int, np.ndarray] | None = None,
+        current_masks: Mapping[int, np.ndarray] | None = None,
     ) -> Iterator[SliceOutcome]:
         """Segment the slices holding the prompts (points and ROIs in world RAS), then walk `direction`
         ("none", "up", "down", "both"), yielding each slice as it is done. `seed_masks` ({slice: mask in
         display orientation}) start the walk from masks the user already has ("propagate from here") instead
-        of prompts. `self.last` holds the geometry, seeds and result, including after an early stop."""
+        of prompts. `current_masks` ({slice: the segment's mask there}) let a slice with only exclude points
+        refine that mask (`PropagationEngine.with_current_masks`).
+        `self.last` holds the geometry, seeds and result, including after an early stop."""
         from .propagation import PropagationResult
         from .segmenter import VolumeSegmentation, split_prompts
 
@@ -206,6 +209,8 @@ class SegmentationSession:
         else:
             seeds, roi_boxes = split_prompts(prompts_by_slice(geometry, points, rois), bool(rois))
         engine = self.engine(axis, settings)
+        if current_masks:
+            seeds = engine.with_current_masks(seeds, current_masks, roi_boxes)
         result = PropagationResult()
         self.last = VolumeSegmentation(geometry, self.window, seeds, roi_boxes, result)
         up = geometry.normal_sign

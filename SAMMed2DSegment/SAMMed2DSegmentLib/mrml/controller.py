@@ -42,6 +42,7 @@ import vtk
 
 from ..engine.geometry import SliceGeometry
 from ..engine.masks import extent
+from ..engine.prompts import INCLUDE, PromptError, prompts_by_slice
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from . import provenance_tags
@@ -249,8 +250,28 @@ class InteractiveSegmentation:
         points, rois = prompts_from_nodes(include_node, exclude_node, roi_node)
         if not points and not rois:
             raise ValueError("place at least one include point (or a box) first")
+        current = self._masks_to_refine(volume_node, seg_node, segment_id, options.axis, modality, points)
         return self._start(volume_node, seg_node, segment_id, options, modality, points, rois, {}, set(),
-                           save_undo, on_slice, on_done, on_error)  # fmt: skip
+                           save_undo, on_slice, on_done, on_error, current)  # fmt: skip
+
+    def _masks_to_refine(self, volume_node, seg_node, segment_id, axis, modality, points) -> dict:
+        """The segment's masks on the slices whose points are all exclude points (a negative click refines
+        the mask there, in the engine). Slices the segment does not cover are not sent: the engine refuses
+        them in one line. Points off the volume are the engine's to report."""
+        segment = seg_node.GetSegmentation().GetSegment(segment_id) if seg_node is not None else None
+        if volume_node is None or segment is None or all(p.label == INCLUDE for p in points):
+            return {}
+        geometry = self.snapshot(volume_node, modality).geometry(axis)
+        try:
+            by_slice = prompts_by_slice(geometry, points)
+        except PromptError:
+            return {}
+        wanted = [i for i, prompt in by_slice.items() if not prompt.has_include]
+        if not wanted:
+            return {}
+        current = segment_array(seg_node, segment_id, volume_node)
+        masks = {i: geometry.extract(current, i).astype(bool) for i in wanted}
+        return {i: mask for i, mask in masks.items() if mask.any()}
 
     def start_propagation_from_slice(
         self,
@@ -265,21 +286,29 @@ class InteractiveSegmentation:
         on_slice: Callable[[SliceRow], None] | None = None,
         on_done: Callable[[SegmentationJob], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
+        exclude_node: vtk.vtkObject | None = None,
     ) -> SegmentationJob:
         """"Propagate from here": the segment's slice `index` as it is now (a correction) seeds the walk, and
-        only slices the model wrote (or empty ones) are replaced; slices edited by hand are kept."""
+        only slices the model wrote (or empty ones) are replaced; slices edited by hand are kept. Exclude
+        points of `exclude_node` on that slice that still lie on the segment are applied first: the slice is
+        refined by them (as "Segment" does) and the walk starts from the result."""
         geometry = self.snapshot(volume_node, modality).geometry(options.axis)
         current = segment_array(seg_node, segment_id, volume_node)
         seed = geometry.extract(current, index).astype(bool)
         if not seed.any():
             raise ValueError(f"slice {index} of the segment is empty: correct or segment it first")
-        protected = self.written.hand_edited(seg_node, segment_id, volume_node, geometry) | {index}
+        protected = self.written.hand_edited(seg_node, segment_id, volume_node, geometry)
         rois = prompts_from_nodes(None, None, roi_node)[1]
+        excludes = _unapplied_excludes(prompts_from_nodes(None, exclude_node, None)[0], geometry, index, seed)
+        if excludes:
+            return self._start(volume_node, seg_node, segment_id, options, modality, excludes, rois, {},
+                               protected - {index}, save_undo, on_slice, on_done, on_error,
+                               {index: seed})  # fmt: skip
         return self._start(volume_node, seg_node, segment_id, options, modality, [], rois, {index: seed},
-                           protected, save_undo, on_slice, on_done, on_error)  # fmt: skip
+                           protected | {index}, save_undo, on_slice, on_done, on_error)  # fmt: skip
 
     def _start(self, volume_node, seg_node, segment_id, options, modality, points, rois, seeds, protected,
-               save_undo, on_slice, on_done, on_error) -> SegmentationJob:  # fmt: skip
+               save_undo, on_slice, on_done, on_error, current=None) -> SegmentationJob:  # fmt: skip
         if volume_node is None or seg_node is None:
             raise ValueError("select the input volume and the segmentation first")
         if seg_node.GetSegmentation().GetSegment(segment_id) is None:
@@ -304,6 +333,7 @@ class InteractiveSegmentation:
                      for r in rois],  # fmt: skip
         }
         arrays = {f"seed_{i}": pack_mask(m) for i, m in seeds.items()}
+        arrays.update({f"current_{i}": pack_mask(m) for i, m in (current or {}).items()})
 
         def on_event(event: str, reply: dict, reply_arrays: dict) -> None:
             if job.state != "running":
@@ -478,6 +508,20 @@ class InteractiveSegmentation:
                 on_cancelled()
 
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
+
+
+def _unapplied_excludes(points: list, geometry: SliceGeometry, index: int, mask: np.ndarray) -> list:
+    """The exclude points on slice `index` that lie on a voxel of `mask` (not applied yet)."""
+    if not points:
+        return []
+    syx = geometry.ras_to_continuous(np.array([p.position for p in points]))
+    rows, cols = mask.shape
+    kept = []
+    for point, (s, x, y) in zip(points, syx, strict=True):
+        row, col = int(round(y)), int(round(x))
+        if geometry.slice_of(s) == index and 0 <= row < rows and 0 <= col < cols and mask[row, col]:
+            kept.append(point)
+    return kept
 
 
 __all__ = ["InteractiveSegmentation", "SegmentOptions", "SegmentationJob", "SliceRow"]

@@ -95,6 +95,10 @@ def has_include_point(include_node: vtk.vtkObject | None) -> bool:
     return include_node is not None and bool(points_from_markups(include_node, 1))
 
 
+def has_exclude_point(exclude_node: vtk.vtkObject | None) -> bool:
+    return exclude_node is not None and bool(points_from_markups(exclude_node, 0))
+
+
 def end_message(job: SegmentationJob) -> str:
     """The status line once a segmentation or propagation has ended, however it ended."""
     written, kept = len(job.written), len(job.kept)
@@ -166,7 +170,10 @@ class PanelModel:
             return "The input must be a scalar volume (not a label map or a color volume)."
         if p.inputVolume is None:
             return "Select the input volume first."
-        if not (has_include_point(p.includePoints) or has_roi_prompt(p.promptROI)):
+        # Exclude points alone refine the output segment where it covers their slice; where it does not,
+        # the engine refuses in one line (checking the segment's voxels here would cost on every refresh).
+        excluding = p.outputSegmentation is not None and has_exclude_point(p.excludePoints)
+        if not (has_include_point(p.includePoints) or has_roi_prompt(p.promptROI) or excluding):
             return "Place at least one include point (or a box) on a slice of the input volume."
         return ""
 
@@ -343,7 +350,7 @@ class PanelModel:
             job = self.controller.start_propagation_from_slice(
                 p.inputVolume, seg, segment_id, index, self.options(p, "both"),
                 modality=self.modality(p.inputVolume), roi_node=self._roi(p), save_undo=save_undo,
-                **self._job_callbacks(True),
+                exclude_node=p.excludePoints, **self._job_callbacks(True),
             )  # fmt: skip
         except Exception as error:
             self._fail(f"Propagation could not start: {error}", True)
@@ -494,6 +501,7 @@ __all__ = [
     "PanelParameters",
     "PanelView",
     "end_message",
+    "has_exclude_point",
     "has_include_point",
     "has_roi_prompt",
 ]

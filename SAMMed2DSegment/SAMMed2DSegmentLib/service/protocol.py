@@ -175,7 +175,10 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def unpack_mask(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Refuses bits that are not exactly one mask of `shape` (unpacking would pad or cut them silently)."""
     count = int(np.prod(shape))
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != (count + 7) // 8:
+        raise ProtocolError(f"a mask of {bits.size} {bits.dtype} value(s) is not one of shape {tuple(shape)}")
     return np.unpackbits(bits, count=count).astype(bool).reshape(shape)
 
 

@@ -271,7 +271,10 @@ class EngineServer:
         shape = session.volume.geometry(axis).slice_shape
         seed_masks = {int(name[5:]): unpack_mask(bits, shape) for name, bits in arrays.items()
                       if name.startswith("seed_")}  # fmt: skip
-        walk = session.propagate(points, rois, axis, header["direction"], settings, seed_masks or None)
+        current = {int(name[8:]): unpack_mask(bits, shape) for name, bits in arrays.items()
+                   if name.startswith("current_")}  # fmt: skip
+        walk = session.propagate(points, rois, axis, header["direction"], settings, seed_masks or None,
+                                 current or None)  # fmt: skip
         cancelled = False
         self._running = running = [job, 0, -1]
         try:
