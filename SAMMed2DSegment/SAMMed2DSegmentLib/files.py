@@ -242,6 +242,22 @@ def commit_outputs() -> Iterator[OutputSet]:
         outputs.discard()
 
 
+def remove_tree(path: str | os.PathLike[str], attempts: int, pause: float) -> None:
+    """Remove a folder this program made, retrying for a moment: on Windows a just-killed process may still
+    hold its files, and a worker that was still writing may add one meanwhile. A missing folder is fine; the
+    last failure is raised."""
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a fresh temporary path next to `target` to write to; on success it is fsynced and renamed over

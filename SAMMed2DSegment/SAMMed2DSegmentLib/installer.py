@@ -10,16 +10,15 @@ Folders this object did not create are never deleted.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import remove_tree
 from .requirements import folder_complete, write_marker
 
 #: pip options for every install: wheels only (nothing is compiled on the user's machine), nothing but the
@@ -194,7 +193,7 @@ class PipInstall:
         """Remove what this install made that is not a finished install: the staging folder, the log, and
         the folders made for the target when they are empty."""
         if self.staging is not None:
-            _remove_tree(self.staging)
+            remove_tree(self.staging, attempts=20, pause=0.05)  # Windows may hold files a moment
             self.staging = None
         if self._log is not None:
             self._log.unlink(missing_ok=True)
@@ -238,20 +237,6 @@ def _kill_tree(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a folder this install made; on Windows a just-killed process may hold files for a moment."""
-    for attempt in range(20):
-        try:
-            shutil.rmtree(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if attempt == 19:
-                raise
-            time.sleep(0.05)
 
 
 __all__ = ["PIP_OPTIONS", "InstallProgress", "PipInstall"]

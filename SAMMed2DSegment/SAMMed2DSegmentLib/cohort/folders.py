@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import TEMPORARY_NAME, temporary_name
+from ..files import TEMPORARY_NAME, remove_tree, temporary_name
 
 #: What a case folder of ours may hold (anything else means it is not ours to replace).
 REPORT = "report.json"
@@ -39,15 +37,10 @@ def is_ours(folder: Path, case: str) -> bool:
 
 
 def _remove(folder: Path) -> None:
-    """Remove a temporary folder of ours; a worker that was still writing may add a file meanwhile."""
-    for _ in range(5):
-        try:
-            shutil.rmtree(folder)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.2)
+    """Remove a temporary folder of ours; a worker that was still writing may add a file meanwhile, and a
+    folder that still cannot go is left for the next run's `remove_stale`."""
+    with contextlib.suppress(OSError):
+        remove_tree(folder, attempts=5, pause=0.2)
 
 
 class CaseFolders:
