@@ -269,10 +269,7 @@ class EngineServer:
         settings = PropagationSettings(**header.get("settings", {}))
         axis = header["axis"]
         shape = session.volume.geometry(axis).slice_shape
-        seed_masks = {int(name[5:]): unpack_mask(bits, shape) for name, bits in arrays.items()
-                      if name.startswith("seed_")}  # fmt: skip
-        current = {int(name[8:]): unpack_mask(bits, shape) for name, bits in arrays.items()
-                   if name.startswith("current_")}  # fmt: skip
+        seed_masks, current = _slice_masks(arrays, "seed_", shape), _slice_masks(arrays, "current_", shape)
         walk = session.propagate(points, rois, axis, header["direction"], settings, seed_masks or None,
                                  current or None)  # fmt: skip
         cancelled = False
@@ -452,3 +449,9 @@ def leave() -> NoReturn:
     logging.shutdown()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _slice_masks(arrays: dict, prefix: str, shape: tuple[int, int]) -> dict[int, np.ndarray]:
+    """The masks a job sent as `<prefix><slice index>` arrays, by slice index."""
+    return {int(name[len(prefix):]): unpack_mask(bits, shape) for name, bits in arrays.items()
+            if name.startswith(prefix)}  # fmt: skip
