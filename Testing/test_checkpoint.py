@@ -755,3 +755,22 @@ def test_a_stale_conversion_goes_with_its_record(tmp_path, trained):
     assert sorted(p.name for p in cache.glob("*.finite.json")) == [
         record_path(cached_safetensors_path(src, cache)).name
     ]
+
+
+def test_loading_a_cached_conversion_imports_neither_dynamo_nor_sympy(tmp_path, trained):
+    """Issue 27, cold start: building the network on the meta device once drew its random initial values
+    through torch's reference ops, which import torch._dynamo and sympy (over 2 s of every engine start)."""
+    sd, _ = trained
+    path = tmp_path / "small.pth"
+    torch.save({"model": sd}, path)
+    load_model(path, cache_dir=tmp_path / "cache")  # the conversion, as on the first start
+    script = (
+        "import sys\n"
+        "from SAMMed2DSegmentLib.weights.checkpoint import load_model\n"
+        f"model, _ = load_model({str(path)!r}, cache_dir={str(tmp_path / 'cache')!r})\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    lib = str(Path(ck.__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": lib}).stdout  # fmt: skip
+    assert out.strip().splitlines()[-1] == "[]"

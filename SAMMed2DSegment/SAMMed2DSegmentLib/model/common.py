@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def standard_normal(*shape: int) -> torch.Tensor:
+    """N(0, 1) values, as `torch.randn`, except on the meta device, where `load_model` builds the network
+    only for its shapes: there torch's random fills import `torch._dynamo` and sympy, which was over 2 s of
+    every engine start. The values are drawn exactly as `torch.randn` draws them."""
+    tensor = torch.empty(*shape)
+    return tensor if tensor.is_meta else tensor.normal_()
+
+
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """`nn.Embedding` with its N(0, 1) initial weights drawn by `standard_normal`."""
+    weight = standard_normal(num_embeddings, embedding_dim)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an N×C×H×W tensor (biased variance, per-channel affine)."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d, MLPBlock
+from .common import MLP, LayerNorm2d, MLPBlock, embedding
 
 
 class DecoderAttention(nn.Module):
@@ -101,8 +101,8 @@ class MaskDecoder(nn.Module):
         super().__init__()
         self.transformer = TwoWayTransformer(embedding_dim=transformer_dim)
         self.num_mask_tokens = num_multimask_outputs + 1
-        self.iou_token = nn.Embedding(1, transformer_dim)
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.iou_token = embedding(1, transformer_dim)
+        self.mask_tokens = embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(transformer_dim // 4),

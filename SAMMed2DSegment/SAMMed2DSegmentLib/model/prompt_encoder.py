@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, embedding, standard_normal
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -15,7 +15,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats: int = 128) -> None:
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
+        self.register_buffer("positional_encoding_gaussian_matrix", standard_normal(2, num_pos_feats))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         coords = 2 * coords - 1
@@ -53,8 +53,8 @@ class PromptEncoder(nn.Module):
         self.input_image_size = input_image_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
         # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right.
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
-        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.point_embeddings = nn.ModuleList(embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = embedding(1, embed_dim)
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm2d(mask_in_chans // 4),
@@ -64,7 +64,7 @@ class PromptEncoder(nn.Module):
             nn.GELU(),
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
-        self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.no_mask_embed = embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid, 1×C×h×w."""
