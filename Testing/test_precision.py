@@ -128,8 +128,9 @@ def test_propagation_dice_within_half_a_percent_of_fp32(tmp_path: Path):
 # -- auto ------------------------------------------------------------------------------------------------
 def test_auto_is_fp32_where_the_cpu_reports_no_bf16():
     calls = []
+    measured = prec.Calibration(speedup=5.0, cosine=1.0)
     choice = prec.resolve_precision(
-        "auto", "cpu", bf16_capable=lambda: False, speedup=lambda: calls.append(1) or 5.0
+        "auto", "cpu", bf16_capable=lambda: False, calibration=lambda: calls.append(1) or measured
     )
     assert choice.precision == "fp32" and "neither" in choice.reason
     assert not calls  # no calibration without the instructions
@@ -143,11 +144,45 @@ def test_requested_bf16_says_when_the_cpu_only_emulates_it():
     assert native.precision == "bf16" and native.reason == "requested"
 
 
-def test_auto_is_bf16_where_supported_and_faster_and_fp32_where_slower():
-    faster = prec.resolve_precision("auto", "cpu", bf16_capable=lambda: True, speedup=lambda: 4.0)
+def test_auto_is_bf16_only_where_supported_faster_and_agreeing():
+    """Issue 27: `auto` never picks a path whose calibration (speed) or agreement with fp32 failed."""
+
+    def auto(speedup: float, cosine: float) -> prec.PrecisionChoice:
+        measured = prec.Calibration(speedup=speedup, cosine=cosine)
+        return prec.resolve_precision("auto", "cpu", bf16_capable=lambda: True, calibration=lambda: measured)
+
+    faster = auto(4.0, 0.99999)
     assert faster.precision == "bf16" and faster.dtype == torch.bfloat16
-    slower = prec.resolve_precision("auto", "cpu", bf16_capable=lambda: True, speedup=lambda: 0.7)
-    assert slower.precision == "fp32"
+    slower = auto(0.7, 0.99999)
+    assert slower.precision == "fp32" and "only 0.70×" in slower.reason
+    for cosine in (0.998, float("nan")):
+        wrong = auto(4.0, cosine)
+        assert wrong.precision == "fp32" and "disagreed" in wrong.reason
+
+
+def test_a_calibration_recorded_as_disagreeing_keeps_auto_at_fp32(tmp_path, monkeypatch):
+    """The record in the cache folder is what later starts decide by: a failed agreement stays failed."""
+    monkeypatch.setattr(prec, "cpu_bf16_capable", lambda flags=None: True)
+    calls = []
+
+    def measure() -> prec.Calibration:
+        calls.append(1)
+        return prec.Calibration(speedup=3.0, cosine=0.99)
+
+    first = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: True)
+    assert first.precision in ("fp32", "bf16")  # the real calibration of this machine, whatever it says
+    (tmp_path / prec.CALIBRATION_FILE).unlink()
+    assert prec.calibrated_bf16(tmp_path, measure).cosine == 0.99
+    again = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: True)
+    assert again.precision == "fp32" and "disagreed" in again.reason
+    assert calls == [1]
+
+
+def test_the_real_agreement_measure_passes_here_and_leaves_the_random_state():
+    """bf16 is emulated where the CPU lacks the instructions, with the same rounding: the threshold holds."""
+    state = torch.random.get_rng_state()
+    assert prec.measure_bf16_agreement() >= prec.MIN_COSINE
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_the_capability_query_reads_the_cpu_flags(tmp_path):
@@ -162,16 +197,19 @@ def test_the_capability_query_reads_the_cpu_flags(tmp_path):
 def test_the_calibration_runs_once_per_machine(tmp_path):
     runs = []
 
-    def measure() -> float:
+    def measure() -> prec.Calibration:
         runs.append(1)
-        return 2.5
+        return prec.Calibration(speedup=2.5, cosine=0.99999)
 
-    assert prec.calibrated_bf16_speedup(tmp_path, measure) == 2.5
-    assert prec.calibrated_bf16_speedup(tmp_path, measure) == 2.5
+    assert prec.calibrated_bf16(tmp_path, measure).speedup == 2.5
+    assert prec.calibrated_bf16(tmp_path, measure).speedup == 2.5
     assert len(runs) == 1
-    (tmp_path / prec.CALIBRATION_FILE).write_text("{not json")  # a damaged record is measured again
-    assert prec.calibrated_bf16_speedup(tmp_path, measure) == 2.5
-    assert len(runs) == 2
+    record = tmp_path / prec.CALIBRATION_FILE
+    (key,) = json.loads(record.read_text())  # this machine's key
+    for damaged in ("{not json", json.dumps({key: 2.5}), json.dumps({key: {}})):
+        record.write_text(damaged)  # damaged, or an older version's bare speed-up: measured again
+        assert prec.calibrated_bf16(tmp_path, measure) == prec.Calibration(2.5, 0.99999)
+    assert len(runs) == 4
     assert 0 < prec.measure_bf16_speedup(repeats=1) < 1000  # the real measurement runs
 
 

@@ -1,8 +1,9 @@
 """Which precision the image encoder runs in: "fp32" (exact, parity-tested), "bf16", "fp16", or "auto".
 
 `auto` picks bf16 on a CPU only where the processor has bf16 matrix instructions (AMX or AVX512-BF16) *and* a
-one-time calibration (a few ms of matrix products, cached per machine, torch version and thread count)
-shows bf16 faster here: without those instructions bf16 is emulated and slower than fp32. On CUDA it picks
+one-time calibration (cached per machine, torch version and thread count) shows bf16 both faster here and
+in agreement with fp32: without those instructions bf16 is emulated and slower than fp32, and a machine
+whose bf16 kernels give other numbers than fp32 (a library fault) must not get them silently. On CUDA it picks
 bf16 where the GPU supports it, else fp16; elsewhere (MPS included) fp32.
 """
 
@@ -30,6 +31,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_FILE = "precision-calibration.json"
 #: bf16 must beat fp32 by this factor in the calibration before `auto` takes it (margin for timing noise).
 MIN_SPEEDUP = 1.3
+#: The low-precision encoder's output must reach this cosine with the fp32 module's in the calibration (the
+#: threshold the bf16 path is held to on the golden images).
+MIN_COSINE = 0.9999
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -100,29 +104,73 @@ def measure_bf16_speedup(repeats: int = 5) -> float:
     return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
 
 
-def calibrated_bf16_speedup(
-    cache_dir: str | os.PathLike[str] | None = None, measure: Callable[[], float] = measure_bf16_speedup
-) -> float:
-    """The bf16 speed-up on this machine, measured once and remembered in the cache folder."""
+def measure_bf16_agreement() -> float:
+    """Cosine between the bf16 encoder's output and the fp32 module's, on a 2-block encoder with seeded
+    random weights and image: every kind of kernel the bf16 path runs, in about 0.1 s (0.5 s emulated).
+    The global random state is left as it was."""
+    from ..model.image_encoder import ImageEncoderViT
+    from ..model.lowp_encoder import LowPrecisionEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ImageEncoderViT(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)).eval()
+        with torch.no_grad():  # zero at construction; random here so the relative-position path is checked
+            for block in encoder.blocks:
+                block.attn.rel_pos_h.normal_(0, 0.1)
+                block.attn.rel_pos_w.normal_(0, 0.1)
+            encoder.pos_embed.normal_(0, 0.1)
+        image = torch.randn(1, 3, encoder.img_size, encoder.img_size)
+    with torch.inference_mode():
+        exact = encoder(image).double().flatten()
+        low = LowPrecisionEncoder(encoder, torch.bfloat16)(image).double().flatten()
+    return float(torch.nn.functional.cosine_similarity(exact, low, dim=0))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `auto` decides bf16 by on a CPU: its speed-up over fp32 and its agreement with fp32."""
+
+    speedup: float
+    cosine: float
+
+    def verdict(self) -> str | None:
+        """Why bf16 must not be picked here, or None where it may."""
+        if not self.cosine >= MIN_COSINE:  # NaN included
+            return f"bf16 disagreed with fp32 in this machine's calibration (cosine {self.cosine:.6f})"
+        if self.speedup < MIN_SPEEDUP:
+            return f"bf16 measured only {self.speedup:.2f}× fp32 on this CPU"
+        return None
+
+
+def measure_calibration() -> Calibration:
+    return Calibration(speedup=measure_bf16_speedup(), cosine=measure_bf16_agreement())
+
+
+def calibrated_bf16(
+    cache_dir: str | os.PathLike[str] | None = None, measure: Callable[[], Calibration] = measure_calibration
+) -> Calibration:
+    """The bf16 calibration of this machine, measured once and remembered in the cache folder. A record that
+    is missing, damaged or from an older version is measured again."""
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / CALIBRATION_FILE
     key = _machine_key()
     try:
         known = json.loads(path.read_text())
-        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
-            return float(known[key])
-    except (OSError, ValueError):
+        record = known.get(key) if isinstance(known, dict) else None
+        if isinstance(record, dict):
+            return Calibration(speedup=float(record["speedup"]), cosine=float(record["cosine"]))
+    except (OSError, ValueError, KeyError, TypeError):
         known = {}
-    speedup = float(measure())
+    calibration = measure()
     known = known if isinstance(known, dict) else {}
-    known[key] = speedup
+    known[key] = {"speedup": calibration.speedup, "cosine": calibration.cosine}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(known, indent=1))
     except OSError as exc:  # a read-only cache only costs a re-measurement next time
         log.warning("could not record the precision calibration in %s: %s", path, exc)
-    return speedup
+    return calibration
 
 
 def resolve_precision(
@@ -130,10 +178,10 @@ def resolve_precision(
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     bf16_capable: Callable[[], bool] = cpu_bf16_capable,
-    speedup: Callable[[], float] | None = None,
+    calibration: Callable[[], Calibration] | None = None,
 ) -> PrecisionChoice:
     """The precision to run in for `requested` on `device`; ValueError for a combination that cannot run.
-    `bf16_capable` and `speedup` are the capability query and the calibration (replaceable in tests)."""
+    `bf16_capable` and `calibration` are the capability query and the calibration (replaceable in tests)."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
     device = torch.device(device)
@@ -152,19 +200,24 @@ def resolve_precision(
         return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
     if not bf16_capable():
         return PrecisionChoice("fp32", "auto: the CPU reports neither AMX-BF16 nor AVX512-BF16")
-    factor = speedup() if speedup is not None else calibrated_bf16_speedup(cache_dir)
-    if factor < MIN_SPEEDUP:
-        return PrecisionChoice("fp32", f"auto: bf16 measured only {factor:.2f}× fp32 on this CPU")
-    return PrecisionChoice("bf16", f"auto: the CPU has bf16 instructions, measured {factor:.1f}× fp32")
+    measured = calibration() if calibration is not None else calibrated_bf16(cache_dir)
+    refusal = measured.verdict()
+    if refusal is not None:
+        return PrecisionChoice("fp32", f"auto: {refusal}")
+    reason = f"auto: the CPU has bf16 instructions, {measured.speedup:.1f}× fp32 and agreeing with it"
+    return PrecisionChoice("bf16", reason)
 
 
 __all__ = [
     "DTYPES",
     "PRECISIONS",
+    "Calibration",
     "PrecisionChoice",
-    "calibrated_bf16_speedup",
+    "calibrated_bf16",
     "cpu_bf16_capable",
     "cpu_flags",
+    "measure_bf16_agreement",
     "measure_bf16_speedup",
+    "measure_calibration",
     "resolve_precision",
 ]
