@@ -1,4 +1,4 @@
-"""A reduced-precision (bf16 / fp16) forward of `ImageEncoderViT`, beside the exact fp32 module.
+"""A reduced-precision (bf16 / fp16 / int8) forward of `ImageEncoderViT`, beside the exact fp32 module.
 
 Why a second forward instead of `encoder.to(torch.bfloat16)` or `torch.autocast`: on CPU both spend most of
 their time in layout copies (batched products on permuted views, einsum, the adapter's unfold/fold), and end
@@ -9,6 +9,9 @@ folded into the first one; `scaled_dot_product_attention` with a bias measured s
 adapter's convolutions as plain products on shifted views. The residual stream, the layer norms, the
 relative-position terms, the adapter's channel gate and the transposed convolution's scatter-add stay in fp32
 (cheap, and where bf16 rounding would accumulate). The fp32 module is untouched: it stays the parity path.
+
+int8 (`torch.qint8`) is the same forward in fp32 except its heavy products: qkv, the output projection, the
+MLP and the adapter's two convolutions run as dynamic int8 products (`int8_linear.Int8Linear`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,25 @@ import torch
 import torch.nn.functional as F
 
 from .image_encoder import ImageEncoderViT, relative_position_table
+from .int8_linear import Int8Linear
+
+#: A heavy product's weight: an (in × out) matrix in the compute dtype, or an int8 product.
+Weight = torch.Tensor | Int8Linear
 
 
-def _t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`."""
+def _t(weight: torch.Tensor, dtype: torch.dtype) -> Weight:
+    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`, or as an int8 product."""
+    if dtype == torch.qint8:
+        return Int8Linear(weight.detach().float())
     return weight.detach().t().contiguous().to(dtype)
+
+
+def _product(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight + bias, in whichever form `_t` gave the weight."""
+    if isinstance(weight, Int8Linear):
+        out = weight(x)
+        return out if bias is None else out + bias
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 @dataclass
@@ -31,29 +48,35 @@ class _BlockWeights:
     window: int
     heads: int
     norm1: tuple[torch.Tensor, torch.Tensor]
-    qkv_w: torch.Tensor
+    qkv_w: Weight
     qkv_b: torch.Tensor
     rel_h: torch.Tensor  # fp32, (size, size, head_dim) for the block's attention grid
     rel_w: torch.Tensor
-    proj_w: torch.Tensor
+    proj_w: Weight
     proj_b: torch.Tensor
     norm2: tuple[torch.Tensor, torch.Tensor]
-    lin1_w: torch.Tensor
+    lin1_w: Weight
     lin1_b: torch.Tensor
-    lin2_w: torch.Tensor
+    lin2_w: Weight
     lin2_b: torch.Tensor
-    adapter: dict[str, torch.Tensor] | None
+    adapter: dict[str, Weight] | None
     adapter_eps: float = 1e-5
 
 
 class LowPrecisionEncoder:
-    """Callable B×3×S×S float32 image → B×C×S/16×S/16 embedding (float32 values from the final norm)."""
+    """Callable B×3×S×S float32 image → B×C×S/16×S/16 embedding (float32 values from the final norm).
+
+    `dtype` is bfloat16 or float16 (every product in it), or qint8 (heavy products in int8, the rest fp32).
+    """
 
     def __init__(self, encoder: ImageEncoderViT, dtype: torch.dtype) -> None:
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"low-precision encoder needs bfloat16 or float16, got {dtype}")
-        self.dtype = dtype
+        if dtype not in (torch.bfloat16, torch.float16, torch.qint8):
+            raise ValueError(f"low-precision encoder needs bfloat16, float16 or qint8, got {dtype}")
+        self.products = dtype  # the heavy products' format
+        self.dtype = torch.float32 if dtype == torch.qint8 else dtype  # everything else's
         self.img_size = encoder.img_size
+        dtype = self.dtype
+        products = self.products
         with torch.no_grad():
             proj = encoder.patch_embed.proj
             self.patch = proj.kernel_size[0]
@@ -61,7 +84,7 @@ class LowPrecisionEncoder:
             self.patch_b = proj.bias.detach().float()
             self.pos_embed = encoder.pos_embed.detach().float()
             grid = encoder.img_size // self.patch
-            self.blocks = [self._block(b, dtype, b.window_size or grid) for b in encoder.blocks]
+            self.blocks = [self._block(b, dtype, products, b.window_size or grid) for b in encoder.blocks]
             neck = encoder.neck
             self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
             self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
@@ -69,7 +92,7 @@ class LowPrecisionEncoder:
             self.neck_norm2 = (neck[3].weight.detach().float(), neck[3].bias.detach().float(), neck[3].eps)
 
     @staticmethod
-    def _block(block, dtype: torch.dtype, size: int) -> _BlockWeights:
+    def _block(block, dtype: torch.dtype, products: torch.dtype, size: int) -> _BlockWeights:
         """The block's weights; `size` is the side of the grid its attention sees (window or whole)."""
         attn = block.attn
         adapter = None
@@ -80,9 +103,9 @@ class LowPrecisionEncoder:
             adapter = {
                 "gate1": a.channel[0].weight.detach().t().contiguous().float(),
                 "gate2": a.channel[2].weight.detach().t().contiguous().float(),
-                "down": _taps_matrix(conv, dtype),
+                "down": _taps_matrix(conv, products),
                 # (ky·kx·C_out × C_in): one product gives every tap's contribution, added into place below
-                "up": deconv.permute(2, 3, 1, 0).reshape(16 * c_out, c_in).contiguous().to(dtype),
+                "up": _left(deconv.permute(2, 3, 1, 0).reshape(16 * c_out, c_in), products),
                 "norm_w": a.norm.weight.detach().float(),
                 "norm_b": a.norm.bias.detach().float(),
             }
@@ -90,36 +113,28 @@ class LowPrecisionEncoder:
             window=block.window_size,
             heads=attn.num_heads,
             norm1=(block.norm1.weight.detach().float(), block.norm1.bias.detach().float()),
-            qkv_w=_t(attn.qkv.weight, dtype),
+            qkv_w=_t(attn.qkv.weight, products),
             qkv_b=attn.qkv.bias.detach().to(dtype),
             rel_h=relative_position_table(size, attn.rel_pos_h.detach().float()),
             rel_w=relative_position_table(size, attn.rel_pos_w.detach().float()),
-            proj_w=_t(attn.proj.weight, dtype),
+            proj_w=_t(attn.proj.weight, products),
             proj_b=attn.proj.bias.detach().to(dtype),
             norm2=(block.norm2.weight.detach().float(), block.norm2.bias.detach().float()),
-            lin1_w=_t(block.mlp.lin1.weight, dtype),
+            lin1_w=_t(block.mlp.lin1.weight, products),
             lin1_b=block.mlp.lin1.bias.detach().to(dtype),
-            lin2_w=_t(block.mlp.lin2.weight, dtype),
+            lin2_w=_t(block.mlp.lin2.weight, products),
             lin2_b=block.mlp.lin2.bias.detach().to(dtype),
             adapter=adapter,
             adapter_eps=block.Adapter.norm.eps if block.Adapter is not None else 1e-5,
         )
 
     def to(self, device: torch.device | str) -> LowPrecisionEncoder:
-        """Move every weight to `device` (in place)."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-            elif isinstance(value, tuple):
-                setattr(self, name, tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in value))
-        for block in self.blocks:
-            for name, value in vars(block).items():
-                if isinstance(value, torch.Tensor):
-                    setattr(block, name, value.to(device))
-                elif isinstance(value, tuple):
-                    setattr(block, name, tuple(v.to(device) for v in value))
-                elif isinstance(value, dict):
-                    setattr(block, name, {k: v.to(device) for k, v in value.items()})
+        """Move every weight to `device` (in place). int8 products exist on the CPU only."""
+        if self.products == torch.qint8 and torch.device(device).type != "cpu":
+            raise ValueError("int8 products run on the CPU only")
+        for holder in (self, *self.blocks):
+            for name, value in vars(holder).items():
+                setattr(holder, name, _moved(value, device))
         return self
 
     # -- forward ------------------------------------------------------------------------------------------
@@ -146,30 +161,33 @@ class LowPrecisionEncoder:
         batch, height, width, dim = x.shape
         tokens = batch * height * width
         n = F.layer_norm(x, (dim,), *w.norm1, eps=1e-6).reshape(tokens, dim).to(dt)
-        qkv = torch.addmm(w.qkv_b, n, w.qkv_w).reshape(batch, height, width, 3 * dim)
+        qkv = _product(n, w.qkv_w, w.qkv_b).reshape(batch, height, width, 3 * dim)
         if w.window > 0:
             attended = self._windowed(w, qkv)
         else:
             attended = self._attend(w, qkv)
-        x = x + torch.addmm(w.proj_b, attended.reshape(tokens, dim), w.proj_w).float().reshape(x.shape)
+        x = x + _product(attended.reshape(tokens, dim), w.proj_w, w.proj_b).float().reshape(x.shape)
         n32 = F.layer_norm(x, (dim,), *w.norm2, eps=1e-6)
         n = n32.reshape(tokens, dim).to(dt)
-        hidden = F.gelu(torch.addmm(w.lin1_b, n, w.lin1_w))
-        x = x + torch.addmm(w.lin2_b, hidden, w.lin2_w).float().reshape(x.shape)
+        hidden = F.gelu(_product(n, w.lin1_w, w.lin1_b))
+        x = x + _product(hidden, w.lin2_w, w.lin2_b).float().reshape(x.shape)
         if w.adapter is not None:
             x = x + self._adapter(w.adapter, n32, w.adapter_eps)
         return x
 
-    def _adapter(self, a: dict[str, torch.Tensor], n: torch.Tensor, eps: float) -> torch.Tensor:
+    def _adapter(self, a: dict[str, Weight], n: torch.Tensor, eps: float) -> torch.Tensor:
         """The SAM-Med2D adapter on the fp32 norm2 output n (B×H×W×C); see `image_encoder.Adapter`."""
         batch, height, width, dim = n.shape
         gate = torch.sigmoid(F.relu(n.mean(dim=(1, 2)) @ a["gate1"]) @ a["gate2"])
         gated = (gate[:, None, None, :] * n).to(self.dtype)
-        down = F.relu(_patches3x3(gated, stride=2) @ a["down"])  # B×(H/2·W/2)×C
+        down = F.relu(_product(_patches3x3(gated, stride=2), a["down"]))  # B·(H/2·W/2) × C
         dh, dw = (height + 1) // 2, (width + 1) // 2
-        # Weight on the left: for these shapes (few pixels, many taps) the product is ~1.5× faster that way.
-        taps = a["up"] @ down.reshape(batch * dh * dw, dim).t()  # one product for the whole batch
-        taps = taps.reshape(4, 4, dim, batch, dh, dw).permute(3, 0, 1, 2, 4, 5)
+        if isinstance(a["up"], Int8Linear):
+            taps = a["up"](down).reshape(batch, dh, dw, 4, 4, dim).permute(0, 3, 4, 5, 1, 2)
+        else:
+            # Weight on the left: for these shapes (few pixels, many taps) the product is ~1.5× faster so.
+            taps = a["up"] @ down.t()  # one product for the whole batch
+            taps = taps.reshape(4, 4, dim, batch, dh, dw).permute(3, 0, 1, 2, 4, 5)
         up = F.relu(_transposed_4x4_s2(taps, height, width))
         return F.layer_norm(n + up, (dim,), a["norm_w"], a["norm_b"], eps=eps)
 
@@ -226,6 +244,17 @@ class LowPrecisionEncoder:
         return out
 
 
+def _moved(value, device: torch.device | str):
+    """`value` with its tensors (also inside a tuple or dict) on `device`; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
 _KEY_POSITIONS: dict[tuple, torch.Tensor] = {}
 
 
@@ -243,11 +272,17 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=eps)
 
 
-def _taps_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _taps_matrix(weight: torch.Tensor, dtype: torch.dtype) -> Weight:
     """Conv weight (C_out × C_in × 3 × 3) → (9·C_in × C_out), rows in the (ky, kx, C_in) order of
-    `_patches3x3`."""
-    c_out = weight.shape[0]
-    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous().to(dtype)
+    `_patches3x3` (or that product in int8)."""
+    return _t(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), dtype)
+
+
+def _left(matrix: torch.Tensor, dtype: torch.dtype) -> Weight:
+    """A matrix for the left of a product (matrix @ xᵀ) in `dtype`, or as the int8 product x @ matrixᵀ."""
+    if dtype == torch.qint8:
+        return Int8Linear(matrix.float())
+    return matrix.contiguous().to(dtype)
 
 
 def _patches3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
