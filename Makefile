@@ -9,7 +9,7 @@ DEMO_LABELS := Testing/Data/totalseg-example-ct/labels/labels_on_ct_grid.nrrd
 DEMO_OUT ?= out/demo
 TRAIN_CT := Testing/Data/totalseg-example-ct/nifti
 
-.PHONY: test demo screenshots demo-model demo-model-stage2 evaluate bench bench-engine bench-volume bench-dicom-seg bench-batch lint clean
+.PHONY: test demo screenshots demo-model demo-model-stage2 evaluate bench bench-engine bench-volume bench-dicom-seg bench-batch bench-gpu lint clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-dicom-seg: $(STAMP)
 
 bench-batch: $(STAMP)
 	$(PY) benchmarks/bench_batch.py
+
+# Needs CUDA (refuses in one line without it); `--device cpu --quick` is its dry run.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
 
 # The main job on the bundled DICOM CT with the bundled demo model: one include point in the liver,
 # propagated through every slice; writes the .seg.nrrd, a DICOM-SEG, the report and a PNG overview.

@@ -15,14 +15,12 @@ import torch
 
 from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine import precision as prec
-from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
-from SAMMed2DSegmentLib.engine.intensity import default_window, to_uint8
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
-from SAMMed2DSegmentLib.formats.volumes import read_volume
 from SAMMed2DSegmentLib.weights import registry
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
 
-from .test_demo_model import CT, LIVER, PROMPT, liver_dice
+from .liver_agreement import CT, liver_slice_ious
+from .test_demo_model import PROMPT, liver_dice
 
 
 def _cosine(a: torch.Tensor, b: np.ndarray) -> float:
@@ -86,27 +84,9 @@ def demo_predictors() -> dict[str, SamMed2DPredictor]:
 
 
 def test_demo_model_masks_agree_on_every_liver_slice(demo_predictors):
-    """One include point per slice (the labelled liver pixel nearest the label's centroid): bf16 masks
-    against fp32 masks on every slice of the bundled CT that shows the liver."""
-    volume = read_volume(CT / "ct")
-    labels = read_volume(CT / "labels" / "labels_on_ct_grid.nrrd").array_kji == LIVER
-    geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, "axial")
-    window = default_window(volume.array_kji, volume.modality)
-    ious = []
-    for index in range(geometry.num_slices):
-        liver = geometry.view(labels, index)
-        if liver.sum() < 20:
-            continue
-        rows, cols = np.nonzero(liver)
-        nearest = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
-        point = np.array([[cols[nearest], rows[nearest]]], dtype=np.float64)
-        image = np.ascontiguousarray(to_uint8(geometry.view(volume.array_kji, index), window))
-        masks = {}
-        for name, predictor in demo_predictors.items():
-            predictor.set_image(image)
-            masks[name] = predictor.predict(point, np.array([1]))[0][0]
-        union = (masks["fp32"] | masks["bf16"]).sum()
-        ious.append((masks["fp32"] & masks["bf16"]).sum() / union if union else 1.0)
+    """One include point per slice: bf16 masks against fp32 masks on every slice of the bundled CT that
+    shows the liver."""
+    ious = liver_slice_ious(demo_predictors["fp32"], demo_predictors["bf16"])
     assert len(ious) >= 10
     assert np.mean(ious) >= 0.98, ious
     assert min(ious) >= 0.95, ious

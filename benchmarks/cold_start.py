@@ -40,9 +40,11 @@ times = {"torch import": time.perf_counter() - t}
 import numpy as np
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
-ckpt, cache = sys.argv[1], sys.argv[2]
+ckpt, cache, device = sys.argv[1], sys.argv[2], sys.argv[3]
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 t = time.perf_counter()
-model, _ = load_model(ckpt, device="cpu", cache_dir=cache)
+model, _ = load_model(ckpt, device=device, cache_dir=cache)
+sync()
 times["checkpoint load"] = time.perf_counter() - t
 t = time.perf_counter()
 predictor = SamMed2DPredictor(model, precision="auto")
@@ -54,16 +56,30 @@ predictor.predict(np.array([[256.0, 256.0]]), np.array([1]))
 times["first decode"] = time.perf_counter() - t
 t = time.perf_counter()
 predictor.set_image(np.zeros((512, 512), np.uint8))
+sync()
 times["first encode"] = time.perf_counter() - t
 print(json.dumps(times))
 """
 
 
-def one_start(lib: Path, ckpt: Path, cache: Path) -> dict:
+def one_start(lib: Path, ckpt: Path, cache: Path, device: str = "cpu") -> dict:
+    """The stage times (and the precision `auto` chose) of one start in a fresh interpreter on `device`."""
     env = {**os.environ, "PYTHONPATH": str(lib), "SAMMED2D_CACHE_DIR": str(cache)}
-    out = subprocess.run([sys.executable, "-c", ONE_START, str(ckpt), str(cache)], env=env, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", ONE_START, str(ckpt), str(cache), device], env=env,
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
+
+
+def random_checkpoint(folder: Path, build: str = "vit_b") -> Path:
+    """A `.pth` checkpoint of `build` with random weights (the timings do not depend on the values)."""
+    import torch
+
+    from SAMMed2DSegmentLib.model import build_sam_med2d
+
+    torch.manual_seed(0)
+    ckpt = Path(folder) / f"{build}.pth"
+    torch.save({"model": build_sam_med2d(build).state_dict()}, ckpt)
+    return ckpt
 
 
 def engine_first_mask(ckpt: Path, cache: Path, volume) -> float:
@@ -97,16 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare_with:
         libs = {"compared": Path(args.compare_with), **libs}
     sys.path.insert(0, str(ROOT / "SAMMed2DSegment"))
-    import torch
-
     from SAMMed2DSegmentLib.formats.volumes import read_volume
-    from SAMMed2DSegmentLib.model import build_sam_med2d
 
     volume = read_volume(CT)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ckpt = Path(tmp) / "vit_b.pth"
-        torch.save({"model": build_sam_med2d("vit_b").state_dict()}, ckpt)
+        ckpt = random_checkpoint(Path(tmp))
         caches = {name: Path(tmp) / f"cache-{n}" for n, name in enumerate(libs)}
         for name, lib in libs.items():  # the conversion: once, before any timed start (a warm cache)
             one_start(lib, ckpt, caches[name])

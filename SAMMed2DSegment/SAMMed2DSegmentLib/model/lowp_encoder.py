@@ -6,7 +6,9 @@ slower than fp32. This forward holds the weights once in the low precision, alre
 layout the products take, feeds contiguous tensors to every product, runs the windows of a windowed block
 as one batch, writes attention as two batched products around an fp32 softmax (the relative-position bias
 folded into the first one; `scaled_dot_product_attention` with a bias measured slower here) and the
-adapter's convolutions as plain products on shifted views. The residual stream, the layer norms, the
+adapter's convolutions as plain products on shifted views. On CUDA the attention is one fused
+`scaled_dot_product_attention` call with the bias as an additive mask instead (the memory-efficient kernel
+takes one; the folded products are a CPU layout trick). The residual stream, the layer norms, the
 relative-position terms, the adapter's channel gate and the transposed convolution's scatter-add stay in fp32
 (cheap, and where bf16 rounding would accumulate). The fp32 module is untouched: it stays the parity path.
 
@@ -69,11 +71,17 @@ class LowPrecisionEncoder:
     `dtype` is bfloat16 or float16 (every product in it), or qint8 (heavy products in int8, the rest fp32).
     """
 
-    def __init__(self, encoder: ImageEncoderViT, dtype: torch.dtype) -> None:
-        if dtype not in (torch.bfloat16, torch.float16, torch.qint8):
-            raise ValueError(f"low-precision encoder needs bfloat16, float16 or qint8, got {dtype}")
+    def __init__(
+        self, encoder: ImageEncoderViT, dtype: torch.dtype, fused_attention: bool | None = None
+    ) -> None:
+        """`fused_attention`: None chooses by device (fused on CUDA); True/False forces one formulation
+        (tests run the fused one on the CPU). float32 is accepted to check a formulation against the
+        module at fp32 speed and accuracy; the predictor runs fp32 through the module itself."""
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.qint8):
+            raise ValueError(f"low-precision encoder needs bfloat16, float16, float32 or qint8, got {dtype}")
         self.products = dtype  # the heavy products' format
         self.dtype = torch.float32 if dtype == torch.qint8 else dtype  # everything else's
+        self.fused_attention = fused_attention
         self.img_size = encoder.img_size
         dtype = self.dtype
         products = self.products
@@ -136,6 +144,13 @@ class LowPrecisionEncoder:
             for name, value in vars(holder).items():
                 setattr(holder, name, _moved(value, device))
         return self
+
+    def uses_fused_attention(self, device: torch.device) -> bool:
+        """Fused attention (SDPA with the bias as a mask) on CUDA; the two folded products elsewhere, where
+        they measured faster (CPU)."""
+        if self.fused_attention is not None:
+            return self.fused_attention
+        return torch.device(device).type == "cuda"
 
     # -- forward ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -201,7 +216,7 @@ class LowPrecisionEncoder:
         cols = size if cols is None else cols
         heads = w.heads
         head_dim = three_c // (3 * heads)
-        tokens, queries = size * size, rows * cols
+        tokens = size * size
         qkv = qkv.reshape(batch, size, size, 3, heads, head_dim)
         q = qkv[:, :rows, :cols, 0].permute(0, 3, 1, 2, 4)  # B, heads, rows, cols, d
         k, v = qkv.reshape(batch, tokens, 3, heads, head_dim)[:, :, 1:].permute(2, 0, 3, 1, 4).contiguous()
@@ -209,20 +224,8 @@ class LowPrecisionEncoder:
         qf = q.float()
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", qf, w.rel_h[:rows])
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", qf, w.rel_w[:cols])
-        # The decomposed relative-position bias folded into one product: [q·scale, rel_h, rel_w] against
-        # [k, one-hot key row, one-hot key column] gives q·k·scale + rel_h[key row] + rel_w[key column], so
-        # the tokens² bias is never built (it cost more than the attention).
-        dt = q.dtype
-        q_aug = torch.cat([q * head_dim**-0.5, rel_h.to(dt), rel_w.to(dt)], dim=-1)
-        k_aug = torch.cat(
-            [k, _key_positions(size, dt, q.device).expand(batch, heads, tokens, 2 * size)], dim=-1
-        )
-        n, d = batch * heads, q_aug.shape[-1]
-        scores = torch.bmm(q_aug.reshape(n, queries, d), k_aug.reshape(n, tokens, d).transpose(1, 2))
-        # Softmax on the bf16 scores: the CPU kernel keeps its max and sum in fp32, and an fp32 copy of the
-        # scores cost as much as the products.
-        probs = torch.softmax(scores, -1)
-        out = torch.bmm(probs, v.reshape(n, tokens, head_dim)).reshape(batch, heads, queries, head_dim)
+        attend = _fused_attention if self.uses_fused_attention(qkv.device) else _folded_attention
+        out = attend(q, k, v, rel_h, rel_w)  # B × heads × queries × d
         return out.transpose(1, 2).reshape(batch, rows, cols, heads * head_dim)
 
     def _windowed(self, w: _BlockWeights, qkv: torch.Tensor) -> torch.Tensor:
@@ -253,6 +256,44 @@ def _moved(value, device: torch.device | str):
     if isinstance(value, dict):
         return {k: _moved(v, device) for k, v in value.items()}
     return value
+
+
+def _folded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+) -> torch.Tensor:
+    """q: B×heads×rows×cols×d; k, v: B×heads×S²×d; rel_h, rel_w: B×heads×rows×cols×S (fp32) → B×heads×
+    rows·cols×d. The decomposed relative-position bias folded into one product: [q·scale, rel_h, rel_w]
+    against [k, one-hot key row, one-hot key column] gives q·k·scale + rel_h[key row] + rel_w[key column],
+    so the tokens² bias is never built (on CPU it cost more than the attention)."""
+    batch, heads, rows, cols, head_dim = q.shape
+    size, tokens, dt = rel_h.shape[-1], k.shape[2], q.dtype
+    q_aug = torch.cat([q * head_dim**-0.5, rel_h.to(dt), rel_w.to(dt)], dim=-1)
+    k_aug = torch.cat([k, _key_positions(size, dt, q.device).expand(batch, heads, tokens, 2 * size)], dim=-1)
+    n, d = batch * heads, q_aug.shape[-1]
+    scores = torch.bmm(q_aug.reshape(n, rows * cols, d), k_aug.reshape(n, tokens, d).transpose(1, 2))
+    # Softmax on the bf16 scores: the CPU kernel keeps its max and sum in fp32, and an fp32 copy of the
+    # scores cost as much as the products.
+    probs = torch.softmax(scores, -1)
+    return torch.bmm(probs, v.reshape(n, tokens, head_dim)).reshape(batch, heads, rows * cols, head_dim)
+
+
+#: The memory-efficient CUDA kernel wants the mask's rows aligned to this many elements (else torch copies
+#: the mask into an aligned one and warns).
+_MASK_ALIGN = 16
+
+
+def _fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+) -> torch.Tensor:
+    """The same attention as `_folded_attention` as one `scaled_dot_product_attention` call, the bias
+    (summed in fp32, stored in the compute dtype) as its B×heads×queries×keys additive mask."""
+    batch, heads, rows, cols, head_dim = q.shape
+    size, tokens = rel_h.shape[-1], k.shape[2]
+    padded = -(-tokens // _MASK_ALIGN) * _MASK_ALIGN
+    mask = q.new_empty(batch, heads, rows * cols, padded)[..., :tokens]
+    mask.view(batch, heads, rows, cols, size, size).copy_(rel_h[..., :, None] + rel_w[..., None, :])
+    query = q.reshape(batch, heads, rows * cols, head_dim)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=head_dim**-0.5)
 
 
 _KEY_POSITIONS: dict[tuple, torch.Tensor] = {}
