@@ -16,6 +16,7 @@ import torch
 from SAMMed2DSegmentLib import commands
 from SAMMed2DSegmentLib.engine import precision as prec
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.model.int8_linear import int8_available
 from SAMMed2DSegmentLib.weights import registry
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
 
@@ -77,43 +78,75 @@ def test_low_precision_weights_are_prepared_on_the_first_encode_only(small_model
     assert built == [torch.bfloat16]
 
 
+needs_int8 = pytest.mark.skipif(
+    not int8_available(), reason="int8: this PyTorch has no dynamic int8 products for this CPU"
+)
+LOW_PRECISIONS = ["bf16", pytest.param("int8", marks=needs_int8)]
+
+
+@pytest.mark.parametrize("build", ["vit_b", "small"])
+@needs_int8
+def test_int8_embeddings_match_the_golden_fp32_ones(build, golden, request):
+    """Issue 27: embedding cosine ≥ 0.999 on the golden images; kept as fp32."""
+    model = request.getfixturevalue(f"{build}_model")
+    predictor = SamMed2DPredictor(model, precision="int8")
+    prefix = "" if build == "vit_b" else "small_"
+    for image in ("img1", "img2"):
+        predictor.set_image(golden[f"{image}_image"])
+        embedding = predictor.get_image_embedding()
+        assert embedding.dtype == torch.float32
+        assert _cosine(embedding, golden[f"{prefix}{image}_embedding"]) >= prec.MIN_COSINE_INT8
+
+
 @pytest.fixture(scope="module")
-def demo_predictors() -> dict[str, SamMed2DPredictor]:
-    model, _ = load_model(registry.resolve_model("demo"))
-    return {p: SamMed2DPredictor(model, precision=p) for p in ("fp32", "bf16")}
+def demo_model():
+    return load_model(registry.resolve_model("demo"))[0]
 
 
-def test_demo_model_masks_agree_on_every_liver_slice(demo_predictors):
-    """One include point per slice: bf16 masks against fp32 masks on every slice of the bundled CT that
-    shows the liver."""
-    ious = liver_slice_ious(demo_predictors["fp32"], demo_predictors["bf16"])
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_demo_model_masks_agree_on_every_liver_slice(demo_model, precision):
+    """One include point per slice: bf16 and int8 masks against fp32 masks on every slice of the bundled CT
+    that shows the liver (issue 27: mean IoU ≥ 0.98, none below 0.95)."""
+    reference = SamMed2DPredictor(demo_model, precision="fp32")
+    ious = liver_slice_ious(reference, SamMed2DPredictor(demo_model, precision=precision))
     assert len(ious) >= 10
     assert np.mean(ious) >= 0.98, ious
     assert min(ious) >= 0.95, ious
 
 
-def test_propagation_dice_within_half_a_percent_of_fp32(tmp_path: Path):
-    """The `make demo` run (command line, one point, propagated) in fp32 and in bf16."""
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_propagation_dice_within_half_a_percent_of_fp32(tmp_path: Path, precision):
+    """The `make demo` run (command line, one point, propagated) in fp32 and in a low precision."""
     dice = {}
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", precision):
         out, report = tmp_path / f"{name}.seg.nrrd", tmp_path / f"{name}.json"
         argv = ["segment", "--volume", str(CT / "ct"), "--include", str(PROMPT), "--segment-name", "liver",
                 "--precision", name, "--out", str(out), "--report", str(report), "--quiet"]  # fmt: skip
         assert commands.main(argv) == 0
         assert json.loads(report.read_text())["precision"]["used"] == name
         dice[name] = liver_dice(out)
-    assert abs(dice["bf16"] - dice["fp32"]) <= 0.005, dice
+    assert abs(dice[precision] - dice["fp32"]) <= 0.005, dice
 
 
 # -- auto ------------------------------------------------------------------------------------------------
-def test_auto_is_fp32_where_the_cpu_reports_no_bf16():
-    calls = []
-    measured = prec.Calibration(speedup=5.0, cosine=1.0)
-    choice = prec.resolve_precision(
-        "auto", "cpu", bf16_capable=lambda: False, calibration=lambda: calls.append(1) or measured
-    )
+def _auto(bf16: bool, int8: bool, calibrations: dict[str, prec.Calibration], asked: list | None = None):
+    def calibration(path: str) -> prec.Calibration:
+        if asked is not None:
+            asked.append(path)
+        return calibrations[path]
+
+    return prec.resolve_precision("auto", "cpu", bf16_capable=lambda: bf16, int8_capable=lambda: int8,
+                                  calibration=calibration)  # fmt: skip
+
+
+GOOD = prec.Calibration(speedup=4.0, cosine=0.99999)
+
+
+def test_auto_is_fp32_where_the_cpu_has_neither_bf16_nor_int8():
+    asked: list[str] = []
+    choice = _auto(False, False, {"bf16": GOOD, "int8": GOOD}, asked)
     assert choice.precision == "fp32" and "neither" in choice.reason
-    assert not calls  # no calibration without the instructions
+    assert not asked  # no calibration without the instructions
 
 
 def test_requested_bf16_says_when_the_cpu_only_emulates_it():
@@ -126,42 +159,56 @@ def test_requested_bf16_says_when_the_cpu_only_emulates_it():
 
 def test_auto_is_bf16_only_where_supported_faster_and_agreeing():
     """Issue 27: `auto` never picks a path whose calibration (speed) or agreement with fp32 failed."""
-
-    def auto(speedup: float, cosine: float) -> prec.PrecisionChoice:
-        measured = prec.Calibration(speedup=speedup, cosine=cosine)
-        return prec.resolve_precision("auto", "cpu", bf16_capable=lambda: True, calibration=lambda: measured)
-
-    faster = auto(4.0, 0.99999)
+    faster = _auto(True, False, {"bf16": GOOD})
     assert faster.precision == "bf16" and faster.dtype == torch.bfloat16
-    slower = auto(0.7, 0.99999)
+    slower = _auto(True, False, {"bf16": prec.Calibration(0.7, 0.99999)})
     assert slower.precision == "fp32" and "only 0.70×" in slower.reason
     for cosine in (0.998, float("nan")):
-        wrong = auto(4.0, cosine)
+        wrong = _auto(True, False, {"bf16": prec.Calibration(4.0, cosine)})
         assert wrong.precision == "fp32" and "disagreed" in wrong.reason
 
 
-def test_a_calibration_recorded_as_disagreeing_keeps_auto_at_fp32(tmp_path, monkeypatch):
+def test_auto_is_int8_only_without_a_passing_bf16_and_where_int8_is_faster_and_agreeing():
+    """int8 needs ≥ 1.5× and cosine ≥ 0.999 in its own calibration; bf16, where it passes, comes first."""
+    asked: list[str] = []
+    assert _auto(True, True, {"bf16": GOOD, "int8": GOOD}, asked).precision == "bf16" and asked == ["bf16"]
+    chosen = _auto(False, True, {"int8": prec.Calibration(1.8, 0.9995)})
+    assert chosen.precision == "int8" and chosen.dtype == torch.qint8 and "1.8×" in chosen.reason
+    after_bf16 = _auto(True, True, {"bf16": prec.Calibration(0.9, 0.99999), "int8": GOOD})
+    assert after_bf16.precision == "int8"
+    failures = {"only 1.40×": prec.Calibration(1.4, 0.9999), "disagreed": prec.Calibration(3.0, 0.998),
+                "only nan×": prec.Calibration(float("nan"), 0.9999)}  # fmt: skip
+    for word, failed in failures.items():
+        refused = _auto(False, True, {"int8": failed})
+        assert refused.precision == "fp32" and word in refused.reason, refused
+
+
+def test_a_calibration_recorded_as_failing_keeps_auto_off_that_path(tmp_path):
     """The record in the cache folder is what later starts decide by: a failed agreement stays failed."""
-    monkeypatch.setattr(prec, "cpu_bf16_capable", lambda flags=None: True)
     calls = []
 
     def measure() -> prec.Calibration:
         calls.append(1)
         return prec.Calibration(speedup=3.0, cosine=0.99)
 
-    first = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: True)
-    assert first.precision in ("fp32", "bf16")  # the real calibration of this machine, whatever it says
+    first = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: False)
+    assert first.precision in ("fp32", "int8")  # the real int8 calibration of this machine, whatever it says
     (tmp_path / prec.CALIBRATION_FILE).unlink()
-    assert prec.calibrated_bf16(tmp_path, measure).cosine == 0.99
-    again = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: True)
-    assert again.precision == "fp32" and "disagreed" in again.reason
+    assert prec.calibrated("int8", tmp_path, measure).cosine == 0.99
+    again = prec.resolve_precision("auto", "cpu", cache_dir=tmp_path, bf16_capable=lambda: False,
+                                   int8_capable=lambda: True)  # fmt: skip
+    assert again.precision == "fp32" and "int8 disagreed" in again.reason
     assert calls == [1]
 
 
-def test_the_real_agreement_measure_passes_here_and_leaves_the_random_state():
-    """bf16 is emulated where the CPU lacks the instructions, with the same rounding: the threshold holds."""
+def test_the_real_agreement_measures_pass_here_and_leave_the_random_state():
+    """bf16 is emulated where the CPU lacks the instructions, with the same rounding: the threshold holds.
+    The int8 calibration's cosine is measured whatever its speed here."""
     state = torch.random.get_rng_state()
     assert prec.measure_bf16_agreement() >= prec.MIN_COSINE
+    if int8_available():
+        measured = prec.measure_int8_calibration(repeats=1)
+        assert measured.cosine >= prec.MIN_COSINE_INT8 and measured.speedup > 0
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -181,15 +228,17 @@ def test_the_calibration_runs_once_per_machine(tmp_path):
         runs.append(1)
         return prec.Calibration(speedup=2.5, cosine=0.99999)
 
-    assert prec.calibrated_bf16(tmp_path, measure).speedup == 2.5
-    assert prec.calibrated_bf16(tmp_path, measure).speedup == 2.5
+    assert prec.calibrated("bf16", tmp_path, measure).speedup == 2.5
+    assert prec.calibrated("bf16", tmp_path, measure).speedup == 2.5
     assert len(runs) == 1
     record = tmp_path / prec.CALIBRATION_FILE
     (key,) = json.loads(record.read_text())  # this machine's key
-    for damaged in ("{not json", json.dumps({key: 2.5}), json.dumps({key: {}})):
+    for damaged in ("{not json", *(json.dumps({key: value}) for value in (2.5, {}, {"bf16": 1}))):
         record.write_text(damaged)  # damaged, or an older version's bare speed-up: measured again
-        assert prec.calibrated_bf16(tmp_path, measure) == prec.Calibration(2.5, 0.99999)
-    assert len(runs) == 4
+        assert prec.calibrated("bf16", tmp_path, measure) == prec.Calibration(2.5, 0.99999)
+    assert len(runs) == 5
+    assert prec.calibrated("int8", tmp_path, measure) and len(runs) == 6  # each path has its own record
+    assert set(json.loads(record.read_text())[key]) == {"bf16", "int8"}
     assert 0 < prec.measure_bf16_speedup(repeats=1) < 1000  # the real measurement runs
 
 
@@ -197,4 +246,8 @@ def test_impossible_requests_are_refused(small_model):
     with pytest.raises(ValueError, match="fp16 runs on CUDA and MPS"):
         SamMed2DPredictor(small_model, precision="fp16")
     with pytest.raises(ValueError, match="unknown precision"):
-        prec.resolve_precision("int8", "cpu")
+        prec.resolve_precision("int4", "cpu")
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        prec.resolve_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="no dynamic int8 products"):
+        prec.resolve_precision("int8", "cpu", int8_capable=lambda: False)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import re
 
+#: The image encoder's arithmetic (`engine.precision`): "auto" picks one of the others for the machine.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
+
 #: Segment colours (RGB 0..1) in the spirit of Slicer's generic anatomy colours. A segment's colour is picked
 #: from its name, never at random, so the same run always gives the same file.
 SEGMENT_COLORS: tuple[tuple[float, float, float], ...] = (

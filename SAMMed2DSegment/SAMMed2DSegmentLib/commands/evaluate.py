@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..choices import PRECISIONS
 from ..engine.geometry import AXES
 from ..evaluation.protocol import FIRST_PROMPTS
 from .common import (
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run_command=run_evaluate, summarize=summary)
     p.add_argument("--axis", default="axial", choices=AXES)
     add_model_options(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--window", default="auto",
                    help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
     p.add_argument("--protocol", default="clicks", choices=PROTOCOLS,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..choices import PRECISIONS
 from ..engine.geometry import AXES
 from ..engine.propagation import DIRECTIONS, PropagationSettings
 from ..files import commit_outputs, same_file
@@ -56,7 +57,7 @@ def add_parser(subparsers) -> None:
     seg.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="encoder arithmetic: fp32 is the exact, parity-tested path; auto takes bf16 where the CPU has "
         "bf16 instructions and it measured faster, bf16/fp16 on GPUs (default: auto)",
     )

@@ -1,9 +1,12 @@
-"""Which precision the image encoder runs in: "fp32" (exact, parity-tested), "bf16", "fp16", or "auto".
+"""Which precision the image encoder runs in: "fp32" (exact, parity-tested), "bf16", "fp16", "int8", or
+"auto".
 
 `auto` picks bf16 on a CPU only where the processor has bf16 matrix instructions (AMX or AVX512-BF16) *and* a
 one-time calibration (cached per machine, torch version and thread count) shows bf16 both faster here and
 in agreement with fp32: without those instructions bf16 is emulated and slower than fp32, and a machine
-whose bf16 kernels give other numbers than fp32 (a library fault) must not get them silently. On CUDA it picks
+whose bf16 kernels give other numbers than fp32 (a library fault) must not get them silently. On a CPU
+without bf16, `auto` picks int8 (dynamic int8 products, `model.int8_linear`) only where its own calibration
+shows it at least 1.5× faster than fp32 and agreeing with it (cosine ≥ 0.999); else fp32. On CUDA it picks
 bf16 where the GPU supports it, else fp16; elsewhere (MPS included) fp32.
 """
 
@@ -21,19 +24,25 @@ from pathlib import Path
 
 import torch
 
+from ..choices import PRECISIONS
 from ..files import atomic_path
 from ..weights.cache_dir import default_cache_dir
 
 log = logging.getLogger("SAMMed2D.precision")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The encoder's format per precision (`LowPrecisionEncoder` takes all but fp32, which runs the module).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.qint8}
 CALIBRATION_FILE = "precision-calibration.json"
 #: bf16 must beat fp32 by this factor in the calibration before `auto` takes it (margin for timing noise).
 MIN_SPEEDUP = 1.3
 #: The low-precision encoder's output must reach this cosine with the fp32 module's in the calibration (the
 #: threshold the bf16 path is held to on the golden images).
 MIN_COSINE = 0.9999
+#: int8's thresholds (issue 27): at least this much faster than fp32 in its calibration, and this cosine.
+MIN_SPEEDUP_INT8 = 1.5
+MIN_COSINE_INT8 = 0.999
+#: (minimum speed-up, minimum cosine) per calibrated path.
+THRESHOLDS = {"bf16": (MIN_SPEEDUP, MIN_COSINE), "int8": (MIN_SPEEDUP_INT8, MIN_COSINE_INT8)}
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -128,48 +137,90 @@ def measure_bf16_agreement() -> float:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What `auto` decides bf16 by on a CPU: its speed-up over fp32 and its agreement with fp32."""
+    """What `auto` decides a path by on a CPU: its speed-up over fp32 and its agreement with fp32."""
 
     speedup: float
     cosine: float
 
-    def verdict(self) -> str | None:
-        """Why bf16 must not be picked here, or None where it may."""
-        if not self.cosine >= MIN_COSINE:  # NaN included
-            return f"bf16 disagreed with fp32 in this machine's calibration (cosine {self.cosine:.6f})"
-        if self.speedup < MIN_SPEEDUP:
-            return f"bf16 measured only {self.speedup:.2f}× fp32 on this CPU"
+    def verdict(self, path: str = "bf16") -> str | None:
+        """Why `path` ("bf16" or "int8") must not be picked here, or None where it may."""
+        min_speedup, min_cosine = THRESHOLDS[path]
+        if not self.cosine >= min_cosine:  # NaN included
+            return f"{path} disagreed with fp32 in this machine's calibration (cosine {self.cosine:.6f})"
+        if not self.speedup >= min_speedup:
+            return f"{path} measured only {self.speedup:.2f}× fp32 on this CPU (needs {min_speedup}×)"
         return None
 
 
-def measure_calibration() -> Calibration:
+def measure_int8_calibration(repeats: int = 3) -> Calibration:
+    """int8 against fp32 on one ViT-B-sized windowed block with its adapter (seeded random weights): the
+    encoder's own mix of products, attention and element-wise passes, timed interleaved (best of
+    `repeats`), and the cosine of the two outputs. About a second, once per machine."""
+    from ..model.image_encoder import ImageEncoderViT
+    from ..model.lowp_encoder import LowPrecisionEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ImageEncoderViT(depth=1, global_attn_indexes=()).eval()
+        image = torch.randn(1, 3, encoder.img_size, encoder.img_size)
+    int8 = LowPrecisionEncoder(encoder, torch.qint8)
+    forwards = {"fp32": encoder, "int8": int8}
+    times = {name: float("inf") for name in forwards}
+    outputs = {}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # round 0 warms both up
+            for name, forward in forwards.items():
+                start = time.perf_counter()
+                outputs[name] = forward(image)
+                if round_ > 0:
+                    times[name] = min(times[name], time.perf_counter() - start)
+    cosine = torch.nn.functional.cosine_similarity(
+        outputs["fp32"].double().flatten(), outputs["int8"].double().flatten(), dim=0
+    )
+    return Calibration(speedup=times["fp32"] / max(times["int8"], 1e-9), cosine=float(cosine))
+
+
+def measure_bf16_calibration() -> Calibration:
     return Calibration(speedup=measure_bf16_speedup(), cosine=measure_bf16_agreement())
 
 
-def calibrated_bf16(
-    cache_dir: str | os.PathLike[str] | None = None, measure: Callable[[], Calibration] = measure_calibration
+MEASURES: dict[str, Callable[[], Calibration]] = {
+    "bf16": measure_bf16_calibration,
+    "int8": measure_int8_calibration,
+}
+
+
+def calibrated(
+    path: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    measure: Callable[[], Calibration] | None = None,
 ) -> Calibration:
-    """The bf16 calibration of this machine, measured once and remembered in the cache folder. A record that
-    is missing, damaged or from an older version is measured again."""
-    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = path / CALIBRATION_FILE
+    """The calibration of `path` ("bf16" or "int8") on this machine, measured once and remembered in the
+    cache folder. A record that is missing, damaged or from an older version is measured again."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    file = folder / CALIBRATION_FILE
     key = _machine_key()
     try:
-        known = json.loads(path.read_text())
-        record = known.get(key) if isinstance(known, dict) else None
-        if isinstance(record, dict):
-            return Calibration(speedup=float(record["speedup"]), cosine=float(record["cosine"]))
+        known = json.loads(file.read_text())
+        record = known[key][path]
+        return Calibration(speedup=float(record["speedup"]), cosine=float(record["cosine"]))
     except (OSError, ValueError, KeyError, TypeError):
-        known = {}
-    calibration = measure()
-    known = known if isinstance(known, dict) else {}
-    known[key] = {"speedup": calibration.speedup, "cosine": calibration.cosine}
+        pass
+    calibration = (measure or MEASURES[path])()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        known = json.loads(file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(key) if isinstance(known.get(key), dict) else {}
+    entry[path] = {"speedup": calibration.speedup, "cosine": calibration.cosine}
+    known[key] = entry
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file) as tmp:
             tmp.write_text(json.dumps(known, indent=1))
     except OSError as exc:  # a read-only cache only costs a re-measurement next time
-        log.warning("could not record the precision calibration in %s: %s", path, exc)
+        log.warning("could not record the precision calibration in %s: %s", file, exc)
     return calibration
 
 
@@ -178,15 +229,23 @@ def resolve_precision(
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     bf16_capable: Callable[[], bool] = cpu_bf16_capable,
-    calibration: Callable[[], Calibration] | None = None,
+    calibration: Callable[[str], Calibration] | None = None,
+    int8_capable: Callable[[], bool] | None = None,
 ) -> PrecisionChoice:
     """The precision to run in for `requested` on `device`; ValueError for a combination that cannot run.
-    `bf16_capable` and `calibration` are the capability query and the calibration (replaceable in tests)."""
+    `bf16_capable`, `int8_capable` and `calibration` (path → its calibration) are the capability queries
+    and the calibration (replaceable in tests)."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    if int8_capable is None:
+        from ..model.int8_linear import int8_available as int8_capable
     if requested == "fp16" and device.type == "cpu":
         raise ValueError("fp16 runs on CUDA and MPS only; on a CPU use bf16 or fp32")
+    if requested == "int8" and device.type != "cpu":
+        raise ValueError("int8 runs on the CPU only; on a GPU use fp16 or bf16")
+    if requested == "int8" and not int8_capable():
+        raise ValueError("this PyTorch has no dynamic int8 products for the CPU; use fp32")
     if requested != "auto":
         if requested == "bf16" and device.type == "cpu" and not bf16_capable():
             emulated = "this CPU has no bf16 instructions (AMX or AVX512-BF16): emulated, many times slower"
@@ -198,14 +257,25 @@ def resolve_precision(
         return PrecisionChoice("fp16", "auto: the GPU has no bf16, fp16 instead")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
-    if not bf16_capable():
-        return PrecisionChoice("fp32", "auto: the CPU reports neither AMX-BF16 nor AVX512-BF16")
-    measured = calibration() if calibration is not None else calibrated_bf16(cache_dir)
-    refusal = measured.verdict()
-    if refusal is not None:
-        return PrecisionChoice("fp32", f"auto: {refusal}")
-    reason = f"auto: the CPU has bf16 instructions, {measured.speedup:.1f}× fp32 and agreeing with it"
-    return PrecisionChoice("bf16", reason)
+    measure = calibration or (lambda path: calibrated(path, cache_dir))
+    refusals = []
+    if bf16_capable():
+        measured = measure("bf16")
+        refusal = measured.verdict("bf16")
+        if refusal is None:
+            reason = f"auto: the CPU has bf16 instructions, {measured.speedup:.1f}× fp32 and agreeing with it"
+            return PrecisionChoice("bf16", reason)
+        refusals.append(refusal)
+    else:
+        refusals.append("the CPU reports neither AMX-BF16 nor AVX512-BF16")
+    if int8_capable():
+        measured = measure("int8")
+        refusal = measured.verdict("int8")
+        if refusal is None:
+            reason = f"auto: int8 measured {measured.speedup:.1f}× fp32 and agreeing with it"
+            return PrecisionChoice("int8", reason)
+        refusals.append(refusal)
+    return PrecisionChoice("fp32", "auto: " + "; ".join(refusals))
 
 
 __all__ = [
@@ -213,11 +283,12 @@ __all__ = [
     "PRECISIONS",
     "Calibration",
     "PrecisionChoice",
-    "calibrated_bf16",
+    "calibrated",
     "cpu_bf16_capable",
     "cpu_flags",
     "measure_bf16_agreement",
     "measure_bf16_speedup",
-    "measure_calibration",
+    "measure_bf16_calibration",
+    "measure_int8_calibration",
     "resolve_precision",
 ]

@@ -5,9 +5,9 @@ cheap `predict` calls with points, a box and/or the previous mask. Inputs are va
 raises `ValueError` instead of silently producing a wrong mask.
 
 `precision` picks the encoder's arithmetic (see `precision.py`): "fp32" (the default here, the exact
-parity-tested path), "bf16"/"fp16" (a separate low-precision forward; the embedding is kept in that precision)
-or "auto". The prompt encoder and the mask decoder always run in the model's own dtype (cheap, and where
-the mask edges are decided).
+parity-tested path), "bf16"/"fp16" (a separate low-precision forward; the embedding is kept in that
+precision), "int8" (that forward with int8 products, fp32 embeddings) or "auto". The prompt encoder and the
+mask decoder always run in the model's own dtype (cheap, and where the mask edges are decided).
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ class SamMed2DPredictor:
 
     @property
     def precision(self) -> str:
-        """The precision the encoder runs in ("fp32", "bf16" or "fp16"; "auto" already resolved)."""
+        """The precision the encoder runs in ("fp32", "bf16", "fp16" or "int8"; "auto" already resolved)."""
         return self.precision_choice.precision
 
     @property
     def embedding_dtype(self) -> torch.dtype:
         """The dtype embeddings are computed and kept in."""
-        return self.precision_choice.dtype if self.precision != "fp32" else self.dtype
+        dtype = self.precision_choice.dtype
+        return dtype if self.precision in ("bf16", "fp16") else self.dtype  # int8 keeps fp32 embeddings
 
     @property
     def lowp_encoder(self) -> LowPrecisionEncoder | None:

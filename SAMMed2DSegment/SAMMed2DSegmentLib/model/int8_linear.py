@@ -36,7 +36,8 @@ class Int8Linear:
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
         out_features, in_features = weight.shape
-        linear = nn.Linear(in_features, out_features, bias=bias is not None)
+        with torch.random.fork_rng(devices=[]):  # its random initial values, overwritten below, draw nothing
+            linear = nn.Linear(in_features, out_features, bias=bias is not None)
         with torch.no_grad():
             linear.weight.copy_(weight)
             if bias is not None:
