@@ -9,7 +9,7 @@ DEMO_LABELS := Testing/Data/totalseg-example-ct/labels/labels_on_ct_grid.nrrd
 DEMO_OUT ?= out/demo
 TRAIN_CT := Testing/Data/totalseg-example-ct/nifti
 
-.PHONY: test demo screenshots demo-model demo-model-stage2 evaluate bench bench-engine bench-volume bench-dicom-seg bench-batch bench-gpu lint clean
+.PHONY: test demo screenshots demo-model demo-model-stage2 evaluate bench bench-encoder bench-engine bench-volume bench-dicom-seg bench-batch bench-gpu lint clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest Testing
 
+# Issue 27's table: every precision this CPU offers (s/slice, share of the matmul peak, agreement with fp32),
+# then the cold start (stages, and the engine process's first mask against torch import + encode + decode).
 bench: $(STAMP)
+	$(PY) benchmarks/bench_precisions.py --device cpu
+	$(PY) benchmarks/cold_start.py
+
+# The encoder against the golden output, pre-encoding the bundled CT, fine-tuning samples/s.
+bench-encoder: $(STAMP)
 	$(PY) benchmarks/bench_encoder.py
 
 bench-engine: $(STAMP)
@@ -38,7 +45,7 @@ bench-batch: $(STAMP)
 
 # Needs CUDA (refuses in one line without it); `--device cpu --quick` is its dry run.
 bench-gpu: $(STAMP)
-	$(PY) benchmarks/bench_gpu.py
+	$(PY) benchmarks/bench_precisions.py
 
 # The main job on the bundled DICOM CT with the bundled demo model: one include point in the liver,
 # propagated through every slice; writes the .seg.nrrd, a DICOM-SEG, the report and a PNG overview.

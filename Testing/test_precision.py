@@ -7,6 +7,7 @@ CPU lacks bf16 instructions, slower but with the same rounding, so the same thre
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,45 @@ def test_int8_embeddings_match_the_golden_fp32_ones(build, golden, request):
         embedding = predictor.get_image_embedding()
         assert embedding.dtype == torch.float32
         assert _cosine(embedding, golden[f"{prefix}{image}_embedding"]) >= prec.MIN_COSINE_INT8
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_background_preparation_builds_the_weights_once_off_the_calling_thread(small_model, golden, precision,
+                                                                                monkeypatch):  # fmt: skip
+    """The engine starts the preparation when the model loads; the first encode waits for it, and the
+    weights are built once, in the preparing thread."""
+    from SAMMed2DSegmentLib.model import lowp_encoder
+
+    threads = []
+
+    class Recording(lowp_encoder.LowPrecisionEncoder):
+        def __init__(self, *args, **kwargs) -> None:
+            threads.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lowp_encoder, "LowPrecisionEncoder", Recording)
+    predictor = SamMed2DPredictor(small_model, precision=precision)
+    predictor.prepare_in_background()
+    predictor.prepare_in_background()  # a second call while it runs starts nothing more
+    predictor.set_image(golden["img1_image"])
+    assert threads == ["SAMMed2D-lowp-weights"]
+    threshold = prec.MIN_COSINE if precision == "bf16" else prec.MIN_COSINE_INT8
+    assert _cosine(predictor.get_image_embedding(), golden["small_img1_embedding"]) >= threshold
+    predictor.prepare_in_background()  # prepared already: nothing to do
+    assert threads == ["SAMMed2D-lowp-weights"]
+
+
+def test_a_failed_background_preparation_is_raised_by_the_first_encode(small_model, golden, monkeypatch):
+    from SAMMed2DSegmentLib.model import lowp_encoder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory for the weights")
+
+    monkeypatch.setattr(lowp_encoder, "LowPrecisionEncoder", broken)
+    predictor = SamMed2DPredictor(small_model, precision="bf16")
+    predictor.prepare_in_background()
+    with pytest.raises(RuntimeError, match="no memory"):
+        predictor.set_image(golden["img1_image"])
 
 
 @pytest.fixture(scope="module")

@@ -80,12 +80,12 @@ def cpu_bf16_capable(flags: set[str] | None = None) -> bool:
 def _machine_key() -> str:
     """What the calibration depends on: processor, its flags, torch version and thread count."""
     flags = " ".join(sorted(cpu_flags()))
-    text = "|".join([platform.machine(), platform.processor(), _cpu_model(), flags, torch.__version__,
+    text = "|".join([platform.machine(), platform.processor(), cpu_model(), flags, torch.__version__,
                      str(torch.get_num_threads())])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith("model name"):
@@ -286,6 +286,7 @@ __all__ = [
     "calibrated",
     "cpu_bf16_capable",
     "cpu_flags",
+    "cpu_model",
     "measure_bf16_agreement",
     "measure_bf16_speedup",
     "measure_bf16_calibration",

@@ -13,6 +13,8 @@ mask decoder always run in the model's own dtype (cheap, and where the mask edge
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,7 +48,8 @@ class SamMed2DPredictor:
     def __init__(self, model: SamMed2D, precision: str = "fp32") -> None:
         self.model = model
         self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
-        self._lowp_encoder = None  # prepared on the first encode (`lowp_encoder`)
+        self._lowp_encoder = None  # prepared on first use (`lowp_encoder`) or by `prepare_in_background`
+        self._preparing: threading.Thread | None = None
         if precision != "fp32":
             log.info("encoder precision %s (%s)", self.precision, self.precision_choice.reason)
         self.reset_image()
@@ -64,15 +67,42 @@ class SamMed2DPredictor:
 
     @property
     def lowp_encoder(self) -> LowPrecisionEncoder | None:
-        """The low-precision encoder (None at fp32). Its weights (a transposed, cast copy of the encoder's)
-        are prepared on first use, not when the predictor is made: a start whose first masks come from
-        cached embeddings never pays for them, and the engine answers sooner."""
-        if self._lowp_encoder is None and self.precision != "fp32":
-            from ..model.lowp_encoder import LowPrecisionEncoder
-
-            encoder = LowPrecisionEncoder(self.model.image_encoder, self.precision_choice.dtype)
-            self._lowp_encoder = encoder.to(self.device)
+        """The low-precision encoder (None at fp32). Its weights (a transposed, cast or quantized copy of the
+        encoder's) are prepared on first use, not when the predictor is made: a start whose first masks
+        come from cached embeddings never pays for them, and the engine answers sooner. Where
+        `prepare_in_background` started them, the first use waits for that instead."""
+        if self.precision == "fp32":
+            return None
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+        if self._lowp_encoder is None:
+            self._lowp_encoder = self._prepare_lowp()
         return self._lowp_encoder
+
+    def prepare_in_background(self) -> None:
+        """Start preparing the low-precision weights in a thread (torch releases the GIL): the engine calls
+        this right after a model loads, so the user's first click finds them ready (int8 takes seconds on a
+        2-core CPU). A failure there is raised again by the first use, which prepares anew."""
+        if self.precision == "fp32" or self._lowp_encoder is not None or self._preparing is not None:
+            return
+
+        def prepare() -> None:
+            try:
+                self._lowp_encoder = self._prepare_lowp()
+            except Exception:  # noqa: BLE001 - the first use prepares again and raises it there
+                log.exception("preparing the %s weights failed", self.precision)
+
+        self._preparing = threading.Thread(target=prepare, name="SAMMed2D-lowp-weights", daemon=True)
+        self._preparing.start()
+
+    def _prepare_lowp(self) -> LowPrecisionEncoder:
+        from ..model.lowp_encoder import LowPrecisionEncoder
+
+        start = time.perf_counter()
+        encoder = LowPrecisionEncoder(self.model.image_encoder, self.precision_choice.dtype).to(self.device)
+        log.info("%s weights prepared in %.2f s", self.precision, time.perf_counter() - start)
+        return encoder
 
     # -- image ------------------------------------------------------------------------------------
     @property

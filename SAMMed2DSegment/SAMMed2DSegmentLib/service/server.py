@@ -206,6 +206,7 @@ class EngineServer:
         device = resolve_device(header.get("device", "auto"))
         model, info = load_model(header["path"], device=device)
         predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"))
+        predictor.prepare_in_background()  # ready by the user's first click, most often
         choice = predictor.precision_choice
         log.info("model %s on %s, precision %s (%s)", info.build, device, choice.precision, choice.reason)
         disk_cache = _disk_cache(header)

@@ -1,14 +1,19 @@
-"""GPU benchmark of the encoder in fp32, bf16 and fp16: one prepared run, one table (prints, asserts nothing).
+"""The encoder in every precision the device offers: one prepared run, one table (prints, asserts nothing).
 
-    make bench-gpu     # or: python benchmarks/bench_gpu.py       (needs CUDA; under five minutes)
-    python benchmarks/bench_gpu.py --device cpu --quick           (a dry run of every row, small build)
+    make bench         # or: python benchmarks/bench_precisions.py --device cpu   (fp32, bf16, int8)
+    make bench-gpu     # or: python benchmarks/bench_precisions.py                (CUDA: fp32, bf16, fp16;
+                       #     under five minutes)
+    python benchmarks/bench_precisions.py --device cpu --quick                    (a dry run of every row,
+                                                                                   small build)
 
-For each precision: encoder seconds per slice (median after warm-up, CUDA synchronised), the share of the
+On a CPU, bf16 runs only where the CPU has bf16 instructions (elsewhere it is emulated, a minute per slice)
+and int8 where torch has dynamic int8 products; the header names the CPU and its flags. For each precision:
+encoder seconds per slice (median after warm-up, CUDA synchronised), the share of the
 same run's matmul peak in that precision on the official formulation's FLOP count (91.7 GFLOP for vit_b),
 embedding cosine against the golden fp32 embeddings and against this device's own fp32, mask IoU against
 fp32 on the bundled CT with the demo model (one include point per liver slice), decoder milliseconds per
 prompt; then the cold-start breakdown of a fresh interpreter on the device. With OUT set in the environment
-the table is also written to $OUT/bench_gpu.txt.
+the table is also written to $OUT/bench_<device>.txt.
 """
 
 from __future__ import annotations
@@ -23,10 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = (
-    "bench_gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, "
-    "or `--device cpu --quick` for a dry run"
+    "bench_precisions: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, "
+    "or with `--device cpu` (`--quick` for a dry run)"
 )
-PRECISIONS = ("fp32", "bf16", "fp16")
 COLUMNS = (
     "precision",
     "encoder s/slice",
@@ -62,12 +66,34 @@ def skipped_row(precision: str, reason: str) -> list[str]:
     return [precision, f"not run: {reason}"] + [""] * (len(COLUMNS) - 2)
 
 
+def offered(device, quick: bool) -> list[tuple[str, str | None]]:
+    """(precision, why it is not run, or None) for each precision the device could run."""
+    import torch
+
+    from SAMMed2DSegmentLib.engine.precision import cpu_bf16_capable
+    from SAMMed2DSegmentLib.model.int8_linear import int8_available
+
+    if device.type == "cuda":
+        bf16 = None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+        return [("fp32", None), ("bf16", bf16), ("fp16", None)]
+    emulated = "no bf16 instructions on this CPU (emulated: about a minute per slice)"
+    bf16 = None if quick or cpu_bf16_capable() else emulated
+    int8 = None if int8_available() else "this PyTorch has no dynamic int8 products"
+    return [("fp32", None), ("bf16", bf16), ("fp16", "fp16 runs on CUDA only"), ("int8", int8)]
+
+
 def matmul_peak(dtype, device, size: int, sync: Callable[[], None]) -> float:
-    """FLOP/s of a size² product in `dtype` (median of 10 after warm-up)."""
+    """FLOP/s of a size² product in `dtype` (median of 10 after warm-up); for qint8 the dynamic int8
+    product the int8 encoder runs (activations quantized per call)."""
     import torch
     from bench_encoder import timed
 
-    a = torch.randn(size, size, device=device, dtype=dtype)
+    a = torch.randn(size, size, device=device, dtype=torch.float32 if dtype == torch.qint8 else dtype)
+    if dtype == torch.qint8:
+        from SAMMed2DSegmentLib.model.int8_linear import Int8Linear
+
+        product = Int8Linear(torch.randn(size, size))
+        return 2 * size**3 / statistics.median(timed(lambda: product(a), runs=10, warmup=2, sync=sync))
     b = torch.randn(size, size, device=device, dtype=dtype)
     return 2 * size**3 / statistics.median(timed(lambda: a @ b, runs=10, warmup=2, sync=sync))
 
@@ -108,7 +134,12 @@ def precision_rows(args, device, sync) -> tuple[list[list[str]], float, str]:
     from Testing.synthetic_weights import REFERENCE, synthetic_state_dict
 
     build = "small" if args.quick else "vit_b"
-    runs, decoder_runs, warmup, mm_size, slices = (2, 3, 1, 256, 2) if args.quick else (20, 50, 3, 8192, None)
+    if args.quick:
+        runs, decoder_runs, warmup, mm_size, slices = 2, 3, 1, 256, 2
+    elif device.type == "cuda":
+        runs, decoder_runs, warmup, mm_size, slices = 20, 50, 3, 8192, None
+    else:  # a CPU: the same table in a few minutes
+        runs, decoder_runs, warmup, mm_size, slices = 7, 20, 2, 2048, None
     model = build_sam_med2d(build)
     model.load_state_dict(synthetic_state_dict(build), strict=True)
     model = model.to(device).eval()
@@ -123,12 +154,9 @@ def precision_rows(args, device, sync) -> tuple[list[list[str]], float, str]:
     demo_fp32 = SamMed2DPredictor(demo)
 
     rows, own_fp32 = [], {}
-    for precision in PRECISIONS:
-        if precision == "fp16" and device.type != "cuda":
-            rows.append(skipped_row(precision, "fp16 runs on CUDA only"))
-            continue
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            rows.append(skipped_row(precision, "this GPU has no bf16"))
+    for precision, not_run in offered(device, args.quick):
+        if not_run is not None:
+            rows.append(skipped_row(precision, not_run))
             continue
         predictor = SamMed2DPredictor(model, precision=precision)
         encoder = predictor.lowp_encoder or model.image_encoder
@@ -181,18 +209,22 @@ def device_name(device) -> str:
 
     import torch
 
+    from SAMMed2DSegmentLib.engine.precision import cpu_flags, cpu_model
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    name = cpu_model() or platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads, flags {' '.join(flags) or 'unknown'}"
 
 
-def write_out(text: str) -> Path | None:
-    """$OUT/bench_gpu.txt, written atomically, where OUT is set."""
+def write_out(text: str, device) -> Path | None:
+    """$OUT/bench_<device>.txt, written atomically, where OUT is set."""
     if not os.environ.get("OUT"):
         return None
     from SAMMed2DSegmentLib.files import atomic_path
 
-    target = Path(os.environ["OUT"]) / "bench_gpu.txt"
+    target = Path(os.environ["OUT"]) / f"bench_{device.type}.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -230,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format_table(("stage", "seconds"), stages),
     ])  # fmt: skip
     print(text)
-    written = write_out(text + "\n")
+    written = write_out(text + "\n", device)
     if written is not None:
         print(f"written to {written}")
     return 0

@@ -1,5 +1,5 @@
-"""benchmarks/bench_gpu.py without a GPU: the one-line refusal, and the `--device cpu --quick` dry run that
-goes through every row of the table (the same code path as on CUDA, small build)."""
+"""benchmarks/bench_precisions.py without a GPU: the one-line refusal, and the `--device cpu --quick` dry run
+that goes through every row of the table (the same code path as on CUDA, small build)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+from SAMMed2DSegmentLib.model.int8_linear import int8_available
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_precisions.py"
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -22,7 +24,7 @@ def test_without_cuda_it_refuses_in_one_line():
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu --quick" in lines[0]
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu" in lines[0]
 
 
 def _row(text: str, first: str) -> list[str]:
@@ -39,7 +41,8 @@ def test_the_cpu_dry_run_prints_every_row_and_writes_the_table(tmp_path):
     text = result.stdout
     assert text.startswith("device: ") and "torch " in text and "CUDA " in text
     assert re.search(r"official formulation's [\d.]+ GFLOP", text)
-    fp32, bf16, fp16 = (_row(text, p) for p in ("fp32", "bf16", "fp16"))
+    fp32, bf16, fp16, int8 = (_row(text, p) for p in ("fp32", "bf16", "fp16", "int8"))
+    assert "flags " in text.splitlines()[0]  # the CPU's name and flags
     for row in (fp32, bf16):
         assert float(row[1]) > 0 and row[3].endswith("%")
         assert float(row[4]) >= 0.9999 and float(row[5]) >= 0.9999  # cosine vs golden, vs own fp32
@@ -48,7 +51,10 @@ def test_the_cpu_dry_run_prints_every_row_and_writes_the_table(tmp_path):
     mean, worst = (float(v) for v in re.match(r"([\d.]+) / ([\d.]+) \(2 slices\)", bf16[6]).groups())
     assert mean >= 0.95 and worst >= 0.9
     assert fp16[1] == "not run: fp16 runs on CUDA only"
+    if int8_available():
+        assert float(int8[1]) > 0 and int8[3].endswith("%") and float(int8[4]) >= 0.999
+        assert re.match(r"[\d.]+ / [\d.]+ \(2 slices\)", int8[6])
     for stage in ("torch import", "checkpoint load", "precision preparation", "first decode", "first encode"):
         assert float(_row(text, stage)[1]) >= 0
-    written = (tmp_path / "out" / "bench_gpu.txt").read_text(encoding="utf-8")
+    written = (tmp_path / "out" / "bench_cpu.txt").read_text(encoding="utf-8")
     assert written.strip() in text
