@@ -4,7 +4,8 @@ Two measurements on a `vit_b` checkpoint (random weights: the timings do not dep
 conversion is already in a warm cache, as on every Slicer start after the first:
 
 1. Stages in a fresh interpreter: torch import, checkpoint load, precision preparation (a predictor in the
-   precision `auto` picks here), first decode (a mask from a cached embedding), first encode.
+   precision asked, `auto` by default, and its low-precision weights: the engine prepares them in the
+   background when a model loads), first decode (a mask from a cached embedding), first encode.
 2. The engine process as the module uses it: start it, load the checkpoint, send the bundled 20-slice CT and
    segment one slice; the wall time from the start to the mask back in this process.
 
@@ -40,14 +41,16 @@ times = {"torch import": time.perf_counter() - t}
 import numpy as np
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
-ckpt, cache, device = sys.argv[1], sys.argv[2], sys.argv[3]
+ckpt, cache, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 t = time.perf_counter()
 model, _ = load_model(ckpt, device=device, cache_dir=cache)
 sync()
 times["checkpoint load"] = time.perf_counter() - t
 t = time.perf_counter()
-predictor = SamMed2DPredictor(model, precision="auto")
+predictor = SamMed2DPredictor(model, precision=precision)
+predictor.lowp_encoder  # the low-precision weights (none at fp32), prepared when the engine loads a model
+sync()
 times["precision preparation"] = time.perf_counter() - t
 times["precision"] = predictor.precision
 t = time.perf_counter()
@@ -62,10 +65,10 @@ print(json.dumps(times))
 """
 
 
-def one_start(lib: Path, ckpt: Path, cache: Path, device: str = "cpu") -> dict:
-    """The stage times (and the precision `auto` chose) of one start in a fresh interpreter on `device`."""
+def one_start(lib: Path, ckpt: Path, cache: Path, device: str = "cpu", precision: str = "auto") -> dict:
+    """The stage times (and the precision chosen) of one start in a fresh interpreter on `device`."""
     env = {**os.environ, "PYTHONPATH": str(lib), "SAMMED2D_CACHE_DIR": str(cache)}
-    out = subprocess.run([sys.executable, "-c", ONE_START, str(ckpt), str(cache), device], env=env,
+    out = subprocess.run([sys.executable, "-c", ONE_START, str(ckpt), str(cache), device, precision], env=env,
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
 
@@ -82,7 +85,7 @@ def random_checkpoint(folder: Path, build: str = "vit_b") -> Path:
     return ckpt
 
 
-def engine_first_mask(ckpt: Path, cache: Path, volume) -> float:
+def engine_first_mask(ckpt: Path, cache: Path, volume, precision: str = "auto") -> float:
     """Seconds from starting a new engine process to the first mask back in this process."""
     from SAMMed2DSegmentLib.service.client import EngineClient
 
@@ -92,7 +95,7 @@ def engine_first_mask(ckpt: Path, cache: Path, volume) -> float:
     start = time.perf_counter()
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(cache)})
     try:
-        client.submit("load_model", {"path": str(ckpt), "device": "cpu"})
+        client.submit("load_model", {"path": str(ckpt), "device": "cpu", "precision": precision})
         client.submit_volume(volume.array_kji, {"ijk_to_ras": volume.ijk_to_ras.tolist(), "key": "cold"})
         job = client.submit("segment", header, on_event=lambda kind, reply, arrays: masks.append(kind))
         client.wait(job, timeout=300, interval=0.001)
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare-with", help="another checkout's SAMMed2DSegment folder (e.g. before)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="auto", help="the encoder's precision (default auto)")
     args = parser.parse_args(argv)
     libs = {"this checkout": ROOT / "SAMMed2DSegment"}
     if args.compare_with:
@@ -120,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = random_checkpoint(Path(tmp))
         caches = {name: Path(tmp) / f"cache-{n}" for n, name in enumerate(libs)}
         for name, lib in libs.items():  # the conversion: once, before any timed start (a warm cache)
-            one_start(lib, ckpt, caches[name])
+            one_start(lib, ckpt, caches[name], precision=args.precision)
         runs: dict[str, list[dict]] = {name: [] for name in libs}
         engine = []
         for _ in range(args.repeats):
             for name, lib in libs.items():
-                runs[name].append(one_start(lib, ckpt, caches[name]))
-            engine.append(engine_first_mask(ckpt, caches["this checkout"], volume))
+                runs[name].append(one_start(lib, ckpt, caches[name], precision=args.precision))
+            engine.append(engine_first_mask(ckpt, caches["this checkout"], volume, args.precision))
     mine = runs["this checkout"]
     print(f"cold start, vit_b, warm checkpoint cache, precision {mine[0]['precision']}, median of "
           f"{args.repeats} fresh interpreters each, s:")  # fmt: skip
