@@ -142,8 +142,9 @@ class TorchInstall:
         child.start()
 
     def _latest_line(self) -> str:
-        starting = "Installing light-the-torch…" if "pip" in self.commands[len(self._children) - 1] else ""
-        return self._children[-1].latest_line(starting or "Starting light-the-torch…")
+        pip_step = self.commands[len(self._children) - 1][1:3] == ["-m", "pip"]
+        starting = "Installing light-the-torch…" if pip_step else "Starting light-the-torch…"
+        return self._children[-1].latest_line(starting)
 
     def _fail(self, error: str) -> InstallProgress:
         return self._end(InstallProgress(self._latest_line(), finished=True, error=error))
