@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#: Oldest torch release the engine is written for (passed to the PyTorch extension's installer).
+#: Oldest torch release the engine is written for (light-the-torch is asked for it: requirements.py).
 MINIMUM_TORCH_VERSION = "2.1"
 
 # Choices shown in the panel. They mirror the library's constants (geometry.AXES, weights.REGISTRY,
@@ -66,7 +66,7 @@ class SAMMed2DSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SAM-Med2D Segment")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []  # the PyTorch extension is checked when torch is first needed
+        self.parent.dependencies = []  # torch is checked, and installed if need be, when first needed
         self.parent.contributors = ["SAMMed2D developers"]
         self.parent.helpText = _(
             "Interactive segmentation with SAM-Med2D, a Segment Anything model fine-tuned on medical "
@@ -421,10 +421,14 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._render()
                 return False
             try:
-                if state.torch_problem:
-                    with slicer.util.WaitCursor():
-                        self.logic.installTorch()
-                elif not _installWithProgress(self.logic, self.panel, state.missing):
+                if state.torch_problem:  # torch first; the loop checks everything again afterwards
+                    installer, label = self.logic.startTorchInstall(), _("Installing PyTorch…")
+                    cancelled = _("Installation cancelled; PyTorch may be partly installed.")
+                else:
+                    installer = self.logic.startPackageInstall(state.missing)
+                    label = _("Installing {packages}…").format(packages=", ".join(state.missing))
+                    cancelled = _("Installation cancelled; nothing was installed.")
+                if not _installWithProgress(installer, label, cancelled, self.panel):
                     return False
             except Exception as error:
                 slicer.util.errorDisplay(_("Installation failed: {error}").format(error=error))
@@ -508,11 +512,10 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._render()
 
 
-def _installWithProgress(logic, panel, packages) -> bool:
-    """pip in a child process, with progress and Cancel; the GUI keeps running meanwhile."""
-    installer = logic.startPackageInstall(packages)
-    dialog = qt.QProgressDialog(_("Installing {packages}…").format(packages=", ".join(packages)), _("Cancel"),
-                                0, 0, slicer.util.mainWindow())  # fmt: skip
+def _installWithProgress(installer, label: str, cancelled: str, panel) -> bool:
+    """An installer's child processes (the engine's packages, or PyTorch), polled with progress and Cancel;
+    the GUI keeps running meanwhile."""
+    dialog = qt.QProgressDialog(label, _("Cancel"), 0, 0, slicer.util.mainWindow())
     dialog.setWindowModality(qt.Qt.WindowModal)
     dialog.show()
     try:
@@ -520,7 +523,7 @@ def _installWithProgress(logic, panel, packages) -> bool:
         while not progress.finished:
             if dialog.wasCanceled:
                 installer.cancel()
-                panel.say(_("Installation cancelled; nothing was installed."))
+                panel.say(cancelled)
                 return False
             dialog.setLabelText(progress.line or dialog.labelText)
             slicer.app.processEvents(qt.QEventLoop.AllEvents, POLL_INTERVAL_MS)
@@ -660,22 +663,16 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
             return requirements.check_download_requirements()
         return requirements.check_requirements(self.requirementsPath(), self.packageFolder())
 
-    def installTorch(self) -> None:
-        """Through the PyTorch extension, which picks a build matching the GPU driver (the Widget asked)."""
+    def startTorchInstall(self):
+        """PyTorch with the PyTorch extension's own light-the-torch commands, in child processes the caller
+        polls; whether torch is then usable is read from its metadata: it is never imported here."""
         from SAMMed2DSegmentLib import requirements
+        from SAMMed2DSegmentLib.torch_install import TorchInstall, torch_install_commands
 
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError as e:
-            raise RuntimeError(
-                _("This module requires the PyTorch extension. Install it from the Extensions Manager, "
-                  "restart the application, and try again.")  # fmt: skip
-            ) from e
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=requirements.torch_requirement()
-        )
-        if torch is None:
-            raise RuntimeError(_("PyTorch could not be installed."))
+        commands = torch_install_commands(self.pythonExecutable(), requirements.torch_requirement())
+        installer = TorchInstall(commands)
+        installer.start()
+        return installer
 
     def startPackageInstall(self, packages):
         """pip into the private folder (`--target`, `--no-deps`: nothing of Slicer's changes), in a child

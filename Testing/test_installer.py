@@ -4,15 +4,10 @@ launcher the way PythonSlicer starts the real interpreter."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
 import socket
 import subprocess
 import sys
 import threading
-import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,42 +15,15 @@ import pytest
 from SAMMed2DSegmentLib import requirements
 from SAMMed2DSegmentLib.installer import PipInstall
 
+from .child_processes import alive, python_launcher, run_to_end, wait_gone
+from .child_processes import build_wheel as build_any_wheel
+
 PACKAGE, VERSION = "sammed2d_tiny", "1.0"
 
 
 def build_wheel(folder: Path) -> Path:
-    """A pure-Python wheel with one module (METADATA, WHEEL, RECORD with hashes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    info = f"{PACKAGE}-{VERSION}.dist-info"
-    files = {
-        f"{PACKAGE}/__init__.py": "VALUE = 42\n",
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {VERSION}\n",
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for name, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(text.encode())}")
-    record.append(f"{info}/RECORD,,")
-    files[f"{info}/RECORD"] = "\n".join(record) + "\n"
-    wheel = folder / f"{PACKAGE}-{VERSION}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for name, text in files.items():
-            archive.writestr(name, text)
-    return wheel
-
-
-def run_to_end(install: PipInstall, limit: float = 300.0) -> tuple[list[str], object]:
-    """Poll the way the module's timer does; the limit only keeps a broken run from hanging the suite."""
-    lines, deadline = [], time.monotonic() + limit
-    while True:
-        progress = install.poll()
-        if progress.line and (not lines or lines[-1] != progress.line):
-            lines.append(progress.line)
-        if progress.finished:
-            return lines, progress
-        assert time.monotonic() < deadline, "pip did not end"
-        time.sleep(0.05)
+    """A pure-Python wheel with one module."""
+    return build_any_wheel(folder, PACKAGE, VERSION, {f"{PACKAGE}/__init__.py": "VALUE = 42\n"})
 
 
 def offline(find_links: Path) -> list[str]:
@@ -128,15 +96,6 @@ def test_an_install_finished_meanwhile_elsewhere_is_kept(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")  # a killed child whose parent is gone may wait as a zombie
-    return not (stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="the launcher below is a POSIX shell script")
 def test_cancel_kills_pip_and_its_children_and_leaves_nothing(tmp_path):
     # An index that accepts connections and never answers: pip is certainly mid-way when cancel comes.
@@ -153,10 +112,7 @@ def test_cancel_kills_pip_and_its_children_and_leaves_nothing(tmp_path):
 
     threading.Thread(target=accept, daemon=True).start()
     # Like PythonSlicer: a launcher that starts the real interpreter as its child and waits for it.
-    launcher = tmp_path / "PythonLauncher"
-    launcher.write_text('#!/bin/sh\n"$REAL_PYTHON" "$@" &\necho $! > "$CHILD_PID"\nwait\n')
-    launcher.chmod(0o755)
-    env = {**os.environ, "REAL_PYTHON": sys.executable, "CHILD_PID": str(tmp_path / "child.pid")}
+    launcher, env, child_pid = python_launcher(tmp_path)
     target = tmp_path / "cache" / "packages" / "py3-test"
     index = f"http://127.0.0.1:{listener.getsockname()[1]}/simple"
     install = PipInstall(str(launcher), [f"{PACKAGE}=={VERSION}"], target, env=env,
@@ -165,15 +121,12 @@ def test_cancel_kills_pip_and_its_children_and_leaves_nothing(tmp_path):
         install.start()
         while not connected.wait(0.05):
             assert not install.poll().finished, install.output
-        child = int((tmp_path / "child.pid").read_text())
-        assert _alive(child)
+        child = int(child_pid.read_text())
+        assert alive(child)
         progress = install.cancel()
         assert progress.cancelled and progress.finished and not progress.succeeded
-        deadline = time.monotonic() + 30  # the kill is sent already; this only bounds the reaping
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child), "the launcher's child (the real pip) survived the cancel"
-        assert not _alive(install.pid)
+        assert wait_gone(child), "the launcher's child (the real pip) survived the cancel"
+        assert not alive(install.pid)
         assert not (tmp_path / "cache").exists()
         assert install.poll().cancelled
     finally:

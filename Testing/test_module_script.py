@@ -194,3 +194,41 @@ def test_the_widget_is_a_thin_binding():
     assert widget.end_lineno - widget.lineno + 1 < 400
     assert "panel" in _attribute_uses(widget, "")
     assert "panel" in _assigned_on_self(_class("SAMMed2DSegmentLogic"))
+
+
+def _function(name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(TREE) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _names(node: ast.AST) -> set[str]:
+    """Every name, attribute and imported module mentioned under `node`."""
+    found = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            found.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            found.add(n.attr)
+        elif isinstance(n, ast.alias):
+            found.update(n.name.split("."))
+    return found
+
+
+def test_torch_is_installed_through_the_polled_progress_dialog():
+    """The PyTorch extension's installTorch waits for light-the-torch in Slicer's main thread (the GUI
+    repaints only per output line) and then imports torch into Slicer: the module uses neither it nor a
+    WaitCursor, and installs torch, like the engine's packages, through the one polled progress dialog."""
+    used = _names(TREE)
+    assert "startTorchInstall" in used and "_installWithProgress" in used, "the AST walk is probably wrong"
+    assert not {"PyTorchUtils", "PyTorchUtilsLogic", "installTorch", "WaitCursor", "torch"} & used
+    ensure = _function("_ensureRequirements")
+    starts = {n.func.attr for n in ast.walk(ensure) if isinstance(n, ast.Call)
+              and isinstance(n.func, ast.Attribute) and n.func.attr.startswith("start")}  # fmt: skip
+    assert starts == {"startTorchInstall", "startPackageInstall"}
+    calls = [n for n in ast.walk(ensure) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "_installWithProgress"]  # fmt: skip
+    assert len(calls) == 1, "one dialog code path for both installs"
+    dialog = _function("_installWithProgress")
+    assert {"QProgressDialog", "poll", "cancel", "wasCanceled"} <= _names(dialog)
+    logic = _class("SAMMed2DSegmentLogic")
+    start = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "startTorchInstall")
+    assert {"TorchInstall", "torch_install_commands", "torch_requirement", "start"} <= _names(start)

@@ -198,7 +198,7 @@ def test_licence_and_notice_are_installed_with_the_module_resources():
 
 
 def test_requirements_do_not_pull_torch():
-    """torch must come from the PyTorch extension, never from a plain pip install."""
+    """torch must come from light-the-torch (a build for the GPU driver), never from this pip install."""
     lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
     names = [re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower() for line in lines]
     names = [n for n in names if n and not n.startswith("#")]

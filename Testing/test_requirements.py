@@ -285,12 +285,13 @@ def test_download_path_runs_without_torch_or_the_engine_packages(tmp_path):
     assert result.stdout.strip() == "ok []"
 
 
-def test_checker_and_installer_import_only_the_standard_library():
+def test_checker_and_installers_import_only_the_standard_library():
     """They run in Slicer's process before anything is installed; isolated mode and no site-packages make any
     other import fail, and the modules loaded are compared with the standard library's list."""
     code = (
         f"import sys; sys.path.insert(0, {str(LIB_PARENT)!r}); before = set(sys.modules)\n"
         "import SAMMed2DSegmentLib.requirements, SAMMed2DSegmentLib.installer\n"
+        "import SAMMed2DSegmentLib.torch_install\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(sorted(new - set(sys.stdlib_module_names) - {'SAMMed2DSegmentLib'}))\n"
     )

@@ -160,7 +160,7 @@ def test_axis_follows_the_view_the_point_was_placed_in():
 
 def test_session_imports_without_torch():
     """The Slicer module calls axis_from_views (and snapshots volumes) when a point is placed, possibly
-    before the PyTorch extension has installed torch: importing the session must not import torch."""
+    before torch is installed: importing the session must not import torch."""
     code = (
         "import sys; import SAMMed2DSegmentLib.engine.session; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"

@@ -251,7 +251,7 @@ def test_local_file_checks(tmp_path):
 
 
 def test_weights_import_without_torch():
-    """The module asks about weights before the PyTorch extension has installed torch."""
+    """The module asks about weights before torch is installed."""
     import subprocess
     import sys
 

@@ -2,8 +2,9 @@
 .github/workflows/slicer.yml, to get a fresh Slicer ready for SAMMed2DSegmentTest without a dialog:
 
   extension     install the PyTorch extension from the Extensions server (Slicer must restart to load it);
-  requirements  through this module's own logic, what a user confirms in the panel: PyTorch via the
-                PyTorch extension, then the engine's packages into the extension's private folder.
+  requirements  through this module's own logic, what a user confirms in the panel: PyTorch with the
+                PyTorch extension's light-the-torch commands (polled child processes), then the engine's
+                packages into the extension's private folder.
 
 As dalcalab/SlicerMultiverSeg does (.github/actions/slicer-install-extensions/install_extensions.py and
 .github/python_scripts/install_pytorch_module.py at c205fd9b): the extensions manager set non-interactive,
@@ -25,22 +26,29 @@ def install_extension() -> None:
         raise RuntimeError("the PyTorch extension could not be installed from the Extensions server")
 
 
+def run_to_end(installer) -> None:
+    """Poll an installer the module's way until it ends; its error, one line, is raised."""
+    progress, shown = installer.poll(), ""
+    while not progress.finished:
+        if progress.line and progress.line != shown:
+            shown = progress.line
+            print(shown, flush=True)
+        time.sleep(1.0)
+        progress = installer.poll()
+    if progress.error:
+        raise RuntimeError(progress.error)
+
+
 def install_requirements() -> None:
     from SAMMed2DSegment import SAMMed2DSegmentLogic
 
     logic = SAMMed2DSegmentLogic()
     state = logic.requirements()
     if state.torch_problem:
-        logic.installTorch()
+        run_to_end(logic.startTorchInstall())
         state = logic.requirements()
     if state.missing:
-        installer = logic.startPackageInstall(state.missing)
-        progress = installer.poll()
-        while not progress.finished:
-            time.sleep(1.0)
-            progress = installer.poll()
-        if progress.error:
-            raise RuntimeError(progress.error)
+        run_to_end(logic.startPackageInstall(state.missing))
         state = logic.requirements()
     if not state.ready:
         raise RuntimeError(state.message)

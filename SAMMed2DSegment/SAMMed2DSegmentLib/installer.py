@@ -10,23 +10,19 @@ Folders this object did not create are never deleted.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .files import remove_tree
+from .polled_process import PolledProcess, pip_error
 from .requirements import folder_complete, write_marker
 
 #: pip options for every install: wheels only (nothing is compiled on the user's machine), nothing but the
 #: pinned packages (Slicer's own packages satisfy their dependencies), no prompts, plain line output.
 PIP_OPTIONS = ("--no-deps", "--only-binary=:all:", "--no-input", "--disable-pip-version-check",
                "--progress-bar", "off", "--no-warn-script-location")  # fmt: skip
-
-_OUTPUT_TAIL = 200  # lines of pip output kept for an error dialog's details
 
 
 @dataclass(frozen=True)
@@ -64,11 +60,7 @@ class PipInstall:
         self.env = env
         self.staging: Path | None = None
         self._created: list[Path] = []  # folders made for the target, outermost first
-        self._process: subprocess.Popen | None = None
-        self._log: Path | None = None
-        self._offset = 0
-        self._partial = b""
-        self._lines: list[str] = []
+        self._child: PolledProcess | None = None
         self._result: InstallProgress | None = None
 
     # -- state ------------------------------------------------------------------------------------------
@@ -80,32 +72,26 @@ class PipInstall:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def output(self) -> str:
         """The last lines pip printed (for an error dialog's details)."""
-        return "\n".join(self._lines)
+        return "\n".join(self._child.lines) if self._child is not None else ""
 
     # -- start, poll, cancel ----------------------------------------------------------------------------
     def start(self) -> None:
         """Start pip (returns at once). Raises OSError when the staging folder or pip cannot be made."""
-        if self._process is not None or self._result is not None:
+        if self._child is not None or self._result is not None:
             raise RuntimeError("this install has already been started")
         self._make_parents()
         env = dict(os.environ if self.env is None else self.env)
-        # --target cannot be combined with a user-level install; pip's own progress goes line by line.
-        env.update({"PIP_USER": "0", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+        env["PIP_USER"] = "0"  # --target cannot be combined with a user-level install
         try:
             prefix = f".{self.target.name}.staging-"  # beside the target: the final rename stays atomic
             self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.target.parent))
-            fd, log = tempfile.mkstemp(prefix="sammed2d-pip-", suffix=".log")
-            self._log = Path(log)
-            with os.fdopen(fd, "wb") as output:
-                self._process = subprocess.Popen(
-                    self.command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                    env=env, **_own_process_group(),
-                )  # fmt: skip
+            self._child = PolledProcess(self.command, env)
+            self._child.start()
         except OSError:
             self._discard()
             raise
@@ -115,13 +101,11 @@ class PipInstall:
         waits for pip."""
         if self._result is not None:
             return self._result
-        if self._process is None:
+        if self._child is None:
             return InstallProgress("")
-        self._read_output()
-        code = self._process.poll()
+        code = self._child.poll()
         if code is None:
             return InstallProgress(self._latest_line())
-        self._read_output(final=True)
         self._result = self._finish(code)
         return self._result
 
@@ -130,8 +114,8 @@ class PipInstall:
         target, when empty). Blocks only until the killed processes are gone."""
         if self._result is not None:
             return self._result
-        if self._process is not None:
-            _kill_tree(self._process)
+        if self._child is not None:
+            self._child.kill()
         self._discard()
         self._result = InstallProgress("Installation cancelled.", finished=True, cancelled=True)
         return self._result
@@ -146,32 +130,13 @@ class PipInstall:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self._created = list(reversed(missing))
 
-    def _read_output(self, final: bool = False) -> None:
-        if self._log is None:
-            return
-        with open(self._log, "rb") as log:
-            log.seek(self._offset)
-            data = log.read()
-        self._offset += len(data)
-        data = self._partial + data
-        *complete, self._partial = data.split(b"\n")
-        if final and self._partial:
-            complete.append(self._partial)
-            self._partial = b""
-        for raw in complete:
-            line = raw.decode("utf-8", errors="replace").replace("\r", "").rstrip()
-            if line.strip():
-                self._lines.append(line)
-        del self._lines[:-_OUTPUT_TAIL]
-
     def _latest_line(self) -> str:
-        meaningful = [line for line in self._lines if not line.lstrip().startswith("[notice]")]
-        return " ".join(meaningful[-1].split()) if meaningful else "Starting pip…"
+        return self._child.latest_line("Starting pip…") if self._child is not None else "Starting pip…"
 
     def _finish(self, code: int) -> InstallProgress:
         try:
             if code != 0:
-                return self._failed(_pip_error(self._lines, code))
+                return self._failed(pip_error(self._child.lines, code))
             write_marker(self.staging, self.packages)
             if self.target.exists():  # another Slicer may have finished the same install first
                 if not folder_complete(self.target):  # something else is in the way: not ours to remove
@@ -195,48 +160,14 @@ class PipInstall:
         if self.staging is not None:
             remove_tree(self.staging, attempts=20, pause=0.05)  # Windows may hold files a moment
             self.staging = None
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)
-            self._log = None
+        if self._child is not None:
+            self._child.close()
         if not self.target.exists():
             for folder in reversed(self._created):
                 try:
                     folder.rmdir()
                 except OSError:
                     break
-
-
-def _pip_error(lines: Sequence[str], code: int) -> str:
-    """pip's last error line, else its last line, else the exit status."""
-    errors = [line.strip() for line in lines if line.lstrip().startswith("ERROR:")]
-    if errors:
-        return errors[-1].removeprefix("ERROR:").strip()
-    return lines[-1].strip() if lines else f"pip exited with status {code}"
-
-
-def _own_process_group() -> dict:
-    """Popen arguments that put pip (and anything it starts, e.g. the launcher's real Python) in a group of
-    its own, to be killed as a whole, with no console window on Windows."""
-    if sys.platform == "win32":
-        return {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
-    return {"start_new_session": True}
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill `process` and its descendants: PythonSlicer is a launcher whose child, the real interpreter,
-    would otherwise keep running."""
-    if process.poll() is None:
-        if sys.platform == "win32":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
-                           capture_output=True, creationflags=subprocess.CREATE_NO_WINDOW)  # fmt: skip
-        else:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    if process.poll() is None:
-        process.kill()
-    process.wait()
 
 
 __all__ = ["PIP_OPTIONS", "InstallProgress", "PipInstall"]

@@ -51,8 +51,8 @@ class BrokenTorch:
     reason: str
 
 
-#: Known-broken torch releases: excluded from what the PyTorch extension may install and reported as
-#: "reinstall" when found.
+#: Known-broken torch releases: excluded from what light-the-torch may install (torch_install.py) and
+#: reported as "reinstall" when found.
 #: - torch 2.13 on Windows (https://github.com/Slicer/light-the-torch/issues/176, open; reproduced on a fresh
 #:   Slicer 5.12.2 by a Slicer maintainer): 2.13 ships its licence files under deeply nested
 #:   `torch-*.dist-info/licenses/third_party/...` paths (PEP 639 `license-files`), pip fails part-way
@@ -224,8 +224,8 @@ def write_marker(folder: str | Path, packages: Sequence[str]) -> None:
 
 
 def torch_requirement(platform: str = sys.platform) -> str:
-    """The version range handed to the PyTorch extension's installer, which appends it to "torch"
-    (`PyTorchUtilsLogic.installTorch(torchVersionRequirement=...)`): e.g. ">=2.1,!=2.13.*" on Windows."""
+    """The version range appended to "torch" on light-the-torch's command line (torch_install.py, as the
+    PyTorch extension's `installTorch(torchVersionRequirement=...)` does): ">=2.1,!=2.13.*" on Windows."""
     excluded = [f",!={b.release}" for b in KNOWN_BROKEN_TORCH if platform in b.platforms]
     return f">={MINIMUM_TORCH}" + "".join(excluded)
 
@@ -237,7 +237,7 @@ def torch_problem(
     no metadata gives one; `leftovers`: something called torch is there all the same (a metadata folder
     without a version, or a namespace folder left behind by a failed install)."""
     if version is None and not package_found and not leftovers:
-        return "PyTorch is not installed; it is installed through the PyTorch extension."
+        return "PyTorch is not installed; light-the-torch installs a build that suits this computer."
     if version is None:
         return "PyTorch is installed incompletely (no package metadata); reinstall it."
     if not package_found:
@@ -259,6 +259,16 @@ def torch_files(search_path: Sequence[str]) -> tuple[bool, bool]:
     return package, (spec is not None and not package) or metadata_folder is not None
 
 
+def check_torch(search_path: Sequence[str], platform: str = sys.platform) -> tuple[str, str]:
+    """(torch's version or "", its problem or "") for the torch found first along `search_path`, from the
+    metadata and the path finder only: Slicer's process must never import torch, not even to check an install
+    that has just ended (whose files the finders' caches may not know yet)."""
+    importlib.invalidate_caches()
+    version = installed_version("torch", search_path)
+    package, leftovers = torch_files(search_path)
+    return version or "", torch_problem(version, package, platform, leftovers)
+
+
 # -- the checks -------------------------------------------------------------------------------------------
 
 
@@ -275,11 +285,9 @@ def check_requirements(
     folder = str(package_folder)
     dirs = (folder,) if folder_complete(folder) else ()
     engine_path = [*dirs, *base]
-    version = installed_version("torch", engine_path)
-    package, leftovers = torch_files(engine_path)
-    problem = torch_problem(version, package, platform, leftovers)
+    version, problem = check_torch(engine_path, platform)
     missing = unmet(read_requirements(requirements_path), engine_path)
-    return RequirementsState(version or "", problem, missing, folder, dirs)
+    return RequirementsState(version, problem, missing, folder, dirs)
 
 
 def check_download_requirements(search_path: Sequence[str] | None = None) -> RequirementsState:
@@ -299,6 +307,7 @@ __all__ = [
     "RequirementsState",
     "check_download_requirements",
     "check_requirements",
+    "check_torch",
     "folder_complete",
     "installed_version",
     "package_folder",

@@ -28,7 +28,8 @@ _LIB_PARENT = str(Path(__file__).resolve().parents[2])
 
 #: What the Slicer process imports of the library: none of it may load torch or highdicom.
 SLICER_SIDE_MODULES = ("SAMMed2DSegmentLib.mrml.panel", "SAMMed2DSegmentLib.service.client",
-                       "SAMMed2DSegmentLib.requirements", "SAMMed2DSegmentLib.installer")  # fmt: skip
+                       "SAMMed2DSegmentLib.requirements", "SAMMed2DSegmentLib.installer",
+                       "SAMMed2DSegmentLib.torch_install")  # fmt: skip
 
 
 #: A requirements state with nothing missing, for a panel whose engine is known to be ready.

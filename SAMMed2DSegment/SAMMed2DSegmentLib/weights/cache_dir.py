@@ -1,6 +1,6 @@
 """The per-user cache folder, and what makes a folder a cache's own, in a module without torch: the Slicer
-module asks where weights are (and whether they are downloaded) before the PyTorch extension has installed
-torch.
+module asks where weights are (and whether they are downloaded) before torch is installed
+(and Slicer's process never imports it).
 
 A cache that evicts deletes files, so it must never work in a folder it did not make: a user who names a
 folder holding their own files (their checkpoints, say) would lose them under the size bound. A cache claims
