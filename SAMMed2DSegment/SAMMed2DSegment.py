@@ -512,23 +512,33 @@ class SAMMed2DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._render()
 
 
+def _waitProcessingEvents(milliseconds: int) -> None:
+    """Let the GUI run for `milliseconds` without spinning: `processEvents` with a time limit returns at once
+    when no event is pending, which turned the poll loop into a busy loop on the GUI thread."""
+    loop = qt.QEventLoop()
+    qt.QTimer.singleShot(milliseconds, loop.quit)
+    loop.exec_()
+
+
 def _installWithProgress(installer, label: str, cancelled: str, panel) -> bool:
     """An installer's child processes (the engine's packages, or PyTorch), polled with progress and Cancel;
     the GUI keeps running meanwhile."""
     dialog = qt.QProgressDialog(label, _("Cancel"), 0, 0, slicer.util.mainWindow())
     dialog.setWindowModality(qt.Qt.WindowModal)
     dialog.show()
+    progress = None
     try:
         progress = installer.poll()
         while not progress.finished:
             if dialog.wasCanceled:
-                installer.cancel()
                 panel.say(cancelled)
                 return False
             dialog.setLabelText(progress.line or dialog.labelText)
-            slicer.app.processEvents(qt.QEventLoop.AllEvents, POLL_INTERVAL_MS)
+            _waitProcessingEvents(POLL_INTERVAL_MS)
             progress = installer.poll()
     finally:
+        if progress is None or not progress.finished:  # Cancel, or an error while polling: no orphan pip
+            installer.cancel()
         dialog.close()
     if progress.error:
         raise RuntimeError(progress.error)

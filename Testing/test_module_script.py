@@ -232,3 +232,16 @@ def test_torch_is_installed_through_the_polled_progress_dialog():
     logic = _class("SAMMed2DSegmentLogic")
     start = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "startTorchInstall")
     assert {"TorchInstall", "torch_install_commands", "torch_requirement", "start"} <= _names(start)
+
+
+def test_the_install_dialog_waits_without_spinning():
+    """`processEvents` with a time limit returns at once when nothing is pending: the poll loop waits in a
+    short event loop instead, so the GUI thread does not spin for the minutes a PyTorch download takes."""
+    tree = ast.parse(SCRIPT.read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    loop = next(n for n in functions if n.name == "_installWithProgress")
+    calls = [n for n in ast.walk(loop) if isinstance(n, ast.Call)]
+    called = {n.func.attr for n in calls if isinstance(n.func, ast.Attribute)}
+    assert "processEvents" not in called
+    names = {n.func.id for n in calls if isinstance(n.func, ast.Name)}
+    assert "_waitProcessingEvents" in names

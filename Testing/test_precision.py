@@ -145,6 +145,48 @@ def test_a_failed_background_preparation_is_raised_by_the_first_encode(small_mod
         predictor.set_image(golden["img1_image"])
 
 
+@needs_int8
+def test_preparing_int8_weights_leaves_the_warnings_on(small_model):
+    """The quantized dtypes' deprecation notice is silenced by one filter; a catch_warnings per weight, run on
+    several threads, once left every warning of the process ignored."""
+    import warnings
+
+    from SAMMed2DSegmentLib.model.lowp_encoder import LowPrecisionEncoder
+
+    for _ in range(3):
+        LowPrecisionEncoder(small_model.image_encoder, torch.qint8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            warnings.warn("still shown", UserWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == ["still shown"]
+    assert not any(f[0] == "ignore" and f[1] is None and f[2] is Warning for f in warnings.filters)
+
+
+@needs_int8
+def test_a_replaced_model_stops_its_background_preparation(vit_b_model, monkeypatch, caplog):
+    """The engine replaces the model: the old one's preparation stops at the next block instead of holding
+    the old model and the cores for seconds."""
+    from SAMMed2DSegmentLib.model import lowp_encoder
+
+    prepared = []
+    predictor = SamMed2DPredictor(vit_b_model, precision="int8")
+    original = lowp_encoder.LowPrecisionEncoder._block
+
+    def block(*args, **kwargs):
+        prepared.append(1)
+        predictor.cancel_preparation()  # the model is replaced while the first blocks are prepared
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lowp_encoder.LowPrecisionEncoder, "_block", staticmethod(block))
+    with caplog.at_level("INFO", logger="SAMMed2D.predictor"):
+        predictor.prepare_in_background()
+        for thread in threading.enumerate():
+            if thread.name == "SAMMed2D-lowp-weights":
+                thread.join(60)
+    assert 1 <= len(prepared) < len(vit_b_model.image_encoder.blocks)
+    assert "stopped: the model was replaced" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     return load_model(registry.resolve_model("demo"))[0]

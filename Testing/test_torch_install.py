@@ -226,3 +226,28 @@ def test_cancel_kills_light_the_torch_and_its_children_and_leaves_nothing(tmp_pa
 def test_an_empty_install_is_refused():
     with pytest.raises(ValueError):
         TorchInstall([])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups: POSIX")
+def test_kill_reaches_the_group_after_its_leader_has_exited(tmp_path):
+    """A launcher that has already exited leaves its child running in the group: the kill still reaches it
+    (it used to skip the group once the leader was gone)."""
+    from SAMMed2DSegmentLib.polled_process import PolledProcess
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))")  # fmt: skip
+    process = PolledProcess([sys.executable, "-c", script])
+    process.start()
+    try:
+        deadline = time.monotonic() + 30
+        while process.poll() is None or not pid_file.exists():
+            assert time.monotonic() < deadline, process.lines
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        assert alive(child)
+        process.kill()
+        assert wait_gone(child), "the leader's child survived the kill"
+    finally:
+        process.close()

@@ -117,15 +117,15 @@ def _own_process_group() -> dict:
 def _kill_tree(process: subprocess.Popen) -> None:
     """Kill `process` and its descendants: PythonSlicer is a launcher whose child, the real interpreter,
     would otherwise keep running."""
-    if process.poll() is None:
-        if sys.platform == "win32":
+    if sys.platform == "win32":
+        if process.poll() is None:
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
                            capture_output=True, creationflags=subprocess.CREATE_NO_WINDOW)  # fmt: skip
-        else:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    else:  # the whole group, even where the launcher itself has already exited: its child may not have
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     if process.poll() is None:
         process.kill()
     process.wait()

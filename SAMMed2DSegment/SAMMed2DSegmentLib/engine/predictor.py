@@ -50,6 +50,7 @@ class SamMed2DPredictor:
         self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
         self._lowp_encoder = None  # prepared on first use (`lowp_encoder`) or by `prepare_in_background`
         self._preparing: threading.Thread | None = None
+        self._cancelled = threading.Event()
         if precision != "fp32":
             log.info("encoder precision %s (%s)", self.precision, self.precision_choice.reason)
         self.reset_image()
@@ -83,24 +84,39 @@ class SamMed2DPredictor:
     def prepare_in_background(self) -> None:
         """Start preparing the low-precision weights in a thread (torch releases the GIL): the engine calls
         this right after a model loads, so the user's first click finds them ready (int8 takes seconds on a
-        2-core CPU). A failure there is raised again by the first use, which prepares anew."""
+        2-core CPU). A failure there is raised again by the first use, which prepares anew. Only on the CPU
+        and CUDA: MPS aborts on work from several threads."""
         if self.precision == "fp32" or self._lowp_encoder is not None or self._preparing is not None:
             return
+        if self.device.type not in ("cpu", "cuda"):
+            return
+        from ..model.lowp_encoder import PreparationCancelled
+
+        cancelled = self._cancelled = threading.Event()
 
         def prepare() -> None:
             try:
-                self._lowp_encoder = self._prepare_lowp()
+                self._lowp_encoder = self._prepare_lowp(cancelled)
+            except PreparationCancelled:
+                log.info("preparing the %s weights stopped: the model was replaced", self.precision)
             except Exception:  # noqa: BLE001 - the first use prepares again and raises it there
                 log.exception("preparing the %s weights failed", self.precision)
 
         self._preparing = threading.Thread(target=prepare, name="SAMMed2D-lowp-weights", daemon=True)
         self._preparing.start()
 
-    def _prepare_lowp(self) -> LowPrecisionEncoder:
+    def cancel_preparation(self) -> None:
+        """Stop a background preparation at the next block (the engine replaces the model): it would hold
+        the old model and take the cores the new one's load needs. Returns at once."""
+        if self._preparing is not None:
+            self._cancelled.set()
+
+    def _prepare_lowp(self, cancelled: threading.Event | None = None) -> LowPrecisionEncoder:
         from ..model.lowp_encoder import LowPrecisionEncoder
 
         start = time.perf_counter()
-        encoder = LowPrecisionEncoder(self.model.image_encoder, self.precision_choice.dtype).to(self.device)
+        dtype = self.precision_choice.dtype
+        encoder = LowPrecisionEncoder(self.model.image_encoder, dtype, cancelled=cancelled).to(self.device)
         log.info("%s weights prepared in %.2f s", self.precision, time.perf_counter() - start)
         return encoder
 

@@ -16,6 +16,13 @@ import torch
 
 _ENGINES = ("x86", "fbgemm", "onednn")
 
+# torch 2.13 announces the quantized dtypes' removal on first use (module docstring); the engine and the
+# command line would print it on every start. Only that notice is silenced, once, for the whole process:
+# a `catch_warnings` per weight, run on several threads, left every warning ignored.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
+)
+
 
 def int8_available() -> bool:
     """Whether this torch has dynamic int8 products with a CPU engine that uses the integer units."""
@@ -42,10 +49,8 @@ class Int8Linear:
         observer = default_per_channel_weight_observer()
         observer(weight)
         scales, zero_points = observer.calculate_qparams()
-        with warnings.catch_warnings():  # the deprecation notice of the quantized dtypes (module docstring)
-            warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, bias)
+        quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # 7-bit activations (reduce_range), as the module runs them: AVX2's 8-bit dot products saturate.

@@ -18,6 +18,7 @@ MLP and the adapter's two convolutions run as dynamic int8 products (`int8_linea
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,11 +76,16 @@ class LowPrecisionEncoder:
     """
 
     def __init__(
-        self, encoder: ImageEncoderViT, dtype: torch.dtype, fused_attention: bool | None = None
+        self,
+        encoder: ImageEncoderViT,
+        dtype: torch.dtype,
+        fused_attention: bool | None = None,
+        cancelled: threading.Event | None = None,
     ) -> None:
         """`fused_attention`: None chooses by device (fused on CUDA); True/False forces one formulation
         (tests run the fused one on the CPU). float32 is accepted to check a formulation against the
-        module at fp32 speed and accuracy; the predictor runs fp32 through the module itself."""
+        module at fp32 speed and accuracy; the predictor runs fp32 through the module itself.
+        `cancelled`, once set, stops the preparation between blocks with `PreparationCancelled`."""
         if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.qint8):
             raise ValueError(f"low-precision encoder needs bfloat16, float16, float32 or qint8, got {dtype}")
         self.products = dtype  # the heavy products' format
@@ -95,8 +101,15 @@ class LowPrecisionEncoder:
             self.patch_b = proj.bias.detach().float()
             self.pos_embed = encoder.pos_embed.detach().float()
             grid = encoder.img_size // self.patch
-            self.blocks = _in_parallel(lambda b: self._block(b, dtype, products, b.window_size or grid),
-                                       encoder.blocks)  # fmt: skip
+            def block_weights(block) -> _BlockWeights:
+                if cancelled is not None and cancelled.is_set():
+                    raise PreparationCancelled("the low-precision weights are no longer wanted")
+                return self._block(block, dtype, products, block.window_size or grid)
+
+            if products == torch.qint8:  # CPU only; quantizing and packing is worth the threads
+                self.blocks = _in_parallel(block_weights, encoder.blocks)
+            else:  # casts are quick, and some devices (MPS) abort on work from several threads
+                self.blocks = [block_weights(block) for block in encoder.blocks]
             neck = encoder.neck
             self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
             self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
@@ -247,6 +260,10 @@ class LowPrecisionEncoder:
                 window = qkv[:, y : y + ws, x : x + ws]
                 out[:, y : y + rows, x : x + cols] = self._attend(w, window, rows, cols)
         return out
+
+
+class PreparationCancelled(Exception):
+    """The weights' preparation was stopped (`LowPrecisionEncoder`'s `cancelled`)."""
 
 
 def _in_parallel(prepare: Callable[[Any], _BlockWeights], blocks: Iterable[Any]) -> list[_BlockWeights]:

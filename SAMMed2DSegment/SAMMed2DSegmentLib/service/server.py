@@ -201,6 +201,8 @@ class EngineServer:
         from ..engine.session import SegmentationSession
         from ..weights.checkpoint import load_model, resolve_device
 
+        if self.session is not None:  # its weights' preparation would compete with this load
+            self.session.predictor.cancel_preparation()
         self.session, self.model_info, self._windows = None, {}, {}
         self.idle_plan.clear()  # it would encode with the old model
         device = resolve_device(header.get("device", "auto"))
