@@ -95,7 +95,9 @@ def engine_first_mask(ckpt: Path, cache: Path, volume, precision: str = "auto") 
     start = time.perf_counter()
     client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(cache)})
     try:
-        client.submit("load_model", {"path": str(ckpt), "device": "cpu", "precision": precision})
+        # No embeddings on disk: a later repeat would read slice 10's embedding instead of encoding it.
+        client.submit("load_model", {"path": str(ckpt), "device": "cpu", "precision": precision,
+                                     "disk_cache": False})  # fmt: skip
         client.submit_volume(volume.array_kji, {"ijk_to_ras": volume.ijk_to_ras.tolist(), "key": "cold"})
         job = client.submit("segment", header, on_event=lambda kind, reply, arrays: masks.append(kind))
         client.wait(job, timeout=300, interval=0.001)
