@@ -4,6 +4,7 @@ crop of the bundled CT (4 slices around the liver point, so each case takes seco
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SAMMed2DSegmentLib.cohort.runner import LOST
 from SAMMed2DSegmentLib.commands import main
 
 from .conftest import CT
+from .crash_on_case import CASE as CRASH
 from .terminal import sigint_as_in_a_terminal
 from .test_cli import read_segment, write_points
 
@@ -64,6 +67,7 @@ ROWS = [
     "c3,ct.nrrd,liver.mrk.json,",
     "off,ct.nrrd,far.mrk.json,none",
 ]
+ROWS_DONE = ("c1", "c2", "c3")  # the rows of ROWS[:3]
 COMMON = ["--precision", "fp32", "--quiet"]
 
 
@@ -253,3 +257,38 @@ def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):
     for folder in finished(out):
         assert sorted(f.name for f in folder.iterdir()) == ["report.json", f"{folder.name}.seg.nrrd"]
     assert not (out / "summary.json").exists()
+
+
+def test_a_case_that_kills_its_worker_fails_alone_and_resume_reruns_it(
+    cohort, first_run, scheduler, tmp_path
+):
+    """Case `crash` kills its worker process once the case has written its files (crash_on_case.py); the
+    nanny starts a new worker. That case alone fails, nothing of it stays, and --resume runs only it."""
+    import dask
+
+    out = tmp_path / "out"
+    cases = manifest(cohort, "crash.csv", [f"{CRASH},ct.nrrd,liver.mrk.json,none", *ROWS[:3]])
+    preload = str(Path(__file__).with_name("crash_on_case.py"))
+    with dask.config.set({"distributed.worker.preload": [preload]}):
+        assert batch("--manifest", str(cases), "--out-dir", str(out), "--workers", "2") == 1
+    rows = summary(out)
+    assert {c: r["status"] for c, r in rows.items()} == {CRASH: "failed", **dict.fromkeys(ROWS_DONE, "done")}
+    assert rows[CRASH]["reason"] == LOST
+    assert rows[CRASH]["worker"].startswith("tcp://127.0.0.1:")  # where it died
+    with open(out / "summary.csv", newline="", encoding="utf-8") as fh:
+        assert {r["case"]: r["reason"] for r in csv.DictReader(fh)}[CRASH] == LOST
+    assert leftovers(out) == [] and [p.name for p in finished(out)] == ["c1", "c2", "c3"]
+    for case in ("c1", "c2"):  # the first run's c3 may since have been rerun from another row (resume test)
+        expected = (first_run["out"] / case / f"{case}.seg.nrrd").read_bytes()
+        assert (out / case / f"{case}.seg.nrrd").read_bytes() == expected
+    assert {f.name for f in (out / "c3").iterdir()} == {"report.json", "c3.seg.nrrd"}
+    kept = {c: (out / c / f"{c}.seg.nrrd").stat().st_mtime_ns for c in ROWS_DONE}
+
+    assert batch("--manifest", str(cases), "--out-dir", str(out), "--resume", "--scheduler", scheduler) == 0
+    rows = summary(out)
+    assert {c: r["status"] for c, r in rows.items()} == {CRASH: "done", **dict.fromkeys(kept, "skipped")}
+    assert {c: (out / c / f"{c}.seg.nrrd").stat().st_mtime_ns for c in kept} == kept
+    assert {f.name for f in (out / CRASH).iterdir()} == {"report.json", f"{CRASH}.seg.nrrd"}
+    same_row = (first_run["out"] / "c1" / "c1.seg.nrrd").read_bytes()  # c1's row under another name
+    assert (out / CRASH / f"{CRASH}.seg.nrrd").read_bytes() == same_row
+    assert leftovers(out) == []

@@ -1,4 +1,4 @@
-"""Cases submitted to Dask a few at a time (enough to keep every worker busy), results taken as they
+"""Cases submitted to Dask one per worker thread (enough to keep every worker busy), results taken as they
 finish: the progress line moves, a finished case is put in place at once, and Ctrl-C cancels only what has
 not finished."""
 
@@ -15,21 +15,29 @@ LOST = "its worker died while running it (out of memory, or killed)"
 
 
 def _lost(task: CaseTask, exc: BaseException) -> CaseOutcome:
+    """The outcome of a case whose task raised on the client: its worker died (the summary names that
+    worker, to find its log), or Dask itself failed."""
     from distributed import KilledWorker
 
-    reason = LOST if isinstance(exc, KilledWorker) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return CaseOutcome(task.case, "failed", reason=reason)
+    if isinstance(exc, KilledWorker):
+        worker = str(getattr(exc.last_worker, "address", ""))
+        return CaseOutcome(task.case, "failed", reason=LOST, worker=worker)
+    return CaseOutcome(task.case, "failed", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 def run_tasks(
     client,
     tasks: Iterable[CaseTask],
-    in_flight: int,
     on_finished: Callable[[CaseTask, CaseOutcome], None],
 ) -> list[CaseOutcome]:
-    """Run `tasks` on `client`'s cluster, at most `in_flight` at a time (`tasks` may be a generator that
-    prepares each case as it is submitted); `on_finished` takes each outcome. On any other exit (Ctrl-C)
-    whatever has not finished is cancelled."""
+    """Run `tasks` on `client`'s cluster, one case per worker thread at a time (`tasks` may be a generator
+    that prepares each case as it is submitted); `on_finished` takes each outcome. On any other exit
+    (Ctrl-C) whatever has not finished is cancelled.
+
+    No case waits on a worker: Dask sends a worker every task submitted (there is no scheduler-side queue
+    for a few independent tasks), and a worker that dies takes its waiting tasks with it, so a case that
+    kills its worker would fail the innocent cases queued behind it. The count follows the cluster's threads
+    as they change (a nanny's replacement worker, a cluster that is still growing)."""
     from distributed import as_completed
 
     run = secrets.token_hex(4)
@@ -37,16 +45,14 @@ def run_tasks(
     running: dict[str, CaseTask] = {}
     futures = as_completed()
 
-    def submit_next() -> None:
-        task = next(queue, None)
-        if task is None:
-            return
-        future = client.submit(run_case, task, key=f"sammed2d-{run}-{task.case}", pure=False, retries=0)
-        running[future.key] = task
-        futures.add(future)
+    def top_up() -> None:
+        threads = max(1, sum(client.nthreads().values()))
+        while len(running) < threads and (task := next(queue, None)) is not None:
+            future = client.submit(run_case, task, key=f"sammed2d-{run}-{task.case}", pure=False, retries=0)
+            running[future.key] = task
+            futures.add(future)
 
-    for _ in range(max(1, in_flight)):
-        submit_next()
+    top_up()
     outcomes = []
     try:
         for future in futures:
@@ -58,7 +64,7 @@ def run_tasks(
             future.release()
             on_finished(task, outcome)
             outcomes.append(outcome)
-            submit_next()
+            top_up()
     finally:
         if running:
             client.cancel(list(futures.futures), force=True)
@@ -85,7 +91,6 @@ def run_cohort(
 
     try:
         with dask_client(where) as client:
-            nthreads = sum(client.nthreads().values()) or where.workers * where.threads_per_worker
-            return run_tasks(client, tasks, in_flight=max(2, 2 * nthreads), on_finished=finished)
+            return run_tasks(client, tasks, on_finished=finished)
     finally:
         progress.close()
