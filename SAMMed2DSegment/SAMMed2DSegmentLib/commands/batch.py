@@ -19,7 +19,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..choices import PRECISIONS
 from ..cohort.cluster import placement
 from ..cohort.digest import case_digest
 from ..cohort.folders import REPORT, case_files, case_folders, is_ours, remove_stale
@@ -49,7 +48,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-dir", required=True, help="OUT/<case>/ per case, OUT/summary.csv and .json")
     add_cluster_options(p)
     add_model_options(p)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--embedding-cache", metavar="DIR", help="slice embeddings on disk, shared by the workers")
     p.add_argument(
         "--resume", action="store_true",

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..choices import PRECISIONS
 from ..engine.geometry import AXES
 from ..evaluation.protocol import FIRST_PROMPTS
 from .common import (
@@ -47,7 +46,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run_command=run_evaluate, summarize=summary)
     p.add_argument("--axis", default="axial", choices=AXES)
     add_model_options(p)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--window", default="auto",
                    help="'auto' (the model's own rule), a preset name, or LEVEL,WIDTH")  # fmt: skip
     p.add_argument("--protocol", default="clicks", choices=PROTOCOLS,

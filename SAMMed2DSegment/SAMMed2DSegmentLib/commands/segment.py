@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import PRECISIONS
 from ..engine.geometry import AXES
 from ..engine.propagation import DIRECTIONS, PropagationSettings
 from ..files import commit_outputs, same_file
@@ -54,14 +53,6 @@ def add_parser(subparsers) -> None:
     seg.add_argument("--axis", default="axial", choices=AXES)
     seg.add_argument("--propagate", default="both", choices=DIRECTIONS)
     seg.add_argument("--segment-name", default="SAM-Med2D")
-    seg.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="encoder arithmetic: fp32 is the exact, parity-tested path; auto takes bf16 where the CPU has "
-        "bf16 instructions and it measured faster and agreeing, else int8 where that measured at least 1.5x "
-        "faster and agreeing, bf16/fp16 on GPUs (default: auto)",
-    )
     seg.add_argument(
         "--window",
         default="auto",
