@@ -41,6 +41,13 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
+def arithmetic_flags() -> list[str]:
+    """The CPU flags that decide the encoder's speed (vector, matrix, FMA units), for a benchmark header."""
+    from SAMMed2DSegmentLib.engine.precision import cpu_flags
+
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+
+
 def timed(fn, runs: int, warmup: int = 2, sync=lambda: None) -> list[float]:
     for _ in range(warmup):
         fn()

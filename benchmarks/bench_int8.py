@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "SAMMed2DSegment"))
 
-from SAMMed2DSegmentLib.engine.precision import cpu_flags  # noqa: E402
+from bench_encoder import arithmetic_flags  # noqa: E402
+
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor  # noqa: E402
 from SAMMed2DSegmentLib.model import build_sam_med2d  # noqa: E402
 from Testing.synthetic_weights import REFERENCE, synthetic_state_dict  # noqa: E402
@@ -134,8 +135,7 @@ def main() -> None:
         warnings.simplefilter("ignore")  # torch's deprecation notices for the quantized dtypes
         candidates = {"linear": int8_encoder(model.image_encoder),
                       "linear + adapter": int8_with_adapters(model.image_encoder)}  # fmt: skip
-    flags = cpu_flags()
-    shown = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    shown = arithmetic_flags()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quantized engine "
           f"{torch.backends.quantized.engine}; CPU flags: {' '.join(shown) or 'unknown'}")  # fmt: skip
     encoders = {"fp32": model.image_encoder, **candidates}

@@ -222,12 +222,13 @@ def device_name(device) -> str:
     import platform
 
     import torch
+    from bench_encoder import arithmetic_flags
 
-    from SAMMed2DSegmentLib.engine.precision import cpu_flags, cpu_model
+    from SAMMed2DSegmentLib.engine.precision import cpu_model
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    flags = arithmetic_flags()
     name = cpu_model() or platform.processor() or platform.machine()
     return f"{name}, {torch.get_num_threads()} threads, flags {' '.join(flags) or 'unknown'}"
 

@@ -268,14 +268,10 @@ class PreparationCancelled(Exception):
 
 def _in_parallel(prepare: Callable[[Any], _BlockWeights], blocks: Iterable[Any]) -> list[_BlockWeights]:
     """The blocks' weights prepared by as many threads as torch uses: quantizing and packing int8 weights
-    runs on one core per call and releases the GIL (5.3 s serial, 2.9 s on 2 threads for ViT-B)."""
-    with torch.no_grad(), ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        return list(pool.map(lambda block: _no_grad(prepare, block), blocks))
-
-
-def _no_grad(prepare: Callable[[Any], _BlockWeights], block: Any) -> _BlockWeights:
-    with torch.no_grad():  # grad mode is per thread
-        return prepare(block)
+    runs on one core per call and releases the GIL (5.3 s serial, 2.9 s on 2 threads for ViT-B). Grad
+    mode is per thread: each call runs under its own no_grad."""
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        return list(pool.map(torch.no_grad()(prepare), blocks))
 
 
 def _moved(value, device: torch.device | str):
