@@ -64,3 +64,19 @@ def test_interior_point_lies_inside_a_c_shape():
     assert bounding_box(c_shape) == (6, 6, 74, 74)
     with pytest.raises(ValueError):
         interior_point(np.zeros((5, 5), bool))
+
+
+def test_warm_up_imports_what_the_first_clean_up_needs():
+    """The engine runs `warm_up` when a model loads, so the first click does not import ITK and numpy's
+    masked arrays (a fresh interpreter, since this one has them already)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from SAMMed2DSegmentLib.engine import masks\n"
+        "assert 'SimpleITK' not in sys.modules and 'numpy.ma' not in sys.modules\n"
+        "masks.warm_up()\n"
+        "assert 'SimpleITK' in sys.modules and 'numpy.ma' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

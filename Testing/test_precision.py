@@ -172,12 +172,12 @@ def test_a_replaced_model_stops_its_background_preparation(vit_b_model, monkeypa
     predictor = SamMed2DPredictor(vit_b_model, precision="int8")
     original = lowp_encoder.LowPrecisionEncoder._block
 
-    def block(*args, **kwargs):
+    def block(self, *args, **kwargs):
         prepared.append(1)
         predictor.cancel_preparation()  # the model is replaced while the first blocks are prepared
-        return original(*args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(lowp_encoder.LowPrecisionEncoder, "_block", staticmethod(block))
+    monkeypatch.setattr(lowp_encoder.LowPrecisionEncoder, "_block", block)
     with caplog.at_level("INFO", logger="SAMMed2D.predictor"):
         predictor.prepare_in_background()
         for thread in threading.enumerate():

@@ -89,9 +89,9 @@ def matmul_product(dtype, device, size: int) -> Callable[[], object]:
 
     a = torch.randn(size, size, device=device, dtype=torch.float32 if dtype == torch.qint8 else dtype)
     if dtype == torch.qint8:
-        from SAMMed2DSegmentLib.model.int8_linear import Int8Linear
+        from SAMMed2DSegmentLib.model.int8_linear import Int8Linear, quantize
 
-        product = Int8Linear(torch.randn(size, size))
+        product = Int8Linear(quantize(torch.randn(size, size)))
         return lambda: product(a)
     b = torch.randn(size, size, device=device, dtype=dtype)
     return lambda: a @ b

@@ -41,14 +41,16 @@ times = {"torch import": time.perf_counter() - t}
 import numpy as np
 from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
 from SAMMed2DSegmentLib.weights.checkpoint import load_model
+from SAMMed2DSegmentLib.weights.int8_weights import Int8WeightsFile
 ckpt, cache, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 t = time.perf_counter()
-model, _ = load_model(ckpt, device=device, cache_dir=cache)
+model, info = load_model(ckpt, device=device, cache_dir=cache)
 sync()
 times["checkpoint load"] = time.perf_counter() - t
 t = time.perf_counter()
-predictor = SamMed2DPredictor(model, precision=precision)
+int8_file = Int8WeightsFile.in_cache(info.sha256, cache)  # kept by the first (converting) start
+predictor = SamMed2DPredictor(model, precision=precision, int8_file=int8_file)
 predictor.lowp_encoder  # the low-precision weights (none at fp32), prepared when the engine loads a model
 sync()
 times["precision preparation"] = time.perf_counter() - t

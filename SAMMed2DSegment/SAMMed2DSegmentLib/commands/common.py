@@ -164,6 +164,14 @@ def load_model(args: argparse.Namespace):
         raise CommandError(f"--model {name}: {exc}") from exc
 
 
+def make_predictor(args: argparse.Namespace, model, info):
+    """The predictor for `model` in --precision, its int8 weights kept in the cache between runs."""
+    from ..engine.predictor import SamMed2DPredictor
+    from ..weights.int8_weights import Int8WeightsFile
+
+    return SamMed2DPredictor(model, precision=args.precision, int8_file=Int8WeightsFile.in_cache(info.sha256))
+
+
 def _finite_or_none(value):
     """JSON has no NaN or infinity: such numbers become null (the report is strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -28,6 +28,7 @@ from .common import (
     intensity_rule,
     intensity_window,
     load_model,
+    make_predictor,
     os_reason,
     planned,
 )
@@ -116,7 +117,6 @@ def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
     """The run, once the output plan passed (and while the mask file's lock is held)."""
     import numpy as np
 
-    from ..engine.predictor import SamMed2DPredictor
     from ..engine.session import SegmentationSession
     from ..evaluation.cvpr25 import evaluate_cvpr25
     from ..evaluation.protocol import evaluate_structure
@@ -138,7 +138,7 @@ def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
             check_existing(mask_file, volume.array_kji.shape, volume.ijk_to_ras)
         window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
         model, info = load_model(args)
-        predictor = SamMed2DPredictor(model, precision=args.precision)
+        predictor = make_predictor(args, model, info)
         session = SegmentationSession(
             predictor, model_sha256=info.sha256, intensity_rule=intensity_rule(args)
         )

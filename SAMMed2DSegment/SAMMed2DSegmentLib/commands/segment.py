@@ -34,6 +34,7 @@ from .common import (
     intensity_rule,
     intensity_window,
     load_model,
+    make_predictor,
     os_reason,
     planned,
     report_json,
@@ -200,7 +201,6 @@ def run_segment(args: argparse.Namespace) -> dict:
 
 def _segment_locked(args: argparse.Namespace) -> dict:
     from ..engine.geometry import SliceGeometry
-    from ..engine.predictor import SamMed2DPredictor
     from ..engine.prompts import prompts_by_slice
     from ..engine.session import SegmentationSession
     from ..formats.volumes import read_volume
@@ -231,7 +231,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         timings["load_model_s"] = time.perf_counter() - t
         settings = PropagationSettings(iou_threshold=args.iou_threshold)
         t = time.perf_counter()
-        predictor = SamMed2DPredictor(model, precision=args.precision)
+        predictor = make_predictor(args, model, info)
         timings["precision_s"] = time.perf_counter() - t
         choice = predictor.precision_choice
         if not args.quiet:

@@ -77,11 +77,16 @@ def cpu_bf16_capable(flags: set[str] | None = None) -> bool:
     return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
 
 
+#: Raised when what a calibration measures changes (2: int8 packed for oneDNN's kernels), so that older
+#: records are measured again.
+CALIBRATION_VERSION = 2
+
+
 def _machine_key() -> str:
-    """What the calibration depends on: processor, its flags, torch version and thread count."""
+    """What the calibration depends on: its version, processor, flags, torch version and thread count."""
     flags = " ".join(sorted(cpu_flags()))
-    text = "|".join([platform.machine(), platform.processor(), cpu_model(), flags, torch.__version__,
-                     str(torch.get_num_threads())])  # fmt: skip
+    text = "|".join([str(CALIBRATION_VERSION), platform.machine(), platform.processor(), cpu_model(), flags,
+                     torch.__version__, str(torch.get_num_threads())])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

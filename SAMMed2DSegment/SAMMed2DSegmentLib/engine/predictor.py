@@ -7,7 +7,8 @@ raises `ValueError` instead of silently producing a wrong mask.
 `precision` picks the encoder's arithmetic (see `precision.py`): "fp32" (the default here, the exact
 parity-tested path), "bf16"/"fp16" (a separate low-precision forward; the embedding is kept in that
 precision), "int8" (that forward with int8 products, fp32 embeddings) or "auto". The prompt encoder and the
-mask decoder always run in the model's own dtype (cheap, and where the mask edges are decided).
+mask decoder always run in the model's own dtype (cheap, and where the mask edges are decided). `int8_file`
+keeps the quantized int8 weights between starts (`weights/int8_weights.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .preprocessing import as_rgb_uint8, model_input
 
 if TYPE_CHECKING:
     from ..model.lowp_encoder import LowPrecisionEncoder
+    from ..weights.int8_weights import Int8WeightsFile
 
 log = logging.getLogger("SAMMed2D.predictor")
 
@@ -45,8 +47,11 @@ class DecoderOutput:
 
 
 class SamMed2DPredictor:
-    def __init__(self, model: SamMed2D, precision: str = "fp32") -> None:
+    def __init__(
+        self, model: SamMed2D, precision: str = "fp32", int8_file: Int8WeightsFile | None = None
+    ) -> None:
         self.model = model
+        self.int8_file = int8_file
         self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
         self._lowp_encoder = None  # prepared on first use (`lowp_encoder`) or by `prepare_in_background`
         self._preparing: threading.Thread | None = None
@@ -116,8 +121,13 @@ class SamMed2DPredictor:
 
         start = time.perf_counter()
         dtype = self.precision_choice.dtype
-        encoder = LowPrecisionEncoder(self.model.image_encoder, dtype, cancelled=cancelled).to(self.device)
+        kept = self.int8_file.read() if self.int8_file is not None and dtype == torch.qint8 else None
+        encoder = LowPrecisionEncoder(self.model.image_encoder, dtype, cancelled=cancelled, int8_weights=kept)
+        encoder = encoder.to(self.device)
         log.info("%s weights prepared in %.2f s", self.precision, time.perf_counter() - start)
+        if encoder.int8_quantized_here and self.int8_file is not None:
+            self.int8_file.write(encoder.int8_weights)
+        encoder.int8_weights = {}  # packed now: the values would only double the memory
         return encoder
 
     # -- image ------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ relative-position terms, the adapter's channel gate and the transposed convoluti
 (cheap, and where bf16 rounding would accumulate). The fp32 module is untouched: it stays the parity path.
 
 int8 (`torch.qint8`) is the same forward in fp32 except its heavy products: qkv, the output projection, the
-MLP and the adapter's two convolutions run as dynamic int8 products (`int8_linear.Int8Linear`).
+MLP and the adapter's two convolutions run as dynamic int8 products (`int8_linear.Int8Linear`). Their
+quantized weights can come from a cache (`int8_weights`, by name); `int8_weights` after the preparation
+holds every one used, and `int8_quantized_here` says whether any had to be quantized anew (then the caller
+may save them).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,24 +31,45 @@ import torch
 import torch.nn.functional as F
 
 from .image_encoder import ImageEncoderViT, relative_position_table
-from .int8_linear import Int8Linear
+from .int8_linear import Int8Linear, QuantizedWeight, quantize
 
 #: A heavy product's weight: an (in × out) matrix in the compute dtype, or an int8 product.
 Weight = torch.Tensor | Int8Linear
 
 
-def _t(weight: torch.Tensor, dtype: torch.dtype) -> Weight:
-    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`, or as an int8 product."""
+class _Int8Weights:
+    """The int8 weights by name: the known (cached) copy where it fits the weight, else quantized here."""
+
+    def __init__(self, known: Mapping[str, QuantizedWeight] | None) -> None:
+        self.known = dict(known or {})
+        self.used: dict[str, QuantizedWeight] = {}
+        self.quantized_here = False
+
+    def product(self, name: str, shape: tuple[int, int], weight: Callable[[], torch.Tensor]) -> Int8Linear:
+        """The int8 product named `name` of the (out × in) `weight()`, made only where there is no copy to
+        use (a conv's weight is a reordered copy)."""
+        quantized = self.known.get(name)
+        if quantized is None or not quantized.matches(shape):
+            quantized = quantize(weight())
+            self.quantized_here = True
+        self.used[name] = quantized
+        return Int8Linear(quantized)
+
+
+def _t(weight: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] | None = None) -> Weight:
+    """A Linear weight (out × in) as a contiguous (in × out) matrix in `dtype`, or (qint8) as the int8
+    product `int8` names."""
     if dtype == torch.qint8:
-        return Int8Linear(weight.detach().float())
+        assert int8 is not None
+        store, name = int8
+        return store.product(name, tuple(weight.shape), weight.detach)
     return weight.detach().t().contiguous().to(dtype)
 
 
 def _product(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight + bias, in whichever form `_t` gave the weight."""
     if isinstance(weight, Int8Linear):
-        out = weight(x)
-        return out if bias is None else out + bias
+        return weight(x, bias)
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -81,11 +105,13 @@ class LowPrecisionEncoder:
         dtype: torch.dtype,
         fused_attention: bool | None = None,
         cancelled: threading.Event | None = None,
+        int8_weights: Mapping[str, QuantizedWeight] | None = None,
     ) -> None:
         """`fused_attention`: None chooses by device (fused on CUDA); True/False forces one formulation
         (tests run the fused one on the CPU). float32 is accepted to check a formulation against the
         module at fp32 speed and accuracy; the predictor runs fp32 through the module itself.
-        `cancelled`, once set, stops the preparation between blocks with `PreparationCancelled`."""
+        `cancelled`, once set, stops the preparation between blocks with `PreparationCancelled`.
+        `int8_weights`: quantized weights kept from an earlier preparation (qint8 only; see the module)."""
         if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.qint8):
             raise ValueError(f"low-precision encoder needs bfloat16, float16, float32 or qint8, got {dtype}")
         self.products = dtype  # the heavy products' format
@@ -94,6 +120,7 @@ class LowPrecisionEncoder:
         self.img_size = encoder.img_size
         dtype = self.dtype
         products = self.products
+        int8 = _Int8Weights(int8_weights if products == torch.qint8 else None)
         with torch.no_grad():
             proj = encoder.patch_embed.proj
             self.patch = proj.kernel_size[0]
@@ -101,24 +128,33 @@ class LowPrecisionEncoder:
             self.patch_b = proj.bias.detach().float()
             self.pos_embed = encoder.pos_embed.detach().float()
             grid = encoder.img_size // self.patch
-            def block_weights(block) -> _BlockWeights:
+            def block_weights(numbered: tuple[int, Any]) -> _BlockWeights:
                 if cancelled is not None and cancelled.is_set():
                     raise PreparationCancelled("the low-precision weights are no longer wanted")
-                return self._block(block, dtype, products, block.window_size or grid)
+                index, block = numbered
+                return self._block(block, dtype, (int8, f"blocks.{index}."), block.window_size or grid)
 
             if products == torch.qint8:  # CPU only; quantizing and packing is worth the threads
-                self.blocks = _in_parallel(block_weights, encoder.blocks)
+                self.blocks = _in_parallel(block_weights, enumerate(encoder.blocks))
             else:  # casts are quick, and some devices (MPS) abort on work from several threads
-                self.blocks = [block_weights(block) for block in encoder.blocks]
+                self.blocks = [block_weights(numbered) for numbered in enumerate(encoder.blocks)]
             neck = encoder.neck
             self.neck1_w = neck[0].weight.detach()[:, :, 0, 0].t().contiguous().to(dtype)
             self.neck_norm1 = (neck[1].weight.detach().float(), neck[1].bias.detach().float(), neck[1].eps)
             self.neck2_w = _taps_matrix(neck[2].weight.detach(), dtype)
             self.neck_norm2 = (neck[3].weight.detach().float(), neck[3].bias.detach().float(), neck[3].eps)
+        self.int8_weights = int8.used
+        self.int8_quantized_here = int8.quantized_here
 
-    @staticmethod
-    def _block(block, dtype: torch.dtype, products: torch.dtype, size: int) -> _BlockWeights:
-        """The block's weights; `size` is the side of the grid its attention sees (window or whole)."""
+    def _block(self, block, dtype: torch.dtype, int8: tuple[_Int8Weights, str], size: int) -> _BlockWeights:
+        """The block's weights; `int8` names its int8 products (the store and the block's prefix); `size`
+        is the side of the grid its attention sees (window or whole)."""
+        products = self.products
+        store, prefix = int8
+
+        def named(name: str) -> tuple[_Int8Weights, str]:
+            return store, prefix + name
+
         attn = block.attn
         adapter = None
         if block.Adapter is not None:
@@ -127,8 +163,8 @@ class LowPrecisionEncoder:
             adapter = {
                 "gate1": a.channel[0].weight.detach().t().contiguous().float(),
                 "gate2": a.channel[2].weight.detach().t().contiguous().float(),
-                "down": _taps_matrix(conv, products),
-                "up": _up_taps(deconv, products),
+                "down": _taps_matrix(conv, products, named("adapter.down")),
+                "up": _up_taps(deconv, products, named("adapter.up")),
                 "norm_w": a.norm.weight.detach().float(),
                 "norm_b": a.norm.bias.detach().float(),
             }
@@ -136,16 +172,16 @@ class LowPrecisionEncoder:
             window=block.window_size,
             heads=attn.num_heads,
             norm1=(block.norm1.weight.detach().float(), block.norm1.bias.detach().float()),
-            qkv_w=_t(attn.qkv.weight, products),
+            qkv_w=_t(attn.qkv.weight, products, named("attn.qkv")),
             qkv_b=attn.qkv.bias.detach().to(dtype),
             rel_h=relative_position_table(size, attn.rel_pos_h.detach().float()),
             rel_w=relative_position_table(size, attn.rel_pos_w.detach().float()),
-            proj_w=_t(attn.proj.weight, products),
+            proj_w=_t(attn.proj.weight, products, named("attn.proj")),
             proj_b=attn.proj.bias.detach().to(dtype),
             norm2=(block.norm2.weight.detach().float(), block.norm2.bias.detach().float()),
-            lin1_w=_t(block.mlp.lin1.weight, products),
+            lin1_w=_t(block.mlp.lin1.weight, products, named("mlp.lin1")),
             lin1_b=block.mlp.lin1.bias.detach().to(dtype),
-            lin2_w=_t(block.mlp.lin2.weight, products),
+            lin2_w=_t(block.mlp.lin2.weight, products, named("mlp.lin2")),
             lin2_b=block.mlp.lin2.bias.detach().to(dtype),
             adapter=adapter,
             adapter_eps=block.Adapter.norm.eps if block.Adapter is not None else 1e-5,
@@ -340,20 +376,31 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=eps)
 
 
-def _taps_matrix(weight: torch.Tensor, dtype: torch.dtype) -> Weight:
+def _taps_matrix(
+    weight: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] | None = None
+) -> Weight:
     """Conv weight (C_out × C_in × 3 × 3) → (9·C_in × C_out), rows in the (ky, kx, C_in) order of
     `_patches3x3` (or that product in int8)."""
-    return _t(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), dtype)
+    def matrix() -> torch.Tensor:
+        return weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    if dtype == torch.qint8:
+        assert int8 is not None
+        store, name = int8
+        return store.product(name, (weight.shape[0], weight[0].numel()), matrix)
+    return _t(matrix(), dtype)
 
 
-def _up_taps(deconv: torch.Tensor, dtype: torch.dtype) -> Weight:
+def _up_taps(
+    deconv: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] | None = None
+) -> Weight:
     """The transposed convolution's weight (C_in × C_out × 4 × 4) as one product giving every tap's
     contribution, added into place by `_transposed_4x4_s2`: a (ky·kx·C_out × C_in) matrix for the left of
     the product in `dtype`, or in int8 the product x @ Mᵀ with M's rows in (C_out, ky, kx) order, a plain
     transpose of the stored weight (the 4-D permute took seconds of the int8 preparation)."""
     c_in, c_out = deconv.shape[:2]
     if dtype == torch.qint8:
-        return Int8Linear(deconv.reshape(c_in, 16 * c_out).t())
+        return _t(deconv.reshape(c_in, 16 * c_out).t(), dtype, int8)
     return deconv.permute(2, 3, 1, 0).reshape(16 * c_out, c_in).contiguous().to(dtype)
 
 

@@ -197,9 +197,11 @@ class EngineServer:
     def op_load_model(self, job: int, header: dict, arrays: dict) -> dict:
         """Replace the model. The old one is dropped first, so a load that fails leaves none: work queued
         behind it then fails at once instead of running on a model the user has moved away from."""
+        from ..engine import masks
         from ..engine.predictor import SamMed2DPredictor
         from ..engine.session import SegmentationSession
         from ..weights.checkpoint import load_model, resolve_device
+        from ..weights.int8_weights import Int8WeightsFile
 
         if self.session is not None:  # its weights' preparation would compete with this load
             self.session.predictor.cancel_preparation()
@@ -207,8 +209,10 @@ class EngineServer:
         self.idle_plan.clear()  # it would encode with the old model
         device = resolve_device(header.get("device", "auto"))
         model, info = load_model(header["path"], device=device)
-        predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"))
+        int8_file = Int8WeightsFile.in_cache(info.sha256)  # kept between starts: packing only, next time
+        predictor = SamMed2DPredictor(model, precision=header.get("precision", "auto"), int8_file=int8_file)
         predictor.prepare_in_background()  # ready by the user's first click, most often
+        threading.Thread(target=masks.warm_up, name="SAMMed2D-warm-up", daemon=True).start()
         choice = predictor.precision_choice
         log.info("model %s on %s, precision %s (%s)", info.build, device, choice.precision, choice.reason)
         disk_cache = _disk_cache(header)

@@ -43,6 +43,7 @@ from torch import nn
 from ..files import atomic_path, sha256_file, stat_identity
 from .cache_dir import CACHE_ENV, default_cache_dir
 from .finite_weights import is_recorded_finite, nonfinite_tensors, record_finite, record_path
+from .int8_weights import Int8WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -490,8 +491,9 @@ def _check_unchanged(path: Path, identity: list[int]) -> None:
 
 
 def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
-    """Delete the conversion of an earlier version of `path`, only when it is one we wrote (our format tag
-    and that version's hash inside): a file of the user's that happens to have its name is left alone."""
+    """Delete the conversion of an earlier version of `path`, and that version's int8 weights, only when
+    they are ones we wrote (our format tag and that version's hash inside): a file of the user's that
+    happens to have the name is left alone."""
     from safetensors import SafetensorError, safe_open
 
     stale = _content_path(path, sha, base)
@@ -502,6 +504,10 @@ def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
             stale.unlink()
             record_path(stale).unlink(missing_ok=True)
     except (OSError, SafetensorError):
+        pass
+    try:
+        Int8WeightsFile.in_cache(sha, base).remove()
+    except OSError:
         pass
 
 

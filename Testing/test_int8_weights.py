@@ -1,0 +1,219 @@
+"""The int8 products and their weights kept between starts (`model/int8_linear.py`,
+`weights/int8_weights.py`): the same product as torch's dynamic-quantization module, the same embedding
+whether the weights were kept or quantized anew, and a kept file that is damaged, foreign or unwritable never
+trusted, never fatal, and never a reason to replace a file that is not ours."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+from SAMMed2DSegmentLib.model import lowp_encoder
+from SAMMed2DSegmentLib.model.int8_linear import Int8Linear, QuantizedWeight, int8_available, quantize
+from SAMMed2DSegmentLib.weights.checkpoint import load_model
+from SAMMed2DSegmentLib.weights.int8_weights import FORMAT_TAG, Int8WeightsFile
+
+pytestmark = pytest.mark.skipif(
+    not int8_available(), reason="int8: this PyTorch has no dynamic int8 products for this CPU"
+)
+
+SHA = "5e" * 32
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return (np.random.default_rng(0).random((120, 100)) * 255).astype(np.uint8)
+
+
+def _embedding(model, image, int8_file=None, prepared=None) -> torch.Tensor:
+    """The int8 embedding of `image`; `prepared` collects whether the weights were quantized here."""
+    predictor = SamMed2DPredictor(model, precision="int8", int8_file=int8_file)
+    encoder = predictor.lowp_encoder
+    if prepared is not None:
+        prepared.append(encoder.int8_quantized_here)
+    predictor.set_image(image)
+    return predictor.get_image_embedding()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's notice that the module is deprecated
+def test_the_product_is_torchs_dynamic_per_channel_linear():
+    """Packed once at scale 1 with the per-channel scales applied after: torch's module's own result, to
+    fp32 rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    x = torch.randn(37, 96)
+    module = torch.ao.quantization.quantize_dynamic(
+        torch.nn.Sequential(linear), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+        dtype=torch.qint8,
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = module(x)
+        ours = Int8Linear(quantize(linear.weight))(x, linear.bias)
+        exact = linear(x)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.equal(ours, exact)  # it is an int8 product, not the float one
+
+
+def test_kept_weights_give_the_same_embedding_and_skip_the_quantization(small_model, image, tmp_path):
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    prepared: list[bool] = []
+    fresh = _embedding(small_model, image, file, prepared)
+    assert file.path.is_file()
+    kept = _embedding(small_model, image, file, prepared)
+    assert prepared == [True, False]
+    assert torch.equal(kept, fresh)
+    assert torch.equal(_embedding(small_model, image), fresh)  # and without any file
+
+
+@pytest.mark.parametrize("damage", ["other model", "other torch"])
+def test_another_models_or_another_torchs_file_is_not_used_and_is_rewritten(small_model, image, tmp_path,
+                                                                            damage):  # fmt: skip
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    fresh = _embedding(small_model, image, file)
+    weights = file.read()
+    if damage == "other model":
+        Int8WeightsFile(file.path, "00" * 32).write(weights)
+    else:
+        from safetensors.torch import save_file
+
+        tensors = {f"{k}{part}": getattr(w, field) for k, w in weights.items()
+                   for part, field in ((".values", "values"), (".scales", "scales"))}  # fmt: skip
+        metadata = {"format": FORMAT_TAG, "model_sha256": SHA, "torch": "1.0"}
+        save_file(tensors, str(file.path), metadata=metadata)
+    assert file.read() == {}
+    prepared: list[bool] = []
+    assert torch.equal(_embedding(small_model, image, file, prepared), fresh)
+    assert prepared == [True] and set(file.read()) == set(weights)  # rewritten whole
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_file_is_not_used_and_left_alone(small_model, image, tmp_path, damage, caplog):
+    """Our writes are atomic, so an unreadable file under our name may be anybody's: it is named in the log
+    (delete it to keep the weights again) and never replaced."""
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    fresh = _embedding(small_model, image, file)
+    data = file.path.read_bytes()
+    damaged = data[: len(data) // 2] if damage == "truncated" else b"\0" * 4096
+    file.path.write_bytes(damaged)
+    assert file.read() == {}
+    prepared: list[bool] = []
+    assert torch.equal(_embedding(small_model, image, file, prepared), fresh)
+    assert prepared == [True] and file.path.read_bytes() == damaged
+    assert f"{file.path} exists and is not SAMMed2D's" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["nan scale", "zero scale", "wrong shape", "float values", "missing"])
+def test_an_entry_that_does_not_fit_its_weight_is_quantized_anew(small_model, image, tmp_path, fault):
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    fresh = _embedding(small_model, image, file)
+    weights = file.read()
+    name = sorted(weights)[0]
+    values, scales = weights[name].values.clone(), weights[name].scales.clone()
+    if fault == "nan scale":
+        scales[3] = float("nan")
+    elif fault == "zero scale":
+        scales[0] = 0.0
+    elif fault == "wrong shape":
+        values = values[:-1]
+    elif fault == "float values":
+        values = values.float()
+    if fault == "missing":
+        del weights[name]
+    else:
+        weights[name] = QuantizedWeight(values, scales)
+    assert file.write(weights)
+    prepared: list[bool] = []
+    assert torch.equal(_embedding(small_model, image, file, prepared), fresh)
+    assert prepared == [True]
+    assert weights.keys() <= file.read().keys()
+
+
+def test_a_file_that_is_not_ours_is_never_replaced(small_model, image, tmp_path):
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    file.path.parent.mkdir(parents=True, exist_ok=True)
+    file.path.write_bytes(b"somebody's file")
+    _embedding(small_model, image, file)
+    assert file.path.read_bytes() == b"somebody's file"
+    file.remove()
+    assert file.path.read_bytes() == b"somebody's file"
+
+
+def test_an_unwritable_cache_costs_only_the_quantization(small_model, image, tmp_path, caplog):
+    """Where the folder cannot be made (a file stands in its place, which stops root too) the start goes
+    on with the weights quantized here."""
+    (tmp_path / "cache").write_text("a file, not a folder")
+    file = Int8WeightsFile.in_cache(SHA, tmp_path / "cache")
+    assert torch.equal(_embedding(small_model, image, file), _embedding(small_model, image))
+    assert "cannot keep the int8 weights" in caplog.text
+
+
+def test_the_stale_conversions_int8_weights_go_with_it(tmp_path):
+    """A new version of a checkpoint makes the old one's conversion stale: its int8 weights (ours) are
+    deleted with it; another model's stay."""
+    from SAMMed2DSegmentLib.model import build_sam_med2d
+
+    torch.manual_seed(0)
+    src, cache = tmp_path / "model.pth", tmp_path / "cache"
+    state = build_sam_med2d("small").state_dict()
+    torch.save(state, src)
+    model, info = load_model(src, cache_dir=cache)
+    old = Int8WeightsFile.in_cache(info.sha256, cache)
+    assert SamMed2DPredictor(model, precision="int8", int8_file=old).lowp_encoder is not None
+    other = Int8WeightsFile.in_cache("ab" * 32, cache)
+    assert other.write({}) and old.path.is_file()
+    torch.save({k: v * 2 for k, v in state.items()}, src)
+    load_model(src, cache_dir=cache)
+    assert not old.path.exists() and other.path.is_file()
+
+
+def test_weights_are_quantized_once_per_name_across_the_preparing_threads(small_model, tmp_path, monkeypatch):
+    """The blocks are prepared on several threads; every int8 product is recorded once, under its own name."""
+    shapes: list[tuple[int, ...]] = []
+    lock = threading.Lock()
+    real = lowp_encoder.quantize
+
+    def counting(weight):
+        with lock:
+            shapes.append(tuple(weight.shape))
+        return real(weight)
+
+    monkeypatch.setattr(lowp_encoder, "quantize", counting)
+    encoder = lowp_encoder.LowPrecisionEncoder(small_model.image_encoder, torch.qint8)
+    blocks = len(small_model.image_encoder.blocks)
+    adapters = sum(block.Adapter is not None for block in small_model.image_encoder.blocks)
+    assert len(encoder.int8_weights) == len(shapes) == 4 * blocks + 2 * adapters
+    assert all(name.startswith("blocks.") for name in encoder.int8_weights)
+
+
+def test_the_engine_keeps_the_int8_weights_in_its_cache_folder(tmp_path):
+    """The engine process, as the module starts it, keeps a model's int8 weights in its cache folder once
+    it has prepared them (in the background, after the load)."""
+    from SAMMed2DSegmentLib.service.client import EngineClient
+    from SAMMed2DSegmentLib.weights import registry
+
+    cache = tmp_path / "cache"
+    loaded: list[dict] = []
+    client = EngineClient(extra_env={"SAMMED2D_CACHE_DIR": str(cache)})
+    try:
+        request = {"path": str(registry.resolve_model("demo")), "device": "cpu", "precision": "int8"}
+
+        def on_event(event: str, header: dict, arrays: dict) -> None:
+            if event == "done":
+                loaded.append(header)
+
+        job = client.submit("load_model", request, on_event=on_event)
+        client.wait(job, timeout=120)
+        assert loaded and loaded[0]["precision"] == "int8"
+        file = Int8WeightsFile.in_cache(loaded[0]["sha256"], cache)
+        for _ in range(600):
+            if file.read():
+                break
+            threading.Event().wait(0.1)
+    finally:
+        client.close()
+    weights = file.read()
+    assert weights and all(w.values.dtype == torch.int8 for w in weights.values())
