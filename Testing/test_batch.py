@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from SAMMed2DSegmentLib.cohort.runner import LOST
 from SAMMed2DSegmentLib.commands import main
+from SAMMed2DSegmentLib.model.int8_linear import int8_available
 
 from .conftest import CT
 from .crash_on_case import CASE as CRASH
@@ -129,6 +130,18 @@ def test_the_model_loads_once_per_worker(first_run):
     workers = {r["batch"]["worker"] for r in reports}
     assert len(workers) == 2  # both workers took cases; one of them two or more
     assert [r["batch"]["model_loads"] for r in reports] == [1, 1, 1]
+
+
+@pytest.mark.skipif(not int8_available(), reason="int8: this PyTorch has no dynamic int8 products here")
+def test_a_worker_prepares_its_low_precision_encoder_once(cohort, tmp_path):
+    """int8 packs its weights per encoder: a worker's cases share the one its first case prepared."""
+    out = tmp_path / "out"
+    cases = manifest(cohort, "int8.csv", ROWS[:2])
+    argv = ["--manifest", str(cases), "--out-dir", str(out), "--workers", "1", "--precision", "int8"]
+    assert main(["batch", *argv, "--quiet"]) == 0
+    reports = [json.loads((out / case / "report.json").read_text()) for case in ("c1", "c2")]
+    assert [r["precision"]["used"] for r in reports] == ["int8", "int8"]
+    assert [r["batch"]["encoder_preparations"] for r in reports] == [1, 1]
 
 
 def test_resume_skips_unchanged_cases_and_reruns_a_changed_row(first_run, cohort, scheduler):

@@ -217,3 +217,25 @@ def test_the_engine_keeps_the_int8_weights_in_its_cache_folder(tmp_path):
         client.close()
     weights = file.read()
     assert weights and all(w.values.dtype == torch.int8 for w in weights.values())
+
+
+def test_predictors_sharing_encoders_prepare_them_once(small_model, image, monkeypatch):
+    """A batch worker's cases share the encoders prepared for their model: the second predictor takes the
+    first one's, and its embedding is the same."""
+    built = []
+    real = lowp_encoder.LowPrecisionEncoder
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lowp_encoder, "LowPrecisionEncoder", Counting)
+    shared: dict = {}
+    first = SamMed2DPredictor(small_model, precision="int8", shared_encoders=shared)
+    first.set_image(image)
+    second = SamMed2DPredictor(small_model, precision="int8", shared_encoders=shared)
+    second.prepare_in_background()  # finds it there: nothing started
+    second.set_image(image)
+    assert built == [1] and second.lowp_encoder is first.lowp_encoder is shared["int8"]
+    assert torch.equal(second.get_image_embedding(), first.get_image_embedding())

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Loaded models of this worker process, by (model option, device, digest of the model file): the first
-#: case loads, the next ones reuse it. One entry: a batch uses one model.
+#: case loads, the next ones reuse it. One entry: a batch uses one model. Beside each model, the
+#: low-precision encoders prepared for it, per worker thread and precision (`shared_encoders`).
 _models: dict[tuple, tuple] = {}
 _lock = threading.Lock()
 _loads = 0
+_preparations = 0  # low-precision encoders this worker prepared (reported: the first case of a thread only)
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,31 @@ def _cores_per_case() -> int:
 
 def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple:
     """(model, info) for `args`, loaded by `load(args)` on this worker's first case only."""
+    return _model_entry(args, model_sha256, load)[0]
+
+
+def shared_encoders(args: argparse.Namespace, model_sha256: str, load) -> dict:
+    """The low-precision encoders this worker thread prepared for the model of `args`, by precision: its
+    next cases reuse them (int8 packs its weights for about a second, bf16 casts a copy). Per thread:
+    cases running at once never share one."""
+    return _model_entry(args, model_sha256, load)[1].setdefault(threading.get_ident(), {})
+
+
+def _model_entry(args: argparse.Namespace, model_sha256: str, load) -> tuple:
     global _loads
     key = (args.checkpoint, args.model, args.device, model_sha256)
     with _lock:
         if key not in _models:
-            _models.clear()  # a different model: the old one goes
-            _models[key] = load(args)
+            _models.clear()  # a different model: the old one goes, with its encoders
+            _models[key] = (load(args), {})
             _loads += 1
         return _models[key]
+
+
+def _count_preparations(new: int) -> None:
+    global _preparations
+    with _lock:
+        _preparations += new
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -135,9 +154,15 @@ def run_case(task: CaseTask) -> CaseOutcome:
         except SystemExit:
             raise CommandError(f"bad options for {task.command}: {' '.join(task.argv)}") from None
         args.preloaded_model = model_once(args, task.model_sha256, load_model)
-        outcome.result = args.run_command(args)
+        args.shared_encoders = encoders = shared_encoders(args, task.model_sha256, load_model)
+        before = set(map(id, encoders.values()))
+        try:
+            outcome.result = args.run_command(args)
+        finally:
+            _count_preparations(len(set(map(id, encoders.values())) - before))
         if task.report is not None:
-            record = {"worker": outcome.worker, "model_loads": _loads, "peak_memory_mb": peak_memory_mb()}
+            record = {"worker": outcome.worker, "model_loads": _loads, "encoder_preparations": _preparations,
+                      "peak_memory_mb": peak_memory_mb()}  # fmt: skip
             report = {**outcome.result, **task.final, "batch": {**task.batch, **record}}
             Path(task.report).write_text(report_json(report) + "\n", encoding="utf-8")
         outcome.status = "done"

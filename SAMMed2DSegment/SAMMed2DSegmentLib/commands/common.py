@@ -165,11 +165,14 @@ def load_model(args: argparse.Namespace):
 
 
 def make_predictor(args: argparse.Namespace, model, info):
-    """The predictor for `model` in --precision, its int8 weights kept in the cache between runs."""
+    """The predictor for `model` in --precision, its int8 weights kept in the cache between runs; a batch
+    worker's low-precision encoders already prepared for this model are reused (`args.shared_encoders`,
+    see cohort/worker.py)."""
     from ..engine.predictor import SamMed2DPredictor
     from ..weights.int8_weights import Int8WeightsFile
 
-    return SamMed2DPredictor(model, precision=args.precision, int8_file=Int8WeightsFile.in_cache(info.sha256))
+    return SamMed2DPredictor(model, precision=args.precision, int8_file=Int8WeightsFile.in_cache(info.sha256),
+                             shared_encoders=getattr(args, "shared_encoders", None))  # fmt: skip
 
 
 def _finite_or_none(value):

@@ -48,10 +48,17 @@ class DecoderOutput:
 
 class SamMed2DPredictor:
     def __init__(
-        self, model: SamMed2D, precision: str = "fp32", int8_file: Int8WeightsFile | None = None
+        self,
+        model: SamMed2D,
+        precision: str = "fp32",
+        int8_file: Int8WeightsFile | None = None,
+        shared_encoders: dict[str, LowPrecisionEncoder] | None = None,
     ) -> None:
+        """`shared_encoders`: low-precision encoders already prepared for this same model (unchanged since),
+        by precision; this predictor takes its own from there and adds it there (a batch worker's cases)."""
         self.model = model
         self.int8_file = int8_file
+        self.shared_encoders = shared_encoders
         self.precision_choice: PrecisionChoice = resolve_precision(precision, self.device)
         self._lowp_encoder = None  # prepared on first use (`lowp_encoder`) or by `prepare_in_background`
         self._preparing: threading.Thread | None = None
@@ -82,8 +89,12 @@ class SamMed2DPredictor:
         if self._preparing is not None:
             self._preparing.join()
             self._preparing = None
+        if self._lowp_encoder is None and self.shared_encoders is not None:
+            self._lowp_encoder = self.shared_encoders.get(self.precision)
         if self._lowp_encoder is None:
             self._lowp_encoder = self._prepare_lowp()
+        if self.shared_encoders is not None:
+            self.shared_encoders.setdefault(self.precision, self._lowp_encoder)
         return self._lowp_encoder
 
     def prepare_in_background(self) -> None:
@@ -91,6 +102,8 @@ class SamMed2DPredictor:
         this right after a model loads, so the user's first click finds them ready (int8 takes seconds on a
         2-core CPU). A failure there is raised again by the first use, which prepares anew. Only on the CPU
         and CUDA: MPS aborts on work from several threads."""
+        if self.shared_encoders is not None and self._lowp_encoder is None:
+            self._lowp_encoder = self.shared_encoders.get(self.precision)
         if self.precision == "fp32" or self._lowp_encoder is not None or self._preparing is not None:
             return
         if self.device.type not in ("cpu", "cuda"):
