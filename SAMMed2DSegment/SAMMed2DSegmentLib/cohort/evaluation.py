@@ -19,7 +19,7 @@ from .summary import csv_text
 #: Options of the cohort run itself, or taken from each row, or passed by `model_file.model_argv`.
 NOT_FORWARDED = {"command", "manifest", "json", "scheduler", "workers", "threads_per_worker", "volume",
                  "labels", "label_value", "axis", "quiet", "checkpoint", "model", "device", "precision",
-                 "download", "preloaded_model"}  # fmt: skip
+                 "download", "preloaded_model", "shared_encoders"}  # fmt: skip
 TABLE_COLUMNS = ("structure", "score", "mean", "sd", "min", "max", "n")
 EVALUATION_SUMMARY = Kind("an evaluation summary", json_with("structures", "cases"))
 
