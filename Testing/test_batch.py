@@ -248,6 +248,35 @@ def test_evaluate_over_a_manifest(scheduler, cohort, tmp_path):
     assert [r["status"] for r in table["cases"]] == ["done", "done"]
 
 
+def test_evaluate_resume_keeps_unchanged_cases_and_reruns_changed_ones(scheduler, cohort, tmp_path):
+    """--resume keeps a case's result while its row, inputs, model and options are unchanged (its scores
+    still count in the summary); a changed row reruns that case, a changed option every case."""
+    header = "case,volume,labels,label_value,segment_name"
+    rows = ["a,ct.nrrd,labels.nrrd,5,liver", "b,ct.nrrd,labels.nrrd,5,liver"]
+    cases = manifest(cohort, "eval-resume.csv", rows, header=header)
+    result = tmp_path / "eval.json"
+    run = ["evaluate", "--manifest", str(cases), "--json", str(result), "--scheduler", scheduler, *COMMON]
+    assert main([*run, "--max-clicks", "1"]) == 0
+    first = json.loads(result.read_text())
+    per_case = {c: tmp_path / "eval" / f"{c}.json" for c in ("a", "b")}
+    written = {c: p.stat().st_mtime_ns for c, p in per_case.items()}
+
+    assert main([*run, "--max-clicks", "1", "--resume"]) == 0
+    kept = json.loads(result.read_text())
+    assert [r["status"] for r in kept["cases"]] == ["skipped", "skipped"]
+    assert kept["structures"] == first["structures"] and kept["counts"]["skipped"] == 2
+    assert {c: p.stat().st_mtime_ns for c, p in per_case.items()} == written
+
+    manifest(cohort, "eval-resume.csv", [rows[0], "b,ct.nrrd,labels.nrrd,5,liver (again)"], header=header)
+    assert main([*run, "--max-clicks", "1", "--resume"]) == 0
+    assert [r["status"] for r in json.loads(result.read_text())["cases"]] == ["skipped", "done"]
+    assert per_case["a"].stat().st_mtime_ns == written["a"] != per_case["b"].stat().st_mtime_ns
+
+    assert main([*run, "--max-clicks", "2", "--resume"]) == 0
+    assert [r["status"] for r in json.loads(result.read_text())["cases"]] == ["done", "done"]
+    assert all(len(json.loads(p.read_text())["dice_per_click"]) == 3 for p in per_case.values())
+
+
 def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):
     out = tmp_path / "out"
     cases = manifest(cohort, "slow.csv", [f"s{n},ct.nrrd,liver.mrk.json,both" for n in range(4)])

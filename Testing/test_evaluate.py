@@ -162,6 +162,7 @@ def cli_demo_sha256() -> str:
         (("--max-clicks", "-1"), 5, "--max-clicks must be within"),
         ((), 999, "--label-value 999 is not in"),
         (("--min-pixels", "0"), 5, "--min-pixels must be"),
+        (("--resume",), 5, "--resume go with --manifest"),
     ],
 )
 def test_bad_evaluate_input_is_one_line(tmp_path, capsys, extra, label, message):

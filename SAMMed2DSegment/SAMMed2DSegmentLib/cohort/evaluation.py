@@ -19,7 +19,7 @@ from .summary import csv_text
 #: Options of the cohort run itself, or taken from each row, or passed by `model_file.model_argv`.
 NOT_FORWARDED = {"command", "manifest", "json", "scheduler", "workers", "threads_per_worker", "volume",
                  "labels", "label_value", "axis", "quiet", "checkpoint", "model", "device", "precision",
-                 "download", "preloaded_model", "shared_encoders"}  # fmt: skip
+                 "download", "preloaded_model", "shared_encoders", "resume"}  # fmt: skip
 TABLE_COLUMNS = ("structure", "score", "mean", "sd", "min", "max", "n")
 EVALUATION_SUMMARY = Kind("an evaluation summary", json_with("structures", "cases"))
 
@@ -50,6 +50,20 @@ def forwarded_argv(options: Mapping[str, object], case: str) -> list[str]:
         else:
             argv += [option, str(value)]
     return argv
+
+
+def kept_result(path: Path, digest: str, mask: Path | None = None) -> dict | None:
+    """--resume: a case's result from an earlier run when it is there, whole, and was made from what this
+    run would use (its recorded resume digest is `digest`), with its saved `mask` when --save-masks asks for
+    one; else None, and the case runs again."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        recorded = document["batch"]["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded != digest or (mask is not None and not mask.is_file()):
+        return None
+    return document
 
 
 def structure_name(row: Mapping[str, str]) -> str:

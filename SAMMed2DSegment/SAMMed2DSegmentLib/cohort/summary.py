@@ -36,6 +36,11 @@ def csv_text(rows: Iterable[Mapping], columns: tuple[str, ...] = COLUMNS) -> str
     return buffer.getvalue()
 
 
+def skipped_row(case: str) -> dict[str, str]:
+    """The summary row of a case --resume keeps from an earlier run."""
+    return {"case": case, "status": "skipped", "reason": "unchanged since its last run"}
+
+
 def counts(rows: Iterable[Mapping]) -> dict[str, int]:
     rows = list(rows)
     return {s: sum(r["status"] == s for r in rows) for s in STATUSES}

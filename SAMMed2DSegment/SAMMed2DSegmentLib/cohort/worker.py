@@ -16,7 +16,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ..files import atomic_path
 
 #: Loaded models of this worker process, by (model option, device, digest of the model file): the first
 #: case loads, the next ones reuse it. One entry: a batch uses one model. Beside each model, the
@@ -164,7 +165,8 @@ def run_case(task: CaseTask) -> CaseOutcome:
             record = {"worker": outcome.worker, "model_loads": _loads, "encoder_preparations": _preparations,
                       "peak_memory_mb": peak_memory_mb()}  # fmt: skip
             report = {**outcome.result, **task.final, "batch": {**task.batch, **record}}
-            Path(task.report).write_text(report_json(report) + "\n", encoding="utf-8")
+            with atomic_path(task.report) as tmp:  # evaluate's is the case's result itself
+                tmp.write_text(report_json(report) + "\n", encoding="utf-8")
         outcome.status = "done"
         outcome.slices = len(outcome.result.get("slices_written", ())) if outcome.result else 0
     except (CommandError, OutputError) as exc:

@@ -25,7 +25,7 @@ from ..cohort.folders import REPORT, case_files, case_folders, is_ours, remove_s
 from ..cohort.manifest import Case, manifest_inputs, read_manifest, require_prompt
 from ..cohort.model_file import model_argv, model_file_sha256
 from ..cohort.runner import run_cohort
-from ..cohort.summary import COLUMNS, SUMMARY_CSV, SUMMARY_JSON, counts, write_summary
+from ..cohort.summary import COLUMNS, SUMMARY_CSV, SUMMARY_JSON, counts, skipped_row, write_summary
 from ..cohort.worker import CaseOutcome, CaseTask
 from .common import (
     EXIT_SOME_FAILED,
@@ -90,11 +90,7 @@ def _skipped(cases: list[Case], out_dir: Path, digests: dict[str, str], dicom_se
         final = out_dir / case.name
         outputs = [n for n in case_files(case.name) if dicom_seg or not n.endswith(".dcm")]
         if all((final / n).is_file() for n in outputs) and _recorded_digest(final) == digests[case.name]:
-            skipped[case.name] = {
-                "case": case.name,
-                "status": "skipped",
-                "reason": "unchanged since its last run",
-            }
+            skipped[case.name] = skipped_row(case.name)
     return skipped
 
 

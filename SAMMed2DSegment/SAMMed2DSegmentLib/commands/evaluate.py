@@ -63,6 +63,9 @@ def add_parser(subparsers) -> None:
                    help="cvpr25: the final mask as DIR/<json name>.seg.nrrd (DIR is made)")  # fmt: skip
     p.add_argument("--manifest", help="CSV of cases (case, volume, labels, label_value[, axis, "
                    "segment_name]), run on Dask instead of --volume/--labels/--label-value")
+    p.add_argument("--resume", action="store_true",
+                   help="with --manifest: keep the results of cases whose row, inputs, model and options are "
+                        "unchanged since they were evaluated")  # fmt: skip
     add_cluster_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -73,8 +76,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         return _run_manifest(args)
     if args.volume is None or args.labels is None or args.label_value is None:
         raise CommandError("evaluate needs --volume, --labels and --label-value, or --manifest")
-    if args.scheduler or args.workers or args.threads_per_worker:
-        raise CommandError("--scheduler, --workers and --threads-per-worker go with --manifest")
+    if args.scheduler or args.workers or args.threads_per_worker or args.resume:
+        raise CommandError("--scheduler, --workers, --threads-per-worker and --resume go with --manifest")
     from ..outputs import SEGMENTATION, Kind, input_files, json_with
 
     if not 0 <= args.max_clicks <= MAX_CLICKS_LIMIT:
@@ -217,20 +220,23 @@ def summary(out: dict) -> str:
 def _run_manifest(args: argparse.Namespace) -> dict:
     """`evaluate --manifest cases.csv --json OUT.json`: `evaluate` once per row on Dask, as `batch` runs
     `segment` (cohort/evaluation.py says what each case gets). Writes OUT/<case>.json per case (OUT: --json
-    without .json), then OUT.json (cases, and per structure the mean and spread of every score) and OUT.csv
-    (the per-structure table). Exit status 1 when any case failed."""
+    without .json; with the case's resume digest), then OUT.json (cases, and per structure the mean and
+    spread of every score, kept cases' included) and OUT.csv (the per-structure table). Exit status 1 when
+    any case failed."""
     from ..cohort.cluster import placement
+    from ..cohort.digest import case_digest
     from ..cohort.evaluation import (
         EVALUATION_SUMMARY,
         EVALUATION_TABLE,
         forwarded_argv,
+        kept_result,
         structure_name,
         write_evaluation,
     )
     from ..cohort.manifest import manifest_inputs, read_manifest
     from ..cohort.model_file import model_argv, model_file_sha256
     from ..cohort.runner import run_cohort
-    from ..cohort.summary import COLUMNS, counts, per_structure
+    from ..cohort.summary import COLUMNS, counts, per_structure, skipped_row
     from ..cohort.worker import CaseTask
 
     args.summarize, args.exit_status = _manifest_summary, _manifest_exit_status
@@ -251,15 +257,25 @@ def _run_manifest(args: argparse.Namespace) -> dict:
         raise CommandError(f"{cases_dir} (the per-case folder beside --json) exists and is not a folder")
     model = model_argv(args.checkpoint, args.model, args.device, args.precision)
     tasks = []
-    for case in cases:
-        argv = ["--volume", str(case.file("volume")), "--labels", str(case.file("labels")),
-                "--label-value", case.cell("label_value"), *model, *forwarded_argv(vars(args), case.name),
-                "--json", str(cases_dir / f"{case.name}.json"), "--quiet"]  # fmt: skip
-        argv += ["--axis", case.cell("axis")] if case.cell("axis") else []
-        threads = where.torch_threads
-        tasks.append(CaseTask(case.name, "evaluate", tuple(argv), model_sha256, torch_threads=threads))
     rows: dict[str, dict] = {}
     results: dict[str, dict] = {}
+    for case in cases:
+        options = forwarded_argv(vars(args), case.name)
+        digest = case_digest(case, model_sha256, {"model": model, "options": options})
+        result = cases_dir / f"{case.name}.json"
+        masks = Path(args.save_masks).resolve() / case.name if args.save_masks else None
+        mask = masks / f"{case.name}.seg.nrrd" if masks is not None else None  # see saved_mask_path
+        if args.resume and (kept := kept_result(result, digest, mask)) is not None:
+            rows[case.name] = skipped_row(case.name)
+            results[case.name] = kept
+            continue
+        argv = ["--volume", str(case.file("volume")), "--labels", str(case.file("labels")),
+                "--label-value", case.cell("label_value"), *model, *options, "--json", str(result),
+                "--quiet"]  # fmt: skip
+        argv += ["--axis", case.cell("axis")] if case.cell("axis") else []
+        tasks.append(CaseTask(case.name, "evaluate", tuple(argv), model_sha256, report=str(result),
+                              batch={"digest": digest, "manifest_line": case.line},
+                              torch_threads=where.torch_threads))  # fmt: skip
 
     def finished(task: CaseTask, outcome) -> None:
         rows[task.case] = {k: getattr(outcome, k) for k in COLUMNS}
@@ -268,9 +284,11 @@ def _run_manifest(args: argparse.Namespace) -> dict:
 
     cases_dir.mkdir(exist_ok=True)
     with plan.lock("--json", quiet=args.quiet):
-        with cohort_errors(lambda: f"{len(results)} finished case result(s) kept in {cases_dir}"):
-            run_cohort(where, tasks, len(cases), 0, finished, args.quiet)
-        ordered = [{**rows[c.name], "structure": structure_name(c.row)} for c in cases]
+        if tasks:
+            with cohort_errors(lambda: f"{len(results)} case result(s) kept in {cases_dir} (--resume)"):
+                run_cohort(where, tasks, len(cases), len(cases) - len(tasks), finished, args.quiet)
+        ordered = [{**{k: rows[c.name].get(k, "") for k in COLUMNS}, "structure": structure_name(c.row)}
+                   for c in cases]  # fmt: skip
         scored = [(structure_name(c.row), results[c.name]) for c in cases if c.name in results]
         structures = per_structure(scored)
         document = {"manifest": str(args.manifest), "protocol": args.protocol, "counts": counts(ordered),
