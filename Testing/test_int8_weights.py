@@ -103,10 +103,11 @@ def test_an_unreadable_file_is_not_used_and_left_alone(small_model, image, tmp_p
     prepared: list[bool] = []
     assert torch.equal(_embedding(small_model, image, file, prepared), fresh)
     assert prepared == [True] and file.path.read_bytes() == damaged
-    assert f"{file.path} exists and is not SAMMed2D's" in caplog.text
+    assert f"{file.path} exists and cannot be read as SAMMed2D's int8 weights" in caplog.text
 
 
-@pytest.mark.parametrize("fault", ["nan scale", "zero scale", "wrong shape", "float values", "missing"])
+@pytest.mark.parametrize("fault", ["nan scale", "zero scale", "negative scale", "wrong shape", "float values",
+                                   "columns reordered", "last row", "missing"])  # fmt: skip
 def test_an_entry_that_does_not_fit_its_weight_is_quantized_anew(small_model, image, tmp_path, fault):
     file = Int8WeightsFile.in_cache(SHA, tmp_path)
     fresh = _embedding(small_model, image, file)
@@ -117,6 +118,12 @@ def test_an_entry_that_does_not_fit_its_weight_is_quantized_anew(small_model, im
         scales[3] = float("nan")
     elif fault == "zero scale":
         scales[0] = 0.0
+    elif fault == "negative scale":
+        scales[-1] = -scales[-1]
+    elif fault == "columns reordered":  # kept before a change of layout: shapes and scales still fit
+        values = values.flip(1)
+    elif fault == "last row":
+        values[-1] = values[-1] // 2
     elif fault == "wrong shape":
         values = values[:-1]
     elif fault == "float values":
@@ -239,3 +246,57 @@ def test_predictors_sharing_encoders_prepare_them_once(small_model, image, monke
     second.set_image(image)
     assert built == [1] and second.lowp_encoder is first.lowp_encoder is shared["int8"]
     assert torch.equal(second.get_image_embedding(), first.get_image_embedding())
+
+
+def test_each_torch_version_keeps_its_own_file(small_model, image, tmp_path, monkeypatch):
+    """Two torch versions sharing one cache (Slicer's and a virtual environment's) do not overwrite each
+    other's weights on every start."""
+    mine = Int8WeightsFile.in_cache(SHA, tmp_path)
+    _embedding(small_model, image, mine)
+    monkeypatch.setattr(torch, "__version__", "2.99.0+other")
+    other = Int8WeightsFile.in_cache(SHA, tmp_path)
+    assert other.path != mine.path and other.path.parent == mine.path.parent
+    _embedding(small_model, image, other)
+    assert other.read() and mine.path.is_file()
+
+
+def test_a_full_disk_costs_only_the_kept_file(small_model, image, tmp_path, monkeypatch, caplog):
+    """safetensors reports a full disk as its own error, not an OSError: the write says so in the log and
+    the encoder is used all the same."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    fresh = _embedding(small_model, image)
+    monkeypatch.setattr("safetensors.torch.save", full)
+    assert torch.equal(_embedding(small_model, image, file), fresh)
+    assert not file.path.exists() and "No space left on device" in caplog.text
+
+
+def test_a_failing_write_never_fails_the_encode(small_model, image, tmp_path, monkeypatch, caplog):
+    def broken(self, weights):
+        raise MemoryError("the file's bytes")
+
+    monkeypatch.setattr(Int8WeightsFile, "write", broken)
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    predictor = SamMed2DPredictor(small_model, precision="int8", int8_file=file)
+    predictor.prepare_in_background()
+    predictor.set_image(image)
+    assert torch.equal(predictor.get_image_embedding(), _embedding(small_model, image))
+    predictor._preparing.join(30)
+    assert "could not keep the int8 weights" in caplog.text
+
+
+def test_a_write_a_killed_start_left_is_removed_and_nothing_else(small_model, image, tmp_path):
+    """The engine exits with os._exit: a write in progress leaves its temporary file; the next start
+    removes it (our temporary names only, and only when no live process holds the file)."""
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    file.path.parent.mkdir(parents=True)
+    stale = file.path.parent / f".{file.path.name}.0123456789ab.tmp"
+    stale.write_bytes(b"half a file")
+    theirs = file.path.parent / "notes.txt"
+    theirs.write_text("mine")
+    _embedding(small_model, image, file)
+    assert not stale.exists() and theirs.read_text() == "mine" and file.read()

@@ -69,6 +69,7 @@ def test_interior_point_lies_inside_a_c_shape():
 def test_warm_up_imports_what_the_first_clean_up_needs():
     """The engine runs `warm_up` when a model loads, so the first click does not import ITK and numpy's
     masked arrays (a fresh interpreter, since this one has them already)."""
+    import os
     import subprocess
     import sys
 
@@ -79,4 +80,8 @@ def test_warm_up_imports_what_the_first_clean_up_needs():
         "masks.warm_up()\n"
         "assert 'SimpleITK' in sys.modules and 'numpy.ma' in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from pathlib import Path
+
+    lib = Path(__file__).resolve().parents[1] / "SAMMed2DSegment"
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env, cwd=lib)

@@ -63,6 +63,7 @@ class SamMed2DPredictor:
         self._lowp_encoder = None  # prepared on first use (`lowp_encoder`) or by `prepare_in_background`
         self._preparing: threading.Thread | None = None
         self._cancelled = threading.Event()
+        self._prepared = threading.Event()  # a background preparation's encoder is out (or it failed)
         if precision != "fp32":
             log.info("encoder precision %s (%s)", self.precision, self.precision_choice.reason)
         self.reset_image()
@@ -83,16 +84,20 @@ class SamMed2DPredictor:
         """The low-precision encoder (None at fp32). Its weights (a transposed, cast or quantized copy of the
         encoder's) are prepared on first use, not when the predictor is made: a start whose first masks
         come from cached embeddings never pays for them, and the engine answers sooner. Where
-        `prepare_in_background` started them, the first use waits for that instead."""
+        `prepare_in_background` started them, the first use waits for that instead (not for the int8
+        weights' write into the cache, which follows)."""
         if self.precision == "fp32":
             return None
         if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
+            self._prepared.wait()
+            if self._lowp_encoder is None:  # stopped or failed there: prepared anew here
+                self._preparing.join()
+                self._preparing = None
         if self._lowp_encoder is None and self.shared_encoders is not None:
             self._lowp_encoder = self.shared_encoders.get(self.precision)
         if self._lowp_encoder is None:
             self._lowp_encoder = self._prepare_lowp()
+            self._keep_int8_weights(self._lowp_encoder)
         if self.shared_encoders is not None:
             self.shared_encoders.setdefault(self.precision, self._lowp_encoder)
         return self._lowp_encoder
@@ -111,14 +116,20 @@ class SamMed2DPredictor:
         from ..model.lowp_encoder import PreparationCancelled
 
         cancelled = self._cancelled = threading.Event()
+        prepared = self._prepared = threading.Event()
 
         def prepare() -> None:
             try:
-                self._lowp_encoder = self._prepare_lowp(cancelled)
+                encoder = self._lowp_encoder = self._prepare_lowp(cancelled)
             except PreparationCancelled:
                 log.info("preparing the %s weights stopped: the model was replaced", self.precision)
+                return
             except Exception:  # noqa: BLE001 - the first use prepares again and raises it there
                 log.exception("preparing the %s weights failed", self.precision)
+                return
+            finally:
+                prepared.set()
+            self._keep_int8_weights(encoder)  # after the encoder is out: a click need not wait for the disk
 
         self._preparing = threading.Thread(target=prepare, name="SAMMed2D-lowp-weights", daemon=True)
         self._preparing.start()
@@ -138,10 +149,18 @@ class SamMed2DPredictor:
         encoder = LowPrecisionEncoder(self.model.image_encoder, dtype, cancelled=cancelled, int8_weights=kept)
         encoder = encoder.to(self.device)
         log.info("%s weights prepared in %.2f s", self.precision, time.perf_counter() - start)
-        if encoder.int8_quantized_here and self.int8_file is not None:
-            self.int8_file.write(encoder.int8_weights)
-        encoder.int8_weights = {}  # packed now: the values would only double the memory
         return encoder
+
+    def _keep_int8_weights(self, encoder: LowPrecisionEncoder) -> None:
+        """Write int8 weights quantized here into the cache for the next start, then drop the values (the
+        products are packed). The cache only saves time: no failure here reaches the user."""
+        try:
+            if encoder.int8_quantized_here and self.int8_file is not None:
+                self.int8_file.write(encoder.int8_weights)
+        except Exception:  # noqa: BLE001 - e.g. out of memory for the file's bytes
+            log.exception("could not keep the int8 weights")
+        finally:
+            encoder.int8_weights = {}
 
     # -- image ------------------------------------------------------------------------------------
     @property

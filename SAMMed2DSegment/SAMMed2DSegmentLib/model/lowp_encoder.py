@@ -45,15 +45,31 @@ class _Int8Weights:
         self.used: dict[str, QuantizedWeight] = {}
         self.quantized_here = False
 
-    def product(self, name: str, shape: tuple[int, int], weight: Callable[[], torch.Tensor]) -> Int8Linear:
-        """The int8 product named `name` of the (out × in) `weight()`, made only where there is no copy to
-        use (a conv's weight is a reordered copy)."""
+    def product(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        weight: Callable[[], torch.Tensor],
+        row: Callable[[int], torch.Tensor],
+    ) -> Int8Linear:
+        """The int8 product named `name` of the (out × in) matrix `weight()`, made only where no copy fits
+        (a conv's matrix is a reordered copy). A copy must also hold, in its first and last rows, exactly
+        what quantizing `row(i)` gives now: a copy kept before a change of layout or quantizer, or damaged
+        there, is not used."""
         quantized = self.known.get(name)
-        if quantized is None or not quantized.matches(shape):
+        if quantized is None or not quantized.matches(shape) or not _rows_agree(quantized, row):
             quantized = quantize(weight())
             self.quantized_here = True
         self.used[name] = quantized
         return Int8Linear(quantized)
+
+
+def _rows_agree(quantized: QuantizedWeight, row: Callable[[int], torch.Tensor]) -> bool:
+    last = quantized.values.shape[0] - 1
+    fresh = quantize(torch.stack([row(0), row(last)]))  # per row: as the whole matrix's rows
+    return torch.equal(fresh.values, quantized.values[[0, last]]) and torch.equal(
+        fresh.scales, quantized.scales[[0, last]]
+    )
 
 
 def _t(weight: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] | None = None) -> Weight:
@@ -62,7 +78,7 @@ def _t(weight: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] 
     if dtype == torch.qint8:
         assert int8 is not None
         store, name = int8
-        return store.product(name, tuple(weight.shape), weight.detach)
+        return store.product(name, tuple(weight.shape), weight.detach, lambda i: weight.detach()[i])
     return weight.detach().t().contiguous().to(dtype)
 
 
@@ -387,7 +403,10 @@ def _taps_matrix(
     if dtype == torch.qint8:
         assert int8 is not None
         store, name = int8
-        return store.product(name, (weight.shape[0], weight[0].numel()), matrix)
+        def row(i: int) -> torch.Tensor:
+            return weight.detach()[i].permute(1, 2, 0).reshape(-1)
+
+        return store.product(name, (weight.shape[0], weight[0].numel()), matrix, row)
     return _t(matrix(), dtype)
 
 

@@ -506,7 +506,7 @@ def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
     except (OSError, SafetensorError):
         pass
     try:
-        Int8WeightsFile.in_cache(sha, base).remove()
+        Int8WeightsFile.remove_all(sha, base)
     except OSError:
         pass
 

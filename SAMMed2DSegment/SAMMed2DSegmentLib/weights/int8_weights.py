@@ -1,30 +1,37 @@
-"""A model's int8 encoder weights, quantized once and kept in the cache folder beside its conversion.
+"""A model's int8 encoder weights, quantized once and kept in the cache folder.
 
 Why: quantizing the encoder's weights (torch's per-channel observer and quantizer, `model/int8_linear.py`)
 took about 1.5 s of the 3 s an int8 start spent preparing on a 2-core CPU, before the first click could be
-answered; packing the kept values is the rest. The file is keyed by the model's SHA-256 and records the torch
-version that quantized it: another torch may round differently, and a start must give the same masks whether
-the file was there or not. A file that is missing, damaged, of another model or another torch counts as
-none; an entry that does not fit its weight is quantized again (`lowp_encoder`), and the file rewritten.
+answered; packing the kept values is the rest. The files live in their own subfolder, `int8/`, one per model
+(by SHA-256) and torch version: another torch may round differently, and a start must give the same masks
+whether the file was there or not (two torch versions sharing a cache each keep their own). A file that is
+missing, damaged or of another model or torch counts as none; an entry that does not fit its weight is
+quantized again (`lowp_encoder` also re-quantizes two rows of each and compares), and the file rewritten.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_path
+from ..files import atomic_path, remove_stale_temporaries
 from ..model.int8_linear import QuantizedWeight
 from .cache_dir import default_cache_dir
 
 log = logging.getLogger("SAMMed2D.weights")
 
 FORMAT_TAG = "sammed2d-int8-weights/1"
+FOLDER = "int8"
 _VALUES, _SCALES = ".values", ".scales"
+
+
+def _torch_tag(version: str) -> str:
+    return re.sub(r"[^\w.]", "_", version)
 
 
 class Int8WeightsFile:
@@ -36,9 +43,22 @@ class Int8WeightsFile:
 
     @classmethod
     def in_cache(cls, model_sha256: str, cache_dir: str | os.PathLike[str] | None = None) -> Int8WeightsFile:
-        """The model's file in the cache folder (`SAMMED2D_CACHE_DIR` by default)."""
+        """The model's file for this torch in the cache folder (`SAMMED2D_CACHE_DIR` by default)."""
         base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        return cls(base / f"int8-{model_sha256[:32]}.safetensors", model_sha256)
+        name = f"{model_sha256[:32]}-torch{_torch_tag(torch.__version__)}.safetensors"
+        return cls(base / FOLDER / name, model_sha256)
+
+    @classmethod
+    def remove_all(cls, model_sha256: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        """Delete the model's files of every torch version, only those we wrote for it (its conversion is
+        stale: a new version of the checkpoint replaced it)."""
+        folder = cls.in_cache(model_sha256, cache_dir).path.parent
+        try:
+            candidates = sorted(folder.glob(f"{model_sha256[:32]}-torch*.safetensors"))
+        except OSError:
+            return
+        for path in candidates:
+            cls(path, model_sha256).remove()
 
     def _expected(self) -> dict[str, str]:
         return {"format": FORMAT_TAG, "model_sha256": self.model_sha256, "torch": torch.__version__}
@@ -58,6 +78,7 @@ class Int8WeightsFile:
         (each is still checked against its weight before use)."""
         from safetensors import SafetensorError, safe_open
 
+        remove_stale_temporaries(self.path.parent)  # what a start killed while writing left
         if not self.path.is_file():
             return {}
         try:
@@ -76,11 +97,14 @@ class Int8WeightsFile:
 
     def write(self, weights: Mapping[str, QuantizedWeight]) -> bool:
         """Keep `weights` (atomically). A file already at the path that is not one of ours is left alone; a
-        cache that cannot be written only costs the quantization next time. Returns whether it was written."""
-        from safetensors.torch import save_file
+        cache that cannot be written (read-only, full) only costs the quantization next time. Returns whether
+        it was written."""
+        from safetensors import SafetensorError
+        from safetensors.torch import save
 
         if self.path.exists() and (self._metadata() or {}).get("format") != FORMAT_TAG:
-            log.warning("%s exists and is not SAMMed2D's: the int8 weights are not kept", self.path)
+            log.warning("%s exists and cannot be read as SAMMed2D's int8 weights: it is left as it is, and "
+                        "the weights are not kept (delete it to keep them)", self.path)  # fmt: skip
             return False
         tensors = {}
         for name, weight in weights.items():
@@ -88,15 +112,18 @@ class Int8WeightsFile:
             tensors[name + _SCALES] = weight.scales.contiguous()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.path.parent)
+            # Bytes into our own temporary file (locked while written, umask applied), not save_file's own.
+            data = save(tensors, metadata=self._expected())
             with atomic_path(self.path) as tmp:
-                save_file(tensors, str(tmp), metadata=self._expected())
-        except OSError as exc:
+                tmp.write_bytes(data)
+        except (OSError, SafetensorError) as exc:
             log.warning("cannot keep the int8 weights in %s: %s", self.path, exc)
             return False
         return True
 
     def remove(self) -> None:
-        """Delete the file, only when it is one we wrote for this model (its model's conversion is stale)."""
+        """Delete the file, only when it is one we wrote for this model."""
         metadata = self._metadata() or {}
         if metadata.get("format") == FORMAT_TAG and metadata.get("model_sha256") == self.model_sha256:
             self.path.unlink(missing_ok=True)
