@@ -237,6 +237,8 @@ def test_python_dash_m_entry_point(env, tmp_path):
             "segment",
             "--quiet",
             *base_args(env, out=out, propagate="none"),
+            "--precision",
+            "int8",
         ],
         capture_output=True,
         text=True,
@@ -244,6 +246,7 @@ def test_python_dash_m_entry_point(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
+    assert "deprecated" not in proc.stderr  # torch's notice on the quantized dtypes (model/int8_linear.py)
 
 
 # -- bad input: exit status ≠ 0, one clear line, nothing written ------------------------------------------

@@ -30,12 +30,17 @@ import torch
 
 _ENGINES = ("onednn", "x86", "fbgemm")  # the packing engine: the first this torch supports
 
-# torch 2.13 announces the quantized dtypes' removal on first use (module docstring); the engine and the
-# command line would print it on every start. Only that notice is silenced, once, for the whole process:
-# a `catch_warnings` per weight, run on several threads, left every warning ignored.
-warnings.filterwarnings(
-    "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
-)
+def _hide_deprecation_notice() -> None:
+    """torch 2.13 announces the quantized dtypes' removal on first use (module docstring); the engine and
+    the command line would print it on every start. Only that notice is silenced, for the whole process (a
+    `catch_warnings` per weight, run on several threads, left every warning ignored). Called again before
+    each quantization: a filter set up later (the command line's own, at its start) goes in front of it."""
+    warnings.filterwarnings(
+        "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
+    )
+
+
+_hide_deprecation_notice()
 
 
 def int8_available() -> bool:
@@ -77,6 +82,7 @@ def quantize(weight: torch.Tensor) -> QuantizedWeight:
     observer and quantizer."""
     from torch.ao.quantization.observer import default_per_channel_weight_observer
 
+    _hide_deprecation_notice()
     weight = weight.detach().float().contiguous()
     observer = default_per_channel_weight_observer()
     observer(weight)
