@@ -137,8 +137,8 @@ def test_a_worker_prepares_its_low_precision_encoder_once(cohort, tmp_path):
     """int8 packs its weights per encoder: a worker's cases share the one its first case prepared."""
     out = tmp_path / "out"
     cases = manifest(cohort, "int8.csv", ROWS[:2])
-    argv = ["--manifest", str(cases), "--out-dir", str(out), "--workers", "1", "--precision", "int8"]
-    assert main(["batch", *argv, "--quiet"]) == 0
+    argv = ["--manifest", str(cases), "--out-dir", str(out), "--workers", "1"]
+    assert main(["batch", *argv, "--precision", "int8", "--device", "cpu", "--quiet"]) == 0
     reports = [json.loads((out / case / "report.json").read_text()) for case in ("c1", "c2")]
     assert [r["precision"]["used"] for r in reports] == ["int8", "int8"]
     assert [r["batch"]["encoder_preparations"] for r in reports] == [1, 1]
@@ -275,6 +275,26 @@ def test_evaluate_resume_keeps_unchanged_cases_and_reruns_changed_ones(scheduler
     assert main([*run, "--max-clicks", "2", "--resume"]) == 0
     assert [r["status"] for r in json.loads(result.read_text())["cases"]] == ["done", "done"]
     assert all(len(json.loads(p.read_text())["dice_per_click"]) == 3 for p in per_case.values())
+
+
+def test_a_kept_result_needs_its_digest_and_its_mask(tmp_path):
+    """--resume keeps a case's result only when it is whole JSON, records this run's digest, and (with
+    --save-masks) its mask is there; a result of an older version has no digest and runs again."""
+    from SAMMed2DSegmentLib.cohort.evaluation import kept_result
+
+    result, mask = tmp_path / "a.json", tmp_path / "a.seg.nrrd"
+    document = {"volume": "ct.nrrd", "protocol": "clicks", "final_dice": 0.9, "batch": {"digest": "d1"}}
+    result.write_text(json.dumps(document))
+    assert kept_result(result, "d1") == document
+    assert kept_result(result, "d2") is None
+    assert kept_result(result, "d1", mask) is None
+    mask.write_bytes(b"NRRD")
+    assert kept_result(result, "d1", mask) == document
+    result.write_text(json.dumps({k: v for k, v in document.items() if k != "batch"}))
+    assert kept_result(result, "d1") is None
+    result.write_text(json.dumps(document)[:40])
+    assert kept_result(result, "d1") is None
+    assert kept_result(tmp_path / "missing.json", "d1") is None
 
 
 def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):

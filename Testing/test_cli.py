@@ -239,6 +239,8 @@ def test_python_dash_m_entry_point(env, tmp_path):
             *base_args(env, out=out, propagate="none"),
             "--precision",
             "int8",
+            "--device",
+            "cpu",
         ],
         capture_output=True,
         text=True,

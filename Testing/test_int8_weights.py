@@ -260,19 +260,30 @@ def test_each_torch_version_keeps_its_own_file(small_model, image, tmp_path, mon
     assert other.read() and mine.path.is_file()
 
 
-def test_a_full_disk_costs_only_the_kept_file(small_model, image, tmp_path, monkeypatch, caplog):
-    """safetensors reports a full disk as its own error, not an OSError: the write says so in the log and
-    the encoder is used all the same."""
+@pytest.mark.parametrize("failure", ["while writing", "while serialising"])
+def test_a_full_disk_is_one_warning_and_no_file(small_model, tmp_path, monkeypatch, caplog, failure):
+    """A full disk fails the write itself (OSError); safetensors reports its own errors as SafetensorError,
+    not an OSError. Either way `write` says so in the log, keeps nothing and raises nothing."""
+    import errno
+    import pathlib
+
     from safetensors import SafetensorError
 
+    weights = lowp_encoder.LowPrecisionEncoder(small_model.image_encoder, torch.qint8).int8_weights
+
     def full(*args, **kwargs):
+        if failure == "while writing":
+            raise OSError(errno.ENOSPC, "No space left on device")
         raise SafetensorError("I/O error: No space left on device (os error 28)")
 
+    if failure == "while writing":
+        monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    else:
+        monkeypatch.setattr("safetensors.torch.save", full)
     file = Int8WeightsFile.in_cache(SHA, tmp_path)
-    fresh = _embedding(small_model, image)
-    monkeypatch.setattr("safetensors.torch.save", full)
-    assert torch.equal(_embedding(small_model, image, file), fresh)
+    assert file.write(weights) is False
     assert not file.path.exists() and "No space left on device" in caplog.text
+    assert [p.name for p in file.path.parent.iterdir()] == []  # no temporary file left either
 
 
 def test_a_failing_write_never_fails_the_encode(small_model, image, tmp_path, monkeypatch, caplog):

@@ -97,19 +97,11 @@ def _cores_per_case() -> int:
         return usable_cores()
 
 
-def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple:
-    """(model, info) for `args`, loaded by `load(args)` on this worker's first case only."""
-    return _model_entry(args, model_sha256, load)[0]
-
-
-def shared_encoders(args: argparse.Namespace, model_sha256: str, load) -> dict:
-    """The low-precision encoders this worker thread prepared for the model of `args`, by precision: its
-    next cases reuse them (int8 packs its weights for about a second, bf16 casts a copy). Per thread:
-    cases running at once never share one."""
-    return _model_entry(args, model_sha256, load)[1].setdefault(threading.get_ident(), {})
-
-
-def _model_entry(args: argparse.Namespace, model_sha256: str, load) -> tuple:
+def model_once(args: argparse.Namespace, model_sha256: str, load) -> tuple[tuple, dict]:
+    """((model, info), encoders) for `args`: the model loaded by `load(args)` on this worker's first case
+    only, and the low-precision encoders this worker thread prepared for it, by precision, which its next
+    cases reuse (int8 packs its weights for about a second, bf16 casts a copy). Per thread: cases running
+    at once never share one. An fp32 case drops the thread's (it needs none; they hold memory)."""
     global _loads
     key = (args.checkpoint, args.model, args.device, model_sha256)
     with _lock:
@@ -117,7 +109,11 @@ def _model_entry(args: argparse.Namespace, model_sha256: str, load) -> tuple:
             _models.clear()  # a different model: the old one goes, with its encoders
             _models[key] = (load(args), {})
             _loads += 1
-        return _models[key]
+        loaded, by_thread = _models[key]
+        encoders = by_thread.setdefault(threading.get_ident(), {})
+    if getattr(args, "precision", None) == "fp32":
+        encoders.clear()
+    return loaded, encoders
 
 
 def _count_preparations(new: int) -> None:
@@ -154,8 +150,8 @@ def run_case(task: CaseTask) -> CaseOutcome:
             args = _parser(task.command).parse_args([task.command, *task.argv])
         except SystemExit:
             raise CommandError(f"bad options for {task.command}: {' '.join(task.argv)}") from None
-        args.preloaded_model = model_once(args, task.model_sha256, load_model)
-        args.shared_encoders = encoders = shared_encoders(args, task.model_sha256, load_model)
+        args.preloaded_model, encoders = model_once(args, task.model_sha256, load_model)
+        args.shared_encoders = encoders
         before = set(map(id, encoders.values()))
         try:
             outcome.result = args.run_command(args)

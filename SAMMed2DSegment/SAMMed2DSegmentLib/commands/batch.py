@@ -127,10 +127,10 @@ def run_batch(args: argparse.Namespace) -> dict:
         model_sha256 = model_file_sha256(args.checkpoint, args.model, args.download)
     options = {"precision": args.precision, "device": args.device, "dicom_seg": bool(args.dicom_seg)}
     digests = {case.name: case_digest(case, model_sha256, options) for case in cases}
-    rows = _skipped(cases, out_dir, digests, args.dicom_seg) if args.resume else {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    to_run = [c for c in cases if c.name not in rows]
-    with plan.lock("summary.json", quiet=args.quiet):
+    with plan.lock("summary.json", quiet=args.quiet):  # another run may be writing these case folders
+        rows = _skipped(cases, out_dir, digests, args.dicom_seg) if args.resume else {}
+        to_run = [c for c in cases if c.name not in rows]
         remove_stale(out_dir)
         with case_folders(out_dir) as folders:
 

@@ -256,26 +256,31 @@ def _run_manifest(args: argparse.Namespace) -> dict:
     if cases_dir.exists() and not cases_dir.is_dir():
         raise CommandError(f"{cases_dir} (the per-case folder beside --json) exists and is not a folder")
     model = model_argv(args.checkpoint, args.model, args.device, args.precision)
-    tasks = []
     rows: dict[str, dict] = {}
     results: dict[str, dict] = {}
-    for case in cases:
-        options = forwarded_argv(vars(args), case.name)
-        digest = case_digest(case, model_sha256, {"model": model, "options": options})
-        result = cases_dir / f"{case.name}.json"
-        masks = Path(args.save_masks).resolve() / case.name if args.save_masks else None
-        mask = masks / f"{case.name}.seg.nrrd" if masks is not None else None  # see saved_mask_path
-        if args.resume and (kept := kept_result(result, digest, mask)) is not None:
-            rows[case.name] = skipped_row(case.name)
-            results[case.name] = kept
-            continue
-        argv = ["--volume", str(case.file("volume")), "--labels", str(case.file("labels")),
-                "--label-value", case.cell("label_value"), *model, *options, "--json", str(result),
-                "--quiet"]  # fmt: skip
-        argv += ["--axis", case.cell("axis")] if case.cell("axis") else []
-        tasks.append(CaseTask(case.name, "evaluate", tuple(argv), model_sha256, report=str(result),
-                              batch={"digest": digest, "manifest_line": case.line},
-                              torch_threads=where.torch_threads))  # fmt: skip
+
+    def plan_cases() -> list[CaseTask]:
+        """The tasks to run; with --resume the kept cases' rows and results instead (decided under the
+        --json lock: another run may be writing these results)."""
+        tasks = []
+        for case in cases:
+            options = forwarded_argv(vars(args), case.name)
+            digest = case_digest(case, model_sha256, {"model": model, "options": options})
+            result = cases_dir / f"{case.name}.json"
+            masks = Path(args.save_masks).resolve() / case.name if args.save_masks else None
+            mask = masks / f"{case.name}.seg.nrrd" if masks is not None else None  # see saved_mask_path
+            if args.resume and (kept := kept_result(result, digest, mask)) is not None:
+                rows[case.name] = skipped_row(case.name)
+                results[case.name] = kept
+                continue
+            argv = ["--volume", str(case.file("volume")), "--labels", str(case.file("labels")),
+                    "--label-value", case.cell("label_value"), *model, *options, "--json", str(result),
+                    "--quiet"]  # fmt: skip
+            argv += ["--axis", case.cell("axis")] if case.cell("axis") else []
+            tasks.append(CaseTask(case.name, "evaluate", tuple(argv), model_sha256, report=str(result),
+                                  batch={"digest": digest, "manifest_line": case.line},
+                                  torch_threads=where.torch_threads))  # fmt: skip
+        return tasks
 
     def finished(task: CaseTask, outcome) -> None:
         rows[task.case] = {k: getattr(outcome, k) for k in COLUMNS}
@@ -284,8 +289,9 @@ def _run_manifest(args: argparse.Namespace) -> dict:
 
     cases_dir.mkdir(exist_ok=True)
     with plan.lock("--json", quiet=args.quiet):
+        tasks = plan_cases()
         if tasks:
-            with cohort_errors(lambda: f"{len(results)} case result(s) kept in {cases_dir} (--resume)"):
+            with cohort_errors(lambda: f"{len(results)} case result(s) in {cases_dir} (--resume keeps them)"):
                 run_cohort(where, tasks, len(cases), len(cases) - len(tasks), finished, args.quiet)
         ordered = [{**{k: rows[c.name].get(k, "") for k in COLUMNS}, "structure": structure_name(c.row)}
                    for c in cases]  # fmt: skip
@@ -303,7 +309,8 @@ def _run_manifest(args: argparse.Namespace) -> dict:
 
 def _manifest_summary(document: dict) -> str:
     n = document["counts"]
-    return f"evaluated {n['done']} case(s), {n['failed']} failed; per-structure table beside the --json file"
+    return (f"evaluated {n['done']} case(s), {n['failed']} failed, {n['skipped']} kept from an earlier run; "
+            "per-structure table beside the --json file")  # fmt: skip
 
 
 def _manifest_exit_status(document: dict) -> int:

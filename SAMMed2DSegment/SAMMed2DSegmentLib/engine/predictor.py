@@ -129,7 +129,8 @@ class SamMed2DPredictor:
                 return
             finally:
                 prepared.set()
-            self._keep_int8_weights(encoder)  # after the encoder is out: a click need not wait for the disk
+            if not cancelled.is_set():  # after the encoder is out: a click need not wait for the disk
+                self._keep_int8_weights(encoder)
 
         self._preparing = threading.Thread(target=prepare, name="SAMMed2D-lowp-weights", daemon=True)
         self._preparing.start()

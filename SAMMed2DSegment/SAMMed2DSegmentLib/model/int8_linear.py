@@ -30,14 +30,19 @@ import torch
 
 _ENGINES = ("onednn", "x86", "fbgemm")  # the packing engine: the first this torch supports
 
+_NOTICE = r"torch\.quantize_per_tensor, torch\.quantize_per_channel"
+
+
 def _hide_deprecation_notice() -> None:
     """torch 2.13 announces the quantized dtypes' removal on first use (module docstring); the engine and
     the command line would print it on every start. Only that notice is silenced, for the whole process (a
     `catch_warnings` per weight, run on several threads, left every warning ignored). Called again before
-    each quantization: a filter set up later (the command line's own, at its start) goes in front of it."""
-    warnings.filterwarnings(
-        "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
-    )
+    each quantization: a filter set up later (the command line's own, at its start) goes in front of it.
+    The filters are only touched when ours is not first (each change resets "once per place" warnings)."""
+    first = warnings.filters[0] if warnings.filters else None
+    if first is not None and first[0] == "ignore" and getattr(first[1], "pattern", None) == _NOTICE:
+        return
+    warnings.filterwarnings("ignore", message=_NOTICE, category=UserWarning)
 
 
 _hide_deprecation_notice()

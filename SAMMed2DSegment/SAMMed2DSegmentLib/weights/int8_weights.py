@@ -58,7 +58,10 @@ class Int8WeightsFile:
         except OSError:
             return
         for path in candidates:
-            cls(path, model_sha256).remove()
+            try:
+                cls(path, model_sha256).remove()
+            except OSError as exc:  # the others still go
+                log.warning("cannot delete the stale int8 weights %s: %s", path, exc)
 
     def _expected(self) -> dict[str, str]:
         return {"format": FORMAT_TAG, "model_sha256": self.model_sha256, "torch": torch.__version__}
