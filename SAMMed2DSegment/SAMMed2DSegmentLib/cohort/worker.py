@@ -25,7 +25,7 @@ from ..files import atomic_path
 _models: dict[tuple, tuple] = {}
 _lock = threading.Lock()
 _loads = 0
-_preparations = 0  # low-precision encoders this worker prepared (reported: the first case of a thread only)
+_preparations = 0  # low-precision encoders this worker process prepared, all threads (in each report)
 
 
 @dataclass(frozen=True)

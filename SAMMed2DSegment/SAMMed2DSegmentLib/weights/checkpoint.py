@@ -505,10 +505,7 @@ def _delete_stale_conversion(path: Path, sha: str, base: Path) -> None:
             record_path(stale).unlink(missing_ok=True)
     except (OSError, SafetensorError):
         pass
-    try:
-        Int8WeightsFile.remove_all(sha, base)
-    except OSError:
-        pass
+    Int8WeightsFile.remove_all(sha, base)  # says why in the log where one cannot go
 
 
 def _read_source(
