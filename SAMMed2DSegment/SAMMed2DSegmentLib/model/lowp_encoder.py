@@ -45,28 +45,23 @@ class _Int8Weights:
         self.used: dict[str, QuantizedWeight] = {}
         self.quantized_here = False
 
-    def product(
-        self,
-        name: str,
-        shape: tuple[int, int],
-        weight: Callable[[], torch.Tensor],
-        row: Callable[[int], torch.Tensor],
-    ) -> Int8Linear:
-        """The int8 product named `name` of the (out × in) matrix `weight()`, made only where no copy fits
-        (a conv's matrix is a reordered copy). A copy must also hold, in its first and last rows, exactly
-        what quantizing `row(i)` gives now: a copy kept before a change of layout or quantizer, or damaged
-        there, is not used."""
+    def product(self, name: str, rows: torch.Tensor) -> Int8Linear:
+        """The int8 product named `name` of the (out × in) matrix whose row i is `rows[i]` flattened (a view:
+        a conv's matrix is a reordered copy, made only where no kept copy fits). A kept copy must also hold,
+        in its first and last rows, exactly what quantizing those rows gives now: one kept before a change
+        of layout or quantizer, or damaged there, is not used."""
+        shape = (rows.shape[0], rows[0].numel())
         quantized = self.known.get(name)
-        if quantized is None or not quantized.matches(shape) or not _rows_agree(quantized, row):
-            quantized = quantize(weight())
+        if quantized is None or not quantized.matches(shape) or not _rows_agree(quantized, rows):
+            quantized = quantize(rows.reshape(shape))
             self.quantized_here = True
         self.used[name] = quantized
         return Int8Linear(quantized)
 
 
-def _rows_agree(quantized: QuantizedWeight, row: Callable[[int], torch.Tensor]) -> bool:
+def _rows_agree(quantized: QuantizedWeight, rows: torch.Tensor) -> bool:
     last = quantized.values.shape[0] - 1
-    fresh = quantize(torch.stack([row(0), row(last)]))  # per row: as the whole matrix's rows
+    fresh = quantize(torch.stack([rows[0].reshape(-1), rows[last].reshape(-1)]))  # as in the whole matrix
     return torch.equal(fresh.values, quantized.values[[0, last]]) and torch.equal(
         fresh.scales, quantized.scales[[0, last]]
     )
@@ -78,7 +73,7 @@ def _t(weight: torch.Tensor, dtype: torch.dtype, int8: tuple[_Int8Weights, str] 
     if dtype == torch.qint8:
         assert int8 is not None
         store, name = int8
-        return store.product(name, tuple(weight.shape), weight.detach, lambda i: weight.detach()[i])
+        return store.product(name, weight.detach())
     return weight.detach().t().contiguous().to(dtype)
 
 
@@ -397,17 +392,12 @@ def _taps_matrix(
 ) -> Weight:
     """Conv weight (C_out × C_in × 3 × 3) → (9·C_in × C_out), rows in the (ky, kx, C_in) order of
     `_patches3x3` (or that product in int8)."""
-    def matrix() -> torch.Tensor:
-        return weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-
+    rows = weight.detach().permute(0, 2, 3, 1)  # C_out × ky × kx × C_in, a view
     if dtype == torch.qint8:
         assert int8 is not None
         store, name = int8
-        def row(i: int) -> torch.Tensor:
-            return weight.detach()[i].permute(1, 2, 0).reshape(-1)
-
-        return store.product(name, (weight.shape[0], weight[0].numel()), matrix, row)
-    return _t(matrix(), dtype)
+        return store.product(name, rows)
+    return _t(rows.reshape(weight.shape[0], -1), dtype)
 
 
 def _up_taps(
