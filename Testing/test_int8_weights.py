@@ -311,3 +311,61 @@ def test_a_write_a_killed_start_left_is_removed_and_nothing_else(small_model, im
     theirs.write_text("mine")
     _embedding(small_model, image, file)
     assert not stale.exists() and theirs.read_text() == "mine" and file.read()
+
+
+def test_a_write_skips_weights_another_writer_kept_since_its_read(small_model, tmp_path):
+    """A batch worker's threads each quantize on their first case: the first keeps the file, the others find
+    it kept since they read and write nothing (each write holds the file's bytes); one at a time, whatever
+    the timing. A file no one changed since the read is rewritten (see the damaged-entry test)."""
+    weights = lowp_encoder.LowPrecisionEncoder(small_model.image_encoder, torch.qint8).int8_weights
+    files = [Int8WeightsFile.in_cache(SHA, tmp_path) for _ in range(4)]
+    for file in files:
+        assert file.read() == {}
+    results: list[bool] = []
+    barrier = threading.Barrier(len(files))
+
+    def write(file: Int8WeightsFile) -> None:
+        barrier.wait()
+        results.append(file.write(weights))
+
+    threads = [threading.Thread(target=write, args=(file,)) for file in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == [False, False, False, True]
+    kept = files[0].read()
+    assert kept.keys() == weights.keys()
+    assert all(torch.equal(kept[name].values, weights[name].values) for name in weights)
+    later = Int8WeightsFile.in_cache(SHA, tmp_path)
+    assert later.write(weights)  # never read: nothing to compare with, so it writes
+    assert later.write(weights)  # and after its own write it is not skipped
+
+
+def test_a_model_keeps_its_files_of_two_torch_versions(tmp_path, monkeypatch):
+    """After a write, the model's files of other torch versions go but the most recently used one (read
+    marks a use); another model's file and a file under our name that is not ours stay."""
+    import os
+
+    from safetensors.torch import save_file
+
+    real = torch.__version__
+    files = {}
+    for age, version in enumerate(["2.12.1", "2.12.0", "2.11.0"]):  # kept by earlier torches, oldest last
+        monkeypatch.setattr(torch, "__version__", version)
+        files[version] = Int8WeightsFile.in_cache(SHA, tmp_path)
+        files[version].path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({}, str(files[version].path), metadata=files[version]._expected())
+        os.utime(files[version].path, ns=(10**18 - age * 10**12,) * 2)
+    assert Int8WeightsFile.in_cache(SHA, tmp_path).read() == {}  # 2.11.0's, used now: the newest
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    foreign = Int8WeightsFile.in_cache(SHA, tmp_path).path
+    foreign.write_bytes(b"somebody's file")
+    other_model = Int8WeightsFile.in_cache("ab" * 32, tmp_path)
+    assert other_model.write({})
+    monkeypatch.setattr(torch, "__version__", real)
+    assert Int8WeightsFile.in_cache(SHA, tmp_path).write({})
+    assert files["2.11.0"].path.is_file()
+    assert not files["2.12.0"].path.exists() and not files["2.12.1"].path.exists()
+    assert foreign.read_bytes() == b"somebody's file" and other_model.path.is_file()
+    assert Int8WeightsFile.in_cache(SHA, tmp_path).path.is_file()
