@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml constraints-ci.txt
 	$(PY) -m pip install --quiet -c constraints-ci.txt -e '.[test]'
 	touch $@
 
-test: $(STAMP)
+# The real light-the-torch and its pip (torch_install.TOOLS), for the test that runs them offline.
+TOOL_WHEELS := $(VENV)/tool-wheels
+$(TOOL_WHEELS)/.done: $(STAMP) SAMMed2DSegment/SAMMed2DSegmentLib/torch_install.py
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d $(TOOL_WHEELS) \
+		$$($(PY) -c "from SAMMed2DSegmentLib.torch_install import TOOLS; print(*TOOLS)")
+	touch $@
+
+test: $(STAMP) $(TOOL_WHEELS)/.done
 	$(PY) -m ruff check .
 	$(PY) -m pytest Testing
 

@@ -674,13 +674,13 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         return requirements.check_requirements(self.requirementsPath(), self.packageFolder())
 
     def startTorchInstall(self):
-        """PyTorch with the PyTorch extension's own light-the-torch commands, in child processes the caller
-        polls; whether torch is then usable is read from its metadata: it is never imported here."""
+        """PyTorch with the PyTorch extension's light-the-torch command, run from a private folder with the
+        pip it is made for (Slicer's own pip is left as it is), in child processes the caller polls;
+        whether torch is then usable is read from its metadata: it is never imported here."""
         from SAMMed2DSegmentLib import requirements
-        from SAMMed2DSegmentLib.torch_install import TorchInstall, torch_install_commands
+        from SAMMed2DSegmentLib.torch_install import TorchInstall
 
-        commands = torch_install_commands(self.pythonExecutable(), requirements.torch_requirement())
-        installer = TorchInstall(commands)
+        installer = TorchInstall.in_slicer(self.pythonExecutable(), requirements.torch_requirement())
         installer.start()
         return installer
 

@@ -231,7 +231,7 @@ def test_torch_is_installed_through_the_polled_progress_dialog():
     assert {"QProgressDialog", "poll", "cancel", "wasCanceled"} <= _names(dialog)
     logic = _class("SAMMed2DSegmentLogic")
     start = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "startTorchInstall")
-    assert {"TorchInstall", "torch_install_commands", "torch_requirement", "start"} <= _names(start)
+    assert {"TorchInstall", "in_slicer", "torch_requirement", "start"} <= _names(start)
 
 
 def test_the_install_dialog_waits_without_spinning():

@@ -1,12 +1,16 @@
-"""The PyTorch install (SAMMed2DSegmentLib.torch_install): the commands are the PyTorch extension's, and
-they run as real child processes that the caller polls. No network: light-the-torch is a stand-in module
-that records its arguments and writes a torch distribution's files (installed by real pip from a wheel built
-here, or put on the path directly), launched through a PythonSlicer-like launcher for the cancel."""
+"""The PyTorch install (SAMMed2DSegmentLib.torch_install): light-the-torch gets the PyTorch extension's
+arguments, but runs from a private folder with the pip it is made for, so the interpreter's own pip is never
+changed; the steps run as real child processes that the caller polls. No network: real pip installs the
+private folder offline from wheels built here, where light-the-torch and pip are stand-ins that record how
+they were run and write a torch distribution's files into the test's site folder (`STANDIN_SITE`, as pip
+would into the interpreter's); the cancel goes through a PythonSlicer-like launcher."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
-import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,25 +20,28 @@ import pytest
 
 from SAMMed2DSegmentLib import requirements
 from SAMMed2DSegmentLib.torch_install import (
-    LIGHT_THE_TORCH,
+    TOOLS,
     TorchInstall,
     light_the_torch_args,
-    light_the_torch_installed,
-    torch_install_commands,
+    light_the_torch_command,
+    tools_folder,
+    tools_install,
 )
 
 from .child_processes import alive, build_wheel, python_launcher, run_to_end, wait_gone
 
-LTT_VERSION = "0.7.5"
-
-#: A stand-in for `python -m light_the_torch`: prints pip-like lines, records its arguments, then, by
-#: STANDIN_MODE, writes torch 2.5.0's files where it was found, fails as pip does, writes nothing, or waits.
+#: A stand-in for light-the-torch's `__main__`: prints pip-like lines, records its arguments and the pip it
+#: would run (it runs pip in its own process), then, by STANDIN_MODE, writes torch 2.5.0's files into
+#: STANDIN_SITE, fails as pip does, writes nothing, or waits.
 STANDIN_MAIN = '''
 import json, os, sys, time
 from pathlib import Path
 
+import pip
+
 print("Looking in indexes: https://download.pytorch.org/whl/cpu", flush=True)
-Path(os.environ["STANDIN_RECORD"]).write_text(json.dumps(sys.argv[1:]))
+record = {"argv": sys.argv[1:], "pip": pip.__file__, "pip_version": pip.__version__}
+Path(os.environ["STANDIN_RECORD"]).write_text(json.dumps(record))
 mode = os.environ.get("STANDIN_MODE", "install")
 if mode == "fail":
     print("ERROR: Could not find a version that satisfies the requirement torch>=2.1", flush=True)
@@ -43,7 +50,7 @@ print("Collecting torch>=2.1", flush=True)
 if mode == "hang":
     time.sleep(600)
 if mode == "install":
-    site = Path(__file__).resolve().parents[1]
+    site = Path(os.environ["STANDIN_SITE"])
     (site / "torch").mkdir()
     (site / "torch" / "__init__.py").write_text("")
     (site / "torch-2.5.0.dist-info").mkdir()
@@ -52,7 +59,9 @@ if mode == "install":
 print("Successfully installed torch-2.5.0", flush=True)
 '''
 
+LTT_VERSION, PIP_VERSION = (t.split("==")[1] for t in TOOLS)
 STANDIN_FILES = {"light_the_torch/__init__.py": "", "light_the_torch/__main__.py": STANDIN_MAIN}
+STANDIN_PIP = {"pip/__init__.py": f"__version__ = {PIP_VERSION!r}\n"}
 
 
 def _getPipInstallArguments(forceComputationBackend=None, torchVersionRequirement=None,  # noqa: N802, N803
@@ -69,20 +78,30 @@ def _getPipInstallArguments(forceComputationBackend=None, torchVersionRequiremen
     return args
 
 
-def standin_site(folder: Path, version: str = LTT_VERSION) -> Path:
-    """A site folder holding the stand-in light-the-torch with its metadata, as pip would leave it."""
-    for name, text in STANDIN_FILES.items():
+def wheels(folder: Path) -> Path:
+    """The stand-in light-the-torch and pip as wheels, at `TOOLS`' versions."""
+    build_wheel(folder, "light_the_torch", LTT_VERSION, STANDIN_FILES)
+    build_wheel(folder, "pip", PIP_VERSION, STANDIN_PIP)
+    return folder
+
+
+def installed_tools(cache: Path) -> Path:
+    """A complete private folder, as an earlier install left it."""
+    folder = tools_folder(cache)
+    for name, text in {**STANDIN_FILES, **STANDIN_PIP}.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
-    info = folder / f"light_the_torch-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: light-the-torch\nVersion: {version}\n")
+    requirements.write_marker(folder, TOOLS)
     return folder
 
 
 def standin_env(site: Path, record: Path, mode: str = "install", **more: str) -> dict[str, str]:
-    standin = {"PYTHONPATH": str(site), "STANDIN_RECORD": str(record), "STANDIN_MODE": mode}
+    standin = {"STANDIN_SITE": str(site), "STANDIN_RECORD": str(record), "STANDIN_MODE": mode}
     return {**os.environ, **standin, **more}
+
+
+def offline(wheel_folder: Path) -> list[str]:
+    return ["--no-index", "--find-links", str(wheel_folder)]
 
 
 @pytest.fixture()
@@ -91,6 +110,14 @@ def own_tempdir(tmp_path, monkeypatch):
     folder = tmp_path / "tmp"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def site(tmp_path) -> Path:
+    """The interpreter's site-packages as far as the install is concerned (where torch is looked for)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
     return folder
 
 
@@ -106,69 +133,93 @@ def test_light_the_torch_gets_the_pytorch_extensions_arguments(platform, backend
     expected = _getPipInstallArguments(backend, requirement)
     assert light_the_torch_args(requirement, backend) == expected
     assert ("--pytorch-computation-backend=" in " ".join(expected)) == (backend is not None)
+    command = light_the_torch_command("/slicer/bin/PythonSlicer", "/cache/tools", requirement, backend)
+    assert command[:3] == ["/slicer/bin/PythonSlicer", "-P", "-c"]  # -P: nothing from the working folder
+    assert command[4:] == ["/cache/tools", *expected]
 
 
-def test_light_the_torch_is_installed_first_where_missing_or_too_old(tmp_path):
-    """The extension's pip step is `slicer.util.pip_install('light-the-torch>=0.5')` (PyTorchUtils.py:247),
-    which runs `python -m pip install light-the-torch>=0.5` (Slicer v5.10.0 util.py:3991-4034; v5.12.3
-    packaging.py:940-965)."""
-    python, requirement = "/slicer/bin/PythonSlicer", requirements.torch_requirement("linux")
-    ltt = [python, "-m", "light_the_torch", *_getPipInstallArguments(None, requirement)]
-    pip = [python, "-m", "pip", "install", *shlex.split("light-the-torch>=0.5")]
-    assert LIGHT_THE_TORCH == "light-the-torch>=0.5"
-    assert torch_install_commands(python, requirement, search_path=[str(tmp_path)]) == [pip, ltt]
-    old = standin_site(tmp_path / "old", "0.4.2")
-    assert not light_the_torch_installed([str(old)])
-    assert torch_install_commands(python, requirement, search_path=[str(old)]) == [pip, ltt]
-    site = standin_site(tmp_path / "site")
-    assert light_the_torch_installed([str(site)])
-    assert torch_install_commands(python, requirement, search_path=[str(site)]) == [ltt]
+def test_light_the_torch_and_the_pip_it_is_made_for_are_pinned_and_installed_once(tmp_path):
+    """light-the-torch 0.8.1 asks for pip>=22.3,<26.1 (Slicer/light-the-torch v0.8.1 pyproject.toml:41): the
+    pinned pip must be in that range, and neither may float."""
+    from packaging.specifiers import SpecifierSet
+
+    assert [t.split("==")[0] for t in TOOLS] == ["light-the-torch", "pip"] and all("==" in t for t in TOOLS)
+    assert PIP_VERSION in SpecifierSet(">=22.3,<26.1")
+    folder = tools_folder(tmp_path)
+    assert folder.parent == tmp_path and f"py{sys.version_info[0]}{sys.version_info[1]}" in folder.name
+    first = tools_install(sys.executable, folder)
+    assert first is not None and first.packages == list(TOOLS) and first.target == folder
+    installed_tools(tmp_path)
+    assert tools_install(sys.executable, folder) is None
 
 
 # -- real child processes ---------------------------------------------------------------------------------
 
 
-def test_pip_then_light_the_torch_install_torch_found_by_its_metadata(tmp_path, own_tempdir):
-    """The real commands: pip installs light-the-torch (the stand-in, from a wheel built here, offline and
-    into a folder of the test's), then light-the-torch runs with the extension's arguments."""
-    wheels, site, record = tmp_path / "wheels", tmp_path / "site", tmp_path / "argv.json"
-    build_wheel(wheels, "light_the_torch", LTT_VERSION, STANDIN_FILES)
-    site.mkdir()
+def test_light_the_torch_runs_from_its_own_folder_with_its_own_pip(tmp_path, site, own_tempdir, monkeypatch):
+    """The whole install as the module starts it: real pip puts light-the-torch and its pip into the private
+    folder (offline), then light-the-torch runs with the extension's arguments and that pip first on its path.
+    The interpreter's own pip is not touched, and nothing is imported from the working folder (a decoy
+    `json.py` there, which light-the-torch imports, would run before the standard library's without -P)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "json.py").write_text(f"open({str(tmp_path / 'decoy-ran')!r}, 'w')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(cwd)
+    cache, record = tmp_path / "packages", tmp_path / "record.json"
+    own_pip = importlib.metadata.version("pip")
     requirement = requirements.torch_requirement()
-    commands = torch_install_commands(sys.executable, requirement, search_path=[str(site)])
-    assert len(commands) == 2
-    pip_offline = {"PIP_TARGET": str(site), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    install = TorchInstall(commands, search_path=[str(site)], env=standin_env(site, record, **pip_offline))
+    env, pip_args = standin_env(site, record), offline(wheels(tmp_path / "w"))
+    install = TorchInstall.in_slicer(sys.executable, requirement, cache, [str(site)], env, pip_args)
+    assert install.tools is not None
     install.start()
     lines, progress = run_to_end(install)
     assert progress.succeeded and not progress.error, install.output
     assert progress.line == "PyTorch 2.5.0 is installed."
     assert lines and all("\n" not in line for line in lines)
-    output = install.output.splitlines()  # every line, whatever the polls happened to see
-    pip_done = next(i for i, line in enumerate(output) if line.startswith("Successfully installed light"))
-    assert output.index("Collecting torch>=2.1") > pip_done, output
-    assert record.read_text() == f'["install", "torch{requirement}", "torchvision"]'
+    assert not (tmp_path / "decoy-ran").exists()
+    tools = tools_folder(cache)
+    assert requirements.folder_complete(tools)
+    assert requirements.installed_version("light-the-torch", [str(tools)]) == LTT_VERSION
+    ran = json.loads(record.read_text())
+    assert ran["argv"] == _getPipInstallArguments(None, requirement)
+    assert Path(ran["pip"]).is_relative_to(tools) and ran["pip_version"] == PIP_VERSION
     assert requirements.check_torch([str(site)]) == ("2.5.0", "")
+    assert importlib.metadata.version("pip") == own_pip
     assert list(own_tempdir.iterdir()) == [], "a log is left"
+    again = TorchInstall.in_slicer(sys.executable, requirement, cache_dir=cache, search_path=[str(site)])
+    assert again.tools is None  # installed once
 
 
-def test_installed_light_the_torch_is_not_installed_again(tmp_path, own_tempdir):
-    site, record = standin_site(tmp_path / "site"), tmp_path / "argv.json"
-    commands = torch_install_commands(sys.executable, ">=2.1", backend="cpu", search_path=[str(site)])
-    assert [command[2] for command in commands] == ["light_the_torch"]
-    install = TorchInstall(commands, search_path=[str(site)], env=standin_env(site, record))
-    install.start()
-    _, progress = run_to_end(install)
-    assert progress.succeeded, install.output
-    forced = '["install", "torch>=2.1", "torchvision", "--pytorch-computation-backend=cpu"]'
-    assert record.read_text() == forced
+def test_the_real_light_the_torch_runs_with_its_own_pip(tmp_path, own_tempdir):
+    """The real light-the-torch and pip at `TOOLS`' versions (downloaded by `make test`): real pip installs
+    them into the private folder offline, and our command runs light-the-torch from there. It installs a
+    package built here (no torch: the PyTorch index is not reachable offline) with the private pip, and the
+    interpreter's own pip is unchanged."""
+    wheelhouse = Path(sys.prefix) / "tool-wheels"
+    if not all(any(wheelhouse.glob(f"{t.split('==')[0].replace('-', '_')}-{t.split('==')[1]}-*.whl"))
+               for t in TOOLS):  # fmt: skip
+        pytest.fail(f"{wheelhouse} lacks {TOOLS}: `make test` downloads them")
+    folder, own_pip = tools_folder(tmp_path / "packages"), importlib.metadata.version("pip")
+    first = tools_install(sys.executable, folder, pip_args=offline(wheelhouse))
+    first.start()
+    _, progress = run_to_end(first)
+    assert progress.succeeded, first.output
+    probe = build_wheel(tmp_path / "w", "sammed2d_probe", "1.0", {"sammed2d_probe/__init__.py": "x = 1\n"})
+    out = tmp_path / "out"
+    command = light_the_torch_command(sys.executable, folder, ">=2.1")[:5]
+    command += ["install", "-v", *offline(probe.parent), "--target", str(out), "sammed2d_probe"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Using pip {PIP_VERSION.split('.post')[0]} from {folder / 'pip'}" in done.stdout + done.stderr
+    assert (out / "sammed2d_probe" / "__init__.py").is_file()
+    assert importlib.metadata.version("pip") == own_pip
     assert list(own_tempdir.iterdir()) == []
 
 
-def test_a_failing_light_the_torch_gives_one_line(tmp_path, own_tempdir):
-    site = standin_site(tmp_path / "site")
-    commands = torch_install_commands(sys.executable, ">=2.1", search_path=[str(site)])
-    install = TorchInstall(commands, search_path=[str(site)], env=standin_env(site, tmp_path / "r", "fail"))
+def test_a_failing_light_the_torch_gives_one_line(tmp_path, site, own_tempdir):
+    installed_tools(tmp_path / "packages")
+    env = standin_env(site, tmp_path / "r", "fail")
+    install = TorchInstall.in_slicer(sys.executable, ">=2.1", tmp_path / "packages", [str(site)], env)
     install.start()
     _, progress = run_to_end(install)
     assert progress.finished and not progress.succeeded and not progress.cancelled
@@ -178,15 +229,29 @@ def test_a_failing_light_the_torch_gives_one_line(tmp_path, own_tempdir):
     assert list(own_tempdir.iterdir()) == []
 
 
-def test_no_usable_torch_after_light_the_torch_is_a_failure(tmp_path):
-    site = standin_site(tmp_path / "site")
-    commands = torch_install_commands(sys.executable, ">=2.1", search_path=[str(site)])
+def test_no_usable_torch_after_light_the_torch_is_a_failure(tmp_path, site):
+    installed_tools(tmp_path / "packages")
     env = standin_env(site, tmp_path / "r", "nothing")
-    install = TorchInstall(commands, search_path=[str(site)], env=env)
+    install = TorchInstall.in_slicer(sys.executable, ">=2.1", tmp_path / "packages", [str(site)], env)
     install.start()
     _, progress = run_to_end(install)
     assert not progress.succeeded and "\n" not in progress.error
     assert progress.error.startswith("light-the-torch ended, but PyTorch is not usable: PyTorch is not ")
+
+
+def test_a_failing_install_of_light_the_torch_stops_there_and_leaves_nothing(tmp_path, site, own_tempdir):
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    cache, record = tmp_path / "packages", tmp_path / "record.json"
+    install = TorchInstall.in_slicer(sys.executable, ">=2.1", cache_dir=cache, search_path=[str(site)],
+                                     env=standin_env(site, record), pip_args=offline(empty))  # fmt: skip
+    install.start()
+    _, progress = run_to_end(install)
+    assert not progress.succeeded and "\n" not in progress.error
+    assert progress.error.startswith("light-the-torch could not be installed: ")
+    assert "light-the-torch==0.8.1" in progress.error
+    assert not record.exists() and not cache.exists()
+    assert list(own_tempdir.iterdir()) == []
 
 
 def test_a_failing_first_step_stops_the_install(tmp_path):
@@ -201,12 +266,13 @@ def test_a_failing_first_step_stops_the_install(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the launcher is a POSIX shell script")
-def test_cancel_kills_light_the_torch_and_its_children_and_leaves_nothing(tmp_path, own_tempdir):
-    site = standin_site(tmp_path / "site")
+def test_cancel_kills_light_the_torch_and_its_children_and_leaves_nothing(tmp_path, site, own_tempdir):
+    tools = installed_tools(tmp_path / "packages")
+    before = sorted(p.name for p in tools.iterdir())
     launcher, env, child_pid = python_launcher(tmp_path)
-    commands = torch_install_commands(str(launcher), ">=2.1", search_path=[str(site)])
     env = {**env, **standin_env(site, tmp_path / "r", "hang")}
-    install = TorchInstall(commands, search_path=[str(site)], env=env)
+    install = TorchInstall.in_slicer(str(launcher), ">=2.1", cache_dir=tmp_path / "packages",
+                                     search_path=[str(site)], env=env)  # fmt: skip
     install.start()
     while "Collecting torch>=2.1" not in install.output:  # light-the-torch is certainly mid-way
         assert not install.poll().finished, install.output
@@ -219,8 +285,26 @@ def test_cancel_kills_light_the_torch_and_its_children_and_leaves_nothing(tmp_pa
     assert not alive(install.pid)
     assert install.poll().cancelled
     assert list(own_tempdir.iterdir()) == [], "a log is left"
-    before = ["light_the_torch", f"light_the_torch-{LTT_VERSION}.dist-info"]
-    assert sorted(p.name for p in site.iterdir()) == before
+    assert sorted(p.name for p in tools.iterdir()) == before and list(site.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the launcher is a POSIX shell script")
+def test_cancel_while_light_the_torch_is_installed_leaves_no_folder(tmp_path, site, own_tempdir):
+    """Cancel while the private folder is being installed (a launcher that prints pip's first line and
+    waits): the staging folder and the folders made for it go."""
+    launcher = tmp_path / "SlowPython"
+    launcher.write_text('#!/bin/sh\necho "Collecting light-the-torch==0.8.1"\nsleep 600\n')
+    launcher.chmod(0o755)
+    cache = tmp_path / "packages"
+    install = TorchInstall.in_slicer(str(launcher), ">=2.1", cache_dir=cache, search_path=[str(site)])
+    install.start()
+    while "Collecting light-the-torch" not in install.output:
+        assert not install.poll().finished, install.output
+        time.sleep(0.05)
+    assert install.poll().line == "Collecting light-the-torch==0.8.1"
+    pid = install.pid
+    assert install.cancel().cancelled and wait_gone(pid)
+    assert not cache.exists() and list(own_tempdir.iterdir()) == []
 
 
 def test_an_empty_install_is_refused():
