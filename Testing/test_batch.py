@@ -297,6 +297,30 @@ def test_a_kept_result_needs_its_digest_and_its_mask(tmp_path):
     assert kept_result(tmp_path / "missing.json", "d1") is None
 
 
+def test_the_resume_digest_changes_with_the_package_or_torch_version(tmp_path, monkeypatch):
+    """A cohort resumed after an upgrade runs its cases again instead of mixing two versions' results."""
+    import importlib.metadata
+
+    import SAMMed2DSegmentLib
+    from SAMMed2DSegmentLib.cohort.digest import case_digest
+    from SAMMed2DSegmentLib.cohort.manifest import Case
+
+    (tmp_path / "ct.nrrd").write_bytes(b"voxels")
+    case = Case("a", {"case": "a", "volume": "ct.nrrd"}, 2, {"volume": (tmp_path / "ct.nrrd",)})
+    digest = case_digest(case, "5e" * 32, {"precision": "fp32"})
+    assert case_digest(case, "5e" * 32, {"precision": "fp32"}) == digest
+    real = importlib.metadata.version
+
+    def torch_upgraded(name: str) -> str:
+        return "9.9.9" if name == "torch" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", torch_upgraded)
+    assert case_digest(case, "5e" * 32, {"precision": "fp32"}) != digest
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    monkeypatch.setattr(SAMMed2DSegmentLib, "__version__", "9.9.9")
+    assert case_digest(case, "5e" * 32, {"precision": "fp32"}) != digest
+
+
 def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):
     out = tmp_path / "out"
     cases = manifest(cohort, "slow.csv", [f"s{n},ct.nrrd,liver.mrk.json,both" for n in range(4)])

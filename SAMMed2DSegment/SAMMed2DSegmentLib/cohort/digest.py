@@ -1,11 +1,13 @@
 """The resume digest of a case: what its outputs depend on (the manifest row as written, the content of every
-input file, the model file, and the run's options that change the result). Kept in the case's report;
-`--resume` skips a case whose outputs exist and whose digest is unchanged. Computed on the client from the
-files alone, so skips are decided before any cluster starts."""
+input file, the model file, the run's options that change the result, and the versions of this package and
+of torch, so that a cohort resumed after an upgrade is not a mix of two versions' results). Kept in the
+case's report; `--resume` skips a case whose outputs exist and whose digest is unchanged. Computed on the
+client from the files and package metadata alone, so skips are decided before any cluster starts."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from ..files import sha256_file
 from .manifest import Case
 
-DIGEST_VERSION = 1
+DIGEST_VERSION = 2
 
 
 def _file_digests(path: Path) -> list[tuple[str, str]]:
@@ -23,13 +25,27 @@ def _file_digests(path: Path) -> list[tuple[str, str]]:
     return [(path.name, sha256_file(path))]
 
 
+def software_versions() -> dict[str, str | None]:
+    """This package's version and torch's, read from metadata without importing torch (the client's: workers
+    of a cluster elsewhere are assumed to run the same)."""
+    from .. import __version__
+
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = None
+    return {"sammed2d": __version__, "torch": torch}
+
+
 def case_digest(case: Case, model_sha256: str, options: Mapping[str, object]) -> str:
-    """One hex digest of the row, its inputs' content, the model and `options` (precision, outputs asked)."""
+    """One hex digest of the row, its inputs' content, the model, `options` (precision, outputs asked) and
+    the software's versions."""
     record = {
         "version": DIGEST_VERSION,
         "row": dict(sorted(case.row.items())),
         "inputs": {column: [_file_digests(p) for p in paths] for column, paths in sorted(case.files.items())},
         "model": model_sha256,
         "options": dict(sorted(options.items())),
+        "software": software_versions(),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
