@@ -412,3 +412,44 @@ def test_provenance_in_the_seg_nrrd_and_the_dicom_seg(env, tmp_path):
     )
     sign, *lps = params["points_lps"].split()
     assert sign == "+" and [float(v) for v in lps] == pytest.approx([x, y, z], abs=1e-4)
+
+
+def test_exclude_points_alone_refine_the_segment_in_out(tmp_path, capsys):
+    """The module's negative click, headless: the demo model segments the liver from the README's point;
+    then one exclude point on the worst spill of slices 12-15, alone, re-segments that slice from the
+    segment --out holds there (with --propagate none nothing else changes). Without that segment in --out
+    the same point is one line and nothing is written."""
+    from SAMMed2DSegmentLib.evaluation.clicks import deepest_point
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "liver.seg.nrrd"
+    first_run = ["--volume", str(DICOM), "--include", str(repo / "demo" / "liver-point.mrk.json"),
+                 "--segment-name", "liver", "--out", str(out)]  # fmt: skip
+    assert run(first_run) == 0
+    first = read_segment(out, DICOM, "liver")
+    labels = sitk.ReadImage(str(LABELS))
+    liver = sitk.GetArrayFromImage(labels) == LIVER
+    spill = (first & ~liver).sum(axis=(1, 2))
+    k = 12 + int(np.argmax(spill[12:16]))
+    assert spill[k] > 0
+    spacing = labels.GetSpacing()
+    i, j = deepest_point(first[k] & ~liver[k], spacing=(spacing[1], spacing[0]))
+    exclude = write_points(tmp_path / "stop.mrk.json", [labels.TransformIndexToPhysicalPoint((i, j, k))])
+    refine = ["--volume", str(DICOM), "--exclude", str(exclude), "--segment-name", "liver",
+              "--propagate", "none"]  # fmt: skip
+    report = tmp_path / "refine.json"
+    assert run([*refine, "--out", str(out), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["slices_written"] == [k]
+    fixed = read_segment(out, DICOM, "liver")
+    assert first[k, j, i] and not fixed[k, j, i]  # the voxel under the point removed
+    assert (fixed[k] & ~liver[k]).sum() < spill[k]
+    assert (fixed[k] & first[k] & liver[k]).sum() > 0.85 * (first[k] & liver[k]).sum()  # the rest kept
+    others = [n for n in range(first.shape[0]) if n != k]
+    np.testing.assert_array_equal(fixed[others], first[others])
+    capsys.readouterr()
+
+    fresh = tmp_path / "fresh.seg.nrrd"
+    assert run([*refine, "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only exclude points and no segment there to correct" in err[0], err
+    assert not fresh.exists()

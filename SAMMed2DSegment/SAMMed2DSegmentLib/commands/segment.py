@@ -48,7 +48,13 @@ def add_parser(subparsers) -> None:
         "--volume", required=True, help=".nrrd/.nii(.gz)/.mha file, or a folder with one DICOM series"
     )
     seg.add_argument("--include", action="append", default=[], help="Slicer markups JSON of include points")
-    seg.add_argument("--exclude", action="append", default=[], help="Slicer markups JSON of exclude points")
+    seg.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="Slicer markups JSON of exclude points; on a slice with no include point or box they refine the "
+        "segment --out already holds there (with --propagate none only those slices change)",
+    )
     seg.add_argument("--roi", action="append", default=[], help="Slicer markups JSON of an ROI (box)")
     add_model_options(seg)
     seg.add_argument("--axis", default="axial", choices=AXES)
@@ -146,6 +152,20 @@ def _load_prompts(hs, args: argparse.Namespace):
     return points, rois
 
 
+def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometry) -> dict[int, np.ndarray]:
+    """The segment's masks on the slices whose prompts are exclude points only: there the points correct
+    the segment the file already holds (`SegmentationSession.propagate`'s `current_masks`), as a negative
+    click does in the module. A slice where the segment has no voxels is refused by the engine."""
+    from ..mrml import segmentations
+
+    slices = [index for index, prompt in by_slice.items() if not prompt.has_include]
+    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
+    if not slices or not segment_id:
+        return {}
+    voxels = segmentations.segment_array(seg_node, segment_id, volume_node)
+    return {index: geometry.view(voxels, index).copy() for index in slices}
+
+
 def _check_finite_results(result) -> None:
     """Non-finite logits or IoU mean a broken model (or numerics): nothing of such a run may be written."""
     for index, outcome in sorted(result.slices.items()):
@@ -216,7 +236,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         hs = scene.create_headless_scene()
         points, rois = _load_prompts(hs, args)
         geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, args.axis)
-        prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice point limit
+        by_slice = prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice limit
         # An empty --out holds nothing (the output plan lets it be replaced): it is written as a new file.
         existing = segmentations.load_segmentation(hs, out) if out.exists() and out.stat().st_size else None
         earlier = earlier_provenance(out) if existing is not None else []
@@ -225,6 +245,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
         if existing is not None:
             segmentations.check_segments_on_grid(seg_node, volume_node, out.name)
+        current = _masks_to_refine(by_slice, seg_node, args.segment_name, volume_node, geometry)
         window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
         t = time.perf_counter()
         model, info = load_model(args)
@@ -245,7 +266,8 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         session = SegmentationSession(predictor, cache_bytes=args.cache_mb << 20, disk_cache=disk,
                                       model_sha256=info.sha256)  # fmt: skip
         session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
-        for outcome in session.propagate(points, rois, args.axis, args.propagate, settings):
+        walk = session.propagate(points, rois, args.axis, args.propagate, settings, current_masks=current)
+        for outcome in walk:
             if not args.quiet:
                 print(
                     f"slice {outcome.index}: {outcome.status} IoU {outcome.predicted_iou:.2f} "
