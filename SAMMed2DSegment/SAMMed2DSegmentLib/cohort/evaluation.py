@@ -32,6 +32,12 @@ def _is_table(path: Path) -> bool:
 EVALUATION_TABLE = Kind("an evaluation table (CSV)", _is_table)
 
 
+def case_folder(folder: str | Path, case: str) -> Path:
+    """A folder option's subfolder for one case (--save-masks DIR: DIR/<case>), absolute: workers run
+    elsewhere."""
+    return Path(str(folder)).resolve() / case
+
+
 def forwarded_argv(options: Mapping[str, object], case: str) -> list[str]:
     """The run's evaluate options (an argparse namespace's `vars`) as command-line options again, for one
     case. A folder option (--save-masks DIR) gets a subfolder per case."""
@@ -43,7 +49,7 @@ def forwarded_argv(options: Mapping[str, object], case: str) -> list[str]:
         if value is True:
             argv.append(option)
         elif dest == "save_masks":
-            argv += [option, str(Path(str(value)).resolve() / case)]
+            argv += [option, str(case_folder(str(value), case))]
         elif isinstance(value, list):
             for item in value:
                 argv += [option, str(item)]

@@ -113,7 +113,12 @@ def saved_mask_path(args: argparse.Namespace) -> Path | None:
         raise CommandError(f"--save-masks {folder} is not a folder")
     if not folder.exists() and not folder.absolute().parent.is_dir():
         raise CommandError(f"--save-masks: the folder {folder.absolute().parent} does not exist")
-    return folder / f"{Path(args.json).name[: -len('.json')]}.seg.nrrd"
+    return mask_file_in(folder, args.json)
+
+
+def mask_file_in(folder: str | Path, json_path: str | Path) -> Path:
+    """The --save-masks file in `folder` for the result `json_path`: <folder>/<name of the JSON>.seg.nrrd."""
+    return Path(folder) / f"{Path(json_path).name[: -len('.json')]}.seg.nrrd"
 
 
 def _evaluate_planned(args: argparse.Namespace, mask_file: Path | None) -> dict:
@@ -228,6 +233,7 @@ def _run_manifest(args: argparse.Namespace) -> dict:
     from ..cohort.evaluation import (
         EVALUATION_SUMMARY,
         EVALUATION_TABLE,
+        case_folder,
         forwarded_argv,
         kept_result,
         structure_name,
@@ -267,8 +273,7 @@ def _run_manifest(args: argparse.Namespace) -> dict:
             options = forwarded_argv(vars(args), case.name)
             digest = case_digest(case, model_sha256, {"model": model, "options": options})
             result = cases_dir / f"{case.name}.json"
-            masks = Path(args.save_masks).resolve() / case.name if args.save_masks else None
-            mask = masks / f"{case.name}.seg.nrrd" if masks is not None else None  # see saved_mask_path
+            mask = mask_file_in(case_folder(args.save_masks, case.name), result) if args.save_masks else None
             if args.resume and (kept := kept_result(result, digest, mask)) is not None:
                 rows[case.name] = skipped_row(case.name)
                 results[case.name] = kept
