@@ -26,6 +26,7 @@ $(TOOL_WHEELS)/.done: $(STAMP) SAMMed2DSegment/SAMMed2DSegmentLib/torch_install.
 
 test: $(STAMP) $(TOOL_WHEELS)/.done
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest Testing
 
 # Issue 27's table: every precision this CPU offers (s/slice, share of the matmul peak, agreement with fp32),
@@ -110,6 +111,7 @@ evaluate: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -721,8 +721,9 @@ def test_nan_weights_in_a_cached_conversion_are_never_loaded(tmp_path, trained, 
         caplog.clear()
 
 
-def test_a_checkpoint_holding_nan_is_refused_at_conversion_and_with_its_record_missing_or_damaged(tmp_path,
-                                                                                                  trained):
+def test_a_checkpoint_holding_nan_is_refused_at_conversion_and_with_its_record_missing_or_damaged(
+    tmp_path, trained
+):
     sd, _ = trained
     src = tmp_path / "nan.pth"
     torch.save({"model": _nan_weights(sd)}, src)

@@ -312,7 +312,10 @@ def test_sigint_and_sigterm_change_nothing(data, existing, tmp_path, moment, sig
     args = ["segment", "--volume", data["series"], "--include", data["liver"], "--segment-name", "2nd",
             "--propagate", "none", "--out", out, "--dicom-seg", dcm, "--report", tmp_path / "r"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-c", HARNESS, *map(str, args)], env=env, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", HARNESS, *map(str, args)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=sigint_as_in_a_terminal,
     )
     lines = []

@@ -53,8 +53,6 @@ LABELS = Path(__file__).parent / "Data" / "totalseg-example-ct" / "labels" / "la
 DEMO = str(resolve_model("demo"))
 
 
-
-
 @dataclass
 class Recorder:
     """Every callback of one job, with the job's state and message at the moment it fired."""

@@ -71,16 +71,33 @@ _BAD_MESSAGES = {
     "short frame": b"\x01\x00",
     "header longer than the frame": struct.pack("<I", 1000) + b'{"op": "ping"}',
     "100k-deep nesting": _frame(b"[" * 100_000 + b"]" * 100_000),
-    "array claiming 800 GB": _header({"op": "segment", "job": 7, "_arrays": {"seed_0": {
-        "dtype": "|u1", "shape": [800_000, 1_000_000], "offset": 0, "size": 800_000_000_000}}}),
-    "object dtype": _frame(json.dumps({"op": "ping", "job": 7, "_arrays": {"a": {
-        "dtype": "|O", "shape": [1], "offset": 0, "size": 8}}}).encode(), b"\0" * 8),
+    "array claiming 800 GB": _header(
+        {
+            "op": "segment",
+            "job": 7,
+            "_arrays": {
+                "seed_0": {
+                    "dtype": "|u1",
+                    "shape": [800_000, 1_000_000],
+                    "offset": 0,
+                    "size": 800_000_000_000,
+                }
+            },
+        }
+    ),
+    "object dtype": _frame(
+        json.dumps(
+            {"op": "ping", "job": 7, "_arrays": {"a": {"dtype": "|O", "shape": [1], "offset": 0, "size": 8}}}
+        ).encode(),
+        b"\0" * 8,
+    ),
     "header not a dict": _header([1, 2, 3]),
     "cancel with a text job number": _header({"op": "cancel", "job": 7, "target": "3"}),
     "text job number": _header({"op": "ping", "job": "7"}),
     "unknown request": _header({"op": "format_disk", "job": 7}),
-    "set_volume with an object dtype": _header({"op": "set_volume", "job": 7, "shm": "x", "shape": [1],
-                                                 "dtype": "|O", "ijk_to_ras": [], "key": "k"}),
+    "set_volume with an object dtype": _header(
+        {"op": "set_volume", "job": 7, "shm": "x", "shape": [1], "dtype": "|O", "ijk_to_ras": [], "key": "k"}
+    ),
 }
 
 

@@ -161,9 +161,13 @@ def test_what_the_module_imports_from_the_library_never_loads_torch():
     modules = sorted({node.module for node in ast.walk(TREE) if isinstance(node, ast.ImportFrom)
                       and (node.module or "").startswith("SAMMed2DSegmentLib")})  # fmt: skip
     assert "SAMMed2DSegmentLib.mrml.controller" in modules and "SAMMed2DSegmentLib.service.client" in modules
-    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'highdicom'))\n"
-        "assert not bad, bad[:5]\n"
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + (
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'highdicom'))\n"
+            "assert not bad, bad[:5]\n"
+        )
     )
     import subprocess
     import sys

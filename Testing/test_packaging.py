@@ -475,6 +475,7 @@ def test_catalog_entry_agrees_with_cmake_and_s4ext():
     entry, variables, fields = catalog_entry(), top_cmake_variables(), read_s4ext(S4EXT)
     project = re.search(r"\bproject\(\s*(\w+)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert project is not None and CATALOG_ENTRY.stem == project.group(1)
+
     def listed(value: str) -> list[str]:
         return [] if value == "NA" else value.split()
 

@@ -212,7 +212,7 @@ def test_download_needs_nothing_but_what_slicer_bundles(tmp_path):
     assert empty.missing == ("numpy",) and not empty.ready and "numpy" in empty.message
 
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc
 import sys
 
@@ -227,9 +227,9 @@ class _Blocked(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _Blocked())
-'''
+"""
 
-DOWNLOAD = '''
+DOWNLOAD = """
 import http.server, sys, threading
 from pathlib import Path
 from SAMMed2DSegmentLib.service.client import EngineClient
@@ -269,7 +269,7 @@ finally:
 assert events[-1][0] == "done", events
 assert Path(events[-1][1]["path"]) == target
 print("ok", sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
-'''
+"""
 
 
 def test_download_path_runs_without_torch_or_the_engine_packages(tmp_path):

@@ -37,8 +37,6 @@ LABELS = CT.parent / "labels" / "labels_on_ct_grid.nrrd"
 LIVER_LPS = (-93.26171875, -129.89453125, -784.5)  # demo/liver-point.mrk.json: slice 10 of 20
 
 
-
-
 @pytest.fixture
 def case(ct, client):
     return _case(ct, client)
@@ -295,8 +293,13 @@ def test_propagate_from_here_never_replaces_slices_edited_by_hand(case):
     corrected[: rows[len(rows) // 2]] = False  # the user erased half of the seed slice
     painted = np.zeros_like(corrected)
     painted[100:140, 100:140] = True  # and painted a square on slice 12
-    write_segment_slices(seg, liver, volume, geometry,
-                         {10: _display(geometry, corrected, 10), 12: _display(geometry, painted, 12)})
+    write_segment_slices(
+        seg,
+        liver,
+        volume,
+        geometry,
+        {10: _display(geometry, corrected, 10), 12: _display(geometry, painted, 12)},
+    )
     before = segment_array(seg, liver, volume)
     done = []
     job = controller.start_propagation_from_slice(volume, seg, liver, 10, SegmentOptions(direction="up"),
@@ -363,8 +366,9 @@ def test_exclude_points_on_a_slice_the_segment_lacks_are_refused_in_one_line(cas
     assert not segment_array(seg, liver, volume).any()
     job, done, errors, slices = _run(controller, volume, None, exclude, None, seg, liver,
                                      SegmentOptions(direction="both"))  # fmt: skip
-    message = ("slice 10 has only exclude points and no segment there to correct: "
-               "add an include point or a box")
+    message = (
+        "slice 10 has only exclude points and no segment there to correct: add an include point or a box"
+    )
     assert errors == [message] and job.state == "failed" and done == [] and slices == []
     assert not segment_array(seg, liver, volume).any() and job.written == []
 
@@ -467,6 +471,7 @@ def test_the_direct_slice_write_gives_the_editors_voxels(ct):
     leave exactly what Slicer's editor logic leaves (other slices, other segments, overlap)."""
     from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
     from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
+
     results = []
     for use_editor in (False, True):
         hs = create_headless_scene()

@@ -33,7 +33,7 @@ from .child_processes import alive, build_wheel, python_launcher, run_to_end, wa
 #: A stand-in for light-the-torch's `__main__`: prints pip-like lines, records its arguments and the pip it
 #: would run (it runs pip in its own process), then, by STANDIN_MODE, writes torch 2.5.0's files into
 #: STANDIN_SITE, fails as pip does, writes nothing, or waits.
-STANDIN_MAIN = '''
+STANDIN_MAIN = """
 import json, os, sys, time
 from pathlib import Path
 
@@ -57,7 +57,7 @@ if mode == "install":
     metadata = "Metadata-Version: 2.1\\nName: torch\\nVersion: 2.5.0\\n"
     (site / "torch-2.5.0.dist-info" / "METADATA").write_text(metadata)
 print("Successfully installed torch-2.5.0", flush=True)
-'''
+"""
 
 LTT_VERSION, PIP_VERSION = (t.split("==")[1] for t in TOOLS)
 STANDIN_FILES = {"light_the_torch/__init__.py": "", "light_the_torch/__main__.py": STANDIN_MAIN}

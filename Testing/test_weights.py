@@ -221,7 +221,7 @@ def test_registry_entries():
 
 
 def test_every_model_names_its_intensity_rule():
-    """"auto" means the model's own conversion: SA-Med2D-20M's rule for the official release and for the
+    """ "auto" means the model's own conversion: SA-Med2D-20M's rule for the official release and for the
     demo model trained to match it; a checkpoint the registry does not know is a SAM-Med2D fine-tune."""
     from SAMMed2DSegmentLib.engine.intensity import SA_MED2D_20M, compute_window
     from SAMMed2DSegmentLib.weights.registry import intensity_rule

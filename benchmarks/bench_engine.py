@@ -116,8 +116,11 @@ def main() -> None:
         client.wait(client.submit_volume(ct.array_kji, header))
         done = []
         start = time.perf_counter()
-        job = client.submit("segment", {**base, "key": key_now, "direction": "both"},
-                            on_event=lambda kind, reply, arrays: kind == "slice" or done.append(kind))
+        job = client.submit(
+            "segment",
+            {**base, "key": key_now, "direction": "both"},
+            on_event=lambda kind, reply, arrays: kind == "slice" or done.append(kind),
+        )
         drive(client.poll, lambda: job.number not in client.jobs, mode)
         assert done == ["done"], done
         return time.perf_counter() - start
@@ -138,8 +141,13 @@ def main() -> None:
     previous = sys.getswitchinterval()
     sys.setswitchinterval(TICK_S)  # in every mode, so only what the main thread does differs
     try:
-        rows = [(name, fn("idle"), fn("blocked"), fn("busy")) for name, fn in
-                (("engine process", propagate_in_engine), ("thread in this process", propagate_in_thread))]
+        rows = [
+            (name, fn("idle"), fn("blocked"), fn("busy"))
+            for name, fn in (
+                ("engine process", propagate_in_engine),
+                ("thread in this process", propagate_in_thread),
+            )
+        ]
     finally:
         sys.setswitchinterval(previous)
     print("propagation over the 20-slice CT, polled every 50 ms, s: main thread idle / keeping the GIL while")

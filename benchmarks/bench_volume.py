@@ -90,7 +90,6 @@ class WalkEverySlice(SamMed2DPredictor):
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-
 def run_session(predictor, volume_kji, ijk_to_ras, window, points, direction="both", settings=None,
                 cache=None, progress=None, key="bench"):  # fmt: skip
     """The session path, as the command line and the engine process run it, with a given embedding cache;
@@ -103,6 +102,7 @@ def run_session(predictor, volume_kji, ijk_to_ras, window, points, direction="bo
         if progress is not None:
             progress(len(session.last.result.slices), outcome)
     return session.last
+
 
 def build_model() -> torch.nn.Module:
     model = build_sam_med2d(BUILD)

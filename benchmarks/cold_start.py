@@ -144,11 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {stage:<24}{cells}")
     floors = [sum(r[s] for s in FLOOR) for r in mine]
     print(f"  floor (torch import + one encode + one decode): {statistics.median(floors):.2f}")
-    print(f"  engine process, start -> first mask (load, 20-slice CT, one slice): median "
-          f"{statistics.median(engine):.2f} (min {min(engine):.2f}, max {max(engine):.2f})")
+    print(
+        f"  engine process, start -> first mask (load, 20-slice CT, one slice): median "
+        f"{statistics.median(engine):.2f} (min {min(engine):.2f}, max {max(engine):.2f})"
+    )
     ratios = [e / f for e, f in zip(engine, floors, strict=True)]
-    print(f"  engine / floor: median {statistics.median(ratios):.2f} (per repeat "
-          f"{', '.join(f'{r:.2f}' for r in ratios)}; issue 27 asks ≤ 1.5)")
+    print(
+        f"  engine / floor: median {statistics.median(ratios):.2f} (per repeat "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}; issue 27 asks ≤ 1.5)"
+    )
 
 
 if __name__ == "__main__":

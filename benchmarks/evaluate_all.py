@@ -106,8 +106,10 @@ def print_cvpr25(rows: list, cvpr: list, absent: set, clicks: int) -> None:
         print(f"| {case} | {organ} | {two_d} | {r['dsc_per_step'][0]:.3f} | {r['final_dsc']:.3f} "
               f"| {r['final_nsd']:.3f} | {r['dsc_auc']:.3f} | {r['nsd_auc']:.3f} "
               f"| {kinds.count('fg')}/{kinds.count('bg')} | {r['seconds']:.0f} |")  # fmt: skip
-    print(f"(cvpr25: DSC/NSD at 2 mm after the box and each of {clicks} clicks; AUC over the click steps "
-          f"(0..{max(clicks - 1, 0)}), as the challenge computes it; s: the protocol's time, noisy)")
+    print(
+        f"(cvpr25: DSC/NSD at 2 mm after the box and each of {clicks} clicks; AUC over the click steps "
+        f"(0..{max(clicks - 1, 0)}), as the challenge computes it; s: the protocol's time, noisy)"
+    )
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def torch_requirement(platform: str = sys.platform) -> str:
 def torch_problem(
     version: str | None, package_found: bool, platform: str = sys.platform, leftovers: bool = False
 ) -> str:
-    """"" when this torch can run the engine, otherwise one line saying what to do. `version` is None when
+    """ "" when this torch can run the engine, otherwise one line saying what to do. `version` is None when
     no metadata gives one; `leftovers`: something called torch is there all the same (a metadata folder
     without a version, or a namespace folder left behind by a failed install)."""
     if version is None and not package_found and not leftovers:

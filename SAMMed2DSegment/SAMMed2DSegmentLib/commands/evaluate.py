@@ -61,8 +61,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", required=True, help="output JSON file (with --manifest: the summary)")
     p.add_argument("--save-masks", metavar="DIR",
                    help="cvpr25: the final mask as DIR/<json name>.seg.nrrd (DIR is made)")  # fmt: skip
-    p.add_argument("--manifest", help="CSV of cases (case, volume, labels, label_value[, axis, "
-                   "segment_name]), run on Dask instead of --volume/--labels/--label-value")
+    p.add_argument(
+        "--manifest",
+        help="CSV of cases (case, volume, labels, label_value[, axis, "
+        "segment_name]), run on Dask instead of --volume/--labels/--label-value",
+    )
     p.add_argument("--resume", action="store_true",
                    help="with --manifest: keep the results of cases whose row, inputs, model and options are "
                         "unchanged since they were evaluated")  # fmt: skip

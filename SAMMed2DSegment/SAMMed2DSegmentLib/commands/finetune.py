@@ -24,8 +24,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image", action="append", default=[], required=True, help="image volume (repeatable)")
     p.add_argument("--labels", action="append", default=[], required=True,
                    help="label map on the image's grid, one per --image (same order)")  # fmt: skip
-    p.add_argument("--val-image", action="append", default=[],
-                   help="a volume only validated on, never trained on (repeatable)")
+    p.add_argument(
+        "--val-image",
+        action="append",
+        default=[],
+        help="a volume only validated on, never trained on (repeatable)",
+    )
     p.add_argument("--val-labels", action="append", default=[], help="its label map, one per --val-image")
     p.add_argument("--out-dir", required=True, help="folder for last.safetensors and best.safetensors")
     p.add_argument("--build", default="small", choices=sorted(CONFIGS))
@@ -33,16 +37,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="train only the encoder's adapters")
     p.add_argument("--iou-rank-weight", type=float, default=FinetuneConfig.iou_rank_weight,
                    help="weight of the IoU head's ranking loss (0: SAM's MSE only)")  # fmt: skip
-    p.add_argument("--all-tokens", action="store_true",
-                   help="train every multimask token on the whole structure (not SAM's best of three)")
-    p.add_argument("--size-exponent", type=float, default=FinetuneConfig.size_exponent,
-                   help=f"draw large structures more often: keep each with (area / {LARGE_AREA_PX} px)^this")
-    p.add_argument("--prompt-mix", type=float, nargs=3, default=list(FinetuneConfig.prompt_mix),
-                   metavar=("POINTS", "BOX", "BOX_POINT"), help="probabilities of the first prompt's kind")
-    p.add_argument("--correction-probability", type=float, default=FinetuneConfig.correction_probability,
-                   help="share of batches that go on with corrective clicks after the first prompt")
-    p.add_argument("--correction-rounds", type=int, default=FinetuneConfig.correction_rounds,
-                   help="at most this many corrective clicks in such a batch (1..this, drawn)")
+    p.add_argument(
+        "--all-tokens",
+        action="store_true",
+        help="train every multimask token on the whole structure (not SAM's best of three)",
+    )
+    p.add_argument(
+        "--size-exponent",
+        type=float,
+        default=FinetuneConfig.size_exponent,
+        help=f"draw large structures more often: keep each with (area / {LARGE_AREA_PX} px)^this",
+    )
+    p.add_argument(
+        "--prompt-mix",
+        type=float,
+        nargs=3,
+        default=list(FinetuneConfig.prompt_mix),
+        metavar=("POINTS", "BOX", "BOX_POINT"),
+        help="probabilities of the first prompt's kind",
+    )
+    p.add_argument(
+        "--correction-probability",
+        type=float,
+        default=FinetuneConfig.correction_probability,
+        help="share of batches that go on with corrective clicks after the first prompt",
+    )
+    p.add_argument(
+        "--correction-rounds",
+        type=int,
+        default=FinetuneConfig.correction_rounds,
+        help="at most this many corrective clicks in such a batch (1..this, drawn)",
+    )
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr)

@@ -389,8 +389,12 @@ def _report(args, seg, info, window, segment_id, masks, kept_out, timings, choic
         "slices_written": sorted(masks),
         "kept_out_low_confidence": kept_out,
         "encoded_slices": result.encoded_slices,
-        "embedding_cache": None if cache.disk is None else {
-            "dir": str(cache.disk.folder), "read": cache.disk.hits, "written": cache.disk.writes,
+        "embedding_cache": None
+        if cache.disk is None
+        else {
+            "dir": str(cache.disk.folder),
+            "read": cache.disk.hits,
+            "written": cache.disk.writes,
             "discarded": cache.disk.discarded,
         },  # fmt: skip
         "cancelled": result.cancelled,

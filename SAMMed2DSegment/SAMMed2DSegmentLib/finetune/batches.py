@@ -99,9 +99,7 @@ def _field_of_view(axis: str, rng: np.random.Generator) -> torch.Tensor:
     return (xx - cx).abs() > SIZE * rng.uniform(0.35, 0.55)
 
 
-def intensity_mapping(
-    info: VolumeIntensity, rng: np.random.Generator
-) -> tuple[float, float, float | None]:
+def intensity_mapping(info: VolumeIntensity, rng: np.random.Generator) -> tuple[float, float, float | None]:
     """(low, high, padding value or None) for one sample. CT: mostly the model's rule under one of the common
     padding values and a range of upper ends (the 99.5th percentile depends on how much bone, contrast or
     metal the field holds: ≈ 270–630 HU in the project's CTs, ≈ 1300 HU in the dataset's AMOS sample), and

@@ -139,6 +139,7 @@ class LowPrecisionEncoder:
             self.patch_b = proj.bias.detach().float()
             self.pos_embed = encoder.pos_embed.detach().float()
             grid = encoder.img_size // self.patch
+
             def block_weights(numbered: tuple[int, Any]) -> _BlockWeights:
                 if cancelled is not None and cancelled.is_set():
                     raise PreparationCancelled("the low-precision weights are no longer wanted")

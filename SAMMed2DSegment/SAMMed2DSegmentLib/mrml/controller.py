@@ -288,7 +288,7 @@ class InteractiveSegmentation:
         on_error: Callable[[str, str], None] | None = None,
         exclude_node: vtk.vtkObject | None = None,
     ) -> SegmentationJob:
-        """"Propagate from here": the segment's slice `index` as it is now (a correction) seeds the walk, and
+        """ "Propagate from here": the segment's slice `index` as it is now (a correction) seeds the walk, and
         only slices the model wrote (or empty ones) are replaced; slices edited by hand are kept. Exclude
         points of `exclude_node` on that slice that still lie on the segment are applied first: the slice is
         refined by them (as "Segment" does) and the walk starts from the result."""
@@ -329,8 +329,10 @@ class InteractiveSegmentation:
             "window": options.window_header(),
             "settings": {"iou_threshold": float(options.iou_threshold)},
             "points": [{"position": list(p.position), "label": p.label} for p in points],
-            "rois": [{"center": list(r.center), "axes": np.asarray(r.axes).tolist(), "size": list(r.size)}
-                     for r in rois],  # fmt: skip
+            "rois": [
+                {"center": list(r.center), "axes": np.asarray(r.axes).tolist(), "size": list(r.size)}
+                for r in rois
+            ],  # fmt: skip
         }
         arrays = {f"seed_{i}": pack_mask(m) for i, m in seeds.items()}
         arrays.update({f"current_{i}": pack_mask(m) for i, m in (current or {}).items()})

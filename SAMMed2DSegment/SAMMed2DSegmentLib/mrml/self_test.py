@@ -52,9 +52,13 @@ def check_logic_loads(panel: PanelModel, temporary_folder: str) -> None:
     import SAMMed2DSegmentLib
 
     assert isinstance(SAMMed2DSegmentLib.__version__, str)
-    code = "import sys\n" + "".join(f"import {m}\n" for m in SLICER_SIDE_MODULES) + (
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'highdicom'))\n"
-        "assert not bad, bad[:5]\n"
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in SLICER_SIDE_MODULES)
+        + (
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'highdicom'))\n"
+            "assert not bad, bad[:5]\n"
+        )
     )
     path = os.pathsep.join(filter(None, [_LIB_PARENT, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}

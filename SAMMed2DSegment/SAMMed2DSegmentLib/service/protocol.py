@@ -59,8 +59,14 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "set_volume": {"shm": _TEXT, "shape": _LIST, "dtype": _TEXT, "ijk_to_ras": _LIST, "key": _TEXT},
     "segment": {"key": _TEXT, "axis": _TEXT, "direction": _TEXT, "points": _LIST, "rois": _LIST},
     "prefetch": {"key": _TEXT, "axis": _TEXT, "center": (int,)},
-    "export_dicom_seg": {"files": _LIST, "out": _TEXT, "segments": _LIST, "shape": _LIST,
-                         "ijk_to_ras": _LIST, "model_sha256": _TEXT},  # fmt: skip
+    "export_dicom_seg": {
+        "files": _LIST,
+        "out": _TEXT,
+        "segments": _LIST,
+        "shape": _LIST,
+        "ijk_to_ras": _LIST,
+        "model_sha256": _TEXT,
+    },  # fmt: skip
     "download": {"model": _TEXT},
     "cancel": {"target": (int, type(None))},
     "shutdown": {},

@@ -346,6 +346,7 @@ class EngineServer:
         datasets = sort_series_datasets(pydicom.dcmread(f, stop_before_pixels=True) for f in header["files"])
         shape = tuple(header["shape"])
         check_series_grid(datasets, shape, np.array(header["ijk_to_ras"], dtype=np.float64))
+
         def unpacked(number: int, segment: dict) -> Callable[[], MaskBlock]:
             """Each segment arrives packed and cropped to its extent ("offset"/"shape"; the whole grid when
             absent); it is unpacked only when the writer reaches it, so one is held at a time."""

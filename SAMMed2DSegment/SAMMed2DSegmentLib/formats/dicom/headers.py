@@ -226,14 +226,13 @@ def frame_of_reference(datasets: Sequence[Dataset]) -> tuple[str, bool]:
         uid = derived_frame_of_reference(datasets)
         log.warning(
             "the source series has no valid FrameOfReferenceUID (de-identified?); the DICOM-SEG uses %s, "
-            "derived from the series' UIDs, and says so in its ContentDescription", uid
+            "derived from the series' UIDs, and says so in its ContentDescription",
+            uid,
         )
         return uid, True
 
 
-def source_headers(
-    datasets: Sequence[Dataset], slice_thickness: float
-) -> tuple[list[Dataset], bool]:
+def source_headers(datasets: Sequence[Dataset], slice_thickness: float) -> tuple[list[Dataset], bool]:
     """Minimal datasets standing for the sorted source images: the first carries every attribute of
     :data:`RULES` that passed (patient, study, frame of reference), each carries its UIDs (StudyInstanceUID
     among them) and geometry. Returns them and whether the frame of reference was derived. Raises

@@ -119,6 +119,7 @@ class SegmentSpec:
 # representations allow, in the DICOM-SEG (LPS, the patient frame DICOM uses). The record below is the one
 # shape both are written from and read back into, so a case can be reviewed and re-run from either file.
 
+
 def write_dicom_seg(
     source_datasets: Sequence[Dataset],
     segments: Sequence[SegmentSpec],
@@ -189,8 +190,15 @@ def write_dicom_seg(
         content_description = DERIVED_FOR_NOTE
     try:
         seg = _segmentation(
-            headers, pixel_array, fractional, descriptions, measures, series_number, content_label,
-            content_description, series_description,
+            headers,
+            pixel_array,
+            fractional,
+            descriptions,
+            measures,
+            series_number,
+            content_label,
+            content_description,
+            series_description,
         )
         _atomic_save(seg, out_path)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
