@@ -674,7 +674,7 @@ class SAMMed2DSegmentLogic(ScriptedLoadableModuleLogic):
         return requirements.check_requirements(self.requirementsPath(), self.packageFolder())
 
     def startTorchInstall(self):
-        """PyTorch with the PyTorch extension's light-the-torch command, run from a private folder with the
+        """PyTorch with light-the-torch (the PyTorch extension's command), run from a private folder with the
         pip it is made for (Slicer's own pip is left as it is), in child processes the caller polls;
         whether torch is then usable is read from its metadata: it is never imported here."""
         from SAMMed2DSegmentLib import requirements

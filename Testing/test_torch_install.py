@@ -30,37 +30,48 @@ from SAMMed2DSegmentLib.torch_install import (
 
 from .child_processes import alive, build_wheel, python_launcher, run_to_end, wait_gone
 
-#: A stand-in for light-the-torch's `__main__`: prints pip-like lines, records its arguments and the pip it
-#: would run (it runs pip in its own process), then, by STANDIN_MODE, writes torch 2.5.0's files into
-#: STANDIN_SITE, fails as pip does, writes nothing, or waits.
-STANDIN_MAIN = """
+#: A stand-in for light-the-torch's `main` (light_the_torch/_cli.py, pip's main patched: it returns pip's
+#: status): prints pip-like lines, records its arguments and the pip it would run (it runs pip in its own
+#: process), then, by STANDIN_MODE, writes torch 2.5.0's files into STANDIN_SITE, fails as pip does (status 1,
+#: returned), writes nothing, or waits.
+STANDIN_CLI = """
 import json, os, sys, time
 from pathlib import Path
 
-import pip
 
-print("Looking in indexes: https://download.pytorch.org/whl/cpu", flush=True)
-record = {"argv": sys.argv[1:], "pip": pip.__file__, "pip_version": pip.__version__}
-Path(os.environ["STANDIN_RECORD"]).write_text(json.dumps(record))
-mode = os.environ.get("STANDIN_MODE", "install")
-if mode == "fail":
-    print("ERROR: Could not find a version that satisfies the requirement torch>=2.1", flush=True)
-    sys.exit(1)
-print("Collecting torch>=2.1", flush=True)
-if mode == "hang":
-    time.sleep(600)
-if mode == "install":
-    site = Path(os.environ["STANDIN_SITE"])
-    (site / "torch").mkdir()
-    (site / "torch" / "__init__.py").write_text("")
-    (site / "torch-2.5.0.dist-info").mkdir()
-    metadata = "Metadata-Version: 2.1\\nName: torch\\nVersion: 2.5.0\\n"
-    (site / "torch-2.5.0.dist-info" / "METADATA").write_text(metadata)
-print("Successfully installed torch-2.5.0", flush=True)
+def main():
+    import pip
+
+    print("Looking in indexes: https://download.pytorch.org/whl/cpu", flush=True)
+    record = {"argv": sys.argv[1:], "pip": pip.__file__, "pip_version": pip.__version__}
+    Path(os.environ["STANDIN_RECORD"]).write_text(json.dumps(record))
+    mode = os.environ.get("STANDIN_MODE", "install")
+    if mode == "fail":
+        print("ERROR: Could not find a version that satisfies the requirement torch>=2.1", flush=True)
+        return 1
+    print("Collecting torch>=2.1", flush=True)
+    if mode == "hang":
+        time.sleep(600)
+    if mode == "install":
+        site = Path(os.environ["STANDIN_SITE"])
+        (site / "torch").mkdir()
+        (site / "torch" / "__init__.py").write_text("")
+        (site / "torch-2.5.0.dist-info").mkdir()
+        metadata = "Metadata-Version: 2.1\\nName: torch\\nVersion: 2.5.0\\n"
+        (site / "torch-2.5.0.dist-info" / "METADATA").write_text(metadata)
+    print("Successfully installed torch-2.5.0", flush=True)
+    return 0
 """
 
 LTT_VERSION, PIP_VERSION = (t.split("==")[1] for t in TOOLS)
-STANDIN_FILES = {"light_the_torch/__init__.py": "", "light_the_torch/__main__.py": STANDIN_MAIN}
+ENTRY_POINTS = "[console_scripts]\nltt = light_the_torch._cli:main\n"
+#: As light-the-torch 0.8.1 lays itself out: `__main__` drops main's status; the `ltt` script keeps it.
+STANDIN_FILES = {
+    "light_the_torch/__init__.py": "",
+    "light_the_torch/_cli.py": STANDIN_CLI,
+    "light_the_torch/__main__.py": "from ._cli import main\n\nif __name__ == '__main__':\n    main()\n",
+    f"light_the_torch-{LTT_VERSION}.dist-info/entry_points.txt": ENTRY_POINTS,
+}
 STANDIN_PIP = {"pip/__init__.py": f"__version__ = {PIP_VERSION!r}\n"}
 
 
@@ -88,7 +99,11 @@ def wheels(folder: Path) -> Path:
 def installed_tools(cache: Path) -> Path:
     """A complete private folder, as an earlier install left it."""
     folder = tools_folder(cache)
-    for name, text in {**STANDIN_FILES, **STANDIN_PIP}.items():
+    metadata = {
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        for name, version in (("light_the_torch", LTT_VERSION), ("pip", PIP_VERSION))
+    }
+    for name, text in {**STANDIN_FILES, **STANDIN_PIP, **metadata}.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     requirements.write_marker(folder, TOOLS)
@@ -160,10 +175,14 @@ def test_light_the_torch_runs_from_its_own_folder_with_its_own_pip(tmp_path, sit
     """The whole install as the module starts it: real pip puts light-the-torch and its pip into the private
     folder (offline), then light-the-torch runs with the extension's arguments and that pip first on its path.
     The interpreter's own pip is not touched, and nothing is imported from the working folder (a decoy
-    `json.py` there, which light-the-torch imports, would run before the standard library's without -P)."""
+    `json.py` there, which light-the-torch imports, would run before the standard library's without -P, and a
+    decoy `pip` instead of the real one)."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "json.py").write_text(f"open({str(tmp_path / 'decoy-ran')!r}, 'w')\nraise SystemExit(3)\n")
+    (cwd / "pip").mkdir()  # and a decoy pip, which `python -m pip` would run from there without -P
+    (cwd / "pip" / "__init__.py").write_text("")
+    (cwd / "pip" / "__main__.py").write_text((cwd / "json.py").read_text())
     monkeypatch.chdir(cwd)
     cache, record = tmp_path / "packages", tmp_path / "record.json"
     own_pip = importlib.metadata.version("pip")
@@ -212,6 +231,10 @@ def test_the_real_light_the_torch_runs_with_its_own_pip(tmp_path, own_tempdir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Using pip {PIP_VERSION.split('.post')[0]} from {folder / 'pip'}" in done.stdout + done.stderr
     assert (out / "sammed2d_probe" / "__init__.py").is_file()
+    missing = command[:5] + ["install", *offline(probe.parent), "--target", str(out), "no-such-package"]
+    failed = subprocess.run(missing, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert failed.returncode != 0, "pip's failure must reach the caller (python -m light_the_torch exits 0)"
+    assert "No matching distribution found for no-such-package" in failed.stdout + failed.stderr
     assert importlib.metadata.version("pip") == own_pip
     assert list(own_tempdir.iterdir()) == []
 
@@ -252,6 +275,30 @@ def test_a_failing_install_of_light_the_torch_stops_there_and_leaves_nothing(tmp
     assert "light-the-torch==0.8.1" in progress.error
     assert not record.exists() and not cache.exists()
     assert list(own_tempdir.iterdir()) == []
+
+
+def test_a_damaged_private_folder_is_named_and_left_alone(tmp_path, site, own_tempdir):
+    """A folder with the completion marker but without light-the-torch's files (removed by a cleaner, say):
+    it is installed again, the install sees the marker and keeps the folder (another Slicer may have made
+    it), and the one line names the folder to delete instead of a traceback from the missing package."""
+    tools = installed_tools(tmp_path / "packages")
+    for dist in tools.glob("light_the_torch*"):
+        for path in sorted(dist.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        dist.rmdir()
+    record = tmp_path / "record.json"
+    env, pip_args = standin_env(site, record), offline(wheels(tmp_path / "w"))
+    install = TorchInstall.in_slicer(
+        sys.executable, ">=2.1", tmp_path / "packages", [str(site)], env, pip_args
+    )
+    assert install.tools is not None
+    install.start()
+    _, progress = run_to_end(install)
+    assert (
+        progress.error
+        == f"{tools} does not hold light-the-torch==0.8.1 and pip==26.0.1.post1; delete it and try again"
+    )
+    assert not record.exists() and requirements.folder_complete(tools)
 
 
 def test_a_failing_first_step_stops_the_install(tmp_path):

@@ -67,7 +67,7 @@ class PipInstall:
     @property
     def command(self) -> list[str]:
         staging = str(self.staging) if self.staging is not None else "<staging>"
-        return [self.python, "-m", "pip", "install", *PIP_OPTIONS, "--target", staging, *self.pip_args,
+        return [self.python, "-P", "-m", "pip", "install", *PIP_OPTIONS, "--target", staging, *self.pip_args,
                 *self.packages]  # fmt: skip
 
     @property

@@ -24,18 +24,20 @@ from pathlib import Path
 
 from .installer import InstallProgress, PipInstall
 from .polled_process import PolledProcess, pip_error
-from .requirements import check_torch, folder_complete
+from .requirements import check_torch, folder_complete, installed_version
 from .weights.cache_dir import default_cache_dir
 
 #: light-the-torch and the pip its metadata asks for, pinned as the engine's packages are (`--no-deps`: its
 #: other requirement, packaging>=23, is met by what Slicer 5.10 and 5.12 bundle).
 TOOLS = ("light-the-torch==0.8.1", "pip==26.0.1.post1")
 
-#: Run light-the-torch's `__main__` with the private folder (argv[1]) first on the path; `-P` keeps the
-#: working folder off it (nothing is imported from where Slicer was started).
+#: Run light-the-torch's console script (`ltt`, its entry point) with the private folder (argv[1]) first on
+#: the path, and exit with its status: `python -m light_the_torch` exits 0 even when pip failed (its
+#: `__main__` drops the status pip's main returns). `-P` keeps the working folder off the path (nothing is
+#: imported from where Slicer was started).
 _RUN_FROM_FOLDER = (
-    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "runpy.run_module('light_the_torch', run_name='__main__', alter_sys=True)"
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from importlib.metadata import entry_points; "
+    "(ltt,) = entry_points(group='console_scripts', name='ltt'); sys.exit(ltt.load()())"
 )
 
 
@@ -66,11 +68,18 @@ def light_the_torch_command(
     return [python, "-P", "-c", _RUN_FROM_FOLDER, str(tools), *args]
 
 
+def tools_ready(tools: str | Path) -> bool:
+    """Whether `tools` is a complete install holding `TOOLS` at their versions (read from metadata)."""
+    found = [installed_version(t.split("==")[0], [str(tools)]) for t in TOOLS]
+    return folder_complete(tools) and found == [t.split("==")[1] for t in TOOLS]
+
+
 def tools_install(
     python: str, tools: str | Path, pip_args: Sequence[str] = (), env: Mapping[str, str] | None = None
 ) -> PipInstall | None:
-    """The install of `TOOLS` into `tools`, or None where a complete one is there."""
-    if folder_complete(tools):
+    """The install of `TOOLS` into `tools`, or None where they are there (a damaged folder is named in the
+    install's one-line error: it is not ours to remove)."""
+    if tools_ready(tools):
         return None
     return PipInstall(python, TOOLS, tools, pip_args=pip_args, env=env)
 
@@ -185,6 +194,9 @@ class TorchInstall:
         if not progress.succeeded:
             error = f"light-the-torch could not be installed: {progress.error or 'cancelled'}"
             return self._end(InstallProgress(progress.line, finished=True, error=error))
+        if not tools_ready(self.tools.target):  # a complete-looking folder left by something else
+            error = f"{self.tools.target} does not hold {' and '.join(TOOLS)}; delete it and try again"
+            return self._end(InstallProgress(progress.line, finished=True, error=error))
         return self._start_or_fail()
 
     def _start_or_fail(self) -> InstallProgress:
@@ -219,4 +231,5 @@ __all__ = [
     "light_the_torch_command",
     "tools_folder",
     "tools_install",
+    "tools_ready",
 ]
