@@ -339,7 +339,28 @@ def test_a_write_skips_weights_another_writer_kept_since_its_read(small_model, t
     assert all(torch.equal(kept[name].values, weights[name].values) for name in weights)
     later = Int8WeightsFile.in_cache(SHA, tmp_path)
     assert later.write(weights)  # never read: nothing to compare with, so it writes
-    assert later.write(weights)  # and after its own write it is not skipped
+    reader = Int8WeightsFile.in_cache(SHA, tmp_path)
+    assert reader.read().keys() == weights.keys()
+    assert Int8WeightsFile.in_cache(SHA, tmp_path).read()  # another reader's use mark is no write
+    assert reader.write(weights)  # so this one is not skipped
+    assert reader.write(weights)  # nor after its own write
+
+
+@pytest.mark.parametrize("meanwhile", ["another model's", "another torch's"])
+def test_another_models_or_torchs_file_kept_since_the_read_is_replaced(small_model, tmp_path, monkeypatch,
+                                                                       meanwhile):  # fmt: skip
+    """Only this model's weights for this torch kept meanwhile make a write needless."""
+    weights = lowp_encoder.LowPrecisionEncoder(small_model.image_encoder, torch.qint8).int8_weights
+    file = Int8WeightsFile.in_cache(SHA, tmp_path)
+    assert file.read() == {}
+    if meanwhile == "another model's":
+        assert Int8WeightsFile(file.path, "00" * 32).write(weights)
+    else:
+        with monkeypatch.context() as patched:
+            patched.setattr(torch, "__version__", "2.11.0")
+            assert Int8WeightsFile(file.path, SHA).write(weights)
+    assert file.write(weights)
+    assert file.read().keys() == weights.keys()  # this model's, this torch's now
 
 
 def test_a_model_keeps_its_files_of_two_torch_versions(tmp_path, monkeypatch):

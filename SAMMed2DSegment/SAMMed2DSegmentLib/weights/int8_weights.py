@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_path, remove_stale_temporaries, stat_identity
+from ..files import atomic_path, remove_stale_temporaries
 from ..model.int8_linear import QuantizedWeight
 from .cache_dir import default_cache_dir
 
@@ -63,7 +63,8 @@ class Int8WeightsFile:
     def remove_all(cls, model_sha256: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
         """Delete the model's files of every torch version, only those we wrote for it (its conversion is
         stale: a new version of the checkpoint replaced it)."""
-        cls._remove(cls.in_cache(model_sha256, cache_dir)._versions(), "stale")
+        with _WRITING:  # a write of this model still under way lands first, then goes too
+            cls._remove(cls.in_cache(model_sha256, cache_dir)._versions(), "stale")
 
     def _versions(self) -> list[Int8WeightsFile]:
         """The files named for this model in this folder, whatever their torch version."""
@@ -133,11 +134,14 @@ class Int8WeightsFile:
         self._mark_used()
         return weights
 
-    def _identity(self) -> list[int] | None:
+    def _identity(self) -> tuple[int, int] | None:
+        """The file's inode and device: our writes replace the file (a new inode); a read's use mark does
+        not."""
         try:
-            return stat_identity(self.path.stat())
+            st = self.path.stat()
         except OSError:
             return None
+        return st.st_ino, st.st_dev
 
     def _mark_used(self) -> None:
         """The modification time says when the file was last used (which versions `write` keeps); a cache
@@ -146,11 +150,11 @@ class Int8WeightsFile:
             os.utime(self.path)
         except OSError:
             return
-        self._read_identity = self._identity()
 
     def _kept_since_read(self) -> bool:
         """Whether another writer kept this model's weights for this torch since `read` (a thread of the
-        same batch worker, another engine): the same values, so this write is not needed."""
+        same batch worker, another engine): the same values, so this write is not needed. A file of another
+        model or torch put there meanwhile is not (it is replaced as usual)."""
         if self._read_identity is _NOT_READ or self._identity() == self._read_identity:
             return False
         return self._metadata() == self._expected()
