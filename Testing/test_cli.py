@@ -435,11 +435,11 @@ def test_exclude_points_alone_refine_the_segment_in_out(tmp_path, capsys):
     spacing = labels.GetSpacing()
     i, j = deepest_point(first[k] & ~liver[k], spacing=(spacing[1], spacing[0]))
     exclude = write_points(tmp_path / "stop.mrk.json", [labels.TransformIndexToPhysicalPoint((i, j, k))])
-    refine = ["--volume", str(DICOM), "--exclude", str(exclude), "--segment-name", "liver",
-              "--propagate", "none"]  # fmt: skip
+    refine = ["--volume", str(DICOM), "--exclude", str(exclude), "--segment-name", "liver"]
     report = tmp_path / "refine.json"
     assert run([*refine, "--out", str(out), "--report", str(report)]) == 0
-    assert json.loads(report.read_text())["slices_written"] == [k]
+    done = json.loads(report.read_text())
+    assert done["slices_written"] == [k] and done["propagate"] == "none"  # a correction walks nowhere
     fixed = read_segment(out, DICOM, "liver")
     assert first[k, j, i] and not fixed[k, j, i]  # the voxel under the point removed
     assert (fixed[k] & ~liver[k]).sum() < spill[k]
@@ -449,7 +449,27 @@ def test_exclude_points_alone_refine_the_segment_in_out(tmp_path, capsys):
     capsys.readouterr()
 
     fresh = tmp_path / "fresh.seg.nrrd"
-    assert run([*refine, "--out", str(fresh)]) == 2
+    for target, name, message in [
+        (fresh, "liver", "--out fresh.seg.nrrd does not exist yet"),
+        (out, "Spleen", "--out liver.seg.nrrd holds no segment 'Spleen'"),
+    ]:
+        before = out.read_bytes()
+        assert run([*refine[:-1], name, "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"slice(s) {k} have only exclude points" in err[0] and message in err[0], err
+        assert not fresh.exists() and out.read_bytes() == before
+    empty = tmp_path / "empty-there.mrk.json"  # the segment, but no voxel on that slice: the engine's refusal
+    write_points(empty, [labels.TransformIndexToPhysicalPoint((5, 5, k))])
+    with_hole = tmp_path / "hole.seg.nrrd"
+    hs = scene.create_headless_scene()
+    v = read_volume(DICOM)
+    node = volumes.add_volume_from_array(hs, v.array_kji, v.ijk_to_ras, "ct")
+    seg = segmentations.ensure_segmentation(hs, node)
+    g = SliceGeometry.create(v.array_kji.shape, v.ijk_to_ras, "axial")
+    others = {n: g.view(first, n) for n in range(g.num_slices) if n != k}
+    segmentations.write_segment_slices(seg, segmentations.ensure_segment(seg, "liver"), node, g, others)
+    segmentations.save_segmentation(seg, with_hole)
+    assert run(["--volume", str(DICOM), "--exclude", str(empty), "--segment-name", "liver",
+                "--out", str(with_hole)]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only exclude points and no segment there to correct" in err[0], err
-    assert not fresh.exists()

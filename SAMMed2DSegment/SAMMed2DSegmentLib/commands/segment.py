@@ -52,13 +52,18 @@ def add_parser(subparsers) -> None:
         "--exclude",
         action="append",
         default=[],
-        help="Slicer markups JSON of exclude points; on a slice with no include point or box they refine the "
-        "segment --out already holds there (with --propagate none only those slices change)",
+        help="Slicer markups JSON of exclude points; on a slice with no include point or box they correct "
+        "the segment --out already holds there",
     )
     seg.add_argument("--roi", action="append", default=[], help="Slicer markups JSON of an ROI (box)")
     add_model_options(seg)
     seg.add_argument("--axis", default="axial", choices=AXES)
-    seg.add_argument("--propagate", default="both", choices=DIRECTIONS)
+    seg.add_argument(
+        "--propagate",
+        choices=DIRECTIONS,
+        help="walk from the prompted slices (default: both; none where every prompted slice holds only "
+        "exclude points, a correction of the segment in --out)",
+    )
     seg.add_argument("--segment-name", default="SAM-Med2D")
     seg.add_argument(
         "--window",
@@ -152,16 +157,23 @@ def _load_prompts(hs, args: argparse.Namespace):
     return points, rois
 
 
-def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometry) -> dict[int, np.ndarray]:
+def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometry, out: Path) -> dict:
     """The segment's masks on the slices whose prompts are exclude points only: there the points correct
     the segment the file already holds (`SegmentationSession.propagate`'s `current_masks`), as a negative
     click does in the module. A slice where the segment has no voxels is refused by the engine."""
     from ..mrml import segmentations
 
-    slices = [index for index, prompt in by_slice.items() if not prompt.has_include]
-    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
-    if not slices or not segment_id:
+    slices = sorted(index for index, prompt in by_slice.items() if not prompt.has_include)
+    if not slices:
         return {}
+    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
+    if not segment_id:
+        where = f"--out {out.name} holds no segment '{segment_name}'"
+        raise CommandError(
+            f"slice(s) {', '.join(map(str, slices))} have only exclude points, which correct an existing "
+            f"segment, but {where if out.exists() else f'--out {out.name} does not exist yet'}: give its "
+            "--segment-name, or add an include point or a box"
+        )
     voxels = segmentations.segment_array(seg_node, segment_id, volume_node)
     return {index: geometry.view(voxels, index).copy() for index in slices}
 
@@ -237,6 +249,8 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         points, rois = _load_prompts(hs, args)
         geometry = SliceGeometry.create(volume.array_kji.shape, volume.ijk_to_ras, args.axis)
         by_slice = prompts_by_slice(geometry, points, rois)  # off-volume points and the per-slice limit
+        if args.propagate is None:  # a correction changes its slices only, unless a walk is asked for
+            args.propagate = "none" if all(not p.has_include for p in by_slice.values()) else "both"
         # An empty --out holds nothing (the output plan lets it be replaced): it is written as a new file.
         existing = segmentations.load_segmentation(hs, out) if out.exists() and out.stat().st_size else None
         earlier = earlier_provenance(out) if existing is not None else []
@@ -245,7 +259,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
         if existing is not None:
             segmentations.check_segments_on_grid(seg_node, volume_node, out.name)
-        current = _masks_to_refine(by_slice, seg_node, args.segment_name, volume_node, geometry)
+        current = _masks_to_refine(by_slice, seg_node, args.segment_name, volume_node, geometry, out)
         window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
         t = time.perf_counter()
         model, info = load_model(args)
