@@ -321,6 +321,31 @@ def test_the_resume_digest_changes_with_the_package_or_torch_version(tmp_path, m
     assert case_digest(case, "5e" * 32, {"precision": "fp32"}) != digest
 
 
+def test_a_worker_with_other_versions_than_the_client_fails_its_cases(monkeypatch):
+    """The resume digest records the client's versions: a worker running another torch fails each case in
+    one line (before loading anything), instead of making results a later --resume keeps as the client's."""
+    import importlib.metadata
+
+    import SAMMed2DSegmentLib
+    from SAMMed2DSegmentLib.cohort import worker
+    from SAMMed2DSegmentLib.cohort.worker import CaseTask, run_case
+
+    task = CaseTask("a", "segment", ("--volume", "missing.nrrd", "--out", "a.seg.nrrd"), "5e" * 32)
+    assert task.software["torch"] == importlib.metadata.version("torch")
+    real = importlib.metadata.version
+
+    def upgraded(name: str) -> str:
+        return "9.9.9" if name == "torch" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", upgraded)  # the worker's torch, from here on
+    loads = worker._loads
+    outcome = run_case(task)
+    ours = f"sammed2d {SAMMed2DSegmentLib.__version__}"
+    assert outcome.status == "failed" and worker._loads == loads
+    assert outcome.reason.startswith(f"this worker runs {ours}, torch 9.9.9, the client {ours}, torch ")
+    assert outcome.reason.endswith("install the same versions")
+
+
 def test_ctrl_c_leaves_no_partial_case_folder(cohort, tmp_path):
     out = tmp_path / "out"
     cases = manifest(cohort, "slow.csv", [f"s{n},ct.nrrd,liver.mrk.json,both" for n in range(4)])

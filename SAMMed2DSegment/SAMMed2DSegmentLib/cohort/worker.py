@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..files import atomic_path
+from .digest import software_versions
 
 #: Loaded models of this worker process, by (model option, device, digest of the model file): the first
 #: case loads, the next ones reuse it. One entry: a batch uses one model. Beside each model, the
@@ -40,6 +41,8 @@ class CaseTask:
     batch: dict = field(default_factory=dict)  # kept in the report (digest, manifest line)
     final: dict = field(default_factory=dict)  # report fields naming the outputs where they will end up
     torch_threads: int | None = None
+    #: The versions where the task was made (the client's, which its resume digest records).
+    software: dict = field(default_factory=software_versions)
 
 
 @dataclass
@@ -136,6 +139,19 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def software_mismatch(expected: dict) -> str:
+    """Why this worker may not run a case whose client runs `expected` versions ("" where it may): the
+    resume digest holds the client's versions, so results made with others would later be kept as theirs."""
+    found = software_versions()
+    if not expected or found == expected:
+        return ""
+
+    def described(versions: dict) -> str:
+        return ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
+
+    return f"this worker runs {described(found)}, the client {described(expected)}: install the same versions"
+
+
 def run_case(task: CaseTask) -> CaseOutcome:
     """Run one case; never raises (a worker killed under it is reported by the client)."""
     from ..commands.common import CommandError, OutputError, load_model, report_json
@@ -143,6 +159,8 @@ def run_case(task: CaseTask) -> CaseOutcome:
     t0 = time.perf_counter()
     outcome = CaseOutcome(task.case, "failed", worker=worker_name())
     try:
+        if reason := software_mismatch(task.software):
+            raise CommandError(reason)
         import torch
 
         torch.set_num_threads(task.torch_threads or _cores_per_case())
@@ -159,7 +177,7 @@ def run_case(task: CaseTask) -> CaseOutcome:
             _count_preparations(len(set(map(id, encoders.values())) - before))
         if task.report is not None:
             record = {"worker": outcome.worker, "model_loads": _loads, "encoder_preparations": _preparations,
-                      "peak_memory_mb": peak_memory_mb()}  # fmt: skip
+                      "peak_memory_mb": peak_memory_mb(), "software": software_versions()}  # fmt: skip
             report = {**outcome.result, **task.final, "batch": {**task.batch, **record}}
             with atomic_path(task.report) as tmp:  # evaluate's is the case's result itself
                 tmp.write_text(report_json(report) + "\n", encoding="utf-8")
