@@ -401,6 +401,36 @@ def test_air_prompt_does_not_replace_an_existing_slice(data, existing, tmp_path,
     assert not np.array_equal(read_segment(out, data["volume"], "SAM-Med2D")[10], liver_before[10])
 
 
+def test_slices_propagated_from_a_kept_out_slice_are_kept_out_too(
+    data, existing, tmp_path, capsys, monkeypatch
+):
+    """The prompted slice is doubtful (its IoU made 0.3 here) and the segment has voxels there, so it is kept
+    out; the slices the walk reached from it were judged against that doubtful mask, so they go too, and
+    nothing is written. Asked for, all of them are written."""
+    from SAMMed2DSegmentLib.engine.predictor import SamMed2DPredictor
+
+    predict, calls = SamMed2DPredictor.predict, []
+
+    def doubtful_first(self, *args, **kwargs):
+        masks, iou, low_res = predict(self, *args, **kwargs)
+        calls.append(len(calls))
+        return masks, (np.full_like(iou, 0.3) if len(calls) == 1 else iou), low_res
+
+    monkeypatch.setattr(SamMed2DPredictor, "predict", doubtful_first)
+    out, _ = copy_existing(existing, tmp_path)
+    before = snapshot(tmp_path)
+    args = ["--volume", data["series"], "--include", data["liver"], "--out", out, "--propagate", "both"]
+    assert segment(*args) == commands.EXIT_BAD_INPUT
+    line = one_error_line(capsys)
+    assert "slice(s) 10 (IoU 0.30)" in line and "slice(s) propagated from them" in line, line
+    assert "nothing written" in line and snapshot(tmp_path) == before
+    calls.clear()
+    report = tmp_path / "r.json"
+    assert segment(*args, "--overwrite-low-confidence", "--report", report) == 0
+    written = json.loads(report.read_text())["slices_written"]
+    assert 10 in written and len(written) > 1
+
+
 # -- 7. limits and malformed prompts -------------------------------------------------------------------------
 
 

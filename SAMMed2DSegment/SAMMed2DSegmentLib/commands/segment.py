@@ -191,7 +191,8 @@ def _check_finite_results(result) -> None:
 
 def _keep_out_low_confidence(masks: dict, result, existing_voxels, geometry, threshold: float) -> list[dict]:
     """Drop prompted slices below `threshold` whose slice of the segment already holds voxels: a doubtful
-    result must not replace a good one unless --overwrite-low-confidence says so. Returns what was dropped."""
+    result must not replace a good one unless --overwrite-low-confidence says so. The slices propagated from
+    a dropped one go too (they were judged against it). Returns what was dropped."""
     kept_out = []
     for index, outcome in sorted(result.slices.items()):
         if outcome.status != "prompted" or outcome.predicted_iou >= threshold or index not in masks:
@@ -200,13 +201,25 @@ def _keep_out_low_confidence(masks: dict, result, existing_voxels, geometry, thr
             continue  # nothing to lose: an empty slice takes the result, as before
         del masks[index]
         kept_out.append({"index": index, "predicted_iou": round(outcome.predicted_iou, 4)})
+    dropped = {entry["index"] for entry in kept_out}
+    for walk in result.walks:
+        if walk.seed not in dropped:
+            continue
+        for index in range(walk.seed + walk.step, walk.last_accepted + walk.step, walk.step):
+            if masks.pop(index, None) is not None:
+                outcome = result.slices[index]
+                kept_out.append({"index": index, "predicted_iou": round(outcome.predicted_iou, 4),
+                                 "propagated_from": walk.seed})  # fmt: skip
     return kept_out
 
 
 def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str) -> str:
-    slices = ", ".join(f"{k['index']} (IoU {k['predicted_iou']:.2f})" for k in kept_out)
+    prompted = [k for k in kept_out if "propagated_from" not in k]
+    slices = ", ".join(f"{k['index']} (IoU {k['predicted_iou']:.2f})" for k in prompted)
+    walked = len(kept_out) - len(prompted)
+    also = f" with the {walked} slice(s) propagated from them" if walked else ""
     return (
-        f"prompted slice(s) {slices} below --iou-threshold {threshold:.2f} kept out: segment "
+        f"prompted slice(s) {slices} below --iou-threshold {threshold:.2f} kept out{also}: segment "
         f"'{segment_name}' already has voxels there (--overwrite-low-confidence writes them)"
     )
 
