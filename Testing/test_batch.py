@@ -328,14 +328,20 @@ def test_a_worker_with_other_versions_than_the_client_fails_its_cases(monkeypatc
 
     import SAMMed2DSegmentLib
     from SAMMed2DSegmentLib.cohort import worker
-    from SAMMed2DSegmentLib.cohort.worker import CaseTask, run_case
+    from SAMMed2DSegmentLib.cohort.worker import CaseTask, run_case, software_mismatch
 
     task = CaseTask("a", "segment", ("--volume", "missing.nrrd", "--out", "a.seg.nrrd"), "5e" * 32)
-    assert task.software["torch"] == importlib.metadata.version("torch")
+    assert task.software["torch"] == importlib.metadata.version("torch").split("+")[0]
     real = importlib.metadata.version
 
     def upgraded(name: str) -> str:
         return "9.9.9" if name == "torch" else real(name)
+
+    def other_build(name: str) -> str:  # the same release, built for CUDA: the same software here
+        return real(name).split("+")[0] + "+cu128" if name == "torch" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", other_build)
+    assert software_mismatch(task.software) == ""
 
     monkeypatch.setattr(importlib.metadata, "version", upgraded)  # the worker's torch, from here on
     loads = worker._loads

@@ -149,8 +149,8 @@ def test_light_the_torch_gets_the_pytorch_extensions_arguments(platform, backend
     assert light_the_torch_args(requirement, backend) == expected
     assert ("--pytorch-computation-backend=" in " ".join(expected)) == (backend is not None)
     command = light_the_torch_command("/slicer/bin/PythonSlicer", "/cache/tools", requirement, backend)
-    assert command[:3] == ["/slicer/bin/PythonSlicer", "-P", "-c"]  # -P: nothing from the working folder
-    assert command[4:] == ["/cache/tools", *expected]
+    assert command[:2] == ["/slicer/bin/PythonSlicer", "-c"]
+    assert command[3:] == ["/cache/tools", *expected]
 
 
 def test_light_the_torch_and_the_pip_it_is_made_for_are_pinned_and_installed_once(tmp_path):
@@ -225,13 +225,14 @@ def test_the_real_light_the_torch_runs_with_its_own_pip(tmp_path, own_tempdir):
     assert progress.succeeded, first.output
     probe = build_wheel(tmp_path / "w", "sammed2d_probe", "1.0", {"sammed2d_probe/__init__.py": "x = 1\n"})
     out = tmp_path / "out"
-    command = light_the_torch_command(sys.executable, folder, ">=2.1")[:5]
-    command += ["install", "-v", *offline(probe.parent), "--target", str(out), "sammed2d_probe"]
+    ours = light_the_torch_command(sys.executable, folder, ">=2.1")
+    ltt = ours[: -len(light_the_torch_args(">=2.1"))]  # light-the-torch from the folder, other arguments
+    command = [*ltt, "install", "-v", *offline(probe.parent), "--target", str(out), "sammed2d_probe"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Using pip {PIP_VERSION.split('.post')[0]} from {folder / 'pip'}" in done.stdout + done.stderr
     assert (out / "sammed2d_probe" / "__init__.py").is_file()
-    missing = command[:5] + ["install", *offline(probe.parent), "--target", str(out), "no-such-package"]
+    missing = [*ltt, "install", *offline(probe.parent), "--target", str(out), "no-such-package"]
     failed = subprocess.run(missing, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert failed.returncode != 0, "pip's failure must reach the caller (python -m light_the_torch exits 0)"
     assert "No matching distribution found for no-such-package" in failed.stdout + failed.stderr
@@ -278,26 +279,29 @@ def test_a_failing_install_of_light_the_torch_stops_there_and_leaves_nothing(tmp
 
 
 def test_a_damaged_private_folder_is_named_and_left_alone(tmp_path, site, own_tempdir):
-    """A folder with the completion marker but without light-the-torch's files (removed by a cleaner, say):
-    it is installed again, the install sees the marker and keeps the folder (another Slicer may have made
-    it), and the one line names the folder to delete instead of a traceback from the missing package."""
+    """A folder with the completion marker but without light-the-torch's files (removed by a cleaner, say)
+    is named in one line before pip runs (it is not ours to remove). Damaged while another install ran (its
+    pip then finds the folder complete and keeps it), it is named after that install instead of a traceback
+    from the missing package."""
+    from SAMMed2DSegmentLib.installer import PipInstall
+
     tools = installed_tools(tmp_path / "packages")
     for dist in tools.glob("light_the_torch*"):
         for path in sorted(dist.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
         dist.rmdir()
+    message = f"{tools} does not hold light-the-torch==0.8.1 and pip==26.0.1.post1; delete it and try again"
+    with pytest.raises(RuntimeError) as refused:
+        TorchInstall.in_slicer(sys.executable, ">=2.1", tmp_path / "packages", [str(site)])
+    assert str(refused.value) == message
     record = tmp_path / "record.json"
     env, pip_args = standin_env(site, record), offline(wheels(tmp_path / "w"))
-    install = TorchInstall.in_slicer(
-        sys.executable, ">=2.1", tmp_path / "packages", [str(site)], env, pip_args
-    )
-    assert install.tools is not None
+    command = light_the_torch_command(sys.executable, tools, ">=2.1")
+    meanwhile = PipInstall(sys.executable, TOOLS, tools, pip_args=pip_args, env=env)
+    install = TorchInstall([command], search_path=[str(site)], env=env, tools=meanwhile)
     install.start()
     _, progress = run_to_end(install)
-    assert (
-        progress.error
-        == f"{tools} does not hold light-the-torch==0.8.1 and pip==26.0.1.post1; delete it and try again"
-    )
+    assert progress.error == message
     assert not record.exists() and requirements.folder_complete(tools)
 
 

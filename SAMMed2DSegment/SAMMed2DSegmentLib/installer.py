@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import remove_tree
-from .polled_process import PolledProcess, pip_error
+from .polled_process import PolledProcess, pip_error, python_module
 from .requirements import folder_complete, write_marker
 
 #: pip options for every install: wheels only (nothing is compiled on the user's machine), nothing but the
@@ -67,8 +67,8 @@ class PipInstall:
     @property
     def command(self) -> list[str]:
         staging = str(self.staging) if self.staging is not None else "<staging>"
-        return [self.python, "-P", "-m", "pip", "install", *PIP_OPTIONS, "--target", staging, *self.pip_args,
-                *self.packages]  # fmt: skip
+        return python_module(self.python, "pip", "install", *PIP_OPTIONS, "--target", staging, *self.pip_args,
+                             *self.packages)  # fmt: skip
 
     @property
     def pid(self) -> int | None:

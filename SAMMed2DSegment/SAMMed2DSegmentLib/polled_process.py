@@ -18,6 +18,19 @@ from pathlib import Path
 _OUTPUT_TAIL = 200  # lines of output kept for an error dialog's details
 
 
+def python_code(python: str, code: str, *args: str) -> list[str]:
+    """`python -c code args…` with the working folder off the path before `code` imports anything: under
+    `-c` it is sys.path[0] (""), so a `pip` or `json` in the folder Slicer was started from would be
+    imported instead of the real one. (`-P` does the same, but only from Python 3.11 on.)"""
+    return [python, "-c", f"import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n{code}", *args]
+
+
+def python_module(python: str, module: str, *args: str) -> list[str]:
+    """`python -m module args…` as `python_code` runs it (the module's status is the exit status)."""
+    run = f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return python_code(python, run, *args)
+
+
 class PolledProcess:
     """`command` in a process group of its own, its stdout and stderr gathered in `lines`."""
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .installer import InstallProgress, PipInstall
-from .polled_process import PolledProcess, pip_error
+from .polled_process import PolledProcess, pip_error, python_code
 from .requirements import check_torch, folder_complete, installed_version
 from .weights.cache_dir import default_cache_dir
 
@@ -31,12 +31,11 @@ from .weights.cache_dir import default_cache_dir
 #: other requirement, packaging>=23, is met by what Slicer 5.10 and 5.12 bundle).
 TOOLS = ("light-the-torch==0.8.1", "pip==26.0.1.post1")
 
-#: Run light-the-torch's console script (`ltt`, its entry point) with the private folder (argv[1]) first on
-#: the path, and exit with its status: `python -m light_the_torch` exits 0 even when pip failed (its
-#: `__main__` drops the status pip's main returns). `-P` keeps the working folder off the path (nothing is
-#: imported from where Slicer was started).
+#: Run light-the-torch's console script (`ltt`, its entry point) with the private folder (the first argument)
+#: first on the path, and exit with its status: `python -m light_the_torch` exits 0 even when pip failed
+#: (its `__main__` drops the status pip's main returns).
 _RUN_FROM_FOLDER = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from importlib.metadata import entry_points; "
+    "sys.path.insert(0, sys.argv.pop(1)); from importlib.metadata import entry_points; "
     "(ltt,) = entry_points(group='console_scripts', name='ltt'); sys.exit(ltt.load()())"
 )
 
@@ -65,7 +64,7 @@ def light_the_torch_command(
 ) -> list[str]:
     """light-the-torch from the private folder `tools`, run by `python` (Slicer's PythonSlicer)."""
     args = light_the_torch_args(torch_requirement, backend)
-    return [python, "-P", "-c", _RUN_FROM_FOLDER, str(tools), *args]
+    return python_code(python, _RUN_FROM_FOLDER, str(tools), *args)
 
 
 def tools_ready(tools: str | Path) -> bool:
@@ -77,10 +76,12 @@ def tools_ready(tools: str | Path) -> bool:
 def tools_install(
     python: str, tools: str | Path, pip_args: Sequence[str] = (), env: Mapping[str, str] | None = None
 ) -> PipInstall | None:
-    """The install of `TOOLS` into `tools`, or None where they are there (a damaged folder is named in the
-    install's one-line error: it is not ours to remove)."""
+    """The install of `TOOLS` into `tools`, or None where they are there. A folder marked complete without
+    them is named in a RuntimeError (one line; it is not ours to remove)."""
     if tools_ready(tools):
         return None
+    if folder_complete(tools):  # marked complete, yet without them: pip would only find it in the way
+        raise RuntimeError(f"{tools} does not hold {' and '.join(TOOLS)}; delete it and try again")
     return PipInstall(python, TOOLS, tools, pip_args=pip_args, env=env)
 
 
@@ -119,7 +120,8 @@ class TorchInstall:
     ) -> TorchInstall:
         """The module's install (not started): light-the-torch into its private folder where it is not
         there yet (`pip_args` added to that pip's command line), then its command run by `python` (Slicer's
-        PythonSlicer); torch is then looked for along `search_path`."""
+        PythonSlicer); torch is then looked for along `search_path`. Raises RuntimeError (one line) for a
+        damaged private folder."""
         tools = tools_folder(cache_dir)
         first = tools_install(python, tools, pip_args=pip_args, env=env)
         command = light_the_torch_command(python, tools, torch_requirement)

@@ -26,12 +26,13 @@ def _file_digests(path: Path) -> list[tuple[str, str]]:
 
 
 def software_versions() -> dict[str, str | None]:
-    """This package's version and torch's, read from metadata without importing torch (the client's: workers
-    of a cluster elsewhere are assumed to run the same)."""
+    """This package's version and torch's, read from metadata without importing torch. torch's is its public
+    version, without the build's local label ("2.13.0", not "2.13.0+cpu"): a CPU-only login node may send
+    cases to workers with a CUDA build of the same release (the device is in the digest's options)."""
     from .. import __version__
 
     try:
-        torch = importlib.metadata.version("torch")
+        torch = importlib.metadata.version("torch").split("+", 1)[0]
     except importlib.metadata.PackageNotFoundError:
         torch = None
     return {"sammed2d": __version__, "torch": torch}

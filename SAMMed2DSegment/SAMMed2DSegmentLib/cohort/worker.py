@@ -147,7 +147,9 @@ def software_mismatch(expected: dict) -> str:
         return ""
 
     def described(versions: dict) -> str:
-        return ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
+        return ", ".join(
+            f"{name} {version or '(not installed)'}" for name, version in sorted(versions.items())
+        )
 
     return f"this worker runs {described(found)}, the client {described(expected)}: install the same versions"
 
