@@ -175,12 +175,12 @@ def test_light_the_torch_runs_from_its_own_folder_with_its_own_pip(tmp_path, sit
     """The whole install as the module starts it: real pip puts light-the-torch and its pip into the private
     folder (offline), then light-the-torch runs with the extension's arguments and that pip first on its path.
     The interpreter's own pip is not touched, and nothing is imported from the working folder (a decoy
-    `json.py` there, which light-the-torch imports, would run before the standard library's without -P, and a
-    decoy `pip` instead of the real one)."""
+    `json.py` there, which light-the-torch imports, would run before the standard library's were the working
+    folder left first on the path, and a decoy `pip` instead of the real one)."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "json.py").write_text(f"open({str(tmp_path / 'decoy-ran')!r}, 'w')\nraise SystemExit(3)\n")
-    (cwd / "pip").mkdir()  # and a decoy pip, which `python -m pip` would run from there without -P
+    (cwd / "pip").mkdir()  # and a decoy pip, which `python -m pip` would run from there
     (cwd / "pip" / "__init__.py").write_text("")
     (cwd / "pip" / "__main__.py").write_text((cwd / "json.py").read_text())
     monkeypatch.chdir(cwd)

@@ -19,9 +19,9 @@ _OUTPUT_TAIL = 200  # lines of output kept for an error dialog's details
 
 
 def python_code(python: str, code: str, *args: str) -> list[str]:
-    """`python -c code args…` with the working folder off the path before `code` imports anything: under
-    `-c` it is sys.path[0] (""), so a `pip` or `json` in the folder Slicer was started from would be
-    imported instead of the real one. (`-P` does the same, but only from Python 3.11 on.)"""
+    """`python -c code args…` with the working folder that `-c` puts first on the path ("") taken off before
+    `code` imports anything: a `pip` or `json` in the folder Slicer was started from would be imported
+    instead of the real one. (`-P` does the same, but only from Python 3.11 on.)"""
     return [python, "-c", f"import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n{code}", *args]
 
 

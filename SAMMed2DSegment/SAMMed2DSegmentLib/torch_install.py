@@ -35,7 +35,7 @@ TOOLS = ("light-the-torch==0.8.1", "pip==26.0.1.post1")
 #: first on the path, and exit with its status: `python -m light_the_torch` exits 0 even when pip failed
 #: (its `__main__` drops the status pip's main returns).
 _RUN_FROM_FOLDER = (
-    "sys.path.insert(0, sys.argv.pop(1)); from importlib.metadata import entry_points; "
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from importlib.metadata import entry_points; "
     "(ltt,) = entry_points(group='console_scripts', name='ltt'); sys.exit(ltt.load()())"
 )
 

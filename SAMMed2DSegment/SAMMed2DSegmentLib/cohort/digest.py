@@ -26,16 +26,26 @@ def _file_digests(path: Path) -> list[tuple[str, str]]:
 
 
 def software_versions() -> dict[str, str | None]:
-    """This package's version and torch's, read from metadata without importing torch. torch's is its public
-    version, without the build's local label ("2.13.0", not "2.13.0+cpu"): a CPU-only login node may send
-    cases to workers with a CUDA build of the same release (the device is in the digest's options)."""
+    """This package's version and torch's (with its build label, "2.13.0+cpu"), read from metadata without
+    importing torch."""
     from .. import __version__
 
     try:
-        torch = importlib.metadata.version("torch").split("+", 1)[0]
+        torch = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         torch = None
     return {"sammed2d": __version__, "torch": torch}
+
+
+def same_release(a: Mapping[str, str | None], b: Mapping[str, str | None]) -> bool:
+    """Whether two `software_versions` name the same releases, whatever torch's build label: a CPU-only login
+    node may send cases to workers with a CUDA build of the same torch."""
+
+    def release(versions: Mapping[str, str | None]) -> dict:
+        torch = versions.get("torch")
+        return {**versions, "torch": torch.split("+", 1)[0] if torch else torch}
+
+    return release(a) == release(b)
 
 
 def case_digest(case: Case, model_sha256: str, options: Mapping[str, object]) -> str:

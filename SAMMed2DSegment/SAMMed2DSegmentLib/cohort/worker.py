@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..files import atomic_path
-from .digest import software_versions
+from .digest import same_release, software_versions
 
 #: Loaded models of this worker process, by (model option, device, digest of the model file): the first
 #: case loads, the next ones reuse it. One entry: a batch uses one model. Beside each model, the
@@ -143,7 +143,7 @@ def software_mismatch(expected: dict) -> str:
     """Why this worker may not run a case whose client runs `expected` versions ("" where it may): the
     resume digest holds the client's versions, so results made with others would later be kept as theirs."""
     found = software_versions()
-    if not expected or found == expected:
+    if not expected or same_release(found, expected):
         return ""
 
     def described(versions: dict) -> str:
