@@ -440,6 +440,7 @@ def test_exclude_points_alone_refine_the_segment_in_out(tmp_path, capsys):
     assert run([*refine, "--out", str(out), "--report", str(report)]) == 0
     done = json.loads(report.read_text())
     assert done["slices_written"] == [k] and done["propagate"] == "none"  # a correction walks nowhere
+    assert segmentations.read_segmentation_metadata(out)["Refined"] == str(k)  # named in the provenance
     fixed = read_segment(out, DICOM, "liver")
     assert first[k, j, i] and not fixed[k, j, i]  # the voxel under the point removed
     assert (fixed[k] & ~liver[k]).sum() < spill[k]

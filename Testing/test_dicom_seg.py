@@ -679,6 +679,19 @@ def test_provenance_records_the_precision_and_reads_files_without_it():
     assert "precision" not in _provenance().to_algorithm_parameters()  # not recorded: not written
 
 
+def test_provenance_records_the_refined_slices_and_reads_files_without_them(tmp_path, series, segments):
+    """Slices corrected from the segment's own mask are named in both encodings, through a real DICOM-SEG."""
+    prov = dataclasses.replace(_provenance(segment="liver"), refined=(1, 13))
+    meta = prov.to_metadata()
+    assert meta["Refined"] == "1 13" and provenance.Provenance.from_metadata(meta) == prov
+    spec = SegmentSpec("liver", segments[0].mask_kji, provenance=prov)
+    out = seg_write.write_dicom_seg(series, [spec], tmp_path / "refined.dcm", model_hash=HASH)
+    assert seg_read.read_dicom_seg_provenance(out) == {"liver": prov}
+    older = {k: v for k, v in meta.items() if k != "Refined"}
+    assert provenance.Provenance.from_metadata(older).refined == ()
+    assert "refined_slices" not in _provenance().to_algorithm_parameters()
+
+
 def _tiles(shape: tuple[int, int, int], count: int) -> list[tuple[slice, slice, slice]]:
     """`count` non-overlapping boxes, a TotalSegmentator-like set of structures on one volume."""
     return [(slice(2, shape[0] - 2), slice(r * 64 + 4, r * 64 + 60), slice(c * 64 + 4, c * 64 + 60))

@@ -22,7 +22,13 @@ import slicer
 
 from SAMMed2DSegmentLib.evaluation.clicks import deepest_point, dice
 from SAMMed2DSegmentLib.formats.volumes import read_volume
-from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene, load_markups, segment_array
+from SAMMed2DSegmentLib.mrml import (
+    add_volume_from_array,
+    create_headless_scene,
+    load_markups,
+    provenance_tags,
+    segment_array,
+)
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews
 from SAMMed2DSegmentLib.mrml.views import viewed_slice_index
 
@@ -278,6 +284,7 @@ def test_readme_walkthrough_click_propagate_fix_and_propagate_from_here(ui, ct, 
     assert (fixed[k] & first[k] & liver[k]).sum() > 0.85 * (first[k] & liver[k]).sum()  # the rest kept
     assert dice(fixed[k], liver[k]) >= dice(first[k], liver[k]) - 0.01
     assert k in slices(fixed != first) and set(slices(fixed != first)) <= {k, 10}
+    assert provenance_tags.stored(ui.p.outputSegmentation, ui.d.segment_id).refined == (k,)  # in the record
 
     assert ui.d.view().propagate_from_here_enabled
     assert ui.d.propagate_from_here()

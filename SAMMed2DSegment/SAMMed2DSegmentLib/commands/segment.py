@@ -159,8 +159,9 @@ def _load_prompts(hs, args: argparse.Namespace):
 
 def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometry, out: Path) -> dict:
     """The segment's masks on the slices whose prompts are exclude points only: there the points correct
-    the segment the file already holds (`SegmentationSession.propagate`'s `current_masks`), as a negative
-    click does in the module. A slice where the segment has no voxels is refused by the engine."""
+    the segment the file already holds (`engine.prompts.masks_to_correct`), as a negative click does in the
+    module. A correction needs that segment in --out."""
+    from ..engine.prompts import masks_to_correct
     from ..mrml import segmentations
 
     slices = sorted(index for index, prompt in by_slice.items() if not prompt.has_include)
@@ -174,8 +175,9 @@ def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometr
             f"segment, but {where if out.exists() else f'--out {out.name} does not exist yet'}: give its "
             "--segment-name, or add an include point or a box"
         )
-    voxels = segmentations.segment_array(seg_node, segment_id, volume_node)
-    return {index: geometry.view(voxels, index).copy() for index in slices}
+    return masks_to_correct(
+        geometry, by_slice, segmentations.segment_array(seg_node, segment_id, volume_node)
+    )
 
 
 def _check_finite_results(result) -> None:
@@ -224,15 +226,15 @@ def _kept_out_message(kept_out: list[dict], threshold: float, segment_name: str)
     )
 
 
-def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window, precision: str):
+def _provenance(points, rois, info, args: argparse.Namespace, outcomes, window, precision: str, refined):
     """What a reviewer needs to re-run the case: model and hash, prompts, per-slice confidence, window,
-    precision."""
+    precision, and the slices corrected from the segment as it was."""
     from ..formats.provenance import build_provenance
 
     return build_provenance(
         points, rois, outcomes, model=f"SAM-Med2D {info.build}", model_sha256=info.sha256,
         axis=args.axis, propagate=args.propagate, segment=args.segment_name, window=(window.low, window.high),
-        precision=precision, window_method=window.method,
+        precision=precision, window_method=window.method, refined=refined,
     )  # fmt: skip
 
 
@@ -272,7 +274,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         seg_node = segmentations.ensure_segmentation(hs, volume_node, existing)
         if existing is not None:
             segmentations.check_segments_on_grid(seg_node, volume_node, out.name)
-        current = _masks_to_refine(by_slice, seg_node, args.segment_name, volume_node, geometry, out)
+        to_correct = _masks_to_refine(by_slice, seg_node, args.segment_name, volume_node, geometry, out)
         window = intensity_window(args.window, volume.array_kji, volume.modality, intensity_rule(args))
         t = time.perf_counter()
         model, info = load_model(args)
@@ -293,7 +295,7 @@ def _segment_locked(args: argparse.Namespace) -> dict:
         session = SegmentationSession(predictor, cache_bytes=args.cache_mb << 20, disk_cache=disk,
                                       model_sha256=info.sha256)  # fmt: skip
         session.set_volume(volume.array_kji, volume.ijk_to_ras, volume.modality, window=window)
-        walk = session.propagate(points, rois, args.axis, args.propagate, settings, current_masks=current)
+        walk = session.propagate(points, rois, args.axis, args.propagate, settings, current_masks=to_correct)
         for outcome in walk:
             if not args.quiet:
                 print(
@@ -330,7 +332,8 @@ def _segment_locked(args: argparse.Namespace) -> dict:
             raise CommandError(f"{message}; nothing written")
         print(f"warning: {message}", file=sys.stderr)
     segmentations.write_segment_slices(seg_node, segment_id, volume_node, seg.geometry, masks)
-    provenance = _provenance(points, rois, info, args, result.slices.values(), window, choice.precision)
+    provenance = _provenance(points, rois, info, args, result.slices.values(), window, choice.precision,
+                             [i for i in to_correct if i in masks])  # fmt: skip
     report = _report(args, seg, info, window, segment_id, masks, kept_out, timings, choice, session.cache)
     try:
         with commit_outputs() as outputs:

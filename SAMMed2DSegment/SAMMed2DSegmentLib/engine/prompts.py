@@ -184,3 +184,14 @@ def prompts_by_slice(
                 box = np.r_[np.minimum(prompt.box[:2], box[:2]), np.maximum(prompt.box[2:], box[2:])]
             prompt.box = box
     return result
+
+
+def masks_to_correct(
+    geometry: SliceGeometry, by_slice: dict[int, SlicePrompt], segment_voxels: np.ndarray
+) -> dict[int, np.ndarray]:
+    """The segment's masks (display orientation, copies) on the slices whose prompts are exclude points only
+    and that the segment covers: what those points correct (`SegmentationSession.propagate`'s
+    `current_masks`). A slice the segment does not cover is left out: the engine refuses it in one line."""
+    wanted = [index for index, prompt in by_slice.items() if not prompt.has_include]
+    masks = {index: geometry.view(segment_voxels, index).astype(bool) for index in wanted}
+    return {index: mask for index, mask in masks.items() if mask.any()}

@@ -76,6 +76,10 @@ class Provenance:
     #: how the window was chosen (e.g. "SA-Med2D-20M rule: percentile 0.5–99.5 of all voxels"); "" in files
     #: written before it was recorded
     window_method: str = ""
+    #: slices whose exclude points corrected the segment as it was: their prompt also held a box and a point
+    #: taken from the segment's mask there (`PropagationEngine.refine_prompt`), so re-running them needs
+    #: that earlier segment (in `Earlier`, or the file before this run)
+    refined: tuple[int, ...] = ()
 
     # -- .seg.nrrd header (complete, RAS) ---------------------------------------------------------------
 
@@ -111,6 +115,8 @@ class Provenance:
             meta["WindowMethod"] = self.window_method
         if self.precision:
             meta["Precision"] = self.precision
+        if self.refined:
+            meta["Refined"] = " ".join(map(str, self.refined))
         if earlier:
             meta["Earlier"] = json.dumps([p.to_metadata() for p in earlier])
         return meta
@@ -141,6 +147,7 @@ class Provenance:
                 window=_pair(window.split()) if window else None,
                 precision=meta.get("Precision", ""),
                 window_method=meta.get("WindowMethod", ""),
+                refined=tuple(int(i) for i in meta.get("Refined", "").split()),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed SAM-Med2D provenance in the file header: {exc!r}") from exc
@@ -177,6 +184,8 @@ class Provenance:
             base["window_method"] = self.window_method
         if self.precision:
             base["precision"] = self.precision
+        if self.refined:
+            base["refined_slices"] = " ".join(map(str, self.refined))
 
         def build(n_points: int, n_rois: int, n_slices: int) -> dict[str, str]:
             params = dict(base)
@@ -238,6 +247,7 @@ class Provenance:
                 truncated=params.get("truncated", ""),
                 precision=params.get("precision", ""),
                 window_method=params.get("window_method", ""),
+                refined=tuple(int(i) for i in params.get("refined_slices", "").split()),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed SAM-Med2D AlgorithmParameters: {exc}") from exc
@@ -265,13 +275,14 @@ def build_provenance(
     window: tuple[float, float] | None = None,
     precision: str = "",
     window_method: str = "",
+    refined: Iterable[int] = (),
 ) -> Provenance:
     """Provenance of one run, from what the engine used and produced: ``points`` (``PointPrompt``: RAS
     ``position``, ``label``), ``rois`` (``RoiPrompt``: RAS ``center``, ``axes`` columns, ``size``) and the
     per-slice ``outcomes`` (``SliceOutcome``: ``index``, ``status``, ``confidence``, ``predicted_iou``, e.g.
     ``PropagationResult.slices.values()``). Needs no Slicer, so the module's Logic and the command line both
     call it; pass the result's :meth:`Provenance.to_metadata` to ``save_segmentation`` and the record itself
-    to the DICOM-SEG export."""
+    to the DICOM-SEG export. ``refined``: the slices corrected from the segment's own mask."""
     return Provenance(
         model=str(model),
         model_sha256=str(model_sha256),
@@ -294,6 +305,7 @@ def build_provenance(
         window=None if window is None else _pair(window),
         precision=str(precision),
         window_method=str(window_method),
+        refined=tuple(sorted(int(i) for i in refined)),
     )
 
 

@@ -42,7 +42,7 @@ import vtk
 
 from ..engine.geometry import SliceGeometry
 from ..engine.masks import extent
-from ..engine.prompts import INCLUDE, PromptError, prompts_by_slice
+from ..engine.prompts import INCLUDE, PromptError, masks_to_correct, prompts_by_slice
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from . import provenance_tags
@@ -108,6 +108,7 @@ class SegmentationJob:
     state: str = "running"  # running → done | cancelled | failed | stale
     message: str = ""
     result: dict = field(default_factory=dict)
+    refined: list[int] = field(default_factory=list)  # slices corrected from the segment's mask there
 
     def table(self) -> list[SliceRow]:
         """The visited slices, least certain first (the panel's table)."""
@@ -266,12 +267,9 @@ class InteractiveSegmentation:
             by_slice = prompts_by_slice(geometry, points)
         except PromptError:
             return {}
-        wanted = [i for i, prompt in by_slice.items() if not prompt.has_include]
-        if not wanted:
+        if all(prompt.has_include for prompt in by_slice.values()):
             return {}
-        current = segment_array(seg_node, segment_id, volume_node)
-        masks = {i: geometry.extract(current, i).astype(bool) for i in wanted}
-        return {i: mask for i, mask in masks.items() if mask.any()}
+        return masks_to_correct(geometry, by_slice, segment_array(seg_node, segment_id, volume_node))
 
     def start_propagation_from_slice(
         self,
@@ -319,7 +317,7 @@ class InteractiveSegmentation:
         snapshot = self._ensure_volume(volume_node, modality)
         geometry = snapshot.geometry(options.axis)
         job = SegmentationJob(volume_node, seg_node, segment_id, geometry, snapshot.key, self.epoch, points,
-                              rois, options, protected)  # fmt: skip
+                              rois, options, protected, refined=sorted(current or {}))  # fmt: skip
         if self._model_job is not None and self._model_job.state == "pending":
             job.model_load = self._model_job
         header = {
@@ -446,6 +444,7 @@ class InteractiveSegmentation:
                 model_sha256=self.model["sha256"], axis=job.geometry.axis, propagate=job.options.direction,
                 segment=name, window=tuple(window) if window else None,
                 window_method=job.result.get("window_method", ""),
+                refined=[i for i in job.refined if i in job.written],
             ))  # fmt: skip
 
     # -- pre-encoding and export -----------------------------------------------------------------------
