@@ -337,6 +337,7 @@ def test_one_exclude_point_refines_a_slice_the_segment_covers(case, ct):
     assert (after[k] & first[k] & truth[k]).sum() > 0.85 * (first[k] & truth[k]).sum()  # the liver kept
     assert dice(after[k], truth[k]) >= dice(first[k], truth[k]) - 0.01
     assert np.array_equal(np.delete(after, k, axis=0), np.delete(first, k, axis=0))  # no other slice
+    assert job.refined == [k] and provenance_tags.stored(seg, liver).refined == (k,)  # named as corrected
 
     # "Propagate from here" on another spilled slice with one exclude click there (no "Segment" first): the
     # slice is refined by the click, written, and the walk starts from it.
@@ -349,6 +350,7 @@ def test_one_exclude_point_refines_a_slice_the_segment_covers(case, ct):
     controller.wait(job, timeout=300)
     assert done == [job] and job.state == "done" and job.rows[n].status == "prompted"
     assert n not in job.protected and job.written[0] == n and len(job.written) > 1
+    assert job.refined == [n] and provenance_tags.stored(seg, liver).refined == (n,)
     again = segment_array(seg, liver, volume)
     assert not geometry.extract(again, n)[y, x] and (again[n] & ~truth[n]).sum() < spill[n]
     # Once applied (off the segment now), the click leaves the slice as it is: it seeds the walk, unchanged.
@@ -357,6 +359,16 @@ def test_one_exclude_point_refines_a_slice_the_segment_covers(case, ct):
     controller.wait(job, timeout=300)
     assert job.state == "done" and job.rows[n].status == "given" and n in job.protected
     assert np.array_equal(segment_array(seg, liver, volume)[n], again[n])
+    assert job.refined == [] and provenance_tags.stored(seg, liver).refined == ()
+
+    # With a box across slice k the engine prompts it from the box and the exclude point, not from the
+    # segment's mask: it is not named as corrected.
+    roi = hs.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenter(*geometry.continuous_to_ras(np.array([[k, 256.0, 256.0]]))[0])
+    roi.SetSize(300.0, 300.0, 1.0)
+    job, done, errors, slices = _run(controller, volume, None, exclude, roi, seg, liver,
+                                     SegmentOptions(direction="none"))  # fmt: skip
+    assert errors == [] and job.state == "done" and k in job.rows and k not in job.refined
 
 
 def test_exclude_points_on_a_slice_the_segment_lacks_are_refused_in_one_line(case):

@@ -78,7 +78,8 @@ class Provenance:
     window_method: str = ""
     #: slices whose exclude points corrected the segment as it was: their prompt also held a box and a point
     #: taken from the segment's mask there (`PropagationEngine.refine_prompt`), so re-running them needs
-    #: that earlier segment (in `Earlier`, or the file before this run)
+    #: that earlier segment (the command line keeps the run that made it under `Earlier`; the module keeps
+    #: one record per segment)
     refined: tuple[int, ...] = ()
 
     # -- .seg.nrrd header (complete, RAS) ---------------------------------------------------------------

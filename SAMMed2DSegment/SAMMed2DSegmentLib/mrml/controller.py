@@ -251,20 +251,23 @@ class InteractiveSegmentation:
         points, rois = prompts_from_nodes(include_node, exclude_node, roi_node)
         if not points and not rois:
             raise ValueError("place at least one include point (or a box) first")
-        current = self._masks_to_refine(volume_node, seg_node, segment_id, options.axis, modality, points)
+        current = self._masks_to_refine(
+            volume_node, seg_node, segment_id, options.axis, modality, points, rois
+        )
         return self._start(volume_node, seg_node, segment_id, options, modality, points, rois, {}, set(),
                            save_undo, on_slice, on_done, on_error, current)  # fmt: skip
 
-    def _masks_to_refine(self, volume_node, seg_node, segment_id, axis, modality, points) -> dict:
-        """The segment's masks on the slices whose points are all exclude points (a negative click refines
-        the mask there, in the engine). Slices the segment does not cover are not sent: the engine refuses
-        them in one line. Points off the volume are the engine's to report."""
+    def _masks_to_refine(self, volume_node, seg_node, segment_id, axis, modality, points, rois) -> dict:
+        """The segment's masks on the slices whose prompts are exclude points only, as the engine groups
+        them (a box counts as an include): a negative click refines the mask there, in the engine. Slices the
+        segment does not cover are not sent: the engine refuses them in one line. Points off the volume are
+        the engine's to report."""
         segment = seg_node.GetSegmentation().GetSegment(segment_id) if seg_node is not None else None
         if volume_node is None or segment is None or all(p.label == INCLUDE for p in points):
             return {}
         geometry = self.snapshot(volume_node, modality).geometry(axis)
         try:
-            by_slice = prompts_by_slice(geometry, points)
+            by_slice = prompts_by_slice(geometry, points, rois)
         except PromptError:
             return {}
         if all(prompt.has_include for prompt in by_slice.values()):
@@ -316,8 +319,9 @@ class InteractiveSegmentation:
             raise RuntimeError("no model is loaded (choose one under Model)")
         snapshot = self._ensure_volume(volume_node, modality)
         geometry = snapshot.geometry(options.axis)
+        refined = _corrected(geometry, points, rois, current)
         job = SegmentationJob(volume_node, seg_node, segment_id, geometry, snapshot.key, self.epoch, points,
-                              rois, options, protected, refined=sorted(current or {}))  # fmt: skip
+                              rois, options, protected, refined=refined)  # fmt: skip
         if self._model_job is not None and self._model_job.state == "pending":
             job.model_load = self._model_job
         header = {
@@ -509,6 +513,18 @@ class InteractiveSegmentation:
                 on_cancelled()
 
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
+
+
+def _corrected(geometry: SliceGeometry, points: list, rois: list, current: dict | None) -> list[int]:
+    """The slices of `current` the engine will prompt from the segment's mask: those whose prompts are
+    exclude points only (`PropagationEngine.with_current_masks`; a box there prompts the slice instead)."""
+    if not current:
+        return []
+    try:
+        by_slice = prompts_by_slice(geometry, points, rois)
+    except PromptError:  # the engine refuses the job in one line
+        return []
+    return sorted(i for i in current if i in by_slice and not by_slice[i].has_include)
 
 
 def _unapplied_excludes(points: list, geometry: SliceGeometry, index: int, mask: np.ndarray) -> list:
