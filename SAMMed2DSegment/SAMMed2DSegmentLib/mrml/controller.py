@@ -302,9 +302,10 @@ class InteractiveSegmentation:
         rois = prompts_from_nodes(None, None, roi_node)[1]
         excludes = _unapplied_excludes(prompts_from_nodes(None, exclude_node, None)[0], geometry, index, seed)
         if excludes:
+            to_correct = _corrected_by_engine(geometry, excludes, rois, {index: seed})
             return self._start(volume_node, seg_node, segment_id, options, modality, excludes, rois, {},
                                protected - {index}, save_undo, on_slice, on_done, on_error,
-                               {index: seed})  # fmt: skip
+                               to_correct)  # fmt: skip
         return self._start(volume_node, seg_node, segment_id, options, modality, [], rois, {index: seed},
                            protected | {index}, save_undo, on_slice, on_done, on_error)  # fmt: skip
 
@@ -319,9 +320,8 @@ class InteractiveSegmentation:
             raise RuntimeError("no model is loaded (choose one under Model)")
         snapshot = self._ensure_volume(volume_node, modality)
         geometry = snapshot.geometry(options.axis)
-        refined = _corrected(geometry, points, rois, current)
         job = SegmentationJob(volume_node, seg_node, segment_id, geometry, snapshot.key, self.epoch, points,
-                              rois, options, protected, refined=refined)  # fmt: skip
+                              rois, options, protected, refined=sorted(current or {}))  # fmt: skip
         if self._model_job is not None and self._model_job.state == "pending":
             job.model_load = self._model_job
         header = {
@@ -515,16 +515,14 @@ class InteractiveSegmentation:
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
 
 
-def _corrected(geometry: SliceGeometry, points: list, rois: list, current: dict | None) -> list[int]:
-    """The slices of `current` the engine will prompt from the segment's mask: those whose prompts are
-    exclude points only (`PropagationEngine.with_current_masks`; a box there prompts the slice instead)."""
-    if not current:
-        return []
+def _corrected_by_engine(geometry: SliceGeometry, points: list, rois: list, current: dict) -> dict:
+    """The masks of `current` the engine will prompt from: on slices whose prompts are exclude points only
+    (`PropagationEngine.with_current_masks`; a box there prompts the slice instead)."""
     try:
         by_slice = prompts_by_slice(geometry, points, rois)
     except PromptError:  # the engine refuses the job in one line
-        return []
-    return sorted(i for i in current if i in by_slice and not by_slice[i].has_include)
+        return {}
+    return {i: mask for i, mask in current.items() if i in by_slice and not by_slice[i].has_include}
 
 
 def _unapplied_excludes(points: list, geometry: SliceGeometry, index: int, mask: np.ndarray) -> list:
