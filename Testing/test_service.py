@@ -497,7 +497,7 @@ def test_the_direct_slice_write_gives_the_editors_voxels(ct):
         write_segment_slices(seg, other, volume, geometry, {3: far})
         editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
         writer = SliceWriter(hs.scene, hs.app_logic, editor, seg, target, volume, geometry)
-        assert writer.direct and writer.overwritten is not None  # default settings: overwrite all
+        assert writer.direct and writer.overwritten == [other]  # default settings: overwrite all
         if use_editor:
             write_slice_as_editor(hs.scene, hs.app_logic, editor, seg, target, volume, geometry, 3, new)
         else:

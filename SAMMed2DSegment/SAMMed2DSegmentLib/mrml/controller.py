@@ -55,6 +55,7 @@ from .interaction import (
     volume_state_key,
     volume_voxels,
 )
+from .segment_planes import segment_slice
 from .segmentations import segment_array
 
 log = logging.getLogger(__name__)
@@ -434,10 +435,10 @@ class InteractiveSegmentation:
         """Remember what the model wrote (for "propagate from here") and the run's provenance."""
         if not job.written:
             return
-        current = segment_array(job.seg_node, job.segment_id, job.volume_node)
         for index in job.written:
             self.written.record(job.seg_node, job.segment_id, job.geometry.axis, index,
-                                job.geometry.view(current, index))  # fmt: skip
+                                segment_slice(job.seg_node, job.segment_id, job.volume_node, job.geometry,
+                                              index))  # fmt: skip
         if self.model.get("sha256"):
             from ..formats.provenance import build_provenance
 

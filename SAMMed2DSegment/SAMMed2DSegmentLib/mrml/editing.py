@@ -23,8 +23,10 @@ import slicer
 import vtk
 
 from ..engine.geometry import SliceGeometry
+from .labelmaps import image_array, require_segment, volume_grid
 from .scene import captured_vtk_messages
-from .segmentations import _image_array, _require_segment, _volume_grid, segment_array, write_segment_slices
+from .segment_planes import erase_on_slice
+from .segmentations import segment_array, write_segment_slices
 
 # Errors the editor logic reports after the voxels were written, about the data tree only: it moves the
 # segmentation under the volume's subject hierarchy parent, and a scene without subject hierarchy items (the
@@ -48,7 +50,7 @@ def write_slice_as_editor(
     embedded editor's own node is while the module shows them). RuntimeError (one line) when the editor
     logic reports an error or the slice read back is not what was asked (see `_check_written_plane`); the
     segment may then be partly changed, and the caller restores it."""
-    _require_segment(seg_node, segment_id)
+    require_segment(seg_node, segment_id)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape or not 0 <= index < geometry.num_slices:
         raise ValueError(f"slice {index} of shape {mask.shape} does not fit the {geometry.axis} slices")
@@ -62,9 +64,9 @@ def write_slice_as_editor(
     current = segment_array(seg_node, segment_id, volume_node)
     before = geometry.view(current, index).copy()
     geometry.view(current, index)[...] = mask
-    grid, _ = _volume_grid(volume_node, seg_node)
+    grid, _ = volume_grid(volume_node, seg_node)
     grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    _image_array(grid)[...] = current
+    image_array(grid)[...] = current
     extent = list(grid.GetExtent())
     logic = slicer.vtkSlicerSegmentEditorLogic()
     logic.SetMRMLScene(scene)
@@ -104,7 +106,7 @@ def _editable_plane(
         slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             logic.GetMaskLabelmap(), grid, locked
         )
-        editable &= geometry.view(_image_array(locked), index) == 0
+        editable &= geometry.view(image_array(locked), index) == 0
     if editor_node.GetSourceVolumeIntensityMask():
         low, high = editor_node.GetSourceVolumeIntensityMaskRange()
         voxels = geometry.view(slicer.util.arrayFromVolume(volume_node), index)
@@ -127,11 +129,12 @@ def _check_written_plane(
 
 
 class SliceWriter:
-    """Writes one job's slices into one segment as the editor would (`write_slice_as_editor`), taking the
-    direct in-place write when it gives the same voxels: the whole slice is editable (no editable-area or
-    intensity mask) and no segment that the overwrite setting would change lies under the new voxels. The
-    editor logic rewrites the whole labelmap for every call (~0.4 s per slice on a 300-slice CT); the direct
-    write costs the slice (milliseconds). Which segments would be overwritten is read once per job."""
+    """Writes one job's slices into one segment as the editor would (`write_slice_as_editor`), directly when
+    that gives the same voxels: the whole slice is editable (no editable-area or intensity mask). Then the
+    segments the overwrite setting names lose the slice's new voxels (`erase_on_slice`) and the segment's
+    slice is set in place (`write_segment_slices`). The editor logic rewrites the whole labelmap for every
+    call (~2 s per slice on a 512×512×300 CT); the direct write costs the slice (milliseconds), however many
+    segments there are, as it reads and changes their slice only."""
 
     def __init__(
         self,
@@ -149,25 +152,25 @@ class SliceWriter:
             editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
             and not editor_node.GetSourceVolumeIntensityMask()
         )
-        self.overwritten: np.ndarray | None = None  # voxels of the segments an overwrite would change
         mode = editor_node.GetOverwriteMode()
-        if self.direct and mode != editor.OverwriteNone:
-            display = seg_node.GetDisplayNode()
-            everyone = mode == editor.OverwriteAllSegments or display is None
-            ids = [
-                other
-                for other in seg_node.GetSegmentation().GetSegmentIDs()
-                if other != segment_id and (everyone or display.GetSegmentVisibility(other))
-            ]
-            for other in ids:
-                voxels = segment_array(seg_node, other, volume_node)
-                self.overwritten = voxels if self.overwritten is None else self.overwritten | voxels
+        display = seg_node.GetDisplayNode()
+        everyone = mode == editor.OverwriteAllSegments or display is None
+        #: The segments that lose the voxels a slice write covers (the editor's overwrite setting).
+        self.overwritten: list[str] = [
+            other
+            for other in seg_node.GetSegmentation().GetSegmentIDs()
+            if mode != editor.OverwriteNone
+            and other != segment_id
+            and (everyone or display.GetSegmentVisibility(other))
+        ]
 
     def write(self, index: int, mask: np.ndarray) -> None:
         _, _, _, seg_node, segment_id, volume_node, geometry = self.args
         mask = np.asarray(mask, dtype=bool)
-        blocked = self.overwritten is not None and (geometry.view(self.overwritten, index) & mask).any()
-        if self.direct and not blocked:
+        overwritten = self.overwritten
+        if self.direct and (
+            not overwritten or erase_on_slice(seg_node, overwritten, volume_node, geometry, index, mask)
+        ):
             write_segment_slices(seg_node, segment_id, volume_node, geometry, {index: mask})
         else:
             write_slice_as_editor(*self.args, index, mask)

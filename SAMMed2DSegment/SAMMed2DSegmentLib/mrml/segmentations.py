@@ -19,13 +19,20 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
-from vtk.util import numpy_support
 
 from ..choices import segment_color_for_name, segment_id_for_name
 from ..engine.geometry import SliceGeometry
 from ..files import atomic_path
+from .labelmaps import (
+    empty_extent,
+    grow_labelmap,
+    image_array,
+    lattice_offset,
+    require_segment,
+    volume_grid,
+)
 from .scene import HeadlessScene, captured_vtk_messages
-from .volumes import node_to_world_matrix, volume_ijk_to_world, vtk_matrix_from_array
+from .volumes import volume_ijk_to_world
 
 SEG_NRRD = ".seg.nrrd"
 #: Prefix of our key/value fields in the NRRD header, so they can never collide with Slicer's own keys.
@@ -74,59 +81,7 @@ def ensure_segment(
     return segment_id
 
 
-def _require_segment(seg_node: vtk.vtkObject, segment_id: str) -> vtk.vtkObject:
-    segment = seg_node.GetSegmentation().GetSegment(segment_id)
-    if segment is None:
-        raise KeyError(f"segmentation {seg_node.GetName()!r} has no segment with ID {segment_id!r}")
-    return segment
-
-
 # -- voxel grids -----------------------------------------------------------------------------------------
-
-
-def _volume_grid(
-    volume_node: vtk.vtkObject, seg_node: vtk.vtkObject
-) -> tuple[vtk.vtkObject, tuple[int, ...]]:
-    """An empty oriented image with the volume's voxel grid, expressed in the segmentation node's own
-    coordinates (segments are stored there, before its parent transform)."""
-    image = volume_node.GetImageData()
-    if image is None:
-        raise ValueError(f"volume {volume_node.GetName()!r} has no voxels")
-    i, j, k = image.GetDimensions()
-    ijk_to_segmentation = np.linalg.inv(node_to_world_matrix(seg_node)) @ volume_ijk_to_world(volume_node)
-    grid = slicer.vtkOrientedImageData()
-    grid.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
-    grid.SetImageToWorldMatrix(vtk_matrix_from_array(ijk_to_segmentation))
-    return grid, (k, j, i)
-
-
-def _image_array(image: vtk.vtkObject) -> np.ndarray:
-    x0, x1, y0, y1, z0, z1 = image.GetExtent()
-    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    return scalars.reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
-
-
-def _image_to_world(image: vtk.vtkObject) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _lattice_offset(image: vtk.vtkObject, grid: vtk.vtkObject) -> np.ndarray | None:
-    """Integer (i, j, k) offset from `grid` indices to `image` indices when both sample the same points (same
-    axes and spacing, origins a whole number of voxels apart), else None: then moving voxels between them
-    would be a resampling, not a copy."""
-    grid_to_image = np.linalg.inv(_image_to_world(image)) @ _image_to_world(grid)
-    offset = grid_to_image[:3, 3]
-    if np.allclose(grid_to_image[:3, :3], np.eye(3), atol=1e-5) and np.allclose(
-        offset, np.round(offset), atol=1e-4
-    ):
-        return np.round(offset).astype(int)
-    return None
-
-
-def _empty_extent(extent: tuple[int, ...]) -> bool:
-    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
 
 
 def _read_on_grid(seg_node: vtk.vtkObject, segment_id: str, grid: vtk.vtkObject) -> np.ndarray:
@@ -142,14 +97,14 @@ def _read_on_grid(seg_node: vtk.vtkObject, segment_id: str, grid: vtk.vtkObject)
         raise RuntimeError(f"cannot read segment {segment_id!r}: {messages.summary()}")
     if tuple(merged.GetExtent()) != tuple(grid.GetExtent()):
         raise RuntimeError(f"segment {segment_id!r} came back with extent {merged.GetExtent()}")
-    return _image_array(merged) > 0
+    return image_array(merged) > 0
 
 
 def segment_array(seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject) -> np.ndarray:
     """The segment on the volume's voxel grid as a bool [k, j, i] array (a copy). Works for segments in
     shared labelmap layers (only this segment's label counts) and under parent transforms."""
-    _require_segment(seg_node, segment_id)
-    grid, _ = _volume_grid(volume_node, seg_node)
+    require_segment(seg_node, segment_id)
+    grid, _ = volume_grid(volume_node, seg_node)
     return _read_on_grid(seg_node, segment_id, grid)
 
 
@@ -173,11 +128,11 @@ def _write_grid(
     """The volume's grid, grown to also cover what the segment's labelmap already holds outside the volume
     (replacing the segment's labelmap must not drop it), and where the volume sits in it ([k, j, i] slices).
     Refuses a labelmap on another lattice: the rest of the segment would be resampled."""
-    grid, (k, j, i) = _volume_grid(volume_node, seg_node)
+    grid, (k, j, i) = volume_grid(volume_node, seg_node)
     low, high = np.zeros(3, int), np.array([i, j, k]) - 1
     stored = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    if stored is not None and not _empty_extent(stored.GetExtent()):
-        offset = _lattice_offset(stored, grid)
+    if stored is not None and not empty_extent(stored.GetExtent()):
+        offset = lattice_offset(stored, grid)
         if offset is None:
             raise ValueError(
                 f"segment {segment.GetName()!r} is stored on a different voxel grid than volume "
@@ -210,9 +165,9 @@ def _write_in_place(
     if segmentation.GetSourceRepresentationName() != name:
         return False  # a derived labelmap: edits must go through the source representation
     labelmap = segment.GetRepresentation(name)
-    if labelmap is None or _empty_extent(labelmap.GetExtent()) or labelmap.GetNumberOfScalarComponents() != 1:
+    if labelmap is None or empty_extent(labelmap.GetExtent()) or labelmap.GetNumberOfScalarComponents() != 1:
         return False
-    offset = _lattice_offset(labelmap, grid)
+    offset = lattice_offset(labelmap, grid)
     if offset is None:
         return False
     label = segment.GetLabelValue()
@@ -226,9 +181,9 @@ def _write_in_place(
     high = np.array([ranges[2][1], ranges[1][1], ranges[0][1]]) + grid_low + offset
     extent = np.array(labelmap.GetExtent())
     if (low < extent[0::2]).any() or (high > extent[1::2]).any():
-        _grow(labelmap, np.minimum(low, extent[0::2]), np.maximum(high, extent[1::2]))
+        grow_labelmap(labelmap, np.minimum(low, extent[0::2]), np.maximum(high, extent[1::2]))
         extent = np.array(labelmap.GetExtent())
-    array = _image_array(labelmap)
+    array = image_array(labelmap)
     a, b = low - extent[0::2], high - extent[0::2] + 1
     block = array[a[2] : b[2], a[1] : b[1], a[0] : b[0]]  # a view into the labelmap
     block_geometry = dataclasses.replace(geometry, shape_kji=block.shape)
@@ -242,19 +197,6 @@ def _write_in_place(
         plane[masks[index]] = label
     labelmap.Modified()  # the segmentation observes its source labelmaps: displays and undo follow
     return True
-
-
-def _grow(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) -> None:
-    """Enlarge a labelmap's extent in place (same object, so a shared layer stays shared), keeping voxels."""
-    old_extent = np.array(labelmap.GetExtent())
-    old = _image_array(labelmap).copy()
-    scalar_type = labelmap.GetScalarType()
-    labelmap.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
-    labelmap.AllocateScalars(scalar_type, 1)
-    array = _image_array(labelmap)
-    array[...] = 0
-    a = old_extent[0::2] - low
-    array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
 
 
 def check_segments_on_grid(seg_node: vtk.vtkObject, volume_node: vtk.vtkObject, name: str = "") -> None:
@@ -283,7 +225,7 @@ def write_segment_slices(
     """Set the given display-orientation slices of one segment to `masks` ({slice index: rows×cols bool});
     every other slice of it and every other segment stay exactly as they were. With a
     `vtkSegmentationHistory`, the previous state is saved once, so the whole call is one undo step."""
-    segment = _require_segment(seg_node, segment_id)
+    segment = require_segment(seg_node, segment_id)
     if not masks:
         return
     grid, inside = _write_grid(seg_node, segment, volume_node)
@@ -305,7 +247,7 @@ def write_segment_slices(
     for index, mask in checked.items():
         geometry.view(on_volume, index)[...] = mask
     grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    _image_array(grid)[...] = voxels
+    image_array(grid)[...] = voxels
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     with captured_vtk_messages() as messages:

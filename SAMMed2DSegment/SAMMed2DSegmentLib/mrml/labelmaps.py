@@ -1,0 +1,75 @@
+"""How segments are stored: labelmaps on voxel lattices, and the volume's grid expressed in a segmentation's
+coordinates. Shared by whole-segment reads and writes (`segmentations`) and single-slice ones
+(`segment_planes`, `editing`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .volumes import node_to_world_matrix, volume_ijk_to_world, vtk_matrix_from_array
+
+
+def require_segment(seg_node: vtk.vtkObject, segment_id: str) -> vtk.vtkObject:
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise KeyError(f"segmentation {seg_node.GetName()!r} has no segment with ID {segment_id!r}")
+    return segment
+
+
+def volume_grid(volume_node: vtk.vtkObject, seg_node: vtk.vtkObject) -> tuple[vtk.vtkObject, tuple[int, ...]]:
+    """An empty oriented image with the volume's voxel grid, expressed in the segmentation node's own
+    coordinates (segments are stored there, before its parent transform)."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"volume {volume_node.GetName()!r} has no voxels")
+    i, j, k = image.GetDimensions()
+    ijk_to_segmentation = np.linalg.inv(node_to_world_matrix(seg_node)) @ volume_ijk_to_world(volume_node)
+    grid = slicer.vtkOrientedImageData()
+    grid.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    grid.SetImageToWorldMatrix(vtk_matrix_from_array(ijk_to_segmentation))
+    return grid, (k, j, i)
+
+
+def image_array(image: vtk.vtkObject) -> np.ndarray:
+    x0, x1, y0, y1, z0, z1 = image.GetExtent()
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return scalars.reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+
+
+def image_to_world(image: vtk.vtkObject) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def lattice_offset(image: vtk.vtkObject, grid: vtk.vtkObject) -> np.ndarray | None:
+    """Integer (i, j, k) offset from `grid` indices to `image` indices when both sample the same points (same
+    axes and spacing, origins a whole number of voxels apart), else None: then moving voxels between them
+    would be a resampling, not a copy."""
+    grid_to_image = np.linalg.inv(image_to_world(image)) @ image_to_world(grid)
+    offset = grid_to_image[:3, 3]
+    if np.allclose(grid_to_image[:3, :3], np.eye(3), atol=1e-5) and np.allclose(
+        offset, np.round(offset), atol=1e-4
+    ):
+        return np.round(offset).astype(int)
+    return None
+
+
+def empty_extent(extent: tuple[int, ...]) -> bool:
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
+
+
+def grow_labelmap(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) -> None:
+    """Enlarge a labelmap's extent in place (same object, so a shared layer stays shared), keeping voxels."""
+    old_extent = np.array(labelmap.GetExtent())
+    old = image_array(labelmap).copy()
+    scalar_type = labelmap.GetScalarType()
+    labelmap.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
+    labelmap.AllocateScalars(scalar_type, 1)
+    array = image_array(labelmap)
+    array[...] = 0
+    a = old_extent[0::2] - low
+    array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
