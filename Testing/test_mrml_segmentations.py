@@ -24,16 +24,7 @@ from SAMMed2DSegmentLib.mrml import (
     write_segment_slices,
 )
 
-from .oblique_volume import IJK_TO_RAS, SHAPE_KJI
-
-
-def _rigid(hs, angle: float, shift: tuple[float, float, float]):
-    transform = vtk.vtkTransform()
-    transform.Translate(*shift)
-    transform.RotateWXYZ(angle, 1, 2, 3)
-    node = hs.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-    node.SetMatrixTransformToParent(transform.GetMatrix())
-    return node
+from .oblique_volume import IJK_TO_RAS, SHAPE_KJI, rigid_transform
 
 
 class Setup:
@@ -43,7 +34,7 @@ class Setup:
         self.hs = create_headless_scene()
         values = np.arange(np.prod(SHAPE_KJI), dtype=np.int16).reshape(SHAPE_KJI)
         self.volume = add_volume_from_array(self.hs, values, IJK_TO_RAS, "ct")
-        self.volume.SetAndObserveTransformNodeID(_rigid(self.hs, 20, (5, -3, 2)).GetID())
+        self.volume.SetAndObserveTransformNodeID(rigid_transform(self.hs, 20, (5, -3, 2)).GetID())
         self.seg = ensure_segmentation(self.hs, self.volume)
         self.a = ensure_segment(self.seg, "A", (1.0, 0.0, 0.0))
         self.b = ensure_segment(self.seg, "B")
@@ -234,7 +225,7 @@ def test_cropped_volume_keeps_the_segment_outside_it(setup):
 def test_segmentation_under_its_own_transform(setup):
     """The segmentation node has a parent transform of its own: voxels still land where the volume's are."""
     seg = ensure_segmentation(setup.hs, setup.volume, name="moved")
-    seg.SetAndObserveTransformNodeID(_rigid(setup.hs, -35, (1, 2, 3)).GetID())
+    seg.SetAndObserveTransformNodeID(rigid_transform(setup.hs, -35, (1, 2, 3)).GetID())
     segment_id = ensure_segment(seg, "S")
     geometry = setup.geometry("sagittal")
     mask = np.zeros(geometry.slice_shape, bool)

@@ -28,10 +28,11 @@ from SAMMed2DSegmentLib.mrml import (
     write_segment_slices,
 )
 from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
-from SAMMed2DSegmentLib.mrml.segment_planes import erase_on_slice, segments_on_slice
+from SAMMed2DSegmentLib.mrml.labelmaps import image_array, volume_grid
+from SAMMed2DSegmentLib.mrml.segment_planes import erase_on_slice, off_lattice, segments_on_slice
 from SAMMed2DSegmentLib.mrml.volumes import vtk_matrix_from_array
 
-from .oblique_volume import IJK_TO_RAS
+from .oblique_volume import IJK_TO_RAS, rigid_transform
 
 SHAPE = (6, 9, 11)  # flipped and permuted axes (IJK_TO_RAS), so every view transposes or flips
 EDITOR = slicer.vtkMRMLSegmentEditorNode
@@ -50,7 +51,8 @@ class Scene:
     def __init__(self, seed: int, layout: str, mode: str) -> None:
         rng = np.random.default_rng(seed)
         self.hs = create_headless_scene()
-        self.volume = add_volume_from_array(self.hs, np.zeros(SHAPE, np.int16), IJK_TO_RAS, "ct")
+        values = rng.integers(0, 100, SHAPE).astype(np.int16)
+        self.volume = add_volume_from_array(self.hs, values, IJK_TO_RAS, "ct")
         self.seg = ensure_segmentation(self.hs, self.volume)
         self.ids = [ensure_segment(self.seg, name) for name in ("target", "A", "B", "C")]
         full = SliceGeometry.create(SHAPE, volume_ijk_to_world(self.volume), "axial")
@@ -77,10 +79,12 @@ def _geometry(scene: Scene, axis: str) -> SliceGeometry:
     return SliceGeometry.create(SHAPE, volume_ijk_to_world(scene.volume), axis)
 
 
-#: Where Slicer's editor logic, called as `write_slice_as_editor` calls it, leaves exactly what the overwrite
-#: setting says. Elsewhere it differs for C: with B hidden in C's layer ("visible", "shared") C keeps voxels
-#: under the new slice; with A and C overlapping ("layers") C loses voxels on slices that were not written.
-EDITOR_AGREES = {("all", "shared"), ("none", "shared"), ("none", "layers")}
+#: Where Slicer's editor logic (`write_slice_as_editor`) leaves exactly what the overwrite setting says: all
+#: but "visible" with one layer, where the hidden B lies under the new voxels in the target's layer;
+#: Slicer then moves the target to a layer of its own and the visible C keeps its voxels under the slice
+#: (slicer-core's `ModifySegmentByLabelmap`, "Add" with the overwrite list).
+EDITOR_AGREES = {(mode, layout) for mode in MODES for layout in ("shared", "layers")}
+EDITOR_AGREES -= {("visible", "shared")}
 
 
 @pytest.mark.parametrize("axis", AXES)
@@ -119,6 +123,50 @@ def test_the_direct_write_does_what_the_overwrite_setting_says(axis, layout, mod
             np.testing.assert_array_equal(ours, wanted, err_msg=f"segment {name}, seed {seed}")
             if (mode, layout) in EDITOR_AGREES:
                 np.testing.assert_array_equal(editors, wanted, err_msg=f"editor: segment {name}, seed {seed}")
+
+
+MASKING = {
+    "outside all segments": (slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments, None),
+    "intensity 20-70": (slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere, (20.0, 70.0)),
+}
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("layout", ["shared", "layers"])
+@pytest.mark.parametrize("masking", list(MASKING))
+def test_with_masking_the_editor_logic_writes_the_slice_only(axis, layout, masking):
+    """With an editable area or intensity range the writer hands the slice to Slicer's editor logic: the
+    target's slice becomes the mask inside the editable area and keeps what it had outside; the other
+    segments lose the written voxels (overwrite all); no voxel off the slice changes (the whole-volume "Set"
+    used before erased other segments' voxels on other slices of a two-layer segmentation)."""
+    mask_mode, intensity = MASKING[masking]
+    for seed in range(2):
+        scene = Scene(seed, layout, "all")
+        before = scene.contents()
+        scene.editor.SetMaskMode(mask_mode)
+        if intensity is not None:
+            scene.editor.SetSourceVolumeIntensityMask(True)
+            scene.editor.SetSourceVolumeIntensityMaskRange(*intensity)
+        geometry = _geometry(scene, axis)
+        index = (seed + 1) % geometry.num_slices
+        mask = np.random.default_rng(200 + seed).random(geometry.slice_shape) < 0.5
+        writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids[0],
+                             scene.volume, geometry)  # fmt: skip
+        assert not writer.direct
+        writer.write(index, mask)
+        if intensity is None:
+            editable = ~np.any([geometry.extract(c, index) for c in before[1:]], axis=0)
+        else:
+            values = geometry.extract(slicer.util.arrayFromVolume(scene.volume), index)
+            editable = (values >= intensity[0]) & (values <= intensity[1])
+        expected = [content.copy() for content in before]
+        target = geometry.view(expected[0], index)
+        target[...] = np.where(editable, mask, target)
+        for other in expected[1:]:
+            geometry.view(other, index)[mask & editable] = False
+        assert (mask & editable).any() and (mask & ~editable).any()
+        for name, wanted, got in zip(("target", "A", "B", "C"), expected, scene.contents(), strict=True):
+            np.testing.assert_array_equal(got, wanted, err_msg=f"segment {name}, seed {seed}")
 
 
 def test_the_direct_write_reads_no_segment_whole(monkeypatch):
@@ -171,7 +219,8 @@ def test_slices_read_and_erased_match_the_whole_segments():
 
 def test_a_segment_off_the_volumes_lattice_is_left_to_the_editor(monkeypatch):
     """A segment stored on another voxel lattice cannot be read or erased slice by slice: both say so, and
-    nothing changes; the writer then takes the editor's path, which resamples."""
+    nothing changes. The writer hands a slice to the editor's logic (which resamples) only where that
+    segment lies under the new voxels; elsewhere it writes directly, and the segment keeps every voxel."""
     scene = Scene(2, "shared", "all")
     image = slicer.vtkOrientedImageData()  # half the volume's spacing: another lattice
     image.SetExtent(0, 3, 0, 3, 0, 3)
@@ -186,16 +235,125 @@ def test_a_segment_off_the_volumes_lattice_is_left_to_the_editor(monkeypatch):
     shifted = "elsewhere"
     assert scene.seg.GetSegmentation().AddSegment(segment, shifted)
     geometry = _geometry(scene, "axial")
+    everything = np.ones(geometry.slice_shape, bool)
     before = scene.contents()
+    elsewhere = segment_array(scene.seg, shifted, scene.volume)
+    assert off_lattice(scene.seg, scene.ids + [shifted], scene.volume) == [shifted]
     assert segments_on_slice(scene.seg, [shifted], scene.volume, geometry, 2) is None
-    assert not erase_on_slice(
-        scene.seg, [scene.ids[1], shifted], scene.volume, geometry, 2, np.ones(geometry.slice_shape, bool)
-    )
+    assert not erase_on_slice(scene.seg, [scene.ids[1], shifted], scene.volume, geometry, 2, everything)
     for a, b in zip(before, scene.contents(), strict=True):
         np.testing.assert_array_equal(a, b)
+    under = [i for i in range(geometry.num_slices) if geometry.extract(elsewhere, i).any()]
+    free = [i for i in range(geometry.num_slices) if i not in under]
+    assert under and free
     writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids[0],
                          scene.volume, geometry)  # fmt: skip
     calls = []
     monkeypatch.setattr(editing, "write_slice_as_editor", lambda *args: calls.append(args[-2]))
-    writer.write(2, np.ones(geometry.slice_shape, bool))
-    assert calls == [2]
+    writer.write(under[0], everything)
+    writer.write(free[0], everything)
+    assert calls == [under[0]]
+    np.testing.assert_array_equal(geometry.extract(segment_array(scene.seg, scene.ids[0], scene.volume),
+                                                   free[0]), everything)  # fmt: skip
+    np.testing.assert_array_equal(segment_array(scene.seg, shifted, scene.volume), elsewhere)
+
+
+def test_the_setting_and_the_segments_are_read_at_every_write():
+    """A segment removed while a job runs is no longer overwritten (it used to fail the job); one hidden
+    meanwhile is spared under "overwrite visible"; without a display node "visible" overwrites none, as in
+    Slicer's editor logic."""
+    scene = Scene(0, "shared", "visible")
+    geometry = _geometry(scene, "coronal")
+    everything = np.ones(geometry.slice_shape, bool)
+    writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids[0],
+                         scene.volume, geometry)  # fmt: skip
+    assert writer.overwritten == [scene.ids[1], scene.ids[3]]
+    writer.write(0, everything)
+    scene.seg.GetSegmentation().RemoveSegment(scene.ids[3])
+    scene.seg.GetDisplayNode().SetSegmentVisibility(scene.ids[1], False)
+    assert writer.overwritten == []
+    kept = geometry.extract(segment_array(scene.seg, scene.ids[1], scene.volume), 1)
+    writer.write(1, everything)
+    np.testing.assert_array_equal(
+        geometry.extract(segment_array(scene.seg, scene.ids[1], scene.volume), 1), kept
+    )
+    assert kept.any()
+    scene.hs.scene.RemoveNode(scene.seg.GetDisplayNode())
+    assert scene.seg.GetDisplayNode() is None and writer.overwritten == []
+
+
+def _layered_scene(seed: int):
+    """A segmentation built straight from labelmaps, as files from other tools arrive: one to three layers,
+    each on the volume's lattice shifted by whole voxels, with an extent that covers part of the volume
+    (and voxels outside it), holding one to three label values; the segmentation (or the volume) under a
+    rotated parent transform on some seeds. Also a volume on the same lattice 4 voxels larger on every side,
+    to see voxels outside the volume."""
+    rng = np.random.default_rng(seed)
+    hs = create_headless_scene()
+    volume = add_volume_from_array(hs, np.zeros(SHAPE, np.int16), IJK_TO_RAS, "ct")
+    pad = np.eye(4)
+    pad[:3, 3] = -4
+    big = add_volume_from_array(hs, np.zeros(tuple(n + 8 for n in SHAPE), np.int16), IJK_TO_RAS @ pad, "big")
+    seg = ensure_segmentation(hs, volume)
+    if seed % 2:
+        seg.SetAndObserveTransformNodeID(rigid_transform(hs, -35, (1, 2, 3)).GetID())
+    grid, _ = volume_grid(volume, seg)
+    to_segmentation = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(to_segmentation)
+    lattice = np.array([[to_segmentation.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ids = []
+    for layer in range(int(rng.integers(1, 4))):
+        shift = np.eye(4)
+        shift[:3, 3] = rng.integers(-3, 4, 3)
+        low = rng.integers(-3, 4, 3)
+        high = low + rng.integers(2, 10, 3)
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
+        image.SetImageToWorldMatrix(vtk_matrix_from_array(lattice @ shift))
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        labels = [int(v) for v in rng.choice(np.arange(1, 9), int(rng.integers(1, 4)), replace=False)]
+        values = rng.choice([0, *labels], size=tuple((high - low + 1)[::-1])).astype(np.uint8)
+        image.GetPointData().GetScalars().Fill(0)
+        image_array(image)[...] = values
+        for label in labels:
+            segment = slicer.vtkSegment()
+            segment.SetName(f"layer {layer} label {label}")
+            segment.SetLabelValue(label)
+            segment.AddRepresentation("Binary labelmap", image)
+            assert seg.GetSegmentation().AddSegment(segment, segment.GetName())
+            ids.append(segment.GetName())
+    seg.CreateDefaultDisplayNodes()
+    return hs, volume, big, seg, ids, rng
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_layer_layouts(seed, monkeypatch):
+    """Against what the setting says, on `_layered_scene`'s segmentations (every view, every setting, some
+    segments hidden): the target's slice is the mask, the overwritten segments lose the mask's voxels on
+    that slice, and no other voxel changes, also outside the volume. Before the segment got a layer of its
+    own ahead of Slicer's replace, "none" lost a neighbour's voxels in a layer of partial, shifted extent."""
+    hs, volume, big, seg, ids, rng = _layered_scene(seed)
+    mode = list(MODES)[seed % 3]
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetOverwriteMode(MODES[mode])
+    target = ids[int(rng.integers(len(ids)))]
+    hidden = [i for i in ids if i != target and rng.random() < 0.3]
+    for segment_id in hidden:
+        seg.GetDisplayNode().SetSegmentVisibility(segment_id, False)
+    before = {i: segment_array(seg, i, big) for i in ids}
+    geometry = SliceGeometry.create(SHAPE, volume_ijk_to_world(volume), AXES[seed % 3])
+    index = int(rng.integers(geometry.num_slices))
+    mask = rng.random(geometry.slice_shape) < 0.5
+    writer = SliceWriter(hs.scene, hs.app_logic, editor, seg, target, volume, geometry)
+    monkeypatch.setattr(editing, "write_slice_as_editor", pytest.fail)
+    writer.write(index, mask)
+    monkeypatch.undo()
+    overwritten = {"all": set(ids) - {target}, "visible": set(ids) - {target} - set(hidden), "none": set()}
+    inside = tuple(slice(4, 4 + n) for n in SHAPE)
+    for segment_id in ids:
+        expected = before[segment_id].copy()
+        if segment_id == target:
+            geometry.view(expected[inside], index)[...] = mask
+        elif segment_id in overwritten[mode]:
+            geometry.view(expected[inside], index)[mask] = False
+        np.testing.assert_array_equal(segment_array(seg, segment_id, big), expected, err_msg=segment_id)

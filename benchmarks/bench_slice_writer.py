@@ -5,9 +5,9 @@ A 300×512×512 volume; `--segments` other segments (boxes of 50 slices, in two 
 target. Each write sets one slice of the target to a disk that covers part of another segment, with the
 editor's default setting (overwrite all other segments). Printed, median milliseconds:
 - start of the job: the writer now (segment IDs only) against reading every other segment whole, as it did;
-- one slice write over another segment: the direct write now (`erase_on_slice` + in-place write) against
-  Slicer's editor logic over the whole volume (`write_slice_as_editor`), which the writer used for such
-  slices before.
+- one slice write over another segment: the direct write (`erase_on_slice` + in-place write) against
+  Slicer's editor logic (`write_slice_as_editor`), which writes where an editable area or intensity range
+  is set, and before this benchmark existed wrote every slice over another segment.
 
     python benchmarks/bench_slice_writer.py [--slices 300] [--segments 10] [--writes 5]
 """

@@ -175,9 +175,8 @@ def _masks_to_refine(by_slice, seg_node, segment_name: str, volume_node, geometr
             f"segment, but {where if out.exists() else f'--out {out.name} does not exist yet'}: give its "
             "--segment-name, or add an include point or a box"
         )
-    return masks_to_correct(
-        geometry, by_slice, segmentations.segment_array(seg_node, segment_id, volume_node)
-    )
+    voxels = segmentations.segment_array(seg_node, segment_id, volume_node)
+    return masks_to_correct(by_slice, lambda index: geometry.view(voxels, index))
 
 
 def _check_finite_results(result) -> None:

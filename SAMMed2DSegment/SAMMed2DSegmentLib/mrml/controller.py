@@ -273,7 +273,9 @@ class InteractiveSegmentation:
             return {}
         if all(prompt.has_include for prompt in by_slice.values()):
             return {}
-        return masks_to_correct(geometry, by_slice, segment_array(seg_node, segment_id, volume_node))
+        return masks_to_correct(
+            by_slice, lambda index: segment_slice(seg_node, segment_id, volume_node, geometry, index)
+        )
 
     def start_propagation_from_slice(
         self,

@@ -15,6 +15,7 @@ one the user edited by hand, and never replace the latter.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 
@@ -25,7 +26,7 @@ import vtk
 from ..engine.geometry import SliceGeometry
 from .labelmaps import image_array, require_segment, volume_grid
 from .scene import captured_vtk_messages
-from .segment_planes import erase_on_slice
+from .segment_planes import erase_on_slice, off_lattice, segment_slice
 from .segmentations import segment_array, write_segment_slices
 
 # Errors the editor logic reports after the voxels were written, about the data tree only: it moves the
@@ -46,10 +47,17 @@ def write_slice_as_editor(
     mask: np.ndarray,
 ) -> None:
     """Set one display-orientation slice of a segment to `mask` within the editor node's editable area;
-    other slices never change. The editor node is pointed at this segmentation, segment and volume (as the
-    embedded editor's own node is while the module shows them). RuntimeError (one line) when the editor
+    nothing off that slice changes. The editor node is pointed at this segmentation, segment and volume (as
+    the embedded editor's own node is while the module shows them). RuntimeError (one line) when the editor
     logic reports an error or the slice read back is not what was asked (see `_check_written_plane`); the
-    segment may then be partly changed, and the caller restores it."""
+    segment may then be partly changed, and the caller restores it.
+
+    Two edits limited to the slice, as the editor's Erase and Paint effects make: "Remove" where the segment
+    is and the mask is not, then "Add" the mask (the other segments lose those voxels as the overwrite
+    setting says). Not one "Set": the editor logic's "Set" first clears the segment over its whole extent
+    (Slicer v5.12.3 `vtkSlicerSegmentEditorLogic.cxx:1906-1930`), so it needs a modifier carrying the whole
+    segment (seconds on a large CT), and then also erases, in a segmentation of two labelmap layers, voxels of
+    other segments on slices that were not written."""
     require_segment(seg_node, segment_id)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape or not 0 <= index < geometry.num_slices:
@@ -59,15 +67,8 @@ def write_slice_as_editor(
     editor_node.SetSelectedSegmentID(segment_id)
     if editor_node.GetSourceVolumeNode() is not volume_node:
         editor_node.SetAndObserveSourceVolumeNode(volume_node)
-    # "Set" makes the segment equal to the modifier within the editable area, so the modifier carries the
-    # segment's other slices as they are.
-    current = segment_array(seg_node, segment_id, volume_node)
-    before = geometry.view(current, index).copy()
-    geometry.view(current, index)[...] = mask
+    before = segment_slice(seg_node, segment_id, volume_node, geometry, index)
     grid, _ = volume_grid(volume_node, seg_node)
-    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image_array(grid)[...] = current
-    extent = list(grid.GetExtent())
     logic = slicer.vtkSlicerSegmentEditorLogic()
     logic.SetMRMLScene(scene)
     if app_logic is not None:
@@ -76,15 +77,37 @@ def write_slice_as_editor(
     logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
     with captured_vtk_messages() as messages:
         editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
-        logic.ModifySegmentByLabelmap(seg_node, segment_id, grid, logic.ModificationModeSet, extent, True,
-                                      False)  # fmt: skip
+        edits = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask))
+        for mode, voxels in edits:
+            voxels = voxels & editable  # Remove in "inside one segment" masking may erase outside it
+            if voxels.any():
+                image, extent = _slice_image(grid, geometry, index, voxels)
+                logic.ModifySegmentByLabelmap(seg_node, segment_id, image, mode, extent, True, False)
     errors = [e for e in messages.errors() if not any(known in e for known in _NOT_WRITE_FAILURES)]
     problem = errors[0] if errors else ""
     if not problem:
-        after = geometry.view(segment_array(seg_node, segment_id, volume_node), index)
+        after = segment_slice(seg_node, segment_id, volume_node, geometry, index)
         problem = _check_written_plane(before, after, mask, editable)
     if problem:
         raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {problem}")
+
+
+def _slice_image(
+    grid: vtk.vtkObject, geometry: SliceGeometry, index: int, plane: np.ndarray
+) -> tuple[vtk.vtkObject, list[int]]:
+    """A one-voxel-thick labelmap on `grid`'s lattice holding `plane` (display orientation) at slice
+    `index`, and its extent."""
+    extent = list(grid.GetExtent())
+    extent[2 * geometry.slice_axis : 2 * geometry.slice_axis + 2] = [index, index]
+    to_world = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(to_world)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(extent)
+    image.SetImageToWorldMatrix(to_world)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    thin = image_array(image)
+    dataclasses.replace(geometry, shape_kji=thin.shape).view(thin, 0)[...] = plane
+    return image, extent
 
 
 def _editable_plane(
@@ -129,12 +152,16 @@ def _check_written_plane(
 
 
 class SliceWriter:
-    """Writes one job's slices into one segment as the editor would (`write_slice_as_editor`), directly when
-    that gives the same voxels: the whole slice is editable (no editable-area or intensity mask). Then the
-    segments the overwrite setting names lose the slice's new voxels (`erase_on_slice`) and the segment's
-    slice is set in place (`write_segment_slices`). The editor logic rewrites the whole labelmap for every
-    call (~2 s per slice on a 512×512×300 CT); the direct write costs the slice (milliseconds), however many
-    segments there are, as it reads and changes their slice only."""
+    """Writes one job's slices into one segment as the editor's settings say, directly where the whole
+    slice is editable (no editable-area or intensity mask, the default): the segments the overwrite setting
+    names lose the slice's new voxels (`erase_on_slice`), and the segment's slice is set in place
+    (`write_segment_slices`). That reads and changes the slice only: milliseconds, however many segments
+    there are. Otherwise Slicer's editor logic writes (`write_slice_as_editor`, ~0.5 s a slice on a
+    512×512×300 CT: `benchmarks/bench_slice_writer.py`), and also where a segment stored on another voxel
+    lattice lies under the new voxels (it is read whole once per job to know).
+
+    The settings, the segments and their visibility are read at every write, as the editor reads them at
+    every stroke: a segment removed or hidden while a job runs is simply no longer overwritten."""
 
     def __init__(
         self,
@@ -147,33 +174,57 @@ class SliceWriter:
         geometry: SliceGeometry,
     ) -> None:
         self.args = (scene, app_logic, editor_node, seg_node, segment_id, volume_node, geometry)
-        editor = slicer.vtkMRMLSegmentEditorNode
-        self.direct = (
+        self._whole: dict[str, np.ndarray] = {}  # segments off the volume's lattice, read whole once
+
+    @property
+    def direct(self) -> bool:
+        """Whether the whole slice is editable (no editable-area or intensity mask)."""
+        editor_node = self.args[2]
+        return (
             editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
             and not editor_node.GetSourceVolumeIntensityMask()
         )
+
+    @property
+    def overwritten(self) -> list[str]:
+        """The segments that lose the voxels a slice write covers: all others, the visible ones (none
+        without a display node, as in Slicer's editor logic) or none."""
+        _, _, editor_node, seg_node, segment_id, _, _ = self.args
+        editor = slicer.vtkMRMLSegmentEditorNode
         mode = editor_node.GetOverwriteMode()
         display = seg_node.GetDisplayNode()
-        everyone = mode == editor.OverwriteAllSegments or display is None
-        #: The segments that lose the voxels a slice write covers (the editor's overwrite setting).
-        self.overwritten: list[str] = [
+        if mode == editor.OverwriteNone or (mode == editor.OverwriteVisibleSegments and display is None):
+            return []
+        return [
             other
             for other in seg_node.GetSegmentation().GetSegmentIDs()
-            if mode != editor.OverwriteNone
-            and other != segment_id
-            and (everyone or display.GetSegmentVisibility(other))
+            if other != segment_id
+            and (mode == editor.OverwriteAllSegments or display.GetSegmentVisibility(other))
         ]
 
     def write(self, index: int, mask: np.ndarray) -> None:
         _, _, _, seg_node, segment_id, volume_node, geometry = self.args
         mask = np.asarray(mask, dtype=bool)
-        overwritten = self.overwritten
-        if self.direct and (
-            not overwritten or erase_on_slice(seg_node, overwritten, volume_node, geometry, index, mask)
-        ):
-            write_segment_slices(seg_node, segment_id, volume_node, geometry, {index: mask})
-        else:
-            write_slice_as_editor(*self.args, index, mask)
+        if self.direct:
+            overwritten = self.overwritten
+            elsewhere = off_lattice(seg_node, overwritten, volume_node)
+            if elsewhere is not None and not self._under(elsewhere, index, mask):
+                on_lattice = [i for i in overwritten if i not in elsewhere]
+                if erase_on_slice(seg_node, on_lattice, volume_node, geometry, index, mask):
+                    write_segment_slices(seg_node, segment_id, volume_node, geometry, {index: mask})
+                    return
+        write_slice_as_editor(*self.args, index, mask)
+
+    def _under(self, segment_ids: list[str], index: int, mask: np.ndarray) -> bool:
+        """Whether one of `segment_ids` (off the volume's lattice, so never changed by a direct write) lies
+        under `mask` on slice `index`."""
+        _, _, _, seg_node, _, volume_node, geometry = self.args
+        for other in segment_ids:
+            if other not in self._whole:
+                self._whole[other] = segment_array(seg_node, other, volume_node)
+            if (geometry.view(self._whole[other], index) & mask).any():
+                return True
+        return False
 
 
 def slice_digest(mask: np.ndarray) -> str:

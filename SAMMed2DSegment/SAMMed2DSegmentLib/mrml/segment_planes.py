@@ -85,6 +85,26 @@ def _layer_slices(
     return layers
 
 
+def off_lattice(
+    seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject
+) -> list[str] | None:
+    """The segments of `segment_ids` that the slice functions refuse (not a labelmap on the volume's voxel
+    lattice), or None when the segmentation's source representation is not a labelmap (all of them)."""
+    segmentation = seg_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != name:
+        return None
+    grid, _ = volume_grid(volume_node, seg_node)
+    refused = []
+    for segment_id in segment_ids:
+        labelmap = require_segment(seg_node, segment_id).GetRepresentation(name)
+        if labelmap is None or labelmap.GetNumberOfScalarComponents() != 1:
+            refused.append(segment_id)
+        elif not empty_extent(labelmap.GetExtent()) and lattice_offset(labelmap, grid) is None:
+            refused.append(segment_id)
+    return refused
+
+
 def segments_on_slice(
     seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
     index: int,
@@ -132,4 +152,4 @@ def erase_on_slice(
     return True
 
 
-__all__ = ["erase_on_slice", "segments_on_slice", "segment_slice"]
+__all__ = ["erase_on_slice", "off_lattice", "segment_slice", "segments_on_slice"]

@@ -191,7 +191,11 @@ def _write_in_place(
     for index, plane in planes.items():
         others = (plane != 0) & (plane != label)
         if (others & masks[index]).any():
-            return False  # another segment of the layer is under the new voxels: Slicer separates layers
+            # Another segment of the layer is under the new voxels: the segment gets a layer of its own
+            # first, for the general path to write into. Slicer's replace separates the layers itself in
+            # most cases, but not all: in a layer of partial, shifted extent a neighbour lost voxels.
+            segmentation.SeparateSegmentLabelmap(segmentation.GetSegmentIdBySegment(segment))
+            return False
     for index, plane in planes.items():
         plane[(plane == label) & ~masks[index]] = 0
         plane[masks[index]] = label
