@@ -277,6 +277,28 @@ def test_evaluate_resume_keeps_unchanged_cases_and_reruns_changed_ones(scheduler
     assert all(len(json.loads(p.read_text())["dice_per_click"]) == 3 for p in per_case.values())
 
 
+def test_evaluate_resume_with_saved_masks_reruns_a_case_whose_mask_is_gone(scheduler, cohort, tmp_path):
+    """--resume with --save-masks keeps a case only while its mask is there too: after one mask is removed,
+    that case runs again and writes it back; the other case's result and mask stay untouched."""
+    header = "case,volume,labels,label_value,segment_name"
+    rows = ["a,ct.nrrd,labels.nrrd,5,liver", "b,ct.nrrd,labels.nrrd,5,liver"]
+    cases = manifest(cohort, "eval-masks.csv", rows, header=header)
+    result, masks = tmp_path / "eval.json", tmp_path / "masks"
+    run = ["evaluate", "--manifest", str(cases), "--json", str(result), "--scheduler", scheduler,
+           "--protocol", "cvpr25", "--save-masks", str(masks), *COMMON]  # fmt: skip
+    assert main(run) == 0
+    saved = {c: sorted((masks / c).glob("*.seg.nrrd")) for c in ("a", "b")}
+    assert all(len(files) == 1 for files in saved.values()), saved
+    per_case = {c: tmp_path / "eval" / f"{c}.json" for c in ("a", "b")}
+    written = {c: (p.stat().st_mtime_ns, saved[c][0].stat().st_mtime_ns) for c, p in per_case.items()}
+
+    saved["a"][0].unlink()
+    assert main([*run, "--resume"]) == 0
+    assert [r["status"] for r in json.loads(result.read_text())["cases"]] == ["done", "skipped"]
+    assert saved["a"][0].is_file() and per_case["a"].stat().st_mtime_ns != written["a"][0]
+    assert (per_case["b"].stat().st_mtime_ns, saved["b"][0].stat().st_mtime_ns) == written["b"]
+
+
 def test_a_kept_result_needs_its_digest_and_its_mask(tmp_path):
     """--resume keeps a case's result only when it is whole JSON, records this run's digest, and (with
     --save-masks) its mask is there; a result of an older version has no digest and runs again."""

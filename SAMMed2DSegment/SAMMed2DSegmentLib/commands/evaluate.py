@@ -107,6 +107,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 def saved_mask_path(args: argparse.Namespace) -> Path | None:
     """Where --save-masks puts the final mask: DIR/<name of the JSON>.seg.nrrd."""
+    folder = _save_masks_folder(args)
+    return mask_file_in(folder, args.json) if folder is not None else None
+
+
+def _save_masks_folder(args: argparse.Namespace) -> Path | None:
+    """The --save-masks folder, checked: a folder, or one that can be made in an existing folder."""
     if not args.save_masks:
         return None
     if args.protocol != "cvpr25":
@@ -116,7 +122,7 @@ def saved_mask_path(args: argparse.Namespace) -> Path | None:
         raise CommandError(f"--save-masks {folder} is not a folder")
     if not folder.exists() and not folder.absolute().parent.is_dir():
         raise CommandError(f"--save-masks: the folder {folder.absolute().parent} does not exist")
-    return mask_file_in(folder, args.json)
+    return folder
 
 
 def mask_file_in(folder: str | Path, json_path: str | Path) -> Path:
@@ -264,6 +270,7 @@ def _run_manifest(args: argparse.Namespace) -> dict:
     cases_dir = out.with_suffix("")
     if cases_dir.exists() and not cases_dir.is_dir():
         raise CommandError(f"{cases_dir} (the per-case folder beside --json) exists and is not a folder")
+    masks_dir = _save_masks_folder(args)  # DIR/<case> per case (`forwarded_argv`): DIR is made here
     model = model_argv(args.checkpoint, args.model, args.device, args.precision)
     rows: dict[str, dict] = {}
     results: dict[str, dict] = {}
@@ -296,6 +303,11 @@ def _run_manifest(args: argparse.Namespace) -> dict:
             results[task.case] = outcome.result
 
     cases_dir.mkdir(exist_ok=True)
+    if masks_dir is not None:
+        try:
+            masks_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"--save-masks: cannot make {masks_dir} ({exc.strerror})") from None
     with plan.lock("--json", quiet=args.quiet):
         tasks = plan_cases()
         if tasks:
