@@ -4,16 +4,18 @@ launcher the way PythonSlicer starts the real interpreter."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from SAMMed2DSegmentLib import requirements
-from SAMMed2DSegmentLib.installer import PipInstall
+from SAMMed2DSegmentLib.installer import STALE_STAGING_SECONDS, PipInstall
 
 from .child_processes import alive, python_launcher, run_to_end, wait_gone
 from .child_processes import build_wheel as build_any_wheel
@@ -52,6 +54,26 @@ def test_install_puts_a_complete_importable_folder_in_place(tmp_path):
     listed.write_text(f"{PACKAGE}=={VERSION}\n")
     state = requirements.check_requirements(listed, target, search_path=[])
     assert state.missing == () and state.package_dirs == (str(target),)
+
+
+def test_staging_folders_of_killed_installs_are_removed_once_a_day_old(tmp_path):
+    """A Slicer killed while pip ran leaves its staging folder; the next install of that target removes
+    those a day old, and leaves a recent one (another install may be writing it) and any other name."""
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels)
+    target = tmp_path / "cache" / "packages" / "py3-test"
+    target.parent.mkdir(parents=True)
+    stale, recent = (target.parent / f".{target.name}.staging-{n}" for n in ("old", "new"))
+    other = target.parent / ".py3-other.staging-old"
+    for folder in (stale, recent, other):
+        (folder / "pkg").mkdir(parents=True)
+    day_old = time.time() - STALE_STAGING_SECONDS - 60
+    for folder in (stale, other):
+        os.utime(folder, (day_old, day_old))
+    install = PipInstall(sys.executable, [f"{PACKAGE}=={VERSION}"], target, pip_args=offline(wheels))
+    install.start()
+    assert run_to_end(install)[1].succeeded
+    assert not stale.exists() and recent.is_dir() and other.is_dir() and requirements.folder_complete(target)
 
 
 def test_failing_install_reports_one_line_and_leaves_no_folder(tmp_path):

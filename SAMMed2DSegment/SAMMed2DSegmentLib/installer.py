@@ -9,8 +9,10 @@ Folders this object did not create are never deleted.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +91,7 @@ class PipInstall:
         env["PIP_USER"] = "0"  # --target cannot be combined with a user-level install
         try:
             prefix = f".{self.target.name}.staging-"  # beside the target: the final rename stays atomic
+            _remove_stale(self.target.parent, prefix)
             self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.target.parent))
             self._child = PolledProcess(self.command, env)
             self._child.start()
@@ -170,4 +173,21 @@ class PipInstall:
                     break
 
 
-__all__ = ["PIP_OPTIONS", "InstallProgress", "PipInstall"]
+#: A staging folder untouched this long belongs to an install that was killed (Slicer closed or crashed
+#: while pip ran): no install of ours writes for a day.
+STALE_STAGING_SECONDS = 24 * 3600
+
+
+def _remove_stale(folder: Path, prefix: str) -> None:
+    """Remove the staging folders named `prefix`… in `folder` (only installs of ours make such names) that
+    nothing has written to for `STALE_STAGING_SECONDS`; one that cannot be removed is left."""
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    for old in folder.glob(glob.escape(prefix) + "*"):
+        try:
+            if old.is_dir() and not old.is_symlink() and old.stat().st_mtime < cutoff:
+                remove_tree(old, attempts=1, pause=0)
+        except OSError:
+            pass
+
+
+__all__ = ["PIP_OPTIONS", "STALE_STAGING_SECONDS", "InstallProgress", "PipInstall"]
