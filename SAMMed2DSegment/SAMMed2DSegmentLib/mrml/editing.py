@@ -22,11 +22,12 @@ from collections.abc import Mapping
 import numpy as np
 import slicer
 import vtk
+from vtk.util import numpy_support
 
 from ..engine.geometry import SliceGeometry
-from .labelmaps import image_array, require_segment, volume_grid
+from .labelmaps import give_own_layer, image_array, require_segment, volume_grid
 from .scene import captured_vtk_messages
-from .segment_planes import erase_on_slice, off_lattice, segment_slice
+from .segment_planes import erase_on_slice, off_lattice, segment_slice, segments_on_slice
 from .segmentations import segment_array, write_segment_slices
 
 # Errors the editor logic reports after the voxels were written, about the data tree only: it moves the
@@ -77,6 +78,8 @@ def write_slice_as_editor(
     logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
     with captured_vtk_messages() as messages:
         editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
+        if _neighbour_under(seg_node, segment_id, volume_node, geometry, index, mask & editable):
+            give_own_layer(seg_node, segment_id, volume_node)
         edits = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask))
         for mode, voxels in edits:
             voxels = voxels & editable  # Remove in "inside one segment" masking may erase outside it
@@ -90,6 +93,25 @@ def write_slice_as_editor(
         problem = _check_written_plane(before, after, mask, editable)
     if problem:
         raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {problem}")
+
+
+def _neighbour_under(
+    seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject, geometry: SliceGeometry, index: int,
+    voxels: np.ndarray,
+) -> bool:  # fmt: skip
+    """Whether another segment of the segment's labelmap layer lies under `voxels` on slice `index` (true
+    when that cannot be read slice by slice)."""
+    segmentation = seg_node.GetSegmentation()
+    layer = segmentation.GetLayerIndex(segment_id)
+    neighbours = [
+        other
+        for other in segmentation.GetSegmentIDs()
+        if other != segment_id and segmentation.GetLayerIndex(other) == layer
+    ]
+    if not neighbours or not voxels.any():
+        return False
+    under = segments_on_slice(seg_node, neighbours, volume_node, geometry, index)
+    return under is None or bool((under & voxels).any())
 
 
 def _slice_image(
@@ -131,10 +153,28 @@ def _editable_plane(
         )
         editable &= geometry.view(image_array(locked), index) == 0
     if editor_node.GetSourceVolumeIntensityMask():
-        low, high = editor_node.GetSourceVolumeIntensityMaskRange()
-        voxels = geometry.view(slicer.util.arrayFromVolume(volume_node), index)
-        editable &= (voxels >= low) & (voxels <= high)
+        values = geometry.extract(slicer.util.arrayFromVolume(volume_node), index)
+        editable &= _in_range(values, *editor_node.GetSourceVolumeIntensityMaskRange())
     return editable
+
+
+def _in_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Where `values` lie within [low, high] as the editor logic decides it, with its `vtkImageThreshold`,
+    which casts the bounds to the values' type first (19.5 counts as 19 on an integer volume)."""
+    image = vtk.vtkImageData()
+    image.SetDimensions(values.shape[1], values.shape[0], 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
+    threshold = vtk.vtkImageThreshold()
+    threshold.SetInputData(image)
+    threshold.ThresholdBetween(low, high)
+    threshold.SetInValue(1)
+    threshold.SetOutValue(0)
+    threshold.SetOutputScalarTypeToUnsignedChar()
+    threshold.Update()
+    return (
+        numpy_support.vtk_to_numpy(threshold.GetOutput().GetPointData().GetScalars()).reshape(values.shape)
+        == 1
+    )
 
 
 def _check_written_plane(

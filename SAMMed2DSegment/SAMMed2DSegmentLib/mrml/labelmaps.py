@@ -73,3 +73,30 @@ def grow_labelmap(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) ->
     array[...] = 0
     a = old_extent[0::2] - low
     array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
+
+
+def give_own_layer(seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject) -> None:
+    """Move the segment to a labelmap layer of its own, before a write that may put it over a neighbour of
+    its layer. Slicer's replace and the editor's "Add" separate the layers themselves in most cases, but not
+    all: in a layer of partial, shifted extent a neighbour lost voxels. A segment with voxels is separated
+    by Slicer (`SeparateSegmentLabelmap`); an empty one gets a new empty labelmap on the volume's grid, as
+    separating it left it unreadable in some geometries."""
+    segmentation = seg_node.GetSegmentation()
+    segment = require_segment(seg_node, segment_id)
+    layer = segmentation.GetLayerIndex(segment_id)
+    shared = any(
+        other != segment_id and segmentation.GetLayerIndex(other) == layer
+        for other in segmentation.GetSegmentIDs()
+    )
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    labelmap = segment.GetRepresentation(name)
+    if not shared or labelmap is None:
+        return
+    if not empty_extent(labelmap.GetExtent()) and (image_array(labelmap) == segment.GetLabelValue()).any():
+        segmentation.SeparateSegmentLabelmap(segment_id)
+        return
+    grid, _ = volume_grid(volume_node, seg_node)
+    own = slicer.vtkOrientedImageData()
+    own.ShallowCopy(grid)  # the grid's geometry; no voxels
+    own.SetExtent(0, -1, 0, -1, 0, -1)
+    segment.AddRepresentation(name, own)

@@ -25,6 +25,7 @@ from ..engine.geometry import SliceGeometry
 from ..files import atomic_path
 from .labelmaps import (
     empty_extent,
+    give_own_layer,
     grow_labelmap,
     image_array,
     lattice_offset,
@@ -155,12 +156,13 @@ def _write_in_place(
     inside: tuple[slice, slice, slice],
     geometry: SliceGeometry,
     masks: Mapping[int, np.ndarray],
-) -> bool:
+) -> bool | None:
     """Write the slices straight into the segment's own labelmap (shared with other segments of its layer or
     not) when that is exactly equivalent to replacing the segment: same lattice, and no other segment under
     the new voxels. Costs the slices written, not the volume (a click on a 300-slice CT: milliseconds
     instead of most of a second). The labelmap grows in place to the written slices when needed, so
-    segments sharing it keep sharing it. Returns False to leave the general path to do the write."""
+    segments sharing it keep sharing it. Returns False to leave the general path to do the write, None when
+    that is because another segment of the layer lies under the new voxels."""
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     if segmentation.GetSourceRepresentationName() != name:
         return False  # a derived labelmap: edits must go through the source representation
@@ -191,11 +193,7 @@ def _write_in_place(
     for index, plane in planes.items():
         others = (plane != 0) & (plane != label)
         if (others & masks[index]).any():
-            # Another segment of the layer is under the new voxels: the segment gets a layer of its own
-            # first, for the general path to write into. Slicer's replace separates the layers itself in
-            # most cases, but not all: in a layer of partial, shifted extent a neighbour lost voxels.
-            segmentation.SeparateSegmentLabelmap(segmentation.GetSegmentIdBySegment(segment))
-            return False
+            return None  # another segment of the layer is under the new voxels
     for index, plane in planes.items():
         plane[(plane == label) & ~masks[index]] = 0
         plane[masks[index]] = label
@@ -244,8 +242,11 @@ def write_segment_slices(
 
     if history is not None:
         history.SaveState()
-    if _write_in_place(seg_node.GetSegmentation(), segment, grid, inside, geometry, checked):
+    written = _write_in_place(seg_node.GetSegmentation(), segment, grid, inside, geometry, checked)
+    if written:
         return
+    if written is None:
+        give_own_layer(seg_node, segment_id, volume_node)
     voxels = _read_on_grid(seg_node, segment_id, grid).astype(np.uint8)
     on_volume = voxels[inside]  # a view: writing slices into it writes into `voxels`
     for index, mask in checked.items():
