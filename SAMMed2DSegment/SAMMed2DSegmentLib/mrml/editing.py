@@ -25,7 +25,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..engine.geometry import SliceGeometry
-from .labelmaps import give_own_layer, image_array, require_segment, volume_grid
+from .labelmaps import give_own_layer, image_array, layer_neighbours, require_segment, volume_grid
 from .scene import captured_vtk_messages
 from .segment_planes import erase_on_slice, off_lattice, segment_slice, segments_on_slice
 from .segmentations import segment_array, write_segment_slices
@@ -101,13 +101,7 @@ def _neighbour_under(
 ) -> bool:  # fmt: skip
     """Whether another segment of the segment's labelmap layer lies under `voxels` on slice `index` (true
     when that cannot be read slice by slice)."""
-    segmentation = seg_node.GetSegmentation()
-    layer = segmentation.GetLayerIndex(segment_id)
-    neighbours = [
-        other
-        for other in segmentation.GetSegmentIDs()
-        if other != segment_id and segmentation.GetLayerIndex(other) == layer
-    ]
+    neighbours = layer_neighbours(seg_node, segment_id)
     if not neighbours or not voxels.any():
         return False
     under = segments_on_slice(seg_node, neighbours, volume_node, geometry, index)

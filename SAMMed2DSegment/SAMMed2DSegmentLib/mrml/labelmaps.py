@@ -75,6 +75,17 @@ def grow_labelmap(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) ->
     array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
 
 
+def layer_neighbours(seg_node: vtk.vtkObject, segment_id: str) -> list[str]:
+    """The other segments stored in the segment's labelmap layer."""
+    segmentation = seg_node.GetSegmentation()
+    layer = segmentation.GetLayerIndex(segment_id)
+    return [
+        other
+        for other in segmentation.GetSegmentIDs()
+        if other != segment_id and segmentation.GetLayerIndex(other) == layer
+    ]
+
+
 def give_own_layer(seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject) -> None:
     """Move the segment to a labelmap layer of its own, before a write that may put it over a neighbour of
     its layer. Slicer's replace and the editor's "Add" separate the layers themselves in most cases, but not
@@ -83,14 +94,9 @@ def give_own_layer(seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vt
     separating it left it unreadable in some geometries."""
     segmentation = seg_node.GetSegmentation()
     segment = require_segment(seg_node, segment_id)
-    layer = segmentation.GetLayerIndex(segment_id)
-    shared = any(
-        other != segment_id and segmentation.GetLayerIndex(other) == layer
-        for other in segmentation.GetSegmentIDs()
-    )
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     labelmap = segment.GetRepresentation(name)
-    if not shared or labelmap is None:
+    if not layer_neighbours(seg_node, segment_id) or labelmap is None:
         return
     if not empty_extent(labelmap.GetExtent()) and (image_array(labelmap) == segment.GetLabelValue()).any():
         segmentation.SeparateSegmentLabelmap(segment_id)
