@@ -60,15 +60,13 @@ def _layer_slices(
     for segment_id in segment_ids:
         segment = require_segment(seg_node, segment_id)
         labelmap = segment.GetRepresentation(name)
-        if labelmap is None or labelmap.GetNumberOfScalarComponents() != 1:
+        if not _on_lattice(labelmap, grid):
             return None
         if empty_extent(labelmap.GetExtent()):
             continue
         layer = segmentation.GetLayerIndex(segment_id)
         if layer not in layers:
             offset = lattice_offset(labelmap, grid)
-            if offset is None:
-                return None
             extent = np.array(labelmap.GetExtent())
             a = np.maximum(low + offset, extent[0::2])  # the overlap, in labelmap indices
             b = np.minimum(high + offset, extent[1::2])
@@ -95,14 +93,17 @@ def off_lattice(
     if segmentation.GetSourceRepresentationName() != name:
         return None
     grid, _ = volume_grid(volume_node, seg_node)
-    refused = []
-    for segment_id in segment_ids:
-        labelmap = require_segment(seg_node, segment_id).GetRepresentation(name)
-        if labelmap is None or labelmap.GetNumberOfScalarComponents() != 1:
-            refused.append(segment_id)
-        elif not empty_extent(labelmap.GetExtent()) and lattice_offset(labelmap, grid) is None:
-            refused.append(segment_id)
-    return refused
+    return [
+        i for i in segment_ids if not _on_lattice(require_segment(seg_node, i).GetRepresentation(name), grid)
+    ]
+
+
+def _on_lattice(labelmap: vtk.vtkObject | None, grid: vtk.vtkObject) -> bool:
+    """Whether the slice functions can read and change this labelmap: one component, and empty or on the
+    lattice of `grid` (the volume's)."""
+    if labelmap is None or labelmap.GetNumberOfScalarComponents() != 1:
+        return False
+    return empty_extent(labelmap.GetExtent()) or lattice_offset(labelmap, grid) is not None
 
 
 def segments_on_slice(
