@@ -28,7 +28,7 @@ from SAMMed2DSegmentLib.mrml import (
     write_segment_slices,
 )
 from SAMMed2DSegmentLib.mrml.editing import SliceWriter, write_slice_as_editor
-from SAMMed2DSegmentLib.mrml.labelmaps import image_array, volume_grid
+from SAMMed2DSegmentLib.mrml.labelmaps import image_array, image_to_world, volume_grid
 from SAMMed2DSegmentLib.mrml.segment_planes import erase_on_slice, off_lattice, segments_on_slice
 from SAMMed2DSegmentLib.mrml.volumes import vtk_matrix_from_array
 
@@ -297,10 +297,7 @@ def _layered_scene(seed: int):
     seg = ensure_segmentation(hs, volume)
     if seed % 2:
         seg.SetAndObserveTransformNodeID(rigid_transform(hs, -35, (1, 2, 3)).GetID())
-    grid, _ = volume_grid(volume, seg)
-    to_segmentation = vtk.vtkMatrix4x4()
-    grid.GetImageToWorldMatrix(to_segmentation)
-    lattice = np.array([[to_segmentation.GetElement(r, c) for c in range(4)] for r in range(4)])
+    lattice = image_to_world(volume_grid(volume, seg)[0])
     ids = []
     for layer in range(int(rng.integers(1, 4))):
         shift = np.eye(4)
