@@ -54,11 +54,17 @@ def write_slice_as_editor(
     segment may then be partly changed, and the caller restores it.
 
     Two edits limited to the slice, as the editor's Erase and Paint effects make: "Remove" where the segment
-    is and the mask is not, then "Add" the mask (the other segments lose those voxels as the overwrite
-    setting says). Not one "Set": the editor logic's "Set" first clears the segment over its whole extent
-    (Slicer v5.12.3 `vtkSlicerSegmentEditorLogic.cxx:1906-1930`), so it needs a modifier carrying the whole
-    segment (seconds on a large CT), and then also erases, in a segmentation of two labelmap layers, voxels of
-    other segments on slices that were not written."""
+    is and the mask is not, then "Add" the mask. Not one "Set": the editor logic's "Set" first clears the
+    segment over its whole extent (Slicer v5.12.3 `vtkSlicerSegmentEditorLogic.cxx:1906-1930`), so it needs a
+    modifier carrying the whole segment (seconds on a large CT), and then also erases, in a segmentation of
+    two labelmap layers, voxels of other segments on slices that were not written.
+
+    The segments the overwrite setting names lose the added voxels here (`erase_on_slice`), and the editor
+    logic then writes with masking bypassed (its modifier is already limited to the editable area): its own
+    erasure, with "visible" and a hidden segment under the new voxels in the target's layer, moves the target
+    to a layer of its own and then leaves a visible segment's voxels under it (the erase list is taken from
+    the layers after the move, ibid. 1978-2010). Only where an overwritten segment is not on the volume's
+    lattice does the editor logic erase, resampling it."""
     require_segment(seg_node, segment_id)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape or not 0 <= index < geometry.num_slices:
@@ -78,6 +84,8 @@ def write_slice_as_editor(
     logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
     with captured_vtk_messages() as messages:
         editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
+        overwritten = overwritten_segments(editor_node, seg_node, segment_id)
+        erased = erase_on_slice(seg_node, overwritten, volume_node, geometry, index, mask & editable)
         if _neighbour_under(seg_node, segment_id, volume_node, geometry, index, mask & editable):
             give_own_layer(seg_node, segment_id, volume_node)
         edits = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask))
@@ -85,7 +93,8 @@ def write_slice_as_editor(
             voxels = voxels & editable  # Remove in "inside one segment" masking may erase outside it
             if voxels.any():
                 image, extent = _slice_image(grid, geometry, index, voxels)
-                logic.ModifySegmentByLabelmap(seg_node, segment_id, image, mode, extent, True, False)
+                # Already masked, and where the others were erased here, bypass: the editor then erases none.
+                logic.ModifySegmentByLabelmap(seg_node, segment_id, image, mode, extent, True, erased)
     errors = [e for e in messages.errors() if not any(known in e for known in _NOT_WRITE_FAILURES)]
     problem = errors[0] if errors else ""
     if not problem:
@@ -93,6 +102,23 @@ def write_slice_as_editor(
         problem = _check_written_plane(before, after, mask, editable)
     if problem:
         raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {problem}")
+
+
+def overwritten_segments(editor_node: vtk.vtkObject, seg_node: vtk.vtkObject, segment_id: str) -> list[str]:
+    """The segments that lose the voxels a write into `segment_id` adds: all others, the visible ones (none
+    without a display node, as in Slicer's editor logic) or none, as the editor node's overwrite setting says
+    now (the editor reads it at every stroke)."""
+    editor = slicer.vtkMRMLSegmentEditorNode
+    mode = editor_node.GetOverwriteMode()
+    display = seg_node.GetDisplayNode()
+    if mode == editor.OverwriteNone or (mode == editor.OverwriteVisibleSegments and display is None):
+        return []
+    return [
+        other
+        for other in seg_node.GetSegmentation().GetSegmentIDs()
+        if other != segment_id
+        and (mode == editor.OverwriteAllSegments or display.GetSegmentVisibility(other))
+    ]
 
 
 def _neighbour_under(
@@ -221,20 +247,8 @@ class SliceWriter:
 
     @property
     def overwritten(self) -> list[str]:
-        """The segments that lose the voxels a slice write covers: all others, the visible ones (none
-        without a display node, as in Slicer's editor logic) or none."""
         _, _, editor_node, seg_node, segment_id, _, _ = self.args
-        editor = slicer.vtkMRMLSegmentEditorNode
-        mode = editor_node.GetOverwriteMode()
-        display = seg_node.GetDisplayNode()
-        if mode == editor.OverwriteNone or (mode == editor.OverwriteVisibleSegments and display is None):
-            return []
-        return [
-            other
-            for other in seg_node.GetSegmentation().GetSegmentIDs()
-            if other != segment_id
-            and (mode == editor.OverwriteAllSegments or display.GetSegmentVisibility(other))
-        ]
+        return overwritten_segments(editor_node, seg_node, segment_id)
 
     def write(self, index: int, mask: np.ndarray) -> None:
         _, _, _, seg_node, segment_id, volume_node, geometry = self.args
@@ -294,4 +308,4 @@ class WrittenSlices:
         return edited
 
 
-__all__ = ["SliceWriter", "WrittenSlices", "slice_digest", "write_slice_as_editor"]
+__all__ = ["SliceWriter", "WrittenSlices", "overwritten_segments", "slice_digest", "write_slice_as_editor"]
