@@ -4,6 +4,9 @@ coordinates. Shared by whole-segment reads and writes (`segmentations`) and sing
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from types import TracebackType
+
 import numpy as np
 import slicer
 import vtk
@@ -106,3 +109,68 @@ def give_own_layer(seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vt
     own.ShallowCopy(grid)  # the grid's geometry; no voxels
     own.SetExtent(0, -1, 0, -1, 0, -1)
     segment.AddRepresentation(name, own)
+
+
+class InPlaceChange:
+    """Changes made straight in source labelmaps' voxels, announced as Slicer's editor announces its own
+    writes (Slicer v5.12.3 `Libs/vtkSegmentationCore/vtkSegmentationModifier.cxx:94-113`,
+    `Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic.cxx:2092-2125`): the segmentation
+    does not hear the labelmaps' Modified events while the change lasts, and at its end only the changed
+    segments' other representations (the 3-D surface) are made again, and the segmentation says which
+    segments changed.
+
+    A labelmap's Modified event heard by the segmentation drops every segment's other representations
+    (`vtkSegmentation::OnSourceRepresentationModified`, ibid. `vtkSegmentation.cxx:779-792`): the 3-D surfaces
+    of all segments vanish at each written slice. Slicer's switch for that observation
+    (`SetSourceRepresentationModifiedEnabled`) is protected, so the events are stopped at the labelmap by an
+    observer of higher priority that aborts them."""
+
+    def __init__(self, seg_node: vtk.vtkObject) -> None:
+        self.segmentation = seg_node.GetSegmentation()
+        self.segment_ids: list[str] = []
+        self._muted: dict[vtk.vtkObject, int] = {}
+
+    def __enter__(self) -> InPlaceChange:
+        return self
+
+    def mute(self, labelmap: vtk.vtkObject) -> None:
+        """Stop `labelmap`'s Modified events from reaching the segmentation until the change ends (call before
+        changing its extent or voxels)."""
+        if labelmap in self._muted:
+            return
+        tag = 0
+
+        def swallow(caller: vtk.vtkObject, event: str) -> None:
+            caller.GetCommand(tag).SetAbortFlag(1)
+
+        tag = labelmap.AddObserver(vtk.vtkCommand.ModifiedEvent, swallow, 1000.0)
+        self._muted[labelmap] = tag
+
+    def changed(self, labelmap: vtk.vtkObject, segment_ids: Iterable[str]) -> None:
+        """`labelmap`'s voxels of `segment_ids` were changed."""
+        self.mute(labelmap)
+        labelmap.Modified()  # for the pipelines that show it (slice views)
+        self.segment_ids += [i for i in segment_ids if i not in self.segment_ids]
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        for labelmap, tag in self._muted.items():
+            labelmap.RemoveObserver(tag)
+        self._muted.clear()
+        segmentation = self.segmentation
+        present = [i for i in self.segment_ids if segmentation.GetSegment(i) is not None]
+        if not present:
+            return
+        names: list[str] = []
+        segmentation.GetContainedRepresentationNames(names)
+        derived = [n for n in names if n != segmentation.GetSourceRepresentationName()]
+        for segment_id in present:
+            for name in derived:
+                segmentation.GetSegment(segment_id).RemoveRepresentation(name)
+        for name in derived:
+            segmentation.CreateRepresentation(name)  # only where missing: the changed segments
+        for segment_id in present:
+            name = segment_id.encode() + b"\0"  # the events' call data is the segment ID as a C string
+            segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified, name)
+            segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, name)

@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from ..engine.geometry import SliceGeometry
-from .labelmaps import empty_extent, image_array, lattice_offset, require_segment, volume_grid
+from .labelmaps import InPlaceChange, empty_extent, image_array, lattice_offset, require_segment, volume_grid
 from .segmentations import segment_array
 
 
@@ -31,16 +31,17 @@ class _LayerSlice:
     stored: tuple[slice, slice, slice]  # the part of the labelmap's array inside the slice
     inside: tuple[slice, slice, slice]  # the same voxels in `thin`
 
-    def put_back(self) -> None:
+    def put_back(self, change: InPlaceChange, segment_ids: Iterable[str]) -> None:
+        """Store the changed values; `segment_ids` are the segments whose voxels changed."""
         image_array(self.labelmap)[self.stored] = self.thin[self.inside]
-        self.labelmap.Modified()  # the segmentation observes its labelmaps: displays and undo follow
+        change.changed(self.labelmap, segment_ids)
 
 
 def _layer_slices(
     seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
     index: int,
-) -> dict[int, tuple[_LayerSlice, list[int]]] | None:  # fmt: skip
-    """The slice of each labelmap holding one of `segment_ids`, with those segments' label values; None when
+) -> dict[int, tuple[_LayerSlice, dict[int, str]]] | None:  # fmt: skip
+    """The slice of each labelmap holding one of `segment_ids`, with those segments by label value; None when
     one of them is not a labelmap on the volume's lattice."""
     segmentation = seg_node.GetSegmentation()
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
@@ -56,7 +57,7 @@ def _layer_slices(
     low[geometry.slice_axis] = high[geometry.slice_axis] = index
     thin_shape = tuple(int(n) for n in (high - low + 1)[::-1])
     thin_geometry = dataclasses.replace(geometry, shape_kji=thin_shape)
-    layers: dict[int, tuple[_LayerSlice, list[int]]] = {}
+    layers: dict[int, tuple[_LayerSlice, dict[int, str]]] = {}
     for segment_id in segment_ids:
         segment = require_segment(seg_node, segment_id)
         labelmap = segment.GetRepresentation(name)
@@ -78,8 +79,8 @@ def _layer_slices(
                 u, v = a - offset - low, b - offset - low + 1
                 inside = (slice(u[2], v[2]), slice(u[1], v[1]), slice(u[0], v[0]))
                 thin[inside] = image_array(labelmap)[stored]
-            layers[layer] = (_LayerSlice(labelmap, thin, thin_geometry.view(thin, 0), stored, inside), [])
-        layers[layer][1].append(segment.GetLabelValue())
+            layers[layer] = (_LayerSlice(labelmap, thin, thin_geometry.view(thin, 0), stored, inside), {})
+        layers[layer][1][segment.GetLabelValue()] = segment_id
     return layers
 
 
@@ -117,7 +118,7 @@ def segments_on_slice(
         return None
     found = np.zeros(geometry.slice_shape, bool)
     for layer, labels in layers.values():
-        found |= np.isin(layer.values, labels)
+        found |= np.isin(layer.values, list(labels))
     return found
 
 
@@ -145,11 +146,13 @@ def erase_on_slice(
     layers = _layer_slices(seg_node, segment_ids, volume_node, geometry, index)
     if layers is None:
         return False
-    for layer, labels in layers.values():
-        erased = mask & np.isin(layer.values, labels)
-        if erased.any():
-            layer.values[erased] = 0
-            layer.put_back()
+    with InPlaceChange(seg_node) as change:
+        for layer, labels in layers.values():
+            erased = mask & np.isin(layer.values, list(labels))
+            if erased.any():
+                losing = [labels[label] for label in np.unique(layer.values[erased]).tolist()]
+                layer.values[erased] = 0
+                layer.put_back(change, losing)
     return True
 
 

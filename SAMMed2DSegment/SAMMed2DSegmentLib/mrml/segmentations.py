@@ -24,6 +24,7 @@ from ..choices import segment_color_for_name, segment_id_for_name
 from ..engine.geometry import SliceGeometry
 from ..files import atomic_path
 from .labelmaps import (
+    InPlaceChange,
     empty_extent,
     give_own_layer,
     grow_labelmap,
@@ -150,8 +151,8 @@ def _write_grid(
 
 
 def _write_in_place(
-    segmentation: vtk.vtkObject,
-    segment: vtk.vtkObject,
+    seg_node: vtk.vtkObject,
+    segment_id: str,
     grid: vtk.vtkObject,
     inside: tuple[slice, slice, slice],
     geometry: SliceGeometry,
@@ -164,8 +165,9 @@ def _write_in_place(
     segments sharing it keep sharing it. Returns False to leave the general path to do the write, None when
     that is because another segment of the layer lies under the new voxels."""
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    if segmentation.GetSourceRepresentationName() != name:
+    if seg_node.GetSegmentation().GetSourceRepresentationName() != name:
         return False  # a derived labelmap: edits must go through the source representation
+    segment = require_segment(seg_node, segment_id)
     labelmap = segment.GetRepresentation(name)
     if labelmap is None or empty_extent(labelmap.GetExtent()) or labelmap.GetNumberOfScalarComponents() != 1:
         return False
@@ -181,23 +183,25 @@ def _write_in_place(
     grid_low = np.array(grid.GetExtent()[0::2])
     low = np.array([ranges[2][0], ranges[1][0], ranges[0][0]]) + grid_low + offset
     high = np.array([ranges[2][1], ranges[1][1], ranges[0][1]]) + grid_low + offset
-    extent = np.array(labelmap.GetExtent())
-    if (low < extent[0::2]).any() or (high > extent[1::2]).any():
-        grow_labelmap(labelmap, np.minimum(low, extent[0::2]), np.maximum(high, extent[1::2]))
+    with InPlaceChange(seg_node) as change:
+        change.mute(labelmap)
         extent = np.array(labelmap.GetExtent())
-    array = image_array(labelmap)
-    a, b = low - extent[0::2], high - extent[0::2] + 1
-    block = array[a[2] : b[2], a[1] : b[1], a[0] : b[0]]  # a view into the labelmap
-    block_geometry = dataclasses.replace(geometry, shape_kji=block.shape)
-    planes = {index: block_geometry.view(block, index - written[0]) for index in masks}
-    for index, plane in planes.items():
-        others = (plane != 0) & (plane != label)
-        if (others & masks[index]).any():
-            return None  # another segment of the layer is under the new voxels
-    for index, plane in planes.items():
-        plane[(plane == label) & ~masks[index]] = 0
-        plane[masks[index]] = label
-    labelmap.Modified()  # the segmentation observes its source labelmaps: displays and undo follow
+        if (low < extent[0::2]).any() or (high > extent[1::2]).any():
+            grow_labelmap(labelmap, np.minimum(low, extent[0::2]), np.maximum(high, extent[1::2]))
+            extent = np.array(labelmap.GetExtent())
+        array = image_array(labelmap)
+        a, b = low - extent[0::2], high - extent[0::2] + 1
+        block = array[a[2] : b[2], a[1] : b[1], a[0] : b[0]]  # a view into the labelmap
+        block_geometry = dataclasses.replace(geometry, shape_kji=block.shape)
+        planes = {index: block_geometry.view(block, index - written[0]) for index in masks}
+        for index, plane in planes.items():
+            others = (plane != 0) & (plane != label)
+            if (others & masks[index]).any():
+                return None  # another segment of the layer is under the new voxels
+        for index, plane in planes.items():
+            plane[(plane == label) & ~masks[index]] = 0
+            plane[masks[index]] = label
+        change.changed(labelmap, [segment_id])
     return True
 
 
@@ -242,7 +246,7 @@ def write_segment_slices(
 
     if history is not None:
         history.SaveState()
-    written = _write_in_place(seg_node.GetSegmentation(), segment, grid, inside, geometry, checked)
+    written = _write_in_place(seg_node, segment_id, grid, inside, geometry, checked)
     if written:
         return
     if written is None:
