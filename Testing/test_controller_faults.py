@@ -28,12 +28,15 @@ import pytest
 import slicer
 import vtk
 
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.formats.volumes import Volume
 from SAMMed2DSegmentLib.mrml import (
     add_volume_from_array,
     create_headless_scene,
     ensure_segment,
     ensure_segmentation,
+    volume_ijk_to_world,
+    write_segment_slices,
 )
 from SAMMed2DSegmentLib.mrml.controller import (
     InteractiveSegmentation,
@@ -215,6 +218,39 @@ def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
 
 
 # -- what the matrix does not cover ----------------------------------------------------------------------
+
+
+def test_a_job_remakes_the_3d_surface_of_what_it_wrote_at_its_end(case):
+    """With the segmentation shown in 3-D, the liver's surface is made from its voxels once the job ends
+    (the writer leaves it while slices are written), and another segment's surface stays the same object."""
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    other = ensure_segment(case.seg, "other")
+    corner = np.zeros(case.volume.GetImageData().GetDimensions()[::-1], bool)
+    corner[2:5, 2:12, 2:12] = True  # far from the liver
+    write_volume_mask(case, other, corner)
+    case.seg.CreateClosedSurfaceRepresentation()
+    segmentation = case.seg.GetSegmentation()
+    kept = segmentation.GetSegment(other).GetRepresentation(surface)
+    assert kept.GetNumberOfPoints() > 0
+    case.controller.request_model(DEMO, "cpu", None)
+    job, calls = case.start()
+    case.controller.wait(job, timeout=300)
+    assert job.state == "done" and job.written == [LIVER_SLICE], (job.state, job.message)
+    fresh = slicer.vtkSegmentation()
+    fresh.DeepCopy(segmentation)
+    assert fresh.CreateRepresentation(surface, True)
+    liver = segmentation.GetSegment(case.liver).GetRepresentation(surface)
+    expected = fresh.GetSegment(case.liver).GetRepresentation(surface)
+    assert liver.GetNumberOfPoints() > 0
+    assert liver.GetNumberOfPoints() == expected.GetNumberOfPoints()
+    assert segmentation.GetSegment(other).GetRepresentation(surface) is kept
+
+
+def write_volume_mask(case: Case, segment_id: str, voxels: np.ndarray) -> None:
+    """Put `voxels` (k, j, i) into a segment, all axial slices at once."""
+    geometry = SliceGeometry.create(voxels.shape, volume_ijk_to_world(case.volume), "axial")
+    masks = {k: geometry.extract(voxels, k) for k in range(voxels.shape[0]) if voxels[k].any()}
+    write_segment_slices(case.seg, segment_id, case.volume, geometry, masks)
 
 
 def test_a_volume_the_engine_did_not_take_is_sent_again(case):

@@ -1,11 +1,13 @@
-"""Tier B: a slice write keeps the 3-D surfaces as Slicer's segment editor keeps them (real MRML classes).
+"""Tier B: slice writes keep the 3-D surfaces as Slicer's segment editor keeps them (real MRML classes, and
+Slicer's own 3-D displayable manager).
 
 Slicer's editor re-makes the closed surface of the segments a stroke changed and leaves every other
 segment's surface as it was. The module's direct writes change labelmap voxels in place; announced with a
-plain `Modified()`, that dropped the surfaces of every segment at each written slice (the 3-D view of a whole
-segmentation vanished at a click). Each write path is checked here: the changed segments' surfaces equal a
-fresh conversion of their voxels, the others' are the very same objects, and the segmentation names the
-changed segments in its events, as the editor's writes do.
+plain `Modified()`, that dropped the surfaces of every segment at each written slice, and the 3-D view hid
+the whole segmentation. Each write path is checked: the changed segments' surfaces equal a fresh conversion
+of their voxels, the others' are the very same objects, and the segmentation names the changed segments in
+its events, as the editor's writes do. The module's writer makes the changed surfaces once, at the end of
+a job (`SliceWriter.finish`), not at every slice.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def _write(scene: Scene, path: str) -> None:
                              scene.volume, scene.geometry)  # fmt: skip
         assert writer.direct == (path == "direct")
         writer.write(scene.index, scene.mask)
+        writer.finish()  # where the module's job ends
     elif path == "write_segment_slices":
         write_segment_slices(scene.seg, target, scene.volume, scene.geometry, {scene.index: scene.mask})
     else:
@@ -150,3 +153,77 @@ def test_without_surfaces_a_write_makes_none():
     scene.seg.RemoveClosedSurfaceRepresentation()
     _write(scene, "direct")
     assert not scene.seg.GetSegmentation().ContainsRepresentation(SURFACE)
+
+
+def test_during_a_job_the_surfaces_wait_for_its_end():
+    """The module's writer leaves the surfaces as they were while a job writes slices (remaking a large
+    organ's surface took over a second per slice) and remakes the changed ones once at its end."""
+    scene = Scene(False)
+    before = {name: scene.surface(name) for name in scene.ids}
+    points = {name: _points(surface).copy() for name, surface in before.items()}
+    writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids["target"],
+                         scene.volume, scene.geometry)  # fmt: skip
+    for index in (scene.index, scene.index + 1):
+        writer.write(index, scene.mask)
+        for name in scene.ids:
+            assert scene.surface(name) is before[name], name
+            np.testing.assert_array_equal(_points(scene.surface(name)), points[name], err_msg=name)
+    writer.finish()
+    fresh = slicer.vtkSegmentation()
+    fresh.DeepCopy(scene.seg.GetSegmentation())
+    assert fresh.CreateRepresentation(SURFACE, True)
+    for name, segment_id in scene.ids.items():
+        expected = _points(fresh.GetSegment(segment_id).GetRepresentation(SURFACE))
+        np.testing.assert_array_equal(_points(scene.surface(name)), expected, err_msg=name)
+        assert (name in CHANGED["direct"]) != (scene.surface(name) is before[name]), name
+
+
+class ThreeDView:
+    """Slicer's 3-D view of segmentations without the application: the segmentations displayable manager
+    from the 3-D view factory on an offscreen renderer, with the view node it draws for (an interactor is
+    needed, as in a real view)."""
+
+    def __init__(self, scene: Scene) -> None:
+        self.renderer = vtk.vtkRenderer()
+        self.window = vtk.vtkRenderWindow()
+        self.window.SetOffScreenRendering(1)
+        self.window.AddRenderer(self.renderer)
+        self.interactor = vtk.vtkGenericRenderWindowInteractor()
+        self.interactor.SetRenderWindow(self.window)
+        factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(scene.hs.app_logic)
+        manager = "vtkMRMLSegmentationsDisplayableManager3D"
+        if not factory.IsDisplayableManagerRegistered(manager):
+            factory.RegisterDisplayableManager(manager)
+        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
+        self.managers.Initialize(factory, self.renderer)
+        self.managers.SetMRMLDisplayableNode(scene.hs.scene.AddNewNodeByClass("vtkMRMLViewNode"))
+
+    def shown(self) -> list[int]:
+        """The number of surface points of each segment actor the view shows (caps left out)."""
+        actors = self.renderer.GetActors()
+        actors.InitTraversal()
+        shown = []
+        for _ in range(actors.GetNumberOfItems()):
+            actor = actors.GetNextActor()
+            data = actor.GetMapper().GetInput() if actor.GetMapper() else None
+            if actor.GetVisibility() and data is not None and data.GetNumberOfPoints():
+                shown.append(data.GetNumberOfPoints())
+        return sorted(shown)
+
+
+def test_the_3d_view_keeps_showing_every_segment():
+    """In Slicer's own 3-D view (its segmentations displayable manager): while a job writes, every segment
+    stays shown as it was; at the job's end the changed ones show their new surfaces. Before, the first
+    written slice hid every segment of the segmentation in 3-D."""
+    scene = Scene(False)
+    view = ThreeDView(scene)
+    surfaces = sorted(scene.surface(name).GetNumberOfPoints() for name in scene.ids)
+    assert view.shown() == surfaces
+    writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids["target"],
+                         scene.volume, scene.geometry)  # fmt: skip
+    writer.write(scene.index, scene.mask)
+    assert view.shown() == surfaces
+    writer.finish()
+    after = sorted(scene.surface(name).GetNumberOfPoints() for name in scene.ids)
+    assert after != surfaces and view.shown() == after

@@ -7,7 +7,11 @@ editor's default setting (overwrite all other segments). Printed, median millise
 - start of the job: the writer now (segment IDs only) against reading every other segment whole, as it did;
 - one slice write over another segment: the direct write (`erase_on_slice` + in-place write) against
   Slicer's editor logic (`write_slice_as_editor`), which writes where an editable area or intensity range
-  is set, and before this benchmark existed wrote every slice over another segment.
+  is set, and before this benchmark existed wrote every slice over another segment;
+- with the segmentation shown in 3-D (closed surfaces), a job's slice writes into a large organ (an
+  ellipsoid of 120 slices): the writer now (surfaces made once, at the job's end), against making the
+  changed surfaces at every write (as Slicer's editor does per stroke), and against making every surface
+  at every write (what the 3-D view did after each write before: each write dropped them all).
 
     python benchmarks/bench_slice_writer.py [--slices 300] [--segments 10] [--writes 5]
 """
@@ -93,7 +97,58 @@ def main() -> int:
     for name, value in medians.items():
         print(f"one slice over another segment, {name}: median {value:.1f} ms")
     print(f"ratio editor logic / direct: {medians['editor logic'] / medians['direct']:.0f}×")
+    surfaces(hs, seg, volume, geometry, editor, args.writes)
     return 0
+
+
+def surfaces(hs, seg, volume, geometry: SliceGeometry, editor, writes: int) -> None:
+    """The 3-D part (see the module docstring); the organ is a new segment, written before the surfaces."""
+    import slicer
+
+    from SAMMed2DSegmentLib.mrml.labelmaps import remake_representations
+
+    organ = ensure_segment(seg, "large organ")
+    centre = geometry.num_slices // 2
+    rows, cols = np.ogrid[: geometry.slice_shape[0], : geometry.slice_shape[1]]
+
+    def ellipse(index: int) -> np.ndarray:  # the organ's cross-section on a slice
+        scale = max(0.0, 1 - ((index - centre) / 60) ** 2)
+        return ((rows - 256) / 150) ** 2 + ((cols - 256) / 180) ** 2 < scale
+
+    write_segment_slices(
+        seg, organ, volume, geometry, {s: ellipse(s) for s in range(centre - 59, centre + 60)}
+    )
+    segmentation = seg.GetSegmentation()
+    t = time.perf_counter()
+    seg.CreateClosedSurfaceRepresentation()
+    every = time.perf_counter() - t
+    print(f"3-D surfaces of all {segmentation.GetNumberOfSegments()} segments: {every * 1e3:.0f} ms")
+    writer = SliceWriter(hs.scene, hs.app_logic, editor, seg, organ, volume, geometry)
+    indices = range(centre - 58, centre - 58 + 2 * writes)
+    shrunk = {s: ellipse(s) & (rows < 300) for s in indices}  # the model's new mask: part of the organ
+    times: dict[str, list[float]] = {"now": [], "remade at every write": [], "every surface": []}
+    for n, index in enumerate(indices):
+        t = time.perf_counter()
+        if n < writes:
+            writer.write(index, shrunk[index])
+            times["now"].append(time.perf_counter() - t)
+        else:
+            write_segment_slices(seg, organ, volume, geometry, {index: shrunk[index]})  # remade at once
+            times["remade at every write"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            remake_representations(segmentation, segmentation.GetSegmentIDs())
+            times["every surface"].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    writer.finish()
+    finish = time.perf_counter() - t
+    name = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert segmentation.GetSegment(organ).GetRepresentation(name) is not None
+    medians = {key: float(np.median(values)) * 1e3 for key, values in times.items()}
+    print(f"one slice of the large organ, shown in 3-D: {medians['now']:.1f} ms now "
+          f"(+ {finish * 1e3:.0f} ms once at the job's end); "
+          f"{medians['remade at every write']:.0f} ms remaking its surface at every write; "
+          f"{medians['remade at every write'] + medians['every surface']:.0f} ms remaking every surface "
+          "at every write (before)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -355,6 +355,8 @@ class InteractiveSegmentation:
                 details = traceback.format_exc()
             if job.state == "running":
                 return
+            if job.writer is not None:
+                job.writer.finish()  # the 3-D surfaces of what it changed
             job.rollback = job.writer = None  # copies of the segmentation, needed while it writes only
             if job.epoch != self.epoch:
                 return  # its scene was closed (in `on_slice`, say): no callbacks

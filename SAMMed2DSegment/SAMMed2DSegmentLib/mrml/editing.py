@@ -25,7 +25,14 @@ import vtk
 from vtk.util import numpy_support
 
 from ..engine.geometry import SliceGeometry
-from .labelmaps import give_own_layer, image_array, layer_neighbours, require_segment, volume_grid
+from .labelmaps import (
+    give_own_layer,
+    image_array,
+    layer_neighbours,
+    remake_representations,
+    require_segment,
+    volume_grid,
+)
 from .scene import captured_vtk_messages
 from .segment_planes import erase_on_slice, off_lattice, segment_slice, segments_on_slice
 from .segmentations import segment_array, write_segment_slices
@@ -235,6 +242,7 @@ class SliceWriter:
     ) -> None:
         self.args = (scene, app_logic, editor_node, seg_node, segment_id, volume_node, geometry)
         self._whole: dict[str, np.ndarray] = {}  # segments off the volume's lattice, read whole once
+        self._stale: set[str] = set()  # segments whose 3-D surface waits for `finish`
 
     @property
     def direct(self) -> bool:
@@ -258,10 +266,20 @@ class SliceWriter:
             elsewhere = off_lattice(seg_node, overwritten, volume_node)
             if elsewhere is not None and not self._under(elsewhere, index, mask):
                 on_lattice = [i for i in overwritten if i not in elsewhere]
-                if erase_on_slice(seg_node, on_lattice, volume_node, geometry, index, mask):
-                    write_segment_slices(seg_node, segment_id, volume_node, geometry, {index: mask})
+                stale = self._stale
+                if erase_on_slice(seg_node, on_lattice, volume_node, geometry, index, mask, stale=stale):
+                    write_segment_slices(
+                        seg_node, segment_id, volume_node, geometry, {index: mask}, stale=stale
+                    )
                     return
         write_slice_as_editor(*self.args, index, mask)
+
+    def finish(self) -> None:
+        """Make the 3-D surfaces of the segments the job's direct writes changed, once: per slice, that
+        conversion took over a second for a large organ on a 512×512×300 CT, beside a write of milliseconds
+        (`benchmarks/bench_slice_writer.py`). Until then the 3-D view shows the surfaces as they were."""
+        stale, self._stale = self._stale, set()
+        remake_representations(self.args[3].GetSegmentation(), sorted(stale))
 
     def _under(self, segment_ids: list[str], index: int, mask: np.ndarray) -> bool:
         """Whether one of `segment_ids` (off the volume's lattice, so never changed by a direct write) lies

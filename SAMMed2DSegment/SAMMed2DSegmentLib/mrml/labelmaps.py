@@ -115,18 +115,20 @@ class InPlaceChange:
     """Changes made straight in source labelmaps' voxels, announced as Slicer's editor announces its own
     writes (Slicer v5.12.3 `Libs/vtkSegmentationCore/vtkSegmentationModifier.cxx:94-113`,
     `Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic.cxx:2092-2125`): the segmentation
-    does not hear the labelmaps' Modified events while the change lasts, and at its end only the changed
-    segments' other representations (the 3-D surface) are made again, and the segmentation says which
-    segments changed.
+    does not hear the labelmaps' Modified events while the change lasts; at its end the changed segments'
+    other representations (the 3-D surface) are made again (`remake_representations`), or, with a `stale`
+    set, left for the caller to remake once after many changes; and the segmentation says which segments
+    changed.
 
     A labelmap's Modified event heard by the segmentation drops every segment's other representations
-    (`vtkSegmentation::OnSourceRepresentationModified`, ibid. `vtkSegmentation.cxx:779-792`): the 3-D surfaces
-    of all segments vanish at each written slice. Slicer's switch for that observation
+    (`vtkSegmentation::OnSourceRepresentationModified`, ibid. `vtkSegmentation.cxx:779-792`), and the 3-D
+    view then makes all of them again. Slicer's switch for that observation
     (`SetSourceRepresentationModifiedEnabled`) is protected, so the events are stopped at the labelmap by an
     observer of higher priority that aborts them."""
 
-    def __init__(self, seg_node: vtk.vtkObject) -> None:
+    def __init__(self, seg_node: vtk.vtkObject, stale: set[str] | None = None) -> None:
         self.segmentation = seg_node.GetSegmentation()
+        self.stale = stale
         self.segment_ids: list[str] = []
         self._muted: dict[vtk.vtkObject, int] = {}
 
@@ -158,19 +160,34 @@ class InPlaceChange:
         for labelmap, tag in self._muted.items():
             labelmap.RemoveObserver(tag)
         self._muted.clear()
-        segmentation = self.segmentation
-        present = [i for i in self.segment_ids if segmentation.GetSegment(i) is not None]
-        if not present:
-            return
-        names: list[str] = []
-        segmentation.GetContainedRepresentationNames(names)
-        derived = [n for n in names if n != segmentation.GetSourceRepresentationName()]
+        present = [i for i in self.segment_ids if self.segmentation.GetSegment(i) is not None]
+        if self.stale is None:
+            remake_representations(self.segmentation, present)
+        else:
+            self.stale.update(present)
         for segment_id in present:
-            for name in derived:
-                segmentation.GetSegment(segment_id).RemoveRepresentation(name)
+            _announce(self.segmentation, slicer.vtkSegmentation.SourceRepresentationModified, segment_id)
+            _announce(self.segmentation, slicer.vtkSegmentation.RepresentationModified, segment_id)
+
+
+def remake_representations(segmentation: vtk.vtkObject, segment_ids: Iterable[str]) -> None:
+    """Make the other representations (the 3-D surface) of `segment_ids` again from their labelmaps; every
+    other segment keeps its own. A segment no longer there is skipped."""
+    present = [i for i in segment_ids if segmentation.GetSegment(i) is not None]
+    names: list[str] = []
+    segmentation.GetContainedRepresentationNames(names)
+    derived = [n for n in names if n != segmentation.GetSourceRepresentationName()]
+    if not present or not derived:
+        return
+    for segment_id in present:
         for name in derived:
-            segmentation.CreateRepresentation(name)  # only where missing: the changed segments
-        for segment_id in present:
-            name = segment_id.encode() + b"\0"  # the events' call data is the segment ID as a C string
-            segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified, name)
-            segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, name)
+            segmentation.GetSegment(segment_id).RemoveRepresentation(name)
+    for name in derived:
+        segmentation.CreateRepresentation(name)  # only where missing: these segments
+    for segment_id in present:
+        _announce(segmentation, slicer.vtkSegmentation.RepresentationModified, segment_id)
+
+
+def _announce(segmentation: vtk.vtkObject, event: int, segment_id: str) -> None:
+    """Invoke a segmentation event whose call data is the segment ID as a C string, as Slicer's own are."""
+    segmentation.InvokeEvent(event, segment_id.encode() + b"\0")

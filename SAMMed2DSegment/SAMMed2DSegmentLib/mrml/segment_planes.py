@@ -135,18 +135,18 @@ def segment_slice(
 
 def erase_on_slice(
     seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
-    index: int, mask: np.ndarray,
+    index: int, mask: np.ndarray, stale: set[str] | None = None,
 ) -> bool:  # fmt: skip
     """Remove `segment_ids` from the voxels of display slice `index` where `mask` is set (what an editor
     write with "overwrite" does to the other segments); every other voxel stays. False, with nothing changed,
-    when one of them is not stored on the volume's lattice."""
+    when one of them is not stored on the volume's lattice. `stale`: see `InPlaceChange`."""
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape:
         raise ValueError(f"mask of shape {mask.shape} does not fit the {geometry.axis} slices")
     layers = _layer_slices(seg_node, segment_ids, volume_node, geometry, index)
     if layers is None:
         return False
-    with InPlaceChange(seg_node) as change:
+    with InPlaceChange(seg_node, stale) as change:
         for layer, labels in layers.values():
             erased = mask & np.isin(layer.values, list(labels))
             if erased.any():

@@ -157,6 +157,7 @@ def _write_in_place(
     inside: tuple[slice, slice, slice],
     geometry: SliceGeometry,
     masks: Mapping[int, np.ndarray],
+    stale: set[str] | None,
 ) -> bool | None:
     """Write the slices straight into the segment's own labelmap (shared with other segments of its layer or
     not) when that is exactly equivalent to replacing the segment: same lattice, and no other segment under
@@ -183,7 +184,7 @@ def _write_in_place(
     grid_low = np.array(grid.GetExtent()[0::2])
     low = np.array([ranges[2][0], ranges[1][0], ranges[0][0]]) + grid_low + offset
     high = np.array([ranges[2][1], ranges[1][1], ranges[0][1]]) + grid_low + offset
-    with InPlaceChange(seg_node) as change:
+    with InPlaceChange(seg_node, stale) as change:
         change.mute(labelmap)
         extent = np.array(labelmap.GetExtent())
         if (low < extent[0::2]).any() or (high > extent[1::2]).any():
@@ -227,10 +228,12 @@ def write_segment_slices(
     geometry: SliceGeometry,
     masks: Mapping[int, np.ndarray],
     history: vtk.vtkObject | None = None,
+    stale: set[str] | None = None,
 ) -> None:
     """Set the given display-orientation slices of one segment to `masks` ({slice index: rows×cols bool});
     every other slice of it and every other segment stay exactly as they were. With a
-    `vtkSegmentationHistory`, the previous state is saved once, so the whole call is one undo step."""
+    `vtkSegmentationHistory`, the previous state is saved once, so the whole call is one undo step.
+    `stale`: see `labelmaps.InPlaceChange` (a write through Slicer's logic remakes the surface itself)."""
     segment = require_segment(seg_node, segment_id)
     if not masks:
         return
@@ -246,7 +249,7 @@ def write_segment_slices(
 
     if history is not None:
         history.SaveState()
-    written = _write_in_place(seg_node, segment_id, grid, inside, geometry, checked)
+    written = _write_in_place(seg_node, segment_id, grid, inside, geometry, checked, stale)
     if written:
         return
     if written is None:
