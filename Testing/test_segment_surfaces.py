@@ -30,6 +30,7 @@ from SAMMed2DSegmentLib.mrml import (
 )
 from SAMMed2DSegmentLib.mrml.editing import SliceWriter
 from SAMMed2DSegmentLib.mrml.segment_planes import erase_on_slice
+from SAMMed2DSegmentLib.mrml.segmentations import load_segmentation, save_segmentation
 
 IJK_TO_RAS = np.diag([0.9, 0.8, 1.5, 1.0])
 
@@ -227,3 +228,22 @@ def test_the_3d_view_keeps_showing_every_segment():
     writer.finish()
     after = sorted(scene.surface(name).GetNumberOfPoints() for name in scene.ids)
     assert after != surfaces and view.shown() == after
+
+
+@pytest.mark.parametrize("shown_in_3d", [True, False])
+@pytest.mark.parametrize("path", ["direct", "erase_on_slice"])
+def test_an_in_place_write_marks_the_segmentation_unsaved(path, shown_in_3d, tmp_path):
+    """A segmentation read from a file and then written into by the module counts as modified since read,
+    so Slicer offers to save it: the changed voxels are not lost on closing the scene."""
+    scene = Scene(False)
+    if not shown_in_3d:
+        scene.seg.RemoveClosedSurfaceRepresentation()
+    saved = tmp_path / "organs.seg.nrrd"
+    save_segmentation(scene.seg, saved)
+    loaded = load_segmentation(scene.hs, saved)
+    scene.hs.scene.RemoveNode(scene.seg)
+    scene.seg = loaded
+    scene.ids = {name: loaded.GetSegmentation().GetSegmentIdBySegmentName(name) for name in scene.ids}
+    assert not loaded.GetModifiedSinceRead()
+    _write(scene, path)
+    assert loaded.GetModifiedSinceRead()

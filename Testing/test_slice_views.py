@@ -11,8 +11,17 @@ import pytest
 import slicer
 import vtk
 
+from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.formats.volumes import read_volume
-from SAMMed2DSegmentLib.mrml import add_volume_from_array, create_headless_scene, pictures
+from SAMMed2DSegmentLib.mrml import (
+    add_volume_from_array,
+    create_headless_scene,
+    ensure_segment,
+    ensure_segmentation,
+    pictures,
+    volume_ijk_to_world,
+)
+from SAMMed2DSegmentLib.mrml.editing import SliceWriter
 from SAMMed2DSegmentLib.mrml.offscreen_views import SliceViews, can_render
 
 CT = Path(__file__).parent / "Data" / "totalseg-example-ct" / "ct"
@@ -241,3 +250,30 @@ def test_screenshot_of_red_shows_the_ct(views, tmp_path):
     views["Red"].show_volume(None, fit=False)
     empty = pictures.view_rgb(views["Red"])
     assert empty.astype(float).var() == 0.0
+
+
+@pytest.mark.skipif(not can_render(), reason="no OpenGL context (EGL, OSMesa or X) for offscreen rendering")
+def test_slice_writes_show_in_the_slice_view_at_once(views):
+    """The module's slice writes change labelmap voxels in place with the segmentation's own event stopped
+    (`labelmaps.InPlaceChange`); Slicer's 2-D segmentation display still shows each write at the next
+    render: a disk, then a smaller one over it."""
+    hs, ct = views.hs, views.ct
+    seg = ensure_segmentation(hs, ct)
+    organ = ensure_segment(seg, "organ")
+    shape = slicer.util.arrayFromVolume(ct).shape
+    geometry = SliceGeometry.create(shape, volume_ijk_to_world(ct), "axial")
+    index = geometry.num_slices // 2
+    views.jump_to("Red", (geometry.ijk_to_ras @ np.array([shape[2] / 2, shape[1] / 2, index, 1.0]))[:3])
+    editor = hs.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    writer = SliceWriter(hs.scene, hs.app_logic, editor, seg, organ, ct, geometry)
+    rows, cols = np.ogrid[: geometry.slice_shape[0], : geometry.slice_shape[1]]
+    centre = np.array(geometry.slice_shape) / 2
+
+    def changed_pixels(radius: float) -> int:
+        writer.write(index, (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < radius**2)
+        return int((pictures.view_rgb(views["Red"]) != plain).any(axis=-1).sum())
+
+    plain = pictures.view_rgb(views["Red"])
+    large, small = changed_pixels(120), changed_pixels(60)
+    assert large > small > 0
+    assert 2.5 < large / small < 6  # the areas' ratio is 4, up to the outline's pixels
