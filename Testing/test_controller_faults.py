@@ -482,6 +482,43 @@ def test_in_mid_propagation(scene, ct, event):
     next_action(scene, ct, event)
 
 
+def test_a_failed_job_takes_back_its_writes_only(scene, ct):
+    """The engine killed on a propagation's third slice, after the user had added and painted a segment,
+    painted another, renamed a third and removed a fourth while it ran: the job's slices are taken back, and
+    everything the user did stays (the whole segmentation used to be restored to its state before the job's
+    first write)."""
+    seg = scene.seg.GetSegmentation()
+    shape = scene.volume.GetImageData().GetDimensions()[::-1]
+    square = np.zeros(shape, bool)
+    square[:, 5:15, 5:15] = True  # a corner far from the liver
+    kept, renamed, removed = (ensure_segment(scene.seg, name) for name in ("kept", "renamed", "removed"))
+    for segment_id in (kept, removed):
+        write_volume_mask(scene, segment_id, square & (np.arange(shape[0]) < 3)[:, None, None])
+    painted: dict[str, np.ndarray] = {}
+
+    def user_works_on_third_slice(row: SliceRow) -> None:
+        if len(calls.slices) != 3:
+            return
+        added = ensure_segment(scene.seg, "added during the job")
+        painted[added] = square & (np.arange(shape[0]) == 12)[:, None, None]
+        painted[kept] = square & (np.arange(shape[0]) < 3)[:, None, None] | painted[added]
+        write_volume_mask(scene, added, painted[added])
+        write_volume_mask(scene, kept, painted[kept])
+        seg.GetSegment(renamed).SetName("renamed by the user")
+        seg.RemoveSegment(removed)
+        fire(scene, "kill")
+
+    job, calls = scene.start(SegmentOptions(direction="both"), on_slice=user_works_on_third_slice)
+    settle(scene.client)
+    assert job.state == "failed" and len(calls.slices) >= 3, (job.state, calls.slices)
+    assert scene.liver_voxels().sum() == 0  # its slices are taken back
+    (added,) = (i for i in painted if i != kept)
+    assert seg.GetSegment(removed) is None and seg.GetSegment(renamed).GetName() == "renamed by the user"
+    for segment_id, voxels in painted.items():
+        np.testing.assert_array_equal(segment_array(scene.seg, segment_id, scene.volume), voxels)
+    next_action(scene, ct, "kill")
+
+
 @pytest.mark.parametrize("event", EVENTS)
 def test_during_a_dicom_seg_export(scene, ct, event, tmp_path):
     """The CT's 31 reference labels exported as DICOM-SEG referencing the real DICOM files (a few seconds of

@@ -55,6 +55,7 @@ from .interaction import (
     volume_state_key,
     volume_voxels,
 )
+from .job_changes import SliceChanges
 from .segment_planes import segment_slice
 from .segmentations import segment_array
 
@@ -102,7 +103,7 @@ class SegmentationJob:
     rows: dict[int, SliceRow] = field(default_factory=dict)
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
-    rollback: Any = None  # vtkSegmentationHistory holding the state before the first write, while it runs
+    rollback: Any = None  # SliceChanges (or a vtkSegmentationHistory) to take its writes back, while it runs
     writer: SliceWriter | None = None  # while it runs
     engine_job: Job | None = None
     model_load: Job | None = None  # the model request it was queued behind, while that was pending
@@ -416,22 +417,34 @@ class InteractiveSegmentation:
         self._finish(job)
 
     def _write(self, job: SegmentationJob, index: int, mask: np.ndarray, save_undo) -> None:
-        if job.rollback is None:
+        if job.writer is None:
             if save_undo is not None:
                 save_undo()
-            job.rollback = slicer.vtkSegmentationHistory()
-            job.rollback.SetSegmentation(job.seg_node.GetSegmentation())
-            job.rollback.SaveState()
+            if SliceChanges.possible(job.seg_node, job.volume_node, job.geometry):
+                job.rollback = SliceChanges(job.seg_node, job.volume_node, job.geometry)
+            else:  # a segment off the volume's lattice: a copy of the whole segmentation
+                job.rollback = slicer.vtkSegmentationHistory()
+                job.rollback.SetSegmentation(job.seg_node.GetSegmentation())
+                job.rollback.SaveState()
             job.writer = SliceWriter(self.scene, self.app_logic, self.editor_node, job.seg_node,
                                      job.segment_id, job.volume_node, job.geometry)  # fmt: skip
-        job.writer.write(index, mask)
+        changes = job.rollback if isinstance(job.rollback, SliceChanges) else None
+        before = changes.read(index) if changes is not None else None
+        try:
+            job.writer.write(index, mask)
+        finally:
+            if changes is not None:
+                changes.record(index, before)  # also what a write that failed half-way changed
         job.written.append(index)
 
     def _roll_back(self, job: SegmentationJob) -> None:
-        """Back to the state before the job's first write, also after a write that failed half-way (nothing
-        counted as written yet, but the segment may have changed)."""
+        """Take back what the job's writes changed, also a write that failed half-way (nothing counted as
+        written yet, but the segment may have changed); what the user did meanwhile stays (`SliceChanges`)."""
         if job.rollback is not None and nodes_present(self.scene, job.seg_node):
-            job.rollback.RestorePreviousState()
+            if isinstance(job.rollback, SliceChanges):
+                job.rollback.take_back()
+            else:
+                job.rollback.RestorePreviousState()
         job.rollback = None
         job.written.clear()
 

@@ -122,6 +122,23 @@ def segments_on_slice(
     return found
 
 
+def each_segment_on_slice(
+    seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
+    index: int,
+) -> dict[str, np.ndarray] | None:  # fmt: skip
+    """Each of `segment_ids` on display slice `index` (rows×cols bool), every labelmap layer read once; None
+    when one of them is not stored on the volume's lattice."""
+    segment_ids = list(segment_ids)
+    layers = _layer_slices(seg_node, segment_ids, volume_node, geometry, index)
+    if layers is None:
+        return None
+    found = {segment_id: np.zeros(geometry.slice_shape, bool) for segment_id in segment_ids}
+    for layer, labels in layers.values():
+        for label, segment_id in labels.items():
+            found[segment_id] = layer.values == label
+    return found
+
+
 def segment_slice(
     seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject, geometry: SliceGeometry, index: int
 ) -> np.ndarray:
@@ -156,4 +173,4 @@ def erase_on_slice(
     return True
 
 
-__all__ = ["erase_on_slice", "off_lattice", "segment_slice", "segments_on_slice"]
+__all__ = ["each_segment_on_slice", "erase_on_slice", "off_lattice", "segment_slice", "segments_on_slice"]
