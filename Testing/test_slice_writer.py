@@ -404,3 +404,38 @@ def test_an_intensity_range_with_fractional_bounds_is_the_editors():
     admitted = np.isin(values, [19, 20, 21])
     assert (before & admitted & (values == 19)).any()
     np.testing.assert_array_equal(after, before & ~admitted)
+
+
+@pytest.mark.parametrize("masking", list(MASKING))
+def test_the_users_choice_in_the_editor_stays_during_a_masked_write(masking):
+    """With masking, the write goes through Slicer's editor logic, which reads the segmentation, segment
+    and volume from the editor node: the embedded editor's. A segment and segmentation the user chose there
+    (to paint while a job runs) are theirs again after the write, and the editor node's events never show
+    the job's (the panel would follow them)."""
+    scene = Scene(0, "shared", "all")
+    mode, intensity = MASKING[masking]
+    scene.editor.SetMaskMode(mode)
+    if intensity:
+        scene.editor.SetSourceVolumeIntensityMask(True)
+        scene.editor.SetSourceVolumeIntensityMaskRange(*intensity)
+    other = scene.hs.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "another")
+    other.CreateDefaultDisplayNodes()
+    other_segment = other.GetSegmentation().AddEmptySegment("X")
+    scene.editor.SetAndObserveSegmentationNode(other)
+    scene.editor.SetSelectedSegmentID(other_segment)
+    scene.editor.SetAndObserveSourceVolumeNode(None)
+    seen = []
+
+    def on_modified(node, event) -> None:
+        seen.append((node.GetSegmentationNode(), node.GetSelectedSegmentID(), node.GetSourceVolumeNode()))
+
+    scene.editor.AddObserver(vtk.vtkCommand.ModifiedEvent, on_modified)
+    geometry = _geometry(scene, "axial")
+    writer = SliceWriter(scene.hs.scene, scene.hs.app_logic, scene.editor, scene.seg, scene.ids[0],
+                         scene.volume, geometry)  # fmt: skip
+    assert not writer.direct
+    writer.write(1, np.random.default_rng(0).random(geometry.slice_shape) < 0.5)
+    chosen = (other, other_segment, None)
+    assert (scene.editor.GetSegmentationNode(), scene.editor.GetSelectedSegmentID()) == chosen[:2]
+    assert scene.editor.GetSourceVolumeNode() is None
+    assert all(state == chosen for state in seen), seen

@@ -15,9 +15,10 @@ one the user edited by hand, and never replace the latter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import slicer
@@ -76,32 +77,28 @@ def write_slice_as_editor(
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != geometry.slice_shape or not 0 <= index < geometry.num_slices:
         raise ValueError(f"slice {index} of shape {mask.shape} does not fit the {geometry.axis} slices")
-    if editor_node.GetSegmentationNode() is not seg_node:
-        editor_node.SetAndObserveSegmentationNode(seg_node)
-    editor_node.SetSelectedSegmentID(segment_id)
-    if editor_node.GetSourceVolumeNode() is not volume_node:
-        editor_node.SetAndObserveSourceVolumeNode(volume_node)
-    before = segment_slice(seg_node, segment_id, volume_node, geometry, index)
-    grid, _ = volume_grid(volume_node, seg_node)
-    logic = slicer.vtkSlicerSegmentEditorLogic()
-    logic.SetMRMLScene(scene)
-    if app_logic is not None:
-        logic.SetMRMLApplicationLogic(app_logic)
-    logic.SetSegmentEditorNode(editor_node)
-    logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
-    with captured_vtk_messages() as messages:
-        editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
-        overwritten = overwritten_segments(editor_node, seg_node, segment_id)
-        erased = erase_on_slice(seg_node, overwritten, volume_node, geometry, index, mask & editable)
-        if _neighbour_under(seg_node, segment_id, volume_node, geometry, index, mask & editable):
-            give_own_layer(seg_node, segment_id, volume_node)
-        edits = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask))
-        for mode, voxels in edits:
-            voxels = voxels & editable  # Remove in "inside one segment" masking may erase outside it
-            if voxels.any():
-                image, extent = _slice_image(grid, geometry, index, voxels)
-                # Already masked, and where the others were erased here, bypass: the editor then erases none.
-                logic.ModifySegmentByLabelmap(seg_node, segment_id, image, mode, extent, True, erased)
+    with _pointed_at(editor_node, seg_node, segment_id, volume_node):
+        before = segment_slice(seg_node, segment_id, volume_node, geometry, index)
+        grid, _ = volume_grid(volume_node, seg_node)
+        logic = slicer.vtkSlicerSegmentEditorLogic()
+        logic.SetMRMLScene(scene)
+        if app_logic is not None:
+            logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetSegmentEditorNode(editor_node)
+        logic.SetVerbose(True)  # off by default, and then every failure branch returns silently
+        with captured_vtk_messages() as messages:
+            editable = _editable_plane(logic, editor_node, volume_node, grid, geometry, index)
+            overwritten = overwritten_segments(editor_node, seg_node, segment_id)
+            erased = erase_on_slice(seg_node, overwritten, volume_node, geometry, index, mask & editable)
+            if _neighbour_under(seg_node, segment_id, volume_node, geometry, index, mask & editable):
+                give_own_layer(seg_node, segment_id, volume_node)
+            edits = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask))
+            for mode, voxels in edits:
+                voxels = voxels & editable  # Remove in "inside one segment" masking may erase outside it
+                if voxels.any():
+                    image, extent = _slice_image(grid, geometry, index, voxels)
+                    # Already masked; where the others were erased here, bypass: the editor erases none.
+                    logic.ModifySegmentByLabelmap(seg_node, segment_id, image, mode, extent, True, erased)
     errors = [e for e in messages.errors() if not any(known in e for known in _NOT_WRITE_FAILURES)]
     problem = errors[0] if errors else ""
     if not problem:
@@ -109,6 +106,36 @@ def write_slice_as_editor(
         problem = _check_written_plane(before, after, mask, editable)
     if problem:
         raise RuntimeError(f"cannot write slice {index} of segment {segment_id!r}: {problem}")
+
+
+@contextlib.contextmanager
+def _pointed_at(
+    editor_node: vtk.vtkObject, seg_node: vtk.vtkObject, segment_id: str, volume_node: vtk.vtkObject
+) -> Iterator[None]:
+    """The editor node pointed at the job's segmentation, segment and volume while the editor logic works
+    (it reads them from the node), and back to the user's choice afterwards: the node is the embedded
+    editor's, and a segment the user selected there to paint while a job runs must stay selected. Its
+    Modified events wait until it is back, so the editor's panel sees no switch."""
+    was_modifying = editor_node.StartModify()
+    chosen = (
+        editor_node.GetSegmentationNode(),
+        editor_node.GetSelectedSegmentID(),
+        editor_node.GetSourceVolumeNode(),
+    )
+    try:
+        if chosen[0] is not seg_node:
+            editor_node.SetAndObserveSegmentationNode(seg_node)
+        editor_node.SetSelectedSegmentID(segment_id)
+        if chosen[2] is not volume_node:
+            editor_node.SetAndObserveSourceVolumeNode(volume_node)
+        yield
+    finally:
+        if editor_node.GetSegmentationNode() is not chosen[0]:
+            editor_node.SetAndObserveSegmentationNode(chosen[0])
+        if editor_node.GetSourceVolumeNode() is not chosen[2]:
+            editor_node.SetAndObserveSourceVolumeNode(chosen[2])
+        editor_node.SetSelectedSegmentID(chosen[1])
+        editor_node.EndModify(was_modifying)
 
 
 def overwritten_segments(editor_node: vtk.vtkObject, seg_node: vtk.vtkObject, segment_id: str) -> list[str]:
