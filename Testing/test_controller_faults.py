@@ -482,6 +482,49 @@ def test_in_mid_propagation(scene, ct, event):
     next_action(scene, ct, event)
 
 
+@pytest.mark.parametrize("how", ["segment", "propagate from here"])
+def test_a_slice_painted_while_the_job_runs_is_kept(scene, how):
+    """The user paints two slices ahead of a propagation while it runs: both keep exactly the painted voxels
+    (the model's masks used to replace them on arrival), and the job lists them as kept."""
+    seg = scene.seg
+    shape = scene.volume.GetImageData().GetDimensions()[::-1]
+    if how == "propagate from here":
+        job, _ = scene.start()  # the liver's slice, to propagate from
+        scene.controller.wait(job, timeout=300)
+        assert job.state == "done"
+    painted = {index: np.zeros(shape[1:], bool) for index in (LIVER_SLICE - 4, LIVER_SLICE + 4)}
+    for plane in painted.values():
+        plane[100:110, 100:110] = True  # display orientation: a small square inside the liver's area
+
+    def paint_ahead(row: SliceRow) -> None:
+        if len(calls.slices) == 1:
+            geometry = SliceGeometry.create(shape, volume_ijk_to_world(scene.volume), "axial")
+            write_segment_slices(seg, scene.liver, scene.volume, geometry, painted)
+
+    calls = Recorder()
+    options = SegmentOptions(direction="both")
+    if how == "segment":
+        job = scene.controller.start_segmentation(
+            scene.volume, scene.include, None, None, seg, scene.liver, options,
+            on_slice=lambda row: (calls.on_slice(row), paint_ahead(row)), on_done=calls.on_done,
+            on_error=calls.on_error,
+        )  # fmt: skip
+    else:
+        job = scene.controller.start_propagation_from_slice(
+            scene.volume, seg, scene.liver, LIVER_SLICE, options,
+            on_slice=lambda row: (calls.on_slice(row), paint_ahead(row)), on_done=calls.on_done,
+            on_error=calls.on_error,
+        )  # fmt: skip
+    scene.controller.wait(job, timeout=300)
+    assert job.state == "done", (job.state, job.message)
+    assert sorted(set(job.kept) & set(painted)) == sorted(painted)
+    geometry = SliceGeometry.create(shape, volume_ijk_to_world(scene.volume), "axial")
+    voxels = scene.liver_voxels()
+    for index, plane in painted.items():
+        np.testing.assert_array_equal(geometry.extract(voxels, index), plane, err_msg=f"slice {index}")
+    assert len(job.written) > 4  # the propagation wrote the slices around them
+
+
 def test_a_failed_job_takes_back_its_writes_only(scene, ct):
     """The engine killed on a propagation's third slice, after the user had added and painted a segment,
     painted another, renamed a third and removed a fourth while it ran: the job's slices are taken back, and

@@ -46,7 +46,7 @@ from ..engine.prompts import INCLUDE, PromptError, masks_to_correct, prompts_by_
 from ..service.client import EngineClient, Job
 from ..service.protocol import one_line, pack_mask, unpack_mask
 from . import provenance_tags
-from .editing import SliceWriter, WrittenSlices
+from .editing import SliceWriter, WrittenSlices, slice_digest
 from .interaction import (
     VolumeInfo,
     nodes_present,
@@ -56,6 +56,7 @@ from .interaction import (
     volume_voxels,
 )
 from .job_changes import SliceChanges
+from .labelmaps import segment_is_empty
 from .segment_planes import segment_slice
 from .segmentations import segment_array
 
@@ -100,6 +101,7 @@ class SegmentationJob:
     rois: list
     options: SegmentOptions
     protected: set[int] = field(default_factory=set)
+    at_start: dict[int, str] | None = None  # the target's non-empty slices' digests when it began, if known
     rows: dict[int, SliceRow] = field(default_factory=dict)
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
@@ -256,8 +258,11 @@ class InteractiveSegmentation:
         current = self._masks_to_refine(
             volume_node, seg_node, segment_id, options.axis, modality, points, rois
         )
-        return self._start(volume_node, seg_node, segment_id, options, modality, points, rois, {}, set(),
-                           save_undo, on_slice, on_done, on_error, current)  # fmt: skip
+        job = self._start(volume_node, seg_node, segment_id, options, modality, points, rois, {}, set(),
+                          save_undo, on_slice, on_done, on_error, current)  # fmt: skip
+        if segment_is_empty(seg_node, segment_id):
+            job.at_start = {}  # a slice holding voxels before the job writes it was painted meanwhile
+        return job
 
     def _masks_to_refine(self, volume_node, seg_node, segment_id, axis, modality, points, rois) -> dict:
         """The segment's masks on the slices whose prompts are exclude points only, as the engine groups
@@ -307,11 +312,18 @@ class InteractiveSegmentation:
         excludes = _unapplied_excludes(prompts_from_nodes(None, exclude_node, None)[0], geometry, index, seed)
         if excludes:
             to_correct = _corrected_by_engine(geometry, excludes, rois, {index: seed})
-            return self._start(volume_node, seg_node, segment_id, options, modality, excludes, rois, {},
-                               protected - {index}, save_undo, on_slice, on_done, on_error,
-                               to_correct)  # fmt: skip
-        return self._start(volume_node, seg_node, segment_id, options, modality, [], rois, {index: seed},
-                           protected | {index}, save_undo, on_slice, on_done, on_error)  # fmt: skip
+            job = self._start(volume_node, seg_node, segment_id, options, modality, excludes, rois, {},
+                              protected - {index}, save_undo, on_slice, on_done, on_error,
+                              to_correct)  # fmt: skip
+        else:
+            job = self._start(volume_node, seg_node, segment_id, options, modality, [], rois, {index: seed},
+                              protected | {index}, save_undo, on_slice, on_done, on_error)  # fmt: skip
+        job.at_start = {}
+        for slice_index in range(geometry.num_slices):
+            plane = geometry.view(current, slice_index)
+            if plane.any():
+                job.at_start[slice_index] = slice_digest(plane)
+        return job
 
     def _start(self, volume_node, seg_node, segment_id, options, modality, points, rois, seeds, protected,
                save_undo, on_slice, on_done, on_error, current=None) -> SegmentationJob:  # fmt: skip
@@ -403,7 +415,7 @@ class InteractiveSegmentation:
                            reply["iou"] or 0.0, reply.get("reason", ""))  # fmt: skip
             job.rows[row.index] = row
             if "mask" in arrays and row.status in ("prompted", "propagated"):
-                if row.index in job.protected:
+                if row.index in job.protected or self._edited_meanwhile(job, row.index):
                     job.kept.append(row.index)
                 else:
                     mask = unpack_mask(arrays["mask"], job.geometry.slice_shape)
@@ -415,6 +427,14 @@ class InteractiveSegmentation:
         job.result = reply
         job.state = "cancelled" if event == "cancelled" or reply.get("cancelled") else "done"
         self._finish(job)
+
+    def _edited_meanwhile(self, job: SegmentationJob, index: int) -> bool:
+        """Whether the target's slice `index` changed since the job began, by another hand than the job's
+        (the user painting it while the job runs): such a slice is kept, as one edited before is."""
+        if job.at_start is None or index in job.written:
+            return False
+        now = segment_slice(job.seg_node, job.segment_id, job.volume_node, job.geometry, index)
+        return (slice_digest(now) if now.any() else None) != job.at_start.get(index)
 
     def _write(self, job: SegmentationJob, index: int, mask: np.ndarray, save_undo) -> None:
         if job.writer is None:

@@ -78,6 +78,20 @@ def grow_labelmap(labelmap: vtk.vtkObject, low: np.ndarray, high: np.ndarray) ->
     array[a[2] : a[2] + old.shape[0], a[1] : a[1] + old.shape[1], a[0] : a[0] + old.shape[2]] = old
 
 
+def segment_is_empty(seg_node: vtk.vtkObject, segment_id: str) -> bool:
+    """Whether the segment holds no voxel (False when that cannot be told from a labelmap), read from its
+    labelmap layer without making a merged copy."""
+    segmentation = seg_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != name:
+        return False
+    segment = require_segment(seg_node, segment_id)
+    labelmap = segment.GetRepresentation(name)
+    if labelmap is None or empty_extent(labelmap.GetExtent()):
+        return True
+    return not bool((image_array(labelmap) == segment.GetLabelValue()).any())
+
+
 def layer_neighbours(seg_node: vtk.vtkObject, segment_id: str) -> list[str]:
     """The other segments stored in the segment's labelmap layer."""
     segmentation = seg_node.GetSegmentation()
