@@ -253,6 +253,27 @@ def write_volume_mask(case: Case, segment_id: str, voxels: np.ndarray) -> None:
     write_segment_slices(case.seg, segment_id, case.volume, geometry, masks)
 
 
+@pytest.mark.parametrize("how", ["segment", "propagate from here"])
+def test_a_segmentation_stored_as_surfaces_is_refused_before_any_work(case, how):
+    """Its source representation is the closed surface (segments imported from models): one line saying what
+    to change, before the engine is asked anything (it used to fail at the first written slice)."""
+    other = ensure_segment(case.seg, "other")
+    box = np.zeros(case.volume.GetImageData().GetDimensions()[::-1], bool)
+    box[2:8, 5:40, 5:40] = True
+    write_volume_mask(case, other, box)
+    case.seg.CreateClosedSurfaceRepresentation()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    case.seg.GetSegmentation().SetSourceRepresentationName(surface)
+    with pytest.raises(ValueError, match="make Binary labelmap its source representation") as error:
+        if how == "segment":
+            case.start()
+        else:
+            case.controller.start_propagation_from_slice(
+                case.volume, case.seg, other, 4, SegmentOptions(direction="both")
+            )
+    assert "\n" not in str(error.value) and case.controller.jobs == []
+
+
 def test_a_volume_the_engine_did_not_take_is_sent_again(case):
     """C2, the controller's own defence: when the volume request ends without the engine holding the volume
     (here a cancel naming that request), the controller forgets it was sent."""

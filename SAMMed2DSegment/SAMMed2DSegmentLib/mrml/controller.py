@@ -302,6 +302,7 @@ class InteractiveSegmentation:
         only slices the model wrote (or empty ones) are replaced; slices edited by hand are kept. Exclude
         points of `exclude_node` on that slice that still lie on the segment are applied first: the slice is
         refined by them (as "Segment" does) and the walk starts from the result."""
+        _require_labelmap_source(seg_node)
         geometry = self.snapshot(volume_node, modality).geometry(options.axis)
         current = segment_array(seg_node, segment_id, volume_node)
         seed = geometry.extract(current, index).astype(bool)
@@ -331,6 +332,7 @@ class InteractiveSegmentation:
             raise ValueError("select the input volume and the segmentation first")
         if seg_node.GetSegmentation().GetSegment(segment_id) is None:
             raise ValueError(f"no segment {segment_id!r} in {seg_node.GetName()!r}")
+        _require_labelmap_source(seg_node)
         self._ensure_engine()
         if not self._model_requested():
             raise RuntimeError("no model is loaded (choose one under Model)")
@@ -551,6 +553,19 @@ class InteractiveSegmentation:
                 on_cancelled()
 
         return self.client.submit("export_dicom_seg", header, arrays, on_event=on_event)
+
+
+def _require_labelmap_source(seg_node: vtk.vtkObject) -> None:
+    """The model writes voxels: a segmentation stored as surfaces (say, imported from models) is refused
+    before any work, saying what to change, as Slicer's Segment Editor asks for the same before editing."""
+    segmentation = seg_node.GetSegmentation()
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    source = segmentation.GetSourceRepresentationName()
+    if source != labelmap:
+        raise ValueError(
+            f"segmentation {seg_node.GetName()!r} is stored as {source}: make {labelmap} its source "
+            "representation (Segmentations module, Representations) to segment into it"
+        )
 
 
 def _corrected_by_engine(geometry: SliceGeometry, points: list, rois: list, current: dict) -> dict:
