@@ -442,7 +442,7 @@ class InteractiveSegmentation:
         if job.writer is None:
             if save_undo is not None:
                 save_undo()
-            if SliceChanges.possible(job.seg_node, job.volume_node, job.geometry):
+            if SliceChanges.possible(job.seg_node, job.volume_node):
                 job.rollback = SliceChanges(job.seg_node, job.volume_node, job.geometry)
             else:  # a segment off the volume's lattice: a copy of the whole segmentation
                 job.rollback = slicer.vtkSegmentationHistory()

@@ -16,7 +16,7 @@ import numpy as np
 import vtk
 
 from ..engine.geometry import SliceGeometry
-from .segment_planes import each_segment_on_slice, segment_slice
+from .segment_planes import each_segment_on_slice, off_lattice, segment_slice
 from .segmentations import write_segment_slices
 
 
@@ -41,20 +41,18 @@ class SliceChanges:
         self.changes: list[_SliceChange] = []
 
     @classmethod
-    def possible(cls, seg_node: vtk.vtkObject, volume_node: vtk.vtkObject, geometry: SliceGeometry) -> bool:
+    def possible(cls, seg_node: vtk.vtkObject, volume_node: vtk.vtkObject) -> bool:
         """Whether every segment can be read slice by slice (stored on the volume's lattice), as this record
         needs; the caller keeps a whole copy otherwise."""
-        ids = seg_node.GetSegmentation().GetSegmentIDs()
-        return each_segment_on_slice(seg_node, ids, volume_node, geometry, 0) is not None
+        return off_lattice(seg_node, seg_node.GetSegmentation().GetSegmentIDs(), volume_node) == []
 
     def read(self, index: int) -> dict[str, np.ndarray]:
-        """Every segment on slice `index` now; a segment that cannot be read so is left out (a write does not
-        add one: `possible` was checked when the job began)."""
+        """The segments holding voxels on slice `index` now (the others are empty there)."""
         ids = self.seg_node.GetSegmentation().GetSegmentIDs()
         found = each_segment_on_slice(self.seg_node, ids, self.volume_node, self.geometry, index)
         if found is None:  # one of them is no longer on the lattice (moved by the user): read one by one
             found = {i: segment_slice(self.seg_node, i, self.volume_node, self.geometry, index) for i in ids}
-        return found
+        return {segment_id: plane for segment_id, plane in found.items() if plane.any()}
 
     def record(self, index: int, before: dict[str, np.ndarray]) -> None:
         after = self.read(index)

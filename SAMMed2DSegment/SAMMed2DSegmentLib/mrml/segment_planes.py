@@ -40,7 +40,7 @@ class _LayerSlice:
 def _layer_slices(
     seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
     index: int,
-) -> dict[int, tuple[_LayerSlice, dict[int, str]]] | None:  # fmt: skip
+) -> dict[vtk.vtkObject, tuple[_LayerSlice, dict[int, str]]] | None:  # fmt: skip
     """The slice of each labelmap holding one of `segment_ids`, with those segments by label value; None when
     one of them is not a labelmap on the volume's lattice."""
     segmentation = seg_node.GetSegmentation()
@@ -57,17 +57,22 @@ def _layer_slices(
     low[geometry.slice_axis] = high[geometry.slice_axis] = index
     thin_shape = tuple(int(n) for n in (high - low + 1)[::-1])
     thin_geometry = dataclasses.replace(geometry, shape_kji=thin_shape)
-    layers: dict[int, tuple[_LayerSlice, dict[int, str]]] = {}
+    layers: dict[vtk.vtkObject, tuple[_LayerSlice, dict[int, str]]] = {}  # by labelmap: one per layer
     for segment_id in segment_ids:
         segment = require_segment(seg_node, segment_id)
         labelmap = segment.GetRepresentation(name)
-        if not _on_lattice(labelmap, grid):
+        if labelmap is not None and labelmap in layers:  # its layer is read already
+            layers[labelmap][1][segment.GetLabelValue()] = segment_id
+            continue
+        if labelmap is None or labelmap.GetNumberOfScalarComponents() != 1:
             return None
         if empty_extent(labelmap.GetExtent()):
             continue
-        layer = segmentation.GetLayerIndex(segment_id)
+        offset = lattice_offset(labelmap, grid)  # as `_on_lattice`, once per layer
+        if offset is None:
+            return None
+        layer = labelmap
         if layer not in layers:
-            offset = lattice_offset(labelmap, grid)
             extent = np.array(labelmap.GetExtent())
             a = np.maximum(low + offset, extent[0::2])  # the overlap, in labelmap indices
             b = np.minimum(high + offset, extent[1::2])
@@ -126,16 +131,21 @@ def each_segment_on_slice(
     seg_node: vtk.vtkObject, segment_ids: Iterable[str], volume_node: vtk.vtkObject, geometry: SliceGeometry,
     index: int,
 ) -> dict[str, np.ndarray] | None:  # fmt: skip
-    """Each of `segment_ids` on display slice `index` (rows×cols bool), every labelmap layer read once; None
-    when one of them is not stored on the volume's lattice."""
-    segment_ids = list(segment_ids)
+    """Those of `segment_ids` that hold voxels on display slice `index`, each as rows×cols bool (the others
+    are empty there), every labelmap layer read once; None when one of them is not stored on the volume's
+    lattice."""
     layers = _layer_slices(seg_node, segment_ids, volume_node, geometry, index)
     if layers is None:
         return None
-    found = {segment_id: np.zeros(geometry.slice_shape, bool) for segment_id in segment_ids}
+    found = {}
     for layer, labels in layers.values():
+        counts = np.bincount(layer.thin.ravel()) if layer.thin.dtype.kind == "u" else None
         for label, segment_id in labels.items():
-            found[segment_id] = layer.values == label
+            if counts is not None and (label >= len(counts) or counts[label] == 0):
+                continue  # not on this slice: no mask to make
+            plane = layer.values == label
+            if counts is not None or plane.any():
+                found[segment_id] = plane
     return found
 
 
