@@ -60,7 +60,7 @@ bench-gpu: $(STAMP)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	rm -f $(DEMO_OUT)/liver.seg.nrrd $(DEMO_OUT)/liver-seg.dcm $(DEMO_OUT)/report.json $(DEMO_OUT)/overview.png
-	$(PY) -m SAMMed2DSegmentLib segment --volume $(DEMO_CT) --include demo/liver-point.mrk.json \
+	$(PY) -P -m SAMMed2DSegmentLib segment --volume $(DEMO_CT) --include demo/liver-point.mrk.json \
 		--segment-name liver --out $(DEMO_OUT)/liver.seg.nrrd --dicom-seg $(DEMO_OUT)/liver-seg.dcm \
 		--report $(DEMO_OUT)/report.json --quiet
 	$(PY) demo/summarize.py --volume $(DEMO_CT) --segmentation $(DEMO_OUT)/liver.seg.nrrd --segment liver \
@@ -90,13 +90,13 @@ MSD := Testing/Data/msd-spleen-8
 VALIDATION_PAIR := --val-image $(MSD)/spleen_8_ct.nii.gz --val-labels $(MSD)/spleen_8_label.nii.gz
 demo-model: $(STAMP)
 	mkdir -p $(DEMO_MODEL_DIR)
-	$(PY) -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage1 --steps 4000 \
+	$(PY) -P -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage1 --steps 4000 \
 		--eval-every 250 --seed 0 --threads 2 --precision bf16 --resume --export $(STAGE1_DEMO)
 	$(MAKE) demo-model-stage2
 
 demo-model-stage2: $(STAMP)
 	test -f $(STAGE1_DEMO) || { echo "$(STAGE1_DEMO) is missing: run make demo-model"; exit 1; }
-	$(PY) -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) $(VALIDATION_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage2 \
+	$(PY) -P -m SAMMed2DSegmentLib finetune $(TRAIN_PAIR) $(VALIDATION_PAIR) --out-dir $(DEMO_MODEL_DIR)/stage2 \
 		--init $(STAGE1_DEMO) --freeze-encoder --all-tokens --size-exponent 0.75 --prompt-mix 0.6 0.2 0.2 \
 		--correction-probability 0.9 --correction-rounds 5 --lr 3e-4 --steps 100 --eval-every 50 --seed 0 \
 		--threads 2 --precision fp32 --resume --export $(TRAINED_DEMO)

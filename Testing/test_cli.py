@@ -4,6 +4,7 @@ outputs, updating an existing file, invariance to voxel storage order, bad input
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,32 @@ def test_python_dash_m_entry_point(env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
     assert "deprecated" not in proc.stderr  # torch's notice on the quantized dtypes (model/int8_linear.py)
+
+
+@pytest.mark.parametrize("flags", [[], ["-P"]])
+def test_files_in_the_working_folder_are_never_imported(env, tmp_path, flags):
+    """`python -m` puts the working folder first on `sys.path`: a `numpy.py`, `torch.py` or `SimpleITK.py`
+    lying there is not imported (the package takes the folder off before importing anything), and with the
+    README's `-P` not even a copy of this package there is."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    planted = "raise SystemExit('imported from the working folder')\n"
+    for name in ("numpy", "torch", "SimpleITK", "safetensors"):
+        (folder / f"{name}.py").write_text(planted)
+    if flags:
+        (folder / "SAMMed2DSegmentLib").mkdir()
+        (folder / "SAMMed2DSegmentLib" / "__init__.py").write_text(planted)
+        (folder / "SAMMed2DSegmentLib" / "__main__.py").write_text(planted)
+    out = tmp_path / "m.seg.nrrd"
+    library = Path(__file__).resolve().parents[1] / "SAMMed2DSegment"
+    proc = subprocess.run(
+        [sys.executable, *flags, "-m", "SAMMed2DSegmentLib", "segment", "--quiet",
+         *base_args(env, out=out, propagate="none")],
+        cwd=folder, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(library), "SAMMED2D_CACHE_DIR": str(tmp_path / "c")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "working folder" not in proc.stderr and out.is_file()
 
 
 # -- bad input: exit status ≠ 0, one clear line, nothing written ------------------------------------------

@@ -129,7 +129,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     """The command's own parser, found by name: the cohort layer sits below the command line and takes
     none of its modules by import (the command that submits the case names it)."""
     module = importlib.import_module(f"{__package__.rpartition('.')[0]}.commands.{command}")
-    parser = argparse.ArgumentParser(prog=f"python -m SAMMed2DSegmentLib {command}")
+    parser = argparse.ArgumentParser(prog=f"python -P -m SAMMed2DSegmentLib {command}")
     module.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 

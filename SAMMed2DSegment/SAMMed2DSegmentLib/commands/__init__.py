@@ -32,7 +32,9 @@ COMMANDS = (segment, convert, finetune, evaluate, batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m SAMMed2DSegmentLib", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -P -m SAMMed2DSegmentLib", description=__doc__.splitlines()[0]
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
