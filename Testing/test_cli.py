@@ -290,7 +290,15 @@ def _bad_volumes(tmp: Path) -> dict[str, Path]:
     sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(rgb))
     single = tmp / "single.nrrd"
     sitk.WriteImage(sitk.Image([16, 16, 1], sitk.sitkInt16), str(single))
-    return {"missing": tmp / "nope.nrrd", "garbage": garbage, "4-D": four_d, "RGB": rgb, "single": single}
+    volumes = {"missing": tmp / "nope.nrrd", "garbage": garbage, "4-D": four_d, "RGB": rgb, "single": single}
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (30, 64, 64), np.int16))
+    for case, name in (("truncated nii.gz", "cut.nii.gz"), ("truncated gzip nrrd", "cut.nrrd")):
+        whole = tmp / f"whole-{name}"
+        sitk.WriteImage(noise, str(whole), useCompression=True)
+        data = whole.read_bytes()
+        volumes[case] = tmp / name
+        volumes[case].write_bytes(data[: len(data) * 2 // 3])  # a copy cut short
+    return volumes
 
 
 @pytest.mark.parametrize(
@@ -301,6 +309,8 @@ def _bad_volumes(tmp: Path) -> dict[str, Path]:
         ("4-D", "3-D"),
         ("RGB", "RGB"),
         ("single", "single-slice"),
+        ("truncated nii.gz", "damaged or truncated"),
+        ("truncated gzip nrrd", "cannot read volume"),
         ("empty markups", "no prompt"),
         ("unplaced markups", "no prompt"),
         ("point outside", "outside the volume"),
