@@ -318,6 +318,7 @@ def _bad_volumes(tmp: Path) -> dict[str, Path]:
         ("missing checkpoint", "no such file"),
         ("bad out name", ".seg.nrrd"),
         ("missing out folder", "does not exist"),
+        ("out name not UTF-8", "not valid UTF-8"),
     ],
 )
 def test_bad_input(env, tmp_path, capsys, case, message):
@@ -342,6 +343,9 @@ def test_bad_input(env, tmp_path, capsys, case, message):
         args[args.index("--out") + 1] = str(out)
     elif case == "missing out folder":
         out = tmp_path / "no" / "such" / "out.seg.nrrd"
+        args[args.index("--out") + 1] = str(out)
+    elif case == "out name not UTF-8":
+        out = Path(os.fsdecode(bytes(tmp_path / "bad") + b"\xff.seg.nrrd"))
         args[args.index("--out") + 1] = str(out)
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -163,7 +163,13 @@ def _check_one(role: str, name: str, target: Path, kind: Kind, missing_folders_o
         raise OutputPlanError(f"{role}: output folder does not exist: {parent}")
     else:
         limit = 255
-    if len(target.name.encode()) > limit:
+    try:
+        encoded = target.name.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (Python keeps them as surrogates)
+        raise OutputPlanError(
+            f"{role}: the name {target.name!r} is not valid UTF-8; choose another"
+        ) from None
+    if len(encoded) > limit:
         raise OutputPlanError(f"{role}: the name {target.name[:40]}… is longer than {limit} bytes")
 
 
