@@ -546,6 +546,30 @@ def test_a_slice_painted_while_the_job_runs_is_kept(scene, how):
     assert len(job.written) > 4  # the propagation wrote the slices around them
 
 
+def test_a_failure_while_taking_back_still_ends_the_job_in_one_message(scene, ct, monkeypatch):
+    """Taking back a failed job's slices raises (say, the segmentation changed beyond reading): the job still
+    ends "failed", once, saying its slices stay and Undo is the way back; the 3-D surfaces are made; the next
+    action works. (It used to escape from the event handler and leave the job running.)"""
+    from SAMMed2DSegmentLib.mrml.job_changes import SliceChanges
+
+    def refuse(self) -> None:
+        raise RuntimeError("cannot read segment 'liver'")
+
+    monkeypatch.setattr(SliceChanges, "take_back", refuse)
+
+    def kill_on_third_slice(row: SliceRow) -> None:
+        if len(calls.slices) == 3:
+            fire(scene, "kill")
+
+    job, calls = scene.start(SegmentOptions(direction="both"), on_slice=kill_on_third_slice)
+    settle(scene.client)
+    assert job.state == "failed" and job.writer is None and job.rollback is None
+    assert len(calls.errors) == 1 and calls.done == [] and "\n" not in calls.errors[0]
+    assert "could not all be taken back (cannot read segment 'liver'): use Undo" in calls.errors[0]
+    monkeypatch.undo()
+    next_action(scene, ct, "kill")
+
+
 def test_a_failed_job_takes_back_its_writes_only(scene, ct):
     """The engine killed on a propagation's third slice, after the user had added and painted a segment,
     painted another, renamed a third and removed a fourth while it ran: the job's slices are taken back, and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import slicer
+import vtk
 
 from SAMMed2DSegmentLib.engine.geometry import SliceGeometry
 from SAMMed2DSegmentLib.mrml import (
@@ -124,3 +125,80 @@ def test_slicers_editor_writes_are_taken_back_in_every_segment():
     job.changes.take_back()
     for name, voxels in job.contents().items():
         np.testing.assert_array_equal(voxels, before[name], err_msg=name)
+
+
+def test_a_voxel_another_segment_took_since_is_not_given_back():
+    """The job's write took some of A's voxels; the user then painted a new segment C over part of them with
+    "overwrite all" (the target lost them): A gets back the others only, so A and C never overlap."""
+    job = Job(5)
+    before = job.contents()
+    job.write(4)
+    written = job.contents()
+    c = np.zeros(SHAPE, bool)
+    c[4, 8:12, 9:12] = True  # on A's voxels that the job's mask took
+    assert (before["A"] & c).any() and not (written["A"] & c).any()
+    job.put("target", written["target"] & ~c)
+    job.ids["C"] = ensure_segment(job.seg, "C")
+    job.put("C", c)
+    job.changes.take_back()
+    result = job.contents()
+    np.testing.assert_array_equal(result["A"], before["A"] & ~c)
+    np.testing.assert_array_equal(result["C"], c)
+    np.testing.assert_array_equal(result["target"], before["target"] & ~c)
+
+
+def test_taking_back_keeps_the_labelmap_layers():
+    """Segments sharing one labelmap layer, several of them overwritten by the write: after taking back, the
+    voxels are as before and the segmentation has no more layers than before (giving voxels back while the
+    target still held them split the layer)."""
+    job = Job(2)
+    segmentation = job.seg.GetSegmentation()
+    layers = segmentation.GetNumberOfLayers()
+    before = job.contents()
+    for index in (1, 6):
+        job.write(index)
+    job.changes.take_back()
+    for name, voxels in job.contents().items():
+        np.testing.assert_array_equal(voxels, before[name], err_msg=name)
+    assert segmentation.GetNumberOfLayers() == layers
+
+
+def test_a_job_whose_volume_moved_meanwhile_is_taken_back_where_it_wrote():
+    """The volume is moved by two voxels after the job's writes (its origin edited): the writes are taken
+    back on the grid the job wrote on."""
+    job = Job(4)
+    before = job.contents()
+    job.write(3)
+    origin = np.array(job.volume.GetOrigin())
+    job.volume.SetOrigin(*(origin + [1.8, 0, 0]))
+    job.changes.take_back()
+    job.volume.SetOrigin(*origin)
+    for name, voxels in job.contents().items():
+        np.testing.assert_array_equal(voxels, before[name], err_msg=name)
+
+
+def test_a_segment_on_another_lattice_does_not_keep_the_users_work_from_staying():
+    """With a segment stored on another voxel lattice (imported from another grid), the record reads that one
+    whole, and a segment the user added during the job still stays after taking back (the controller used to
+    restore a copy of the whole segmentation whenever such a segment was there)."""
+    job = Job(6)
+    finer = slicer.vtkOrientedImageData()
+    finer.SetExtent(0, 15, 0, 15, 0, 3)
+    finer.SetSpacing(0.45, 0.4, 1.0)  # half the volume's spacing
+    finer.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    finer.GetPointData().GetScalars().Fill(1)
+    imported = slicer.vtkSegment()
+    imported.SetName("imported")
+    imported.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), finer)
+    job.seg.GetSegmentation().AddSegment(imported, "imported")
+    before = job.contents()
+    job.write(2)
+    job.ids["C"] = ensure_segment(job.seg, "C")
+    c = np.zeros(SHAPE, bool)
+    c[7, 0:2, 0:2] = True
+    job.put("C", c)
+    job.changes.take_back()
+    result = job.contents()
+    for name in before:
+        np.testing.assert_array_equal(result[name], before[name], err_msg=name)
+    np.testing.assert_array_equal(result["C"], c)

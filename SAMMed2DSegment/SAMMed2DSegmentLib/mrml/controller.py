@@ -105,7 +105,7 @@ class SegmentationJob:
     rows: dict[int, SliceRow] = field(default_factory=dict)
     written: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # slices not replaced: edited by hand
-    rollback: Any = None  # SliceChanges (or a vtkSegmentationHistory) to take its writes back, while it runs
+    rollback: SliceChanges | None = None  # to take its writes back, while it runs
     writer: SliceWriter | None = None  # while it runs
     engine_job: Job | None = None
     model_load: Job | None = None  # the model request it was queued behind, while that was pending
@@ -364,10 +364,9 @@ class InteractiveSegmentation:
             try:
                 self._on_event(job, event, reply, reply_arrays, save_undo, on_slice)
             except Exception as error:  # a write failed: stop the job, undo its slices, report
-                self.client.cancel(job.engine_job)
-                self._roll_back(job)
-                job.state, job.message = "failed", one_line(error)
                 details = traceback.format_exc()
+                self.client.cancel(job.engine_job)
+                job.state, job.message = "failed", one_line(error) + self._roll_back(job)
             if job.state == "running":
                 return
             if job.writer is not None:
@@ -399,12 +398,12 @@ class InteractiveSegmentation:
     def _on_event(self, job, event, reply, arrays, save_undo, on_slice) -> None:
         """Advance the job by one engine event; `job.state` says whether it ended."""
         if event == "error":
-            self._roll_back(job)
+            problem = self._roll_back(job)
             load = job.model_load
             if load is not None and load.state == "error":  # said once already, by the load
                 job.state, job.message = "cancelled", f"not run: the model did not load ({load.message})"
             else:
-                job.state, job.message = "failed", reply.get("message", "the engine failed")
+                job.state, job.message = "failed", reply.get("message", "the engine failed") + problem
             return
         stale = self._stale_reason(job)
         if stale:
@@ -442,33 +441,31 @@ class InteractiveSegmentation:
         if job.writer is None:
             if save_undo is not None:
                 save_undo()
-            if SliceChanges.possible(job.seg_node, job.volume_node):
-                job.rollback = SliceChanges(job.seg_node, job.volume_node, job.geometry)
-            else:  # a segment off the volume's lattice: a copy of the whole segmentation
-                job.rollback = slicer.vtkSegmentationHistory()
-                job.rollback.SetSegmentation(job.seg_node.GetSegmentation())
-                job.rollback.SaveState()
+            job.rollback = SliceChanges(job.seg_node, job.volume_node, job.geometry)
             job.writer = SliceWriter(self.scene, self.app_logic, self.editor_node, job.seg_node,
                                      job.segment_id, job.volume_node, job.geometry)  # fmt: skip
-        changes = job.rollback if isinstance(job.rollback, SliceChanges) else None
-        before = changes.read(index) if changes is not None else None
+        before = job.rollback.read(index)
         try:
             job.writer.write(index, mask)
         finally:
-            if changes is not None:
-                changes.record(index, before)  # also what a write that failed half-way changed
+            job.rollback.record(index, before)  # also what a write that failed half-way changed
         job.written.append(index)
 
-    def _roll_back(self, job: SegmentationJob) -> None:
+    def _roll_back(self, job: SegmentationJob) -> str:
         """Take back what the job's writes changed, also a write that failed half-way (nothing counted as
-        written yet, but the segment may have changed); what the user did meanwhile stays (`SliceChanges`)."""
+        written yet, but the segment may have changed); what the user did meanwhile stays (`SliceChanges`).
+        Returns what could not be taken back ("" when all was), for the job's message: a failure here must
+        not keep the job from ending."""
+        problem = ""
         if job.rollback is not None and nodes_present(self.scene, job.seg_node):
-            if isinstance(job.rollback, SliceChanges):
+            try:
                 job.rollback.take_back()
-            else:
-                job.rollback.RestorePreviousState()
+            except Exception as error:
+                log.exception("SAMMed2D: taking back a failed job's slices")
+                problem = f"; its slices could not all be taken back ({one_line(error)}): use Undo"
         job.rollback = None
         job.written.clear()
+        return problem
 
     def _finish(self, job: SegmentationJob) -> None:
         """Remember what the model wrote (for "propagate from here") and the run's provenance."""
