@@ -503,14 +503,15 @@ def test_in_mid_propagation(scene, ct, event):
     next_action(scene, ct, event)
 
 
-@pytest.mark.parametrize("how", ["segment", "propagate from here"])
+@pytest.mark.parametrize("how", ["segment", "segment again", "propagate from here"])
 def test_a_slice_painted_while_the_job_runs_is_kept(scene, how):
     """The user paints two slices ahead of a propagation while it runs: both keep exactly the painted voxels
-    (the model's masks used to replace them on arrival), and the job lists them as kept."""
+    (the model's masks used to replace them on arrival), and the job lists them as kept. "segment again":
+    the segment already holds voxels (the liver's slice) when the propagation starts."""
     seg = scene.seg
     shape = scene.volume.GetImageData().GetDimensions()[::-1]
-    if how == "propagate from here":
-        job, _ = scene.start()  # the liver's slice, to propagate from
+    if how != "segment":
+        job, _ = scene.start()  # the liver's slice, to propagate from (or to segment again)
         scene.controller.wait(job, timeout=300)
         assert job.state == "done"
     painted = {index: np.zeros(shape[1:], bool) for index in (LIVER_SLICE - 4, LIVER_SLICE + 4)}
@@ -524,7 +525,7 @@ def test_a_slice_painted_while_the_job_runs_is_kept(scene, how):
 
     calls = Recorder()
     options = SegmentOptions(direction="both")
-    if how == "segment":
+    if how != "propagate from here":
         job = scene.controller.start_segmentation(
             scene.volume, scene.include, None, None, seg, scene.liver, options,
             on_slice=lambda row: (calls.on_slice(row), paint_ahead(row)), on_done=calls.on_done,
