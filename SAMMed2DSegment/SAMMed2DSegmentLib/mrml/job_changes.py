@@ -52,14 +52,18 @@ class SliceChanges:
     def read(self, index: int) -> dict[str, np.ndarray]:
         """The segments holding voxels on slice `index` now (the others are empty there)."""
         ids = list(self.seg_node.GetSegmentation().GetSegmentIDs())
-        elsewhere = off_lattice(self.seg_node, ids, self.grid_node)
-        elsewhere = ids if elsewhere is None else elsewhere
-        found = each_segment_on_slice(
-            self.seg_node, [i for i in ids if i not in elsewhere], self.grid_node, self.geometry, index
-        )
-        found = dict(found or {})
-        for segment_id in elsewhere:  # read whole: seconds with many, but exact
-            found[segment_id] = segment_slice(self.seg_node, segment_id, self.grid_node, self.geometry, index)
+        found = each_segment_on_slice(self.seg_node, ids, self.grid_node, self.geometry, index)
+        if found is None:  # some are on another lattice (checked only then: it costs a check per segment)
+            elsewhere = off_lattice(self.seg_node, ids, self.grid_node)
+            elsewhere = ids if elsewhere is None else elsewhere
+            on_lattice = [i for i in ids if i not in elsewhere]
+            found = (
+                each_segment_on_slice(self.seg_node, on_lattice, self.grid_node, self.geometry, index) or {}
+            )
+            for segment_id in elsewhere:  # read whole: seconds with many, but exact
+                found[segment_id] = segment_slice(
+                    self.seg_node, segment_id, self.grid_node, self.geometry, index
+                )
         return {segment_id: plane for segment_id, plane in found.items() if plane.any()}
 
     def record(self, index: int, before: dict[str, np.ndarray]) -> None:

@@ -71,21 +71,19 @@ def _layer_slices(
         offset = lattice_offset(labelmap, grid)  # as `_on_lattice`, once per layer
         if offset is None:
             return None
-        layer = labelmap
-        if layer not in layers:
-            extent = np.array(labelmap.GetExtent())
-            a = np.maximum(low + offset, extent[0::2])  # the overlap, in labelmap indices
-            b = np.minimum(high + offset, extent[1::2])
-            thin = np.zeros(thin_shape, dtype=image_array(labelmap).dtype)
-            stored = inside = (slice(0, 0),) * 3
-            if (a <= b).all():
-                s, t = a - extent[0::2], b - extent[0::2] + 1
-                stored = (slice(s[2], t[2]), slice(s[1], t[1]), slice(s[0], t[0]))
-                u, v = a - offset - low, b - offset - low + 1
-                inside = (slice(u[2], v[2]), slice(u[1], v[1]), slice(u[0], v[0]))
-                thin[inside] = image_array(labelmap)[stored]
-            layers[layer] = (_LayerSlice(labelmap, thin, thin_geometry.view(thin, 0), stored, inside), {})
-        layers[layer][1][segment.GetLabelValue()] = segment_id
+        extent = np.array(labelmap.GetExtent())
+        a = np.maximum(low + offset, extent[0::2])  # the overlap, in labelmap indices
+        b = np.minimum(high + offset, extent[1::2])
+        thin = np.zeros(thin_shape, dtype=image_array(labelmap).dtype)
+        stored = inside = (slice(0, 0),) * 3
+        if (a <= b).all():
+            s, t = a - extent[0::2], b - extent[0::2] + 1
+            stored = (slice(s[2], t[2]), slice(s[1], t[1]), slice(s[0], t[0]))
+            u, v = a - offset - low, b - offset - low + 1
+            inside = (slice(u[2], v[2]), slice(u[1], v[1]), slice(u[0], v[0]))
+            thin[inside] = image_array(labelmap)[stored]
+        layer = _LayerSlice(labelmap, thin, thin_geometry.view(thin, 0), stored, inside)
+        layers[labelmap] = (layer, {segment.GetLabelValue(): segment_id})
     return layers
 
 
